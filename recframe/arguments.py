@@ -1,0 +1,343 @@
+"""`TrainingArguments`: every knob of a training run, validated once, loadable from
+YAML/JSON files and command-line flags.
+
+Field names and meanings follow RecIS's ``TrainingArguments`` so configs carry over;
+recframe adds seeding, clipping, device choice, bf16, TensorBoard, evaluation and
+checkpoint policies. Every field is checked in ``__post_init__``: a bad value raises
+``ValueError`` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import fsspec
+
+DEVICES = ("auto", "cpu", "cuda", "xla")
+NONFINITE_POLICIES = ("raise", "skip")
+REPORT_TO = ("tensorboard", "none")
+METRIC_MODES = ("min", "max")
+
+
+@dataclass
+class TrainingArguments:
+    """Arguments of a training run (RecIS-compatible names and defaults).
+
+    ``train_steps`` counts optimizer updates (one update per
+    ``gradient_accumulation_steps`` micro-batches); ``None`` trains ``train_epoch``
+    full passes over the data.
+    """
+
+    # --- RecIS fields -------------------------------------------------------------
+    output_dir: str = "output_dir"
+    """Checkpoint root: a local path or any fsspec URL (memory://, s3://, gs://)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer update; gradients are averaged over them."""
+    model_bank: Optional[list] = None
+    """Warm-start entries ``{"path", "load", "exclude", "strict"}`` loaded before restore."""
+    log_steps: int = 100
+    """Log step, loss, samples/s and lr every this many optimizer updates."""
+    train_steps: Optional[int] = None
+    """Optimizer updates to run; ``None`` runs ``train_epoch`` epochs."""
+    train_epoch: int = 1
+    """Passes over the training data when ``train_steps`` is ``None``."""
+    eval_steps: Optional[int] = None
+    """Batches per evaluation; ``None`` evaluates the whole eval dataset."""
+    save_steps: Optional[int] = 1000
+    """Checkpoint every this many optimizer updates; ``None`` or 0 saves only at the end."""
+    max_to_keep: int = 5
+    """Committed checkpoints kept on storage (oldest deleted first)."""
+    save_concurrency_per_rank: int = 4
+    """Writer threads per rank when saving a checkpoint."""
+
+    # --- recframe additions -------------------------------------------------------
+    seed: int = 42
+    """Seed of python, numpy and torch RNGs, set when the Trainer is built."""
+    max_grad_norm: Optional[float] = None
+    """Clip the global L2 norm of dense gradients to this value before each update."""
+    device: str = "auto"
+    """auto (cuda if available, else xla if PJRT_DEVICE is set, else cpu), cpu, cuda, xla."""
+    bf16: bool = False
+    """Run the train step under bfloat16 autocast."""
+    logging_dir: Optional[str] = None
+    """TensorBoard event directory; defaults to ``<output_dir>/logs``."""
+    report_to: str = "tensorboard"
+    """Where metrics are reported besides the log: tensorboard or none."""
+    disable_tqdm: bool = False
+    """Hide the progress bar."""
+    eval_interval_steps: Optional[int] = None
+    """During ``train`` evaluate every this many updates (needs an eval dataset)."""
+    nonfinite_loss: str = "raise"
+    """On a NaN/inf loss: raise (naming the step) or skip that update."""
+    dataloader_prefetch: int = 1
+    """Batches fetched (and copied to the device) ahead of the one being trained."""
+    save_interval_secs: Optional[float] = None
+    """Also checkpoint when this many seconds have passed since the last save."""
+    save_on_sigterm: bool = True
+    """Checkpoint and stop cleanly when the process receives SIGTERM (preemption)."""
+    async_save: bool = False
+    """Write checkpoints in the background; the loop waits only for a host snapshot."""
+    keep_best_metric: Optional[str] = None
+    """Eval metric (e.g. auc) whose best checkpoint is kept on top of ``max_to_keep``."""
+    keep_best_mode: str = "max"
+    """Whether a larger (max) or smaller (min) ``keep_best_metric`` is better."""
+
+    def __post_init__(self) -> None:
+        _check_str(self, "output_dir", nonempty=True)
+        _check_int(self, "gradient_accumulation_steps", minimum=1)
+        if self.model_bank is not None:
+            if not isinstance(self.model_bank, (list, tuple)) or not all(
+                isinstance(e, (dict, str)) for e in self.model_bank
+            ):
+                _fail(self, "model_bank", "a list of {'path', 'load', 'exclude', 'strict'} dicts")
+            self.model_bank = list(self.model_bank)
+        _check_int(self, "log_steps", minimum=1)
+        _check_int(self, "train_steps", minimum=1, optional=True)
+        _check_int(self, "train_epoch", minimum=1)
+        _check_int(self, "eval_steps", minimum=1, optional=True)
+        _check_int(self, "save_steps", minimum=0, optional=True)
+        _check_int(self, "max_to_keep", minimum=1)
+        _check_int(self, "save_concurrency_per_rank", minimum=1)
+        _check_int(self, "seed", minimum=0)
+        _check_float(self, "max_grad_norm", positive=True, optional=True)
+        _check_choice(self, "device", DEVICES)
+        _check_bool(self, "bf16")
+        _check_str(self, "logging_dir", optional=True, nonempty=True)
+        _check_choice(self, "report_to", REPORT_TO)
+        _check_bool(self, "disable_tqdm")
+        _check_int(self, "eval_interval_steps", minimum=1, optional=True)
+        _check_choice(self, "nonfinite_loss", NONFINITE_POLICIES)
+        _check_int(self, "dataloader_prefetch", minimum=1)
+        _check_float(self, "save_interval_secs", positive=True, optional=True)
+        _check_bool(self, "save_on_sigterm")
+        _check_bool(self, "async_save")
+        _check_str(self, "keep_best_metric", optional=True, nonempty=True)
+        _check_choice(self, "keep_best_mode", METRIC_MODES)
+
+    # --- derived values -----------------------------------------------------------
+    @property
+    def resolved_logging_dir(self) -> str:
+        """TensorBoard directory: ``logging_dir`` or ``<output_dir>/logs``."""
+        if self.logging_dir:
+            return self.logging_dir
+        return self.output_dir.rstrip("/") + "/logs"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # --- loading ------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainingArguments:
+        """Build from a mapping; an unknown key is an error that lists the valid ones."""
+        if not isinstance(values, dict):
+            raise ValueError(f"TrainingArguments config must be a mapping, got {type(values)}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown TrainingArguments field(s) {unknown}; valid fields: {sorted(names)}"
+            )
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str, **overrides: Any) -> TrainingArguments:
+        """Load a YAML (.yaml/.yml) or JSON (.json) file from any fsspec path."""
+        values = load_config_file(path)
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_cli(cls, argv: Optional[list[str]] = None) -> TrainingArguments:
+        """Parse ``--field value`` flags (and ``--config file.yaml``) into arguments."""
+        parser = argparse.ArgumentParser(description="recframe training arguments")
+        add_arguments(parser)
+        ns = parser.parse_args(argv)
+        return arguments_from_namespace(ns)
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a YAML or JSON config mapping; errors name the file and the fix."""
+    import yaml
+
+    try:
+        with fsspec.open(path, "r") as f:
+            text = f.read()
+    except FileNotFoundError as e:
+        raise ValueError(f"config file {path!r} does not exist") from e
+    lower = path.lower()
+    try:
+        if lower.endswith(".json"):
+            values = json.loads(text)
+        elif lower.endswith((".yaml", ".yml")):
+            values = yaml.safe_load(text)
+        else:
+            raise ValueError(
+                f"config file {path!r}: unknown extension; use .yaml, .yml or .json"
+            )
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"config file {path!r} is not valid: {e}") from e
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of field: value")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one ``--<field>`` flag per TrainingArguments field."""
+    parser.add_argument(
+        "--config", default=None, help="YAML or JSON file of TrainingArguments; flags override it"
+    )
+    hints = typing.get_type_hints(TrainingArguments)
+    docs = _field_docs()
+    for f in dataclasses.fields(TrainingArguments):
+        conv, metavar = _converter(f.name, hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        parser.add_argument(
+            f"--{f.name}",
+            type=conv,
+            default=argparse.SUPPRESS,
+            metavar=metavar,
+            help=f"{docs.get(f.name, '')} (default: {default})",
+        )
+
+
+def arguments_from_namespace(ns: argparse.Namespace) -> TrainingArguments:
+    """Merge ``--config`` file values with the flags given explicitly (flags win)."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    values: dict[str, Any] = {}
+    config = getattr(ns, "config", None)
+    if config:
+        values.update(load_config_file(config))
+    values.update({k: v for k, v in vars(ns).items() if k in names})
+    return TrainingArguments.from_dict(values)
+
+
+# --- helpers ------------------------------------------------------------------------
+def _fail(args: Any, name: str, allowed: str) -> None:
+    value = getattr(args, name)
+    raise ValueError(f"TrainingArguments.{name}={value!r} is invalid: must be {allowed}")
+
+
+def _check_int(args: Any, name: str, minimum: int, optional: bool = False) -> None:
+    value = getattr(args, name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(args, name, f"an integer >= {minimum}" + (" or None" if optional else ""))
+
+
+def _check_float(args: Any, name: str, positive: bool, optional: bool = False) -> None:
+    value = getattr(args, name)
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and positive:
+        ok = value > 0 and value == value and value != float("inf")
+    if not ok:
+        _fail(args, name, "a finite number > 0" + (" or None" if optional else ""))
+    setattr(args, name, float(value))
+
+
+def _check_bool(args: Any, name: str) -> None:
+    if not isinstance(getattr(args, name), bool):
+        _fail(args, name, "true or false")
+
+
+def _check_str(args: Any, name: str, optional: bool = False, nonempty: bool = False) -> None:
+    value = getattr(args, name)
+    if value is None and optional:
+        return
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+        setattr(args, name, value)
+    if not isinstance(value, str) or (nonempty and not value.strip()):
+        _fail(args, name, "a non-empty string" + (" or None" if optional else ""))
+
+
+def _check_choice(args: Any, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(args, name) not in choices:
+        _fail(args, name, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional(conv: Any) -> Any:
+    def parse(text: str) -> Any:
+        if text.strip().lower() in ("none", "null", ""):
+            return None
+        return conv(text)
+
+    parse.__name__ = getattr(conv, "__name__", "value")
+    return parse
+
+
+def _parse_json_list(text: str) -> list:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON list, got {text!r}: {e}") from e
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a JSON list, got {text!r}")
+    return value
+
+
+def _converter(name: str, hint: Any) -> tuple[Any, str]:
+    origin = typing.get_origin(hint)
+    optional = False
+    if origin in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(inner) < len(typing.get_args(hint))
+        hint = inner[0]
+        origin = typing.get_origin(hint)
+    if hint is bool:
+        conv, metavar = _parse_bool, "BOOL"
+    elif hint is int:
+        conv, metavar = int, "INT"
+    elif hint is float:
+        conv, metavar = float, "FLOAT"
+    elif hint is list or origin is list:
+        conv, metavar = _parse_json_list, "JSON"
+    else:
+        conv, metavar = str, "STR"
+    return (_optional(conv) if optional else conv), metavar
+
+
+def _field_docs() -> dict[str, str]:
+    """Read the attribute docstrings under each field (used for ``--help``)."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(TrainingArguments))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(getattr(nxt, "value", None), ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+__all__ = ["TrainingArguments", "add_arguments", "arguments_from_namespace", "load_config_file"]

@@ -1,0 +1,90 @@
+"""Every collective call recframe makes goes through here.
+
+With no process group initialised (one process) each function is a no-op or returns
+its input, so single-process code never touches ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    if is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def get_world_size() -> int:
+    if is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier(timeout: Optional[float] = None) -> None:
+    """Wait for every rank; with ``timeout`` (seconds) a missing rank raises instead
+    of hanging (gloo's monitored barrier names the ranks that did not arrive)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return
+    if timeout is not None and dist.get_backend() == "gloo":
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout))
+    else:
+        dist.barrier()
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor of any length from every rank (rank order)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    objects: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, tensor.cpu())
+    return torch.cat([o for o in objects if o is not None and o.numel()] or [tensor[:0]])
+
+
+def all_reduce_sum(value: float) -> float:
+    if not is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def all_reduce_min_int(value: int) -> int:
+    if not is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def all_reduce_max_int(value: int) -> int:
+    if not is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,26 @@
+"""Hooks: the event API of the training loop and the built-in hooks.
+
+``Hook`` subclasses override the events they need; ``HookRegistry`` calls them in
+priority order (lower first). Built-ins: `LoggerHook` (log lines),
+`TensorBoardHook` (event files), `ProgressBarHook` (tqdm), `EarlyStoppingHook`
+and `ProfilerHook` (torch.profiler traces).
+"""
+
+from recframe.hooks.base import Event, Hook, HookError, HookRegistry
+from recframe.hooks.early_stopping import EarlyStoppingHook
+from recframe.hooks.logger import LoggerHook
+from recframe.hooks.profiler import ProfilerHook
+from recframe.hooks.progress import ProgressBarHook
+from recframe.hooks.tensorboard import TensorBoardHook
+
+__all__ = [
+    "EarlyStoppingHook",
+    "Event",
+    "Hook",
+    "HookError",
+    "HookRegistry",
+    "LoggerHook",
+    "ProfilerHook",
+    "ProgressBarHook",
+    "TensorBoardHook",
+]

@@ -1,0 +1,244 @@
+"""`LoggerHook`: one ``k=v`` log line per ``log_steps`` optimizer updates.
+
+The line reads like RecIS's training log::
+
+    step=120 epoch=0 loss=0.5123 samples/s=41234.5 lr=0.001 ctr=0.031
+
+``loss`` is the mean over the updates since the previous line and ``samples/s`` is
+measured over the same interval (evaluation time excluded). The per-step loss
+arrives as a detached device tensor; it is only stacked and read back (one device
+sync) when a line is written, never on every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import time
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import torch
+
+from recframe.hooks.base import Hook
+
+if TYPE_CHECKING:
+    from recframe.trainer import Trainer
+
+logger = logging.getLogger("recframe")
+
+RESERVED_STEP_KEYS = ("loss", "lr", "samples")
+"""Keys of the ``after_step`` metrics the trainer itself fills in."""
+
+
+def scalar_value(value: Any) -> Optional[Union[int, float]]:
+    """A plain number for a scalar metric (one-element tensor or number), else None.
+
+    Reading a tensor syncs its device, so callers only do it when they write a log.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return None
+        return value.detach().reshape(()).item()
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None
+
+
+def format_value(value: Union[int, float], digits: int = 6) -> str:
+    """Compact text of a number for a ``k=v`` line (ints as-is, floats to ``digits``)."""
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        return str(value)
+    if value.is_integer() and abs(value) < 1e15:  # counts reduced as floats read as ints
+        return str(int(value))
+    return f"{value:.{digits}g}"
+
+
+class IntervalMeter:
+    """Loss, samples and wall time accumulated since the last log.
+
+    Losses are kept as detached tensors (numbers are accepted too) and summed only
+    in `mean_loss`, so accumulating costs no device sync. Time spent between
+    `pause` and `resume` (evaluation) is left out of the interval.
+    """
+
+    def __init__(self) -> None:
+        self._losses: list[torch.Tensor] = []
+        self._float_losses: list[float] = []
+        self.samples = 0
+        self.steps = 0
+        self.start = time.perf_counter()
+        self._paused_at: Optional[float] = None
+
+    def reset(self) -> None:
+        """Start a new interval now."""
+        self._losses.clear()
+        self._float_losses.clear()
+        self.samples = 0
+        self.steps = 0
+        self.start = time.perf_counter()
+        self._paused_at = None
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        """Record one optimizer update's ``loss`` and ``samples``."""
+        loss = metrics.get("loss")
+        if isinstance(loss, torch.Tensor):
+            self._losses.append(loss.detach())
+        elif loss is not None:
+            self._float_losses.append(float(loss))
+        samples = metrics.get("samples")
+        if samples is not None:
+            self.samples += int(samples)
+        self.steps += 1
+
+    def pause(self) -> None:
+        """Stop the clock (an evaluation starts)."""
+        if self._paused_at is None:
+            self._paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        """Restart the clock, shifting the interval start past the pause."""
+        if self._paused_at is not None:
+            self.start += time.perf_counter() - self._paused_at
+            self._paused_at = None
+
+    def mean_loss(self) -> Optional[float]:
+        """Mean loss of the interval (one device sync), or None without losses."""
+        count = len(self._losses) + len(self._float_losses)
+        if count == 0:
+            return None
+        total = math.fsum(self._float_losses)
+        if self._losses:
+            stacked = torch.stack(
+                [t.reshape(()) if t.numel() == 1 else t.float().mean() for t in self._losses]
+            )
+            total += stacked.float().sum().item()
+        return total / count
+
+    def samples_per_sec(self) -> float:
+        """Samples per second of wall time since the interval began (pauses excluded)."""
+        now = self._paused_at if self._paused_at is not None else time.perf_counter()
+        elapsed = now - self.start
+        return self.samples / elapsed if elapsed > 0 else 0.0
+
+
+def log_due(trainer: Trainer, log_steps: int) -> bool:
+    """Whether the update just finished should be logged.
+
+    Every ``log_steps`` updates, at ``state.max_steps``, or when a hook that ran
+    earlier set ``trainer.control.should_log``.
+    """
+    state = trainer.state
+    step = state.global_step
+    if step % log_steps == 0:
+        return True
+    if state.max_steps is not None and step >= state.max_steps:
+        return True
+    return bool(getattr(trainer.control, "should_log", False))
+
+
+class LoggerHook(Hook):
+    """Logs training progress on the main process to the ``recframe`` logger.
+
+    Args:
+        log_steps: updates between lines; ``None`` uses ``trainer.args.log_steps``.
+        loss_digits: decimals of the loss.
+
+    Runs late (priority 100) so metrics that other hooks add to the step's metrics
+    dict appear in the same line. User metrics are logged at their latest value;
+    only scalars (numbers, one-element tensors) are logged. ``last_logged`` holds
+    the values of the last training line, ``last_eval_logged`` of the last
+    evaluation line.
+    """
+
+    priority = 100
+
+    def __init__(self, log_steps: Optional[int] = None, loss_digits: int = 4) -> None:
+        if log_steps is not None and (
+            isinstance(log_steps, bool) or not isinstance(log_steps, int) or log_steps < 1
+        ):
+            raise ValueError(f"LoggerHook: log_steps must be an integer >= 1, got {log_steps!r}")
+        self.log_steps = log_steps
+        self.loss_digits = loss_digits
+        self.last_logged: dict[str, Any] = {}
+        self.last_eval_logged: dict[str, Any] = {}
+        self._meter = IntervalMeter()
+        self._user: dict[str, Any] = {}
+        self._lr: Any = None
+
+    def _interval(self, trainer: Trainer) -> int:
+        return self.log_steps if self.log_steps is not None else int(trainer.args.log_steps)
+
+    def before_train(self, trainer: Trainer) -> None:
+        self._meter.reset()
+        self._user.clear()
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if not trainer.is_main_process:
+            return
+        self._meter.add(metrics)
+        for key, value in metrics.items():
+            if key not in RESERVED_STEP_KEYS:
+                self._user[key] = value
+        self._lr = metrics.get("lr")
+        if log_due(trainer, self._interval(trainer)):
+            self._write_train_line(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        # a run that ended off the log grid (epochs, early stop) still logs its tail
+        if trainer.is_main_process and self._meter.steps > 0:
+            self._write_train_line(trainer)
+
+    def _write_train_line(self, trainer: Trainer) -> None:
+        state = trainer.state
+        values: dict[str, Any] = {"step": int(state.global_step), "epoch": int(state.epoch)}
+        loss = self._meter.mean_loss()
+        if loss is not None:
+            values["loss"] = loss
+        values["samples/s"] = self._meter.samples_per_sec()
+        lr = scalar_value(self._lr) if self._lr is not None else None
+        if lr is not None:
+            values["lr"] = float(lr)
+        for key, value in self._user.items():
+            number = scalar_value(value)
+            if number is not None:
+                values[key] = number
+        parts = []
+        for key, value in values.items():
+            if key == "loss":
+                text = f"{value:.{self.loss_digits}f}" if math.isfinite(value) else str(value)
+            elif key == "samples/s":
+                text = f"{value:.1f}"
+            else:
+                text = format_value(value)
+            parts.append(f"{key}={text}")
+        logger.info(" ".join(parts))
+        self.last_logged = values
+        self._meter.reset()
+        self._user.clear()
+
+    def before_evaluate(self, trainer: Trainer) -> None:
+        self._meter.pause()
+
+    def after_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self._meter.resume()
+        if not trainer.is_main_process:
+            return
+        state = trainer.state
+        values: dict[str, Any] = {"step": int(state.global_step), "epoch": int(state.epoch)}
+        for key, value in metrics.items():
+            number = scalar_value(value)
+            if number is not None:
+                values[key] = number
+        line = " ".join(f"{k}={format_value(v)}" for k, v in values.items())
+        logger.info("eval %s", line)
+        self.last_eval_logged = values
+
+
+__all__ = ["IntervalMeter", "LoggerHook", "format_value", "log_due", "scalar_value"]

@@ -1,0 +1,105 @@
+"""`ProgressBarHook`: a tqdm bar over optimizer updates on the main process."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any, Optional, TextIO
+
+from tqdm import tqdm
+
+from recframe.hooks.base import Hook
+from recframe.hooks.logger import IntervalMeter
+
+if TYPE_CHECKING:
+    from recframe.trainer import Trainer
+
+NON_TTY_MININTERVAL = 30.0
+"""Seconds between redraws when the output is not a terminal (keeps log files short)."""
+
+
+class ProgressBarHook(Hook):
+    """Shows a progress bar of optimizer updates with the recent mean loss.
+
+    Args:
+        postfix_steps: updates between refreshes of the loss postfix; reading the
+            loss syncs the device, so it is not done on every update.
+        file: stream of the bar; ``None`` means ``sys.stderr`` when training starts.
+
+    The bar's total is ``state.max_steps`` (unknown when ``None``) and it starts at
+    ``state.global_step`` on resume. Hidden on non-main processes and when
+    ``trainer.args.disable_tqdm`` is set. When the stream is not a terminal the bar
+    redraws at most every 30 s instead of continuously.
+    """
+
+    priority = 100
+
+    def __init__(self, postfix_steps: int = 10, file: Optional[TextIO] = None) -> None:
+        if (
+            isinstance(postfix_steps, bool)
+            or not isinstance(postfix_steps, int)
+            or (postfix_steps < 1)
+        ):
+            raise ValueError(
+                f"ProgressBarHook: postfix_steps must be an integer >= 1, got {postfix_steps!r}"
+            )
+        self.postfix_steps = postfix_steps
+        self.file = file
+        self.bar: Optional[Any] = None
+        self._meter = IntervalMeter()
+
+    def before_train(self, trainer: Trainer) -> None:
+        self._close()
+        if not trainer.is_main_process or getattr(trainer.args, "disable_tqdm", False):
+            return
+        stream = self.file if self.file is not None else sys.stderr
+        isatty = getattr(stream, "isatty", None)
+        interactive = bool(isatty()) if callable(isatty) else False
+        state = trainer.state
+        self.bar = tqdm(
+            total=state.max_steps,
+            initial=int(state.global_step),
+            desc="train",
+            unit="step",
+            file=stream,
+            dynamic_ncols=interactive,
+            mininterval=0.1 if interactive else NON_TTY_MININTERVAL,
+            leave=True,
+        )
+        self._meter.reset()
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        if self.bar is not None:
+            self.bar.set_description(f"train epoch {trainer.state.epoch}", refresh=False)
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        self._meter.add(metrics)
+        step = int(trainer.state.global_step)
+        if step > self.bar.n:
+            self.bar.update(step - self.bar.n)
+        if self._meter.steps >= self.postfix_steps:
+            self._refresh_postfix()
+
+    def _refresh_postfix(self) -> None:
+        assert self.bar is not None
+        loss = self._meter.mean_loss()
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        self._meter.reset()
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            if self._meter.steps > 0:
+                self._refresh_postfix()
+            self.bar.close()
+            self.bar = None
+
+    def after_train(self, trainer: Trainer) -> None:
+        self._close()
+
+    def end(self, trainer: Trainer) -> None:
+        self._close()
+
+
+__all__ = ["ProgressBarHook"]

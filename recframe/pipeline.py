@@ -1,0 +1,85 @@
+"""The input pipeline between a dataset and the loop: look-ahead, device copy and
+dataset position.
+
+Looking one batch ahead tells the loop which micro-batch is the last of the data (so a
+last partial accumulation window can be closed) and lets the next batch's device copy
+overlap the current step. Because the dataset runs ahead of training, the position
+that a checkpoint must record is captured *per batch*, right after the batch was
+produced, and the loop puts a stateful dataset back to the position of the last batch
+it actually trained when it stops early.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple, Optional
+
+from recframe.device import Device
+
+logger = logging.getLogger(__name__)
+
+
+class StreamItem(NamedTuple):
+    batch: Any
+    position: Optional[dict[str, Any]]
+    """The dataset's ``state_dict()`` right after this batch (None if not stateful)."""
+    is_last: bool
+    """No batch follows this one in the current pass."""
+
+
+def is_stateful(dataset: Any) -> bool:
+    return callable(getattr(dataset, "state_dict", None)) and callable(
+        getattr(dataset, "load_state_dict", None)
+    )
+
+
+class BatchStream:
+    """Iterates ``dataset`` once, ``prefetch`` batches ahead, yielding `StreamItem`s."""
+
+    def __init__(
+        self,
+        dataset: Iterable[Any],
+        device: Device,
+        prefetch: int = 1,
+        skip: int = 0,
+    ) -> None:
+        self.dataset = dataset
+        self.device = device
+        self.prefetch = prefetch
+        self.skip = skip
+        self.stateful = is_stateful(dataset)
+
+    def __iter__(self) -> Iterator[StreamItem]:
+        it = iter(self.dataset)
+        if self.skip:
+            # A dataset without its own position: fast-forward past trained batches.
+            skipped = sum(1 for _ in itertools.islice(it, self.skip))
+            if skipped < self.skip:
+                logger.warning(
+                    "dataset ended after %d of %d batches being skipped on resume",
+                    skipped,
+                    self.skip,
+                )
+        buffer: list[tuple[Any, Optional[dict[str, Any]]]] = []
+        exhausted = False
+
+        ahead = max(1, self.prefetch)
+
+        def fill(target: int) -> None:
+            nonlocal exhausted
+            while not exhausted and len(buffer) < target:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    exhausted = True
+                    return
+                position = self.dataset.state_dict() if self.stateful else None  # type: ignore[attr-defined]
+                buffer.append((self.device.move(batch), position))
+
+        fill(ahead + 1)
+        while buffer:
+            batch, position = buffer.pop(0)
+            fill(ahead)
+            yield StreamItem(batch, position, is_last=not buffer)

@@ -1,0 +1,437 @@
+"""`Trainer`: the training loop of recframe.
+
+The loop is small on purpose; the detail lives with the component that owns it:
+optimizer views and gradient accumulation in `recframe.optim`, the input pipeline in
+`recframe.pipeline`, devices in `recframe.device`, hooks in `recframe.hooks`,
+checkpoints in `recframe.checkpoint`, collectives in `recframe.distributed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from recframe import distributed
+from recframe.arguments import TrainingArguments
+from recframe.data import batch_size_of
+from recframe.device import Device, resolve_device, set_seed
+from recframe.hooks import (
+    Event,
+    Hook,
+    HookRegistry,
+    LoggerHook,
+    ProgressBarHook,
+    TensorBoardHook,
+)
+from recframe.metrics import collect_predictions, pop_global_metrics
+from recframe.optim import (
+    AccumulationWindow,
+    OptimizerView,
+    SchedulerView,
+    check_disjoint,
+    current_lr,
+    default_dense_optimizer,
+    split_sparse_dense_parameters,
+)
+from recframe.pipeline import BatchStream, is_stateful
+from recframe.state import TrainerControl, TrainerState
+
+logger = logging.getLogger("recframe")
+
+
+class Trainer:
+    """Trains a model whose ``forward(batch)`` returns a scalar loss.
+
+    Args:
+        model: the model; ``model(batch)`` returns the loss (as in RecIS).
+        args: run arguments (defaults when ``None``).
+        train_dataset / eval_dataset: any iterable of batches (DataLoader,
+            IterableDataset, list of batch dicts). A dataset with
+            ``state_dict``/``load_state_dict`` is resumed at its exact position.
+        hooks: extra hooks (a logger, TensorBoard and progress-bar hook are built in).
+        dense_optimizers: ``(optimizer, lr_scheduler)``; either may be ``None``. The
+            default optimizer is AdamW(lr=1e-3) over the non-embedding parameters.
+        sparse_optimizer: the optimizer of the embedding tables; when ``None`` and the
+            model has tables no optimizer holds, Adagrad(lr=0.01) over them.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: Optional[TrainingArguments] = None,
+        train_dataset: Optional[Iterable[Any]] = None,
+        eval_dataset: Optional[Iterable[Any]] = None,
+        hooks: Optional[Iterable[Hook]] = None,
+        dense_optimizers: tuple[Any, Any] = (None, None),
+        sparse_optimizer: Any = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Trainer(model=...) must be a torch.nn.Module, got {type(model)}")
+        if args is None:
+            args = TrainingArguments()
+        if not isinstance(args, TrainingArguments):
+            raise TypeError(f"Trainer(args=...) must be TrainingArguments, got {type(args)}")
+        if not (isinstance(dense_optimizers, (tuple, list)) and len(dense_optimizers) == 2):
+            raise TypeError(
+                "Trainer(dense_optimizers=...) must be a pair (optimizer, lr_scheduler); "
+                "use (optimizer, None) when there is no scheduler"
+            )
+        self.args = args
+        set_seed(args.seed)
+        self.device: Device = resolve_device(args.device)
+        self.model = self.device.prepare_model(model)
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.state = TrainerState()
+        self.control = TrainerControl()
+
+        dense_opt, scheduler = dense_optimizers
+        sparse_params, dense_params = split_sparse_dense_parameters(self.unwrapped_model)
+        if dense_opt is None and dense_params:
+            dense_opt = default_dense_optimizer(dense_params.values())
+        if sparse_optimizer is None and sparse_params:
+            held = {id(p) for g in getattr(dense_opt, "param_groups", []) for p in g["params"]}
+            orphans = [p for p in sparse_params.values() if id(p) not in held]
+            if orphans:
+                sparse_optimizer = torch.optim.Adagrad(orphans, lr=0.01)
+        check_disjoint(dense_opt, sparse_optimizer)
+
+        self.window = AccumulationWindow(args.gradient_accumulation_steps, args.nonfinite_loss)
+        step_fn = self.device.optimizer_step
+        self.dense_optimizer = OptimizerView(
+            dense_opt, self.window, step_fn, args.max_grad_norm, name="dense"
+        )
+        self.sparse_optimizer = OptimizerView(sparse_optimizer, self.window, step_fn, name="sparse")
+        self.dense_lr_scheduler = SchedulerView(scheduler, self.window)
+
+        self.hooks = HookRegistry()
+        self.hooks.add(LoggerHook(args.log_steps))
+        if args.report_to == "tensorboard":
+            self.hooks.add(TensorBoardHook())
+        if not args.disable_tqdm:
+            self.hooks.add(ProgressBarHook())
+        if hooks:
+            self.add_hooks(hooks)
+
+        self.checkpoint_manager: Any = None
+        self._restored = False
+        self._depth = 0
+        self._warned: set[str] = set()
+        self._eval_start_state: Optional[dict[str, Any]] = None
+        self.data_position: Optional[dict[str, Any]] = None
+        """Position of a stateful train_dataset after the last trained batch."""
+
+    # --- public API ---------------------------------------------------------------
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        """The user's model without DDP/DMP wrappers."""
+        model = self.model
+        while hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        return model
+
+    @property
+    def global_step(self) -> int:
+        return self.state.global_step
+
+    @property
+    def is_main_process(self) -> bool:
+        return distributed.is_main_process()
+
+    def add_hook(self, hook: Hook) -> None:
+        self.hooks.add(hook)
+
+    def add_hooks(self, hooks: Iterable[Hook]) -> None:
+        self.hooks.add_all(hooks)
+
+    def restore(self) -> int:
+        """Warm-start from ``model_bank`` and resume from the latest checkpoint in
+        ``output_dir``; returns the step resumed from (0 when starting fresh). Runs once."""
+        if self._restored:
+            return self.state.global_step
+        self._restored = True
+        if self.checkpoint_manager is None:
+            return self.state.global_step
+        if self.args.model_bank:
+            self.checkpoint_manager.load_model_bank(self.args.model_bank)
+        step = self.checkpoint_manager.restore()
+        if step:
+            self.hooks.fire(Event.AFTER_RESTORE, self, step)
+        return step
+
+    def train(self, train_steps: Optional[int] = None) -> dict[str, Any]:
+        """Train until ``train_steps`` optimizer updates in all (resumed ones count),
+        or ``args.train_epoch`` epochs when no step count is given."""
+        steps = self.args.train_steps if train_steps is None else train_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                                  or steps < 1):
+            raise ValueError(f"train(train_steps={steps!r}) is invalid: must be an integer >= 1")
+        with self._outermost():
+            self.restore()
+            if steps is not None:
+                self._train_until(max_steps=steps)
+            else:
+                self._train_until(max_epochs=self.args.train_epoch)
+        return self.state.state_dict()
+
+    def evaluate(self, eval_steps: Optional[int] = None) -> dict[str, float]:
+        """Evaluate on ``eval_dataset``: mean loss, AUC and log loss (when the model
+        reports predictions with ``recframe.metrics.add_predictions``)."""
+        with self._outermost():
+            if self._depth == 1:
+                self.restore()
+            return self._evaluate(eval_steps)
+
+    def train_and_evaluate(
+        self,
+        epochs: int = 1,
+        train_steps: Optional[int] = None,
+        eval_steps: Optional[int] = None,
+    ) -> dict[str, float]:
+        """``epochs`` rounds of (train one epoch, or ``train_steps`` more updates;
+        then evaluate). Rounds finished before a resume are not redone."""
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"train_and_evaluate(epochs={epochs!r}): must be an integer >= 1")
+        results: dict[str, float] = {}
+        with self._outermost():
+            self.restore()
+            for r in range(epochs):
+                if train_steps is not None:
+                    done = self.state.global_step >= (r + 1) * train_steps
+                    if not done:
+                        self._train_until(max_steps=(r + 1) * train_steps)
+                else:
+                    done = self.state.epoch >= r + 1
+                    if not done:
+                        self._train_until(max_epochs=r + 1)
+                if self.control.should_stop:
+                    results = self._evaluate(eval_steps)
+                    break
+                if not done or r == epochs - 1:
+                    results = self._evaluate(eval_steps)
+        return results
+
+    # --- the step -----------------------------------------------------------------
+    def _train_step(self, data: Any, epoch: int, metrics: dict[str, Any]) -> None:
+        """One micro-batch, written as RecIS documents it. Override freely: the
+        optimizers and scheduler seen here are accumulation-aware views."""
+        self.dense_optimizer.zero_grad()
+        self.sparse_optimizer.zero_grad()
+        loss = self.model(data)
+        metrics.update(loss=loss)
+        loss.backward()
+        self.dense_optimizer.step()
+        self.sparse_optimizer.step()
+        self.dense_lr_scheduler.step()
+
+    # --- loop internals -----------------------------------------------------------
+    @contextlib.contextmanager
+    def _outermost(self) -> Iterator[None]:
+        """``end`` fires once, when the outermost public call returns."""
+        self._depth += 1
+        if self._depth == 1:
+            self.hooks.rearm_end()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.hooks.fire(Event.END, self)
+
+    def _estimate_max_steps(self, max_steps: Optional[int], max_epochs: Optional[int]) -> Any:
+        if max_steps is not None:
+            return max_steps
+        try:
+            per_epoch = -(-len(self.train_dataset) // self.args.gradient_accumulation_steps)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+        return self.state.global_step + per_epoch * (max_epochs - self.state.epoch)
+
+    def _train_until(
+        self, max_steps: Optional[int] = None, max_epochs: Optional[int] = None
+    ) -> None:
+        if self.train_dataset is None:
+            raise ValueError("Trainer.train needs Trainer(train_dataset=...): none was given")
+        self.state.max_steps = self._estimate_max_steps(max_steps, max_epochs)
+        self.control.should_stop = False
+        self.model.train()
+        self.hooks.fire(Event.BEFORE_TRAIN, self)
+        while not self.control.should_stop:
+            if max_steps is not None and self.state.global_step >= max_steps:
+                break
+            if max_epochs is not None and self.state.epoch >= max_epochs:
+                break
+            if not self._train_epoch(max_steps):
+                break
+        self.hooks.fire(Event.AFTER_TRAIN, self)
+        if self.checkpoint_manager is not None:
+            self._save_checkpoint(final=True)
+
+    def _train_epoch(self, max_steps: Optional[int]) -> bool:
+        """Train (the rest of) one pass; returns False when the data ran dry."""
+        dataset = self.train_dataset
+        skip = 0 if is_stateful(dataset) else self.state.epoch_batches
+        stream = BatchStream(dataset, self.device, self.args.dataloader_prefetch, skip=skip)
+        items = iter(stream)
+        pending = next(items, None)
+        if pending is None:
+            if self.state.global_step == 0 and self.state.epoch_batches == 0:
+                raise ValueError("train_dataset yielded no batches; check the dataset")
+            logger.warning(
+                "train_dataset yielded no batches in epoch %d (a one-shot iterator cannot "
+                "be re-iterated); stopping at step %d",
+                self.state.epoch,
+                self.state.global_step,
+            )
+            return False
+        self.hooks.fire(Event.BEFORE_EPOCH, self)
+        k = self.args.gradient_accumulation_steps
+        end_of_data = False
+        while pending is not None and not self.control.should_stop:
+            if max_steps is not None and self.state.global_step >= max_steps:
+                break
+            self.hooks.fire(Event.BEFORE_STEP, self)
+            self.window.reset(self.state.global_step + 1)
+            self.dense_optimizer.new_window()
+            self.sparse_optimizer.new_window()
+            self.dense_lr_scheduler.new_window()
+            step_metrics: dict[str, Any] = {}
+            samples = 0
+            for index in range(k):
+                item = pending
+                pending = None if item.is_last else next(items, None)
+                size = index + 1 if item.is_last else k
+                samples += batch_size_of(item.batch)
+                self._run_micro_batch(item.batch, index, size, step_metrics)
+                self.state.epoch_batches += 1
+                self.data_position = item.position
+                if item.is_last:
+                    end_of_data = True
+                    break
+            if end_of_data:
+                # close the pass before the update's checkpoint, so a resume starts the
+                # next pass; a stateful dataset has already moved there (the look-ahead
+                # hit its end)
+                self.state.epoch += 1
+                self.state.epoch_batches = 0
+                if stream.stateful:
+                    self.data_position = dataset.state_dict()  # type: ignore[union-attr]
+            self._finish_update(step_metrics, samples)
+        if not end_of_data and stream.stateful and self.data_position is not None:
+            # the look-ahead fetched batches that were never trained: put them back
+            dataset.load_state_dict(self.data_position)  # type: ignore[union-attr]
+        if end_of_data:
+            self.hooks.fire(Event.AFTER_EPOCH, self)
+        return True
+
+    def _run_micro_batch(
+        self, batch: Any, index: int, size: int, step_metrics: dict[str, Any]
+    ) -> None:
+        metrics: dict[str, Any] = {}
+        self.window.begin(index, size, metrics)
+        no_sync = getattr(self.model, "no_sync", None)
+        sync_ctx = (
+            no_sync() if callable(no_sync) and not self.window.is_boundary
+            else contextlib.nullcontext()
+        )
+        with sync_ctx, self.device.autocast(self.args.bf16):
+            self._train_step(batch, self.state.epoch, metrics)
+        self.state.micro_step += 1
+        loss = metrics.get("loss")
+        if isinstance(loss, torch.Tensor):
+            self.window.losses.append(loss.detach())
+        elif "no-loss" not in self._warned:
+            self._warned.add("no-loss")
+            logger.warning(
+                "_train_step did not record the loss (metrics.update(loss=loss)); loss is "
+                "neither logged nor checked for NaN/inf"
+            )
+        for key, value in metrics.items():
+            if key != "loss":
+                step_metrics[key] = value.detach() if isinstance(value, torch.Tensor) else value
+        step_metrics.update(pop_global_metrics())
+
+    def _finish_update(self, step_metrics: dict[str, Any], samples: int) -> None:
+        skipped = self.window.should_skip()
+        for view in (self.dense_optimizer, self.sparse_optimizer):
+            if view.optimizer is not None and not view.stepped and not skipped:
+                key = f"no-step-{view.name}"
+                if key not in self._warned:
+                    self._warned.add(key)
+                    logger.warning(
+                        "_train_step never called %s_optimizer.step(); its gradients were "
+                        "dropped at step %d", view.name, self.state.global_step + 1
+                    )
+            view.real_zero_grad()
+        self.state.global_step += 1
+        self.state.samples_seen += samples
+        losses = self.window.losses
+        if losses:
+            step_metrics["loss"] = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        lr = current_lr(self.dense_optimizer.optimizer)
+        if lr is not None:
+            step_metrics["lr"] = lr
+        step_metrics["samples"] = samples
+        if self.dense_optimizer.last_grad_norm is not None:
+            step_metrics["grad_norm"] = self.dense_optimizer.last_grad_norm.detach()
+        if skipped:
+            self.state.skipped_updates += 1
+            step_metrics["skipped_updates"] = self.state.skipped_updates
+        self.device.mark_step()
+        self.hooks.fire(Event.AFTER_STEP, self, step_metrics)
+        interval = self.args.eval_interval_steps
+        due = interval is not None and self.state.global_step % interval == 0
+        if self.eval_dataset is not None and (due or self.control.should_evaluate):
+            self._evaluate(self.args.eval_steps)
+        if self.checkpoint_manager is not None:
+            self._save_checkpoint(final=False)
+        self.control.reset_step_flags()
+
+    def _save_checkpoint(self, final: bool) -> None:
+        path = self.checkpoint_manager.step(
+            self.state.global_step, force=final or self.control.should_save
+        )
+        if path:
+            self.hooks.fire(Event.AFTER_SAVE, self, path)
+
+    def _evaluate(self, eval_steps: Optional[int]) -> dict[str, float]:
+        if self.eval_dataset is None:
+            raise ValueError("Trainer.evaluate needs Trainer(eval_dataset=...): none was given")
+        dataset = self.eval_dataset
+        if is_stateful(dataset):  # every evaluation starts at the same place
+            if self._eval_start_state is None:
+                self._eval_start_state = dataset.state_dict()  # type: ignore[attr-defined]
+            else:
+                dataset.load_state_dict(self._eval_start_state)  # type: ignore[attr-defined]
+        was_training = self.model.training
+        self.model.eval()
+        self.hooks.fire(Event.BEFORE_EVALUATE, self)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        count = 0
+        with torch.no_grad(), collect_predictions() as collector:
+            for i, item in enumerate(BatchStream(dataset, self.device, 1)):
+                if eval_steps is not None and i >= eval_steps:
+                    break
+                with self.device.autocast(self.args.bf16):
+                    loss = self.model(item.batch)
+                n = batch_size_of(item.batch)
+                loss_sum += loss.detach().double().cpu() * n
+                count += n
+            pop_global_metrics()
+            results = collector.compute()
+        total = distributed.all_reduce_sum(float(count))
+        if total == 0:
+            raise ValueError("eval_dataset yielded no batches; check the dataset")
+        results["loss"] = distributed.all_reduce_sum(float(loss_sum)) / total
+        results["num_samples"] = total
+        self.state.last_eval = dict(results)
+        if is_stateful(dataset) and self._eval_start_state is not None:
+            dataset.load_state_dict(self._eval_start_state)  # type: ignore[attr-defined]
+        self.hooks.fire(Event.AFTER_EVALUATE, self, results)
+        self.model.train(was_training)
+        return results

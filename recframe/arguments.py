@@ -166,6 +166,7 @@ def load_config_file(path: str) -> dict[str, Any]:
     """Read a YAML or JSON config mapping; errors name the file and the fix."""
     import yaml
 
+    path = os.fspath(path)  # a pathlib.Path works too (``.lower()`` below needs a str)
     try:
         with fsspec.open(path, "r") as f:
             text = f.read()

@@ -124,6 +124,19 @@ class CUDADevice(Device):
             torch.cuda.set_rng_state(torch.as_tensor(state["cuda"]).cpu(), self.torch_device)
 
 
+class RNGState:
+    """The process's RNG streams as a checkpointable object (``io_state`` part)."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.device.rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.device.set_rng_state(state)
+
+
 def xla_available() -> bool:
     try:
         import torch_xla  # noqa: F401

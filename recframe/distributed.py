@@ -82,6 +82,15 @@ def all_reduce_max_int(value: int) -> int:
     return int(t.item())
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (small JSON-like metadata), in rank order."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    objects: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_initialized() or dist.get_world_size() == 1:
         return obj

@@ -19,7 +19,8 @@ from torch import nn
 from recframe import distributed
 from recframe.arguments import TrainingArguments
 from recframe.data import batch_size_of
-from recframe.device import Device, resolve_device, set_seed
+from recframe.checkpoint import CheckpointManager, Saver
+from recframe.device import Device, RNGState, resolve_device, set_seed
 from recframe.hooks import (
     Event,
     Hook,
@@ -118,13 +119,43 @@ class Trainer:
         if hooks:
             self.add_hooks(hooks)
 
-        self.checkpoint_manager: Any = None
         self._restored = False
         self._depth = 0
         self._warned: set[str] = set()
         self._eval_start_state: Optional[dict[str, Any]] = None
+        # position of a stateful train_dataset after the last trained batch
         self.data_position: Optional[dict[str, Any]] = None
-        """Position of a stateful train_dataset after the last trained batch."""
+        self.saver, self.checkpoint_manager = self._build_checkpointing()
+
+    def _build_checkpointing(self) -> tuple[Saver, CheckpointManager]:
+        """Saver + CheckpointManager from the arguments, with everything a bit-exact
+        resume needs registered."""
+        args = self.args
+        saver = Saver(
+            self.unwrapped_model,
+            self.sparse_optimizer.optimizer,
+            output_dir=args.output_dir,
+            max_keep=args.max_to_keep,
+            concurrency=args.save_concurrency_per_rank,
+        )
+        saver.register_for_checkpointing("dense_optimizer", self.dense_optimizer)
+        saver.register_for_checkpointing("dense_lr_scheduler", self.dense_lr_scheduler)
+        saver.register_for_checkpointing("trainer_state", self.state)
+        saver.register_for_checkpointing("hooks", self.hooks)
+        saver.register_io_state("rng", RNGState(self.device))
+        saver.register_io_state("train_data", _DataPosition(self))
+        manager = CheckpointManager(
+            saver,
+            save_interval=args.save_steps,
+            save_interval_secs=args.save_interval_secs,
+            max_keep=args.max_to_keep,
+            keep_best_metric=args.keep_best_metric,
+            keep_best_mode=args.keep_best_mode,
+            async_save=args.async_save,
+            save_on_sigterm=args.save_on_sigterm,
+        )
+        manager.metrics_provider = lambda: self.state.last_eval
+        return saver, manager
 
     # --- public API ---------------------------------------------------------------
     @property
@@ -155,13 +186,17 @@ class Trainer:
         if self._restored:
             return self.state.global_step
         self._restored = True
-        if self.checkpoint_manager is None:
-            return self.state.global_step
         if self.args.model_bank:
             self.checkpoint_manager.load_model_bank(self.args.model_bank)
         step = self.checkpoint_manager.restore()
         if step:
+            logger.info(
+                "resumed from %s/ckpt_%d (global_step=%d, epoch=%d)",
+                self.args.output_dir, step, self.state.global_step, self.state.epoch,
+            )
             self.hooks.fire(Event.AFTER_RESTORE, self, step)
+        else:
+            logger.info("no checkpoint in %s: starting from step 0", self.args.output_dir)
         return step
 
     def train(self, train_steps: Optional[int] = None) -> dict[str, Any]:
@@ -260,17 +295,27 @@ class Trainer:
         self.state.max_steps = self._estimate_max_steps(max_steps, max_epochs)
         self.control.should_stop = False
         self.model.train()
-        self.hooks.fire(Event.BEFORE_TRAIN, self)
-        while not self.control.should_stop:
-            if max_steps is not None and self.state.global_step >= max_steps:
-                break
-            if max_epochs is not None and self.state.epoch >= max_epochs:
-                break
-            if not self._train_epoch(max_steps):
-                break
-        self.hooks.fire(Event.AFTER_TRAIN, self)
-        if self.checkpoint_manager is not None:
+        self.checkpoint_manager.start()
+        failed = True
+        try:
+            self.hooks.fire(Event.BEFORE_TRAIN, self)
+            while not self.control.should_stop:
+                if max_steps is not None and self.state.global_step >= max_steps:
+                    break
+                if max_epochs is not None and self.state.epoch >= max_epochs:
+                    break
+                if not self._train_epoch(max_steps):
+                    break
+            self.hooks.fire(Event.AFTER_TRAIN, self)
             self._save_checkpoint(final=True)
+            failed = False
+        finally:
+            try:
+                self.checkpoint_manager.close()  # a save in flight finishes first
+            except Exception:
+                if not failed:
+                    raise
+                logger.exception("a background checkpoint save failed too")
 
     def _train_epoch(self, max_steps: Optional[int]) -> bool:
         """Train (the rest of) one pass; returns False when the data ran dry."""
@@ -388,8 +433,9 @@ class Trainer:
         due = interval is not None and self.state.global_step % interval == 0
         if self.eval_dataset is not None and (due or self.control.should_evaluate):
             self._evaluate(self.args.eval_steps)
-        if self.checkpoint_manager is not None:
-            self._save_checkpoint(final=False)
+        self._save_checkpoint(final=False)
+        if self.checkpoint_manager.preemption_requested:
+            self.control.should_stop = True
         self.control.reset_step_flags()
 
     def _save_checkpoint(self, final: bool) -> None:
@@ -435,3 +481,20 @@ class Trainer:
         self.hooks.fire(Event.AFTER_EVALUATE, self, results)
         self.model.train(was_training)
         return results
+
+
+class _DataPosition:
+    """The train dataset's position as a checkpointable object (``io_state``)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.trainer.data_position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        position = state.get("position")
+        self.trainer.data_position = position
+        dataset = self.trainer.train_dataset
+        if position is not None and is_stateful(dataset):
+            dataset.load_state_dict(position)  # type: ignore[union-attr]

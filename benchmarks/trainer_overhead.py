@@ -1,0 +1,500 @@
+"""recframe's `Trainer` against the same hand-written torchrec training loop.
+
+Both sides train the same model (`recframe.models.DLRM`: torchrec's DLRM over an
+`EmbeddingBagCollection`) from the same initial weights, on the same pre-generated
+`SyntheticCriteo` batches in the same order, with the optimizers the CLI uses (Adam
+over the dense parameters, Adagrad over the tables) and the same torch thread count.
+
+* ``hand``: ``for batch: zero_grad both; loss = model(batch); backward; step both``.
+* ``recframe``: ``Trainer(report_to="none", disable_tqdm=True, log_steps=10**9)`` with
+  its default ``_train_step``; each round is one ``trainer.train(train_steps=...)``
+  call over that round's batches, timed as a whole (so the per-call set-up is paid
+  too).
+* ``recframe_accum`` (informational): ``gradient_accumulation_steps=k`` over micro-
+  batches of ``batch_size / k`` samples: the same samples per update as ``hand``,
+  whose big batches are exactly the concatenation of those micro-batches.
+
+Rounds are interleaved (the order rotates every round) and each records the CPU used
+by other processes; the headline is the median of the per-round ratios
+recframe/hand (goal: >= 0.98). A second, tiny-model comparison isolates the loop's own
+cost per update in microseconds, which no real model's noise can hide.
+
+    .venv/bin/python benchmarks/trainer_overhead.py            # ~1.5 min on 2 cores
+    .venv/bin/python benchmarks/trainer_overhead.py --rounds 30 --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import io
+import logging
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common as common  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                            "trainer_overhead.json")
+GOAL = 0.98
+
+
+# --- arguments -------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per variant")
+    p.add_argument("--steps", type=int, default=40, help="optimizer updates per round")
+    p.add_argument("--warmup", type=int, default=10, help="untimed updates per variant first")
+    p.add_argument("--batch_size", type=int, default=2048, help="samples per update")
+    p.add_argument("--num_embeddings", type=int, default=10_000, help="rows per table")
+    p.add_argument("--embedding_dim", type=int, default=16)
+    p.add_argument("--pool", type=int, default=128,
+                   help="distinct pre-generated batches, cycled through by the rounds")
+    p.add_argument("--accum", type=int, default=4,
+                   help="gradient_accumulation_steps of the informational variant (1: skip it)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--tiny_rounds", type=int, default=10,
+                   help="rounds of the tiny-model loop-overhead comparison (0: skip it)")
+    p.add_argument("--tiny_steps", type=int, default=300, help="updates per tiny round")
+    p.add_argument("--profile", action="store_true",
+                   help="also cProfile the recframe tiny-model loop and print its top entries")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam lr (dense)")
+    p.add_argument("--sparse_lr", type=float, default=0.05, help="Adagrad lr (tables)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=DEFAULT_JSON, help="where to write the JSON report")
+    ns = p.parse_args(argv)
+    for name in ("rounds", "steps", "batch_size", "num_embeddings", "pool", "accum", "threads",
+                 "tiny_steps", "embedding_dim"):
+        if getattr(ns, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if ns.warmup < 0 or ns.tiny_rounds < 0:
+        p.error("--warmup and --tiny_rounds must be >= 0")
+    if ns.batch_size % ns.accum:
+        p.error(f"--batch_size ({ns.batch_size}) must be divisible by --accum ({ns.accum})")
+    return ns
+
+
+# --- data ------------------------------------------------------------------------
+def concat_batches(batches: list[Any]) -> Any:
+    """One torchrec `Batch` holding ``batches`` one after another (same keys)."""
+    from torchrec.datasets.utils import Batch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    keys = batches[0].sparse_features.keys()
+    per_key = [b.sparse_features.to_dict() for b in batches]
+    values, lengths = [], []
+    for key in keys:  # key-major, as a KJT stores them
+        for d in per_key:
+            values.append(d[key].values())
+            lengths.append(d[key].lengths())
+    kjt = KeyedJaggedTensor(
+        keys=list(keys),
+        values=torch.cat(values),
+        lengths=torch.cat(lengths).to(torch.int32),
+        stride=sum(b.labels.shape[0] for b in batches),
+    )
+    return Batch(
+        dense_features=torch.cat([b.dense_features for b in batches]),
+        sparse_features=kjt,
+        labels=torch.cat([b.labels for b in batches]),
+    )
+
+
+def make_data(cfg: argparse.Namespace) -> tuple[list[Any], list[Any]]:
+    """(big batches of ``batch_size``, micro-batches of ``batch_size / accum``);
+    big batch ``i`` is micro-batches ``i*accum .. i*accum+accum-1`` concatenated."""
+    from recframe.data import SyntheticCriteo
+
+    k = cfg.accum
+    micro_ds = SyntheticCriteo(
+        num_batches=cfg.pool * k,
+        batch_size=cfg.batch_size // k,
+        num_embeddings=cfg.num_embeddings,
+        seed=cfg.seed,
+    )
+    micro = list(micro_ds)
+    if k == 1:
+        return micro, micro
+    big = [concat_batches(micro[i * k:(i + 1) * k]) for i in range(cfg.pool)]
+    return big, micro
+
+
+def round_indices(cfg: argparse.Namespace, r: int) -> list[int]:
+    """The pool indices of round ``r`` (warm-up is round -1: the pool's tail)."""
+    start = (r * cfg.steps) % cfg.pool
+    return [(start + i) % cfg.pool for i in range(cfg.steps)]
+
+
+# --- the two loops ----------------------------------------------------------------
+def make_optimizers(model: nn.Module, cfg: argparse.Namespace) -> tuple[Any, Any]:
+    from recframe.optim import dense_parameters, sparse_parameters
+
+    dense = torch.optim.Adam(dense_parameters(model), lr=cfg.lr)
+    sparse = torch.optim.Adagrad(sparse_parameters(model), lr=cfg.sparse_lr)
+    return dense, sparse
+
+
+class HandLoop:
+    """The plain torchrec loop recframe is measured against."""
+
+    def __init__(self, model: nn.Module, dense: Any, sparse: Any) -> None:
+        self.model, self.dense, self.sparse = model, dense, sparse
+        self.model.train()
+
+    def run(self, batches: list[Any]) -> int:
+        model, dense, sparse = self.model, self.dense, self.sparse
+        samples = 0
+        for batch in batches:
+            dense.zero_grad()
+            sparse.zero_grad()
+            loss = model(batch)
+            loss.backward()
+            dense.step()
+            sparse.step()
+            samples += batch.labels.shape[0]
+        return samples
+
+
+class RecframeLoop:
+    """A `Trainer` fed one round's batches per ``train`` call."""
+
+    def __init__(self, model: nn.Module, dense: Any, sparse: Any, accum: int,
+                 output_dir: str) -> None:
+        from recframe import Trainer, TrainingArguments
+
+        args = TrainingArguments(
+            output_dir=output_dir,
+            gradient_accumulation_steps=accum,
+            report_to="none",
+            disable_tqdm=True,
+            log_steps=10**9,
+            save_steps=None,
+            seed=0,
+        )
+        self.trainer = Trainer(model=model, args=args, dense_optimizers=(dense, None),
+                               sparse_optimizer=sparse)
+        self.accum = accum
+
+    def run(self, batches: list[Any], updates: int) -> int:
+        trainer = self.trainer
+        before = trainer.state.samples_seen
+        trainer.train_dataset = batches
+        trainer.train(train_steps=trainer.global_step + updates)
+        return trainer.state.samples_seen - before
+
+
+def max_param_diff(a: nn.Module, b: nn.Module) -> float:
+    return max(
+        float((pa.detach() - pb.detach()).abs().max())
+        for pa, pb in zip(a.parameters(), b.parameters())
+    )
+
+
+# --- the DLRM comparison ----------------------------------------------------------
+def run_dlrm(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
+    from recframe.models import DLRM
+
+    t0 = time.perf_counter()
+    big, micro = make_data(cfg)
+    data_seconds = time.perf_counter() - t0
+    k = cfg.accum
+
+    torch.manual_seed(cfg.seed)
+    base = DLRM(num_embeddings=cfg.num_embeddings, embedding_dim=cfg.embedding_dim)
+
+    def fresh() -> tuple[nn.Module, Any, Any]:
+        model = copy.deepcopy(base)
+        return (model, *make_optimizers(model, cfg))
+
+    hand = HandLoop(*fresh())
+    rec = RecframeLoop(*fresh(), accum=1, output_dir=os.path.join(out_dir, "k1"))
+    rec_acc = (RecframeLoop(*fresh(), accum=k, output_dir=os.path.join(out_dir, f"k{k}"))
+               if k > 1 else None)
+
+    def micro_of(indices: list[int]) -> list[Any]:
+        return [micro[i * k + m] for i in indices for m in range(k)]
+
+    warm = [(cfg.pool - 1 - i) % cfg.pool for i in range(cfg.warmup)][::-1]
+    if warm:
+        hand.run([big[i] for i in warm])
+        rec.run([big[i] for i in warm], len(warm))
+        if rec_acc is not None:
+            rec_acc.run(micro_of(warm), len(warm))
+
+    variants: dict[str, common.Variant] = {
+        "hand": lambda r: hand.run([big[i] for i in round_indices(cfg, r)]),
+        "recframe": lambda r: rec.run([big[i] for i in round_indices(cfg, r)], cfg.steps),
+    }
+    if rec_acc is not None:
+        variants["recframe_accum"] = lambda r: rec_acc.run(
+            micro_of(round_indices(cfg, r)), cfg.steps
+        )
+
+    def show(this_round: list[common.RoundResult]) -> None:
+        by = {x.variant: x for x in this_round}
+        parts = [f"{x.variant}={x.samples_per_sec:,.0f}/s ({x.load.minor_faults} faults)"
+                 for x in this_round]
+        ratio = by["recframe"].samples_per_sec / by["hand"].samples_per_sec
+        others = max((x.load.others_cores or 0.0) for x in this_round)
+        flag = "  BUSY NEIGHBOUR" if any(x.load.busy_neighbour for x in this_round) else ""
+        print(f"  round {this_round[0].round:3d}: {'  '.join(parts)}  "
+              f"recframe/hand={ratio:.3f}  others={others:.2f} cores{flag}", flush=True)
+
+    results = common.run_interleaved(variants, cfg.rounds, on_round=show)
+
+    checks = {
+        "max_abs_param_diff_recframe_vs_hand": max_param_diff(hand.model, rec.trainer.model),
+        "recframe_global_step": rec.trainer.global_step,
+        "hand_updates": cfg.warmup + cfg.rounds * cfg.steps,
+    }
+    if rec_acc is not None:
+        checks["max_abs_param_diff_recframe_accum_vs_hand"] = max_param_diff(
+            hand.model, rec_acc.trainer.model)
+        checks["recframe_accum_global_step"] = rec_acc.trainer.global_step
+        checks["recframe_accum_micro_step"] = rec_acc.trainer.state.micro_step
+    return {
+        "data_generation_seconds": data_seconds,
+        "rounds": [x.to_dict() for x in results],
+        "summary": summarize_pairs(results, list(variants), cfg.batch_size),
+        "checks": checks,
+    }
+
+
+def summarize_pairs(
+    results: list[common.RoundResult], names: list[str], samples_per_update: int
+) -> dict[str, Any]:
+    """Medians per variant and ratios to ``hand``: over all rounds, and over the
+    rounds in which no variant saw a busy neighbour."""
+    busy_rounds = {x.round for x in results if x.load.busy_neighbour}
+    out: dict[str, Any] = {"busy_rounds": sorted(busy_rounds)}
+    for subset, keep in (("all", lambda r: True), ("clean", lambda r: r not in busy_rounds)):
+        sub = [x for x in results if keep(x.round)]
+        if not sub:
+            out[subset] = None
+            continue
+        block: dict[str, Any] = {}
+        for name in names:
+            rows = common.per_variant(sub, name)
+            sps = common.summarize([x.samples_per_sec for x in rows])
+            block[name] = {
+                "samples_per_sec": sps,
+                "ms_per_update": (1e3 * samples_per_update / sps["median"]
+                                  if sps["median"] else None),
+                "others_cores_median": common.summarize(
+                    [x.load.others_cores or 0.0 for x in rows])["median"],
+            }
+            if name != "hand":
+                ratios = common.round_ratios(sub, name, "hand")
+                hand_median = block["hand"]["samples_per_sec"]["median"]
+                block[name]["ratio_to_hand"] = {
+                    "median_of_round_ratios": common.summarize(ratios)["median"],
+                    "ratio_of_medians": sps["median"] / hand_median if hand_median else None,
+                    "round_ratios": ratios,
+                    "summary": common.summarize(ratios),
+                }
+        out[subset] = block
+    return out
+
+
+# --- tiny model: the loop's own cost per update -----------------------------------
+class TinyCTR(nn.Module):
+    """Just enough model for both optimizers to have work: microseconds per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.EmbeddingBag(32, 4, mode="sum")
+        self.mlp = nn.Linear(4 + 3, 1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = torch.cat([self.emb(batch["ids"]), batch["dense"]], dim=1)
+        logits = self.mlp(x).squeeze(1)
+        return nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"])
+
+
+def tiny_batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "ids": torch.randint(0, 32, (8, 2), generator=g),
+            "dense": torch.randn(8, 3, generator=g),
+            "labels": torch.randint(0, 2, (8,), generator=g).float(),
+        }
+        for _ in range(n)
+    ]
+
+
+class TinyHand(HandLoop):
+    def run(self, batches: list[Any]) -> int:
+        model, dense, sparse = self.model, self.dense, self.sparse
+        for batch in batches:
+            dense.zero_grad()
+            sparse.zero_grad()
+            loss = model(batch)
+            loss.backward()
+            dense.step()
+            sparse.step()
+        return len(batches)
+
+
+def run_tiny(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    base = TinyCTR()
+    batches = tiny_batches(cfg.tiny_steps, cfg.seed)
+
+    def fresh() -> tuple[nn.Module, Any, Any]:
+        model = copy.deepcopy(base)
+        return (model, *make_optimizers(model, cfg))
+
+    hand = TinyHand(*fresh())
+    rec = RecframeLoop(*fresh(), accum=1, output_dir=os.path.join(out_dir, "tiny"))
+    hand.run(batches[:50])
+    rec.run(batches[:50], 50)
+    variants = {
+        "hand": lambda r: hand.run(batches),
+        "recframe": lambda r: rec.run(batches, len(batches)),
+    }
+    results = common.run_interleaved(variants, cfg.tiny_rounds)
+    us = {
+        name: common.summarize(
+            [1e6 * x.seconds / cfg.tiny_steps for x in common.per_variant(results, name)]
+        )
+        for name in variants
+    }
+    deltas = [
+        1e6 * (r.seconds - h.seconds) / cfg.tiny_steps
+        for h, r in zip(common.per_variant(results, "hand"), common.per_variant(results, "recframe"))
+    ]
+    out: dict[str, Any] = {
+        "us_per_update": us,
+        "overhead_us_per_update": common.summarize(deltas),
+        "rounds": [x.to_dict() for x in results],
+    }
+    if cfg.profile:
+        out["profile_top"] = profile_tiny(rec, batches)
+    return out
+
+
+def profile_tiny(rec: RecframeLoop, batches: list[Any], top: int = 25) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(3):
+        rec.run(batches, len(batches))
+    prof.disable()
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime")
+    stats.print_stats(top)
+    return buf.getvalue()
+
+
+# --- report ----------------------------------------------------------------------
+def print_report(cfg: argparse.Namespace, dlrm: dict[str, Any],
+                 tiny: dict[str, Any] | None) -> None:
+    summary = dlrm["summary"]
+    block = summary["all"]
+    k = cfg.accum
+    labels = {
+        "hand": f"hand loop (B={cfg.batch_size})",
+        "recframe": f"recframe Trainer (B={cfg.batch_size})",
+        "recframe_accum": f"recframe k={k} ({k}x{cfg.batch_size // k})",
+    }
+    rows = []
+    for name, entry in block.items():
+        ratio = entry.get("ratio_to_hand")
+        rows.append([
+            labels[name],
+            entry["samples_per_sec"]["median"],
+            entry["ms_per_update"],
+            None if ratio is None else ratio["median_of_round_ratios"],
+            None if ratio is None else ratio["ratio_of_medians"],
+            None if ratio is None else f"{ratio['summary']['min']:.3f}-"
+                                       f"{ratio['summary']['max']:.3f}",
+        ])
+    print()
+    print(f"DLRM, {cfg.num_embeddings:,} rows x {cfg.embedding_dim} x 26 tables, "
+          f"{cfg.rounds} interleaved rounds x {cfg.steps} updates, {cfg.threads} threads:")
+    print(common.format_table(
+        ["variant", "median samples/s", "ms/update", "vs hand (median ratio)",
+         "ratio of medians", "round ratios"], rows))
+    rr = block["recframe"]["ratio_to_hand"]["round_ratios"]
+    print("per-round recframe/hand: " + " ".join(f"{x:.3f}" for x in rr))
+    if summary["busy_rounds"]:
+        clean = summary["clean"]
+        note = (f"{clean['recframe']['ratio_to_hand']['median_of_round_ratios']:.3f}"
+                if clean else "n/a (every round was busy)")
+        print(f"rounds with a busy neighbour (> {common.BUSY_NEIGHBOUR_CORES} cores): "
+              f"{summary['busy_rounds']}; median ratio without them: {note}")
+    else:
+        print("no round saw a busy neighbour process")
+    headline = rr and block["recframe"]["ratio_to_hand"]["median_of_round_ratios"]
+    verdict = "meets" if headline and headline >= GOAL else "MISSES"
+    print(f"recframe/hand = {headline:.3f}: {verdict} the goal of >= {GOAL}")
+    checks = dlrm["checks"]
+    print("same work: max |param diff| recframe vs hand = "
+          f"{checks['max_abs_param_diff_recframe_vs_hand']:.3g}"
+          + (f"; accum vs hand = {checks['max_abs_param_diff_recframe_accum_vs_hand']:.3g}"
+             if "max_abs_param_diff_recframe_accum_vs_hand" in checks else ""))
+    if tiny is not None:
+        us = tiny["us_per_update"]
+        oh = tiny["overhead_us_per_update"]
+        step_ms = block["hand"]["ms_per_update"]
+        share = oh["median"] / (1e3 * step_ms) if step_ms else float("nan")
+        print(f"loop overhead (tiny model, {cfg.tiny_rounds} rounds x {cfg.tiny_steps} "
+              f"updates): hand {us['hand']['median']:.0f} us/update, recframe "
+              f"{us['recframe']['median']:.0f} us/update -> +{oh['median']:.0f} us/update "
+              f"(IQR {oh['q1']:.0f}..{oh['q3']:.0f}) = {100 * share:.2f}% of a DLRM update")
+        if "profile_top" in tiny:
+            print(tiny["profile_top"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    torch.set_num_threads(cfg.threads)
+    start_load = common.wait_for_quiet(max_wait=20.0)
+    print(f"other processes at start: {start_load.others_cores} cores "
+          f"(threads={torch.get_num_threads()})", flush=True)
+    started = time.perf_counter()
+    out_dir = tempfile.mkdtemp(prefix="recframe-bench-")
+    try:
+        dlrm = run_dlrm(cfg, out_dir)
+        tiny = run_tiny(cfg, out_dir) if cfg.tiny_rounds else None
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    print_report(cfg, dlrm, tiny)
+    payload = {
+        "benchmark": "trainer_overhead",
+        "timestamp": common.timestamp(),
+        "wall_seconds": time.perf_counter() - started,
+        "machine": common.machine_info(),
+        "torch": common.torch_info(),
+        "packages": common.package_versions(
+            ["torch", "torchrec", "fbgemm-gpu-cpu", "numpy", "torchmetrics", "recframe"]),
+        "config": vars(cfg),
+        "load_at_start": start_load,
+        "goal_ratio": GOAL,
+        "dlrm": dlrm,
+        "tiny": tiny,
+    }
+    path = common.write_json(cfg.json, payload)
+    print(f"wrote {path} ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,484 @@
+"""The checkpoint format: state trees as JSON, tensors as raw bytes in chunked files.
+
+Nothing here unpickles. A state tree (nested dicts/lists of numbers, strings and
+tensors: what ``state_dict()`` returns) is encoded as tagged JSON with each tensor
+replaced by a reference; tensors are written as raw little-endian bytes, split by rows
+into chunks of at most ``chunk_bytes`` so ``concurrency`` writer threads stay balanced,
+each chunk with its CRC32. A tensor may be a ``ShardedTensor`` (torchrec sharding):
+each rank writes its local shards with their global offsets, and a reader fills any
+target layout from the overlapping chunks (resharding).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from recframe.checkpoint.storage import Storage, StorageError, crc32, read_into
+
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+        torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+        torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32, torch.uint64,
+    )
+}
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint file failed its size or checksum check; the message names it."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise CheckpointCorruptError(f"unknown tensor dtype {name!r} in manifest") from None
+
+
+# --- state trees -----------------------------------------------------------------
+@dataclass
+class _ShardMeta:
+    shard_offsets: list[int]
+    shard_sizes: list[int]
+
+
+@dataclass
+class _HostShard:
+    metadata: _ShardMeta
+    tensor: torch.Tensor
+
+
+class HostShards:
+    """A host copy of a ShardedTensor's local shards (what an async save writes)."""
+
+    def __init__(self, value: Any) -> None:
+        self._size = list(value.size())
+        self.dtype = value.dtype
+        self._shards = [
+            _HostShard(
+                _ShardMeta(list(s.metadata.shard_offsets), list(s.metadata.shard_sizes)),
+                s.tensor.detach().to("cpu", copy=True),
+            )
+            for s in value.local_shards()
+        ]
+
+    def size(self) -> torch.Size:
+        return torch.Size(self._size)
+
+    def local_shards(self) -> list[_HostShard]:
+        return self._shards
+
+
+def is_sharded(value: Any) -> bool:
+    if isinstance(value, HostShards):
+        return True
+    try:
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(value, ShardedTensor)
+
+
+def snapshot_state(obj: Any) -> Any:
+    """A copy of a state tree whose tensors live in fresh host memory, so training can
+    go on while it is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if is_sharded(obj):
+        return HostShards(obj)
+    if isinstance(obj, dict):
+        return {k: snapshot_state(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [snapshot_state(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(snapshot_state(v) for v in obj)
+    import copy
+
+    return copy.deepcopy(obj)
+
+
+def encode_tree(obj: Any, prefix: str, tensors: dict[str, Any]) -> Any:
+    """Encode ``obj`` as tagged JSON; tensors are added to ``tensors`` under unique keys
+    starting with ``prefix`` and replaced by ``{"t": key}``."""
+    return _encode(obj, prefix, tensors)
+
+
+def _tensor_key(path: str, tensors: dict[str, Any]) -> str:
+    key = path
+    n = 1
+    while key in tensors:
+        key = f"{path}#{n}"
+        n += 1
+    return key
+
+
+def _encode(obj: Any, path: str, tensors: dict[str, Any]) -> Any:
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else {"f": repr(obj)}
+    if isinstance(obj, torch.Tensor) or is_sharded(obj):
+        key = _tensor_key(path, tensors)
+        tensors[key] = obj
+        return {"t": key}
+    if isinstance(obj, np.ndarray):
+        key = _tensor_key(path, tensors)
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj))
+        return {"t": key, "np": True}
+    if isinstance(obj, np.generic):
+        return _encode(obj.item(), path, tensors)
+    if isinstance(obj, torch.dtype):
+        return {"dt": dtype_name(obj)}
+    if isinstance(obj, torch.Size):
+        return {"tu": list(obj)}
+    if isinstance(obj, dict):
+        return {
+            "d": [
+                [_encode(k, f"{path}.<key>", tensors), _encode(v, f"{path}.{k}", tensors)]
+                for k, v in obj.items()
+            ]
+        }
+    if isinstance(obj, list):
+        return {"l": [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, tuple):
+        return {"tu": [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, bytes):
+        return {"b": base64.b64encode(obj).decode("ascii")}
+    raise TypeError(
+        f"cannot checkpoint a value of type {type(obj).__name__} at {path!r}: checkpoints hold "
+        "tensors, numbers, strings, bytes, None and dicts/lists/tuples of them"
+    )
+
+
+def decode_tree(obj: Any, tensor: Callable[[str], Any]) -> Any:
+    """Inverse of `encode_tree`; ``tensor(key)`` returns the tensor stored under key."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, list):  # never produced by encode; tolerate hand-written JSON
+        return [decode_tree(v, tensor) for v in obj]
+    if not isinstance(obj, dict) or len(obj) not in (1, 2):
+        raise CheckpointCorruptError(f"malformed state tree node {str(obj)[:80]!r}")
+    if "t" in obj:
+        value = tensor(obj["t"])
+        return value.numpy() if obj.get("np") else value
+    ((tag, value),) = obj.items()
+    if tag == "d":
+        return {decode_tree(k, tensor): decode_tree(v, tensor) for k, v in value}
+    if tag == "l":
+        return [decode_tree(v, tensor) for v in value]
+    if tag == "tu":
+        return tuple(decode_tree(v, tensor) for v in value)
+    if tag == "f":
+        return float(value)
+    if tag == "dt":
+        return dtype_from_name(value)
+    if tag == "b":
+        return base64.b64decode(value)
+    raise CheckpointCorruptError(f"unknown state tree tag {tag!r}")
+
+
+def tree_tensor_keys(obj: Any) -> list[str]:
+    """Tensor keys referenced by an encoded tree."""
+    keys: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "t" in node:
+                keys.append(node["t"])
+                return
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(obj)
+    return keys
+
+
+# --- writing ---------------------------------------------------------------------
+@dataclass
+class _Chunk:
+    key: str
+    shard: int
+    rows: tuple[int, int]
+    data: torch.Tensor  # contiguous CPU tensor holding exactly this chunk's bytes
+    nbytes: int
+    file: str = ""
+    offset: int = 0
+    crc: int = 0
+
+
+@dataclass
+class WriteResult:
+    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f["size"] for f in self.files.values())
+
+
+def _shards_of(value: Any) -> tuple[list[int], list[tuple[list[int], list[int], torch.Tensor]]]:
+    """(global shape, [(offsets, sizes, local tensor)]) of a tensor or ShardedTensor."""
+    if is_sharded(value):
+        shards = [
+            (list(s.metadata.shard_offsets), list(s.metadata.shard_sizes), s.tensor)
+            for s in value.local_shards()
+        ]
+        return list(value.size()), shards
+    return list(value.shape), [([0] * value.dim(), list(value.shape), value)]
+
+
+def _as_bytes_source(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t
+
+
+def plan_chunks(
+    tensors: dict[str, Any], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> tuple[dict[str, dict[str, Any]], list[_Chunk]]:
+    """Split tensors into row chunks of at most ``chunk_bytes`` (one row at least)."""
+    meta: dict[str, dict[str, Any]] = {}
+    chunks: list[_Chunk] = []
+    for key, value in tensors.items():
+        shape, shards = _shards_of(value)
+        entries = []
+        dtype = None
+        for index, (offsets, sizes, local) in enumerate(shards):
+            local = _as_bytes_source(local)
+            dtype = local.dtype
+            entries.append({"offsets": offsets, "sizes": sizes, "chunks": []})
+            rows = local.shape[0] if local.dim() > 0 else 1
+            if local.numel() == 0:
+                continue
+            row_bytes = local.numel() * local.element_size() // rows
+            per_chunk = max(1, chunk_bytes // max(1, row_bytes))
+            flat = local.reshape(rows, -1) if local.dim() > 0 else local.reshape(1, 1)
+            for start in range(0, rows, per_chunk):
+                stop = min(rows, start + per_chunk)
+                part = flat[start:stop]
+                chunks.append(
+                    _Chunk(key, index, (start, stop), part, part.numel() * part.element_size())
+                )
+        if dtype is None:
+            dtype = value.dtype
+        meta[key] = {"dtype": dtype_name(dtype), "shape": shape, "shards": entries}
+    return meta, chunks
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_tensors(
+    storage: Storage,
+    directory: str,
+    tensors: dict[str, Any],
+    file_prefix: str,
+    concurrency: int,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    durable: bool = True,
+) -> WriteResult:
+    """Write ``tensors`` into at most ``concurrency`` files ``<prefix>-<i>.bin`` in
+    ``directory``, one writer thread per file, chunks balanced by size."""
+    meta, chunks = plan_chunks(tensors, chunk_bytes)
+    n_files = max(1, min(concurrency, len(chunks)))
+    loads = [0] * n_files
+    assignment: list[list[_Chunk]] = [[] for _ in range(n_files)]
+    for chunk in sorted(chunks, key=lambda c: -c.nbytes):  # greedy: biggest first
+        i = loads.index(min(loads))
+        assignment[i].append(chunk)
+        loads[i] += chunk.nbytes
+    names = [f"{file_prefix}-{i:03d}.bin" for i in range(n_files)]
+
+    def write_file(i: int) -> int:
+        path = storage.join(directory, names[i])
+        offset = 0
+
+        def views():
+            nonlocal offset
+            for chunk in assignment[i]:
+                view = _byte_view(chunk.data)
+                chunk.file, chunk.offset, chunk.crc = names[i], offset, crc32(view)
+                offset += chunk.nbytes
+                yield view
+
+        return storage.write_chunks(path, views(), durable=durable)
+
+    if chunks or not tensors:
+        sizes = _run_threads(write_file, n_files, concurrency) if chunks else []
+    else:
+        sizes = []
+    result = WriteResult(tensors=meta)
+    for i, size in enumerate(sizes):
+        result.files[names[i]] = {
+            "size": size,
+            "crc32": [c.crc for c in assignment[i]],
+        }
+    for chunk in chunks:
+        meta[chunk.key]["shards"][chunk.shard]["chunks"].append(
+            {
+                "file": chunk.file,
+                "offset": chunk.offset,
+                "nbytes": chunk.nbytes,
+                "rows": list(chunk.rows),
+                "crc32": chunk.crc,
+            }
+        )
+    for entry in meta.values():
+        for shard in entry["shards"]:
+            shard["chunks"].sort(key=lambda c: c["rows"][0])
+    return result
+
+
+def _run_threads(fn: Callable[[int], Any], n: int, concurrency: int) -> list[Any]:
+    if n <= 1 or concurrency == 1:
+        return [fn(i) for i in range(n)]
+    with ThreadPoolExecutor(max_workers=min(n, concurrency), thread_name_prefix="ckpt") as ex:
+        futures = [ex.submit(fn, i) for i in range(n)]
+        return [f.result() for f in futures]
+
+
+# --- reading ---------------------------------------------------------------------
+class TensorReader:
+    """Reads tensors of one checkpoint directory, checking every chunk's CRC32."""
+
+    def __init__(
+        self, storage: Storage, directory: str, tensors: dict[str, Any], concurrency: int = 4
+    ) -> None:
+        self.storage = storage
+        self.directory = directory
+        self.meta = tensors
+        self.concurrency = max(1, concurrency)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.meta
+
+    def shape(self, key: str) -> list[int]:
+        return list(self.meta[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return dtype_from_name(self.meta[key]["dtype"])
+
+    def read(self, key: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The whole tensor ``key`` (into ``out`` when given: same shape and dtype)."""
+        return self.read_many({key: out})[key]
+
+    def read_many(self, targets: dict[str, Any]) -> dict[str, Any]:
+        """Fill each target (a tensor, a ShardedTensor, or None to allocate) from the
+        checkpoint; all chunks are read in parallel."""
+        jobs: list[tuple[Any, ...]] = []
+        results: dict[str, Any] = {}
+        for key, out in targets.items():
+            entry = self._entry(key)
+            dtype = dtype_from_name(entry["dtype"])
+            shape = list(entry["shape"])
+            if out is None:
+                out = torch.empty(shape, dtype=dtype)
+            results[key] = out
+            target_shape = list(out.size()) if is_sharded(out) else list(out.shape)
+            if target_shape != shape:
+                raise ValueError(
+                    f"checkpoint tensor {key!r} has shape {shape}, the target has "
+                    f"{target_shape}; the model does not match the checkpoint"
+                )
+            if is_sharded(out):
+                regions = [
+                    (list(s.metadata.shard_offsets), s.tensor) for s in out.local_shards()
+                ]
+            else:
+                regions = [([0] * len(shape), out)]
+            for offsets, local in regions:
+                if local.dtype != dtype:
+                    raise ValueError(
+                        f"checkpoint tensor {key!r} is {dtype}, the target is {local.dtype}"
+                    )
+                for shard in entry["shards"]:
+                    for chunk in shard["chunks"]:
+                        jobs.append((chunk, shard["offsets"], shard["sizes"], local, key, offsets))
+        _run_threads(lambda i: self._read_chunk(*jobs[i]), len(jobs), self.concurrency)
+        return results
+
+    def _entry(self, key: str) -> dict[str, Any]:
+        try:
+            return self.meta[key]
+        except KeyError:
+            raise KeyError(f"tensor {key!r} is not in the checkpoint") from None
+
+    def _read_chunk(
+        self,
+        chunk: dict[str, Any],
+        shard_offsets: list[int],
+        shard_sizes: list[int],
+        target: torch.Tensor,
+        key: str,
+        target_offsets: Optional[list[int]] = None,
+    ) -> None:
+        ndim = len(shard_sizes)
+        t_off = target_offsets or [0] * ndim
+        r0, r1 = chunk["rows"]
+        if ndim == 0:
+            box_off, box_size = [], []
+        else:
+            box_off = [shard_offsets[0] + r0] + list(shard_offsets[1:])
+            box_size = [r1 - r0] + list(shard_sizes[1:])
+        lo = [max(a, b) for a, b in zip(box_off, t_off)]
+        hi = [
+            min(a + s, b + ts)
+            for a, s, b, ts in zip(box_off, box_size, t_off, list(target.shape))
+        ]
+        if any(h <= low for low, h in zip(lo, hi)):
+            return  # no overlap with this target region
+        path = self.storage.join(self.directory, chunk["file"])
+        display = self.storage.display(path)
+        covers_chunk = lo == box_off and hi == [a + s for a, s in zip(box_off, box_size)]
+        t_slices = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, t_off))
+        full_width = ndim == 0 or all(
+            lo[d] == t_off[d] and hi[d] == t_off[d] + target.shape[d] for d in range(1, ndim)
+        )
+        dest = target[t_slices] if ndim else target
+        if covers_chunk and full_width and dest.is_contiguous():
+            buf = dest
+        else:
+            buf = torch.empty(box_size, dtype=target.dtype)
+        view = _byte_view(buf)
+        if view.nbytes != chunk["nbytes"]:
+            raise CheckpointCorruptError(
+                f"{display}: chunk of {key!r} should hold {chunk['nbytes']} bytes, the "
+                f"manifest's shapes give {view.nbytes}"
+            )
+        with self.storage.open_read(path) as f:
+            try:
+                read_into(f, chunk["offset"], view, display)
+            except StorageError as e:
+                raise CheckpointCorruptError(str(e)) from e
+        if crc32(view) != chunk["crc32"]:
+            raise CheckpointCorruptError(
+                f"{display}: checksum mismatch in tensor {key!r} (rows {r0}..{r1}); the file "
+                "is corrupt"
+            )
+        if buf is not dest:
+            c_slices = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, box_off))
+            dest.copy_(buf[c_slices] if ndim else buf)

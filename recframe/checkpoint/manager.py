@@ -1,0 +1,255 @@
+"""`CheckpointManager`: when to save, what to keep, what to restore.
+
+- ``step()`` saves every ``save_interval`` optimizer updates (and/or every
+  ``save_interval_secs``), on demand (``force``), and when SIGTERM asked for it;
+- retention keeps the ``max_keep`` newest committed checkpoints plus the best ones by
+  an eval metric, is rebuilt from storage (never from memory), never touches the
+  checkpoint being written nor, until a newer one is committed, the one restored from;
+  a failed delete is logged;
+- ``restore()`` loads the newest committed checkpoint that reads back intact (a corrupt
+  one is skipped with a warning) and returns its step, 0 when there is none;
+- ``async_save`` writes in a background thread after a host snapshot: at most one save
+  in flight, a background error is raised at the next save or at ``wait()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+from recframe import distributed
+from recframe.checkpoint.format import CheckpointCorruptError, snapshot_state
+from recframe.checkpoint.policies import AnyOf, BestN, IntervalPolicy, LatestN
+from recframe.checkpoint.saver import (
+    CheckpointError,
+    CheckpointInfo,
+    Saver,
+    ckpt_name,
+)
+from recframe.checkpoint.storage import StorageError
+
+logger = logging.getLogger("recframe.checkpoint")
+
+
+class CheckpointManager:
+    """Saves on an interval, keeps ``max_keep`` (and the best), restores the latest.
+
+    Args:
+        saver: the `Saver` that writes and reads checkpoints.
+        save_interval: save every this many optimizer updates (None/0: only on demand).
+        save_interval_secs: also save when this many seconds passed since the last save.
+        max_keep: committed checkpoints kept (default: ``saver.max_keep``).
+        keep_best_metric / keep_best_mode: also keep the best checkpoint by this eval
+            metric (recorded in each manifest at save time).
+        async_save: write in a background thread after a host snapshot.
+        save_on_sigterm: on SIGTERM, request a save at the next step (see
+            ``preemption_requested``); the trainer then stops.
+    """
+
+    def __init__(
+        self,
+        saver: Saver,
+        save_interval: Optional[int] = None,
+        save_interval_secs: Optional[float] = None,
+        max_keep: Optional[int] = None,
+        keep_best_metric: Optional[str] = None,
+        keep_best_mode: str = "max",
+        async_save: bool = False,
+        save_on_sigterm: bool = False,
+    ) -> None:
+        self.saver = saver
+        self.save_policy = IntervalPolicy(save_interval, save_interval_secs)
+        keep = LatestN(max_keep if max_keep is not None else saver.max_keep)
+        self.preservation = (
+            AnyOf(keep, BestN(keep_best_metric, keep_best_mode)) if keep_best_metric else keep
+        )
+        self.async_save = async_save
+        self.global_step = 0
+        self.metrics_provider: Optional[Callable[[], dict[str, float]]] = None
+        self.preemption_requested = False
+        self._restored_step: Optional[int] = None
+        self._last_saved_step = -1
+        self._last_saved_time = time.monotonic()
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._previous_handler: Any = None
+        self.save_on_sigterm = save_on_sigterm
+        self.saver.clean_uncommitted()
+        latest = self.saver.latest_checkpoint()
+        if latest is not None:
+            self._last_saved_step = latest.step
+
+    # --- saving -------------------------------------------------------------------
+    def step(self, global_step: Optional[int] = None, force: bool = False) -> Optional[str]:
+        """Call once per optimizer update; saves when the policy (or ``force``, or a
+        SIGTERM) says so. Returns the committed path, or None."""
+        if global_step is None:
+            self.global_step += 1
+        else:
+            self.global_step = global_step
+        step = self.global_step
+        if self.preemption_requested:
+            force = True
+        if force and step == self._last_saved_step:
+            return None
+        if force or self.save_policy.should_save(
+            step, self._last_saved_step, self._last_saved_time
+        ):
+            return self.save(step)
+        return None
+
+    def save(self, global_step: Optional[int] = None) -> Optional[str]:
+        """Save ``ckpt_<global_step>`` now (None if that id is already committed)."""
+        step = self.global_step if global_step is None else global_step
+        self.wait()  # at most one save in flight; surfaces a background error
+        path = self.saver.storage.path(ckpt_name(step))
+        if self.saver.read_manifest(path, quiet=True) is not None:
+            logger.info("checkpoint %s already committed; not saving it twice", path)
+            self._last_saved_step = step
+            return None
+        metrics = dict(self.metrics_provider() if self.metrics_provider else {})
+        self._last_saved_step = step
+        self._last_saved_time = time.monotonic()
+        if self.async_save:
+            state = snapshot_state(self.saver.collect_state())
+            self._thread = threading.Thread(
+                target=self._background_save, args=(step, state, metrics),
+                name="recframe-async-save", daemon=False,
+            )
+            self._thread.start()
+            return path
+        self.saver.save(step, metrics=metrics, prune=False)
+        self._after_commit(step)
+        return path
+
+    def _background_save(self, step: int, state: dict[str, Any], metrics: dict) -> None:
+        try:
+            self.saver.save(step, metrics=metrics, state=state, prune=False)
+            self._after_commit(step)
+        except BaseException as e:  # noqa: BLE001 - surfaced at the next save / wait()
+            self._error = e
+
+    def _after_commit(self, step: int) -> None:
+        if self._restored_step is not None and step > self._restored_step:
+            self._restored_step = None  # a newer one is committed: no longer protected
+        self.apply_retention()
+
+    def wait(self) -> None:
+        """Block until a background save finishes; raise its error if it failed."""
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"the background checkpoint save failed: {error}") from error
+
+    def close(self) -> None:
+        """Finish any save in flight and restore the previous SIGTERM handler."""
+        try:
+            self.wait()
+        finally:
+            if self._previous_handler is not None:
+                try:
+                    signal.signal(signal.SIGTERM, self._previous_handler)
+                except ValueError:
+                    pass
+                self._previous_handler = None
+
+    # --- retention ----------------------------------------------------------------
+    def apply_retention(self) -> list[str]:
+        """Delete committed checkpoints the preservation policy does not keep."""
+        if not distributed.is_main_process():
+            return []
+        found = self.saver.list_checkpoints()
+        keep = self.preservation.select(found)
+        if self._restored_step is not None:
+            keep.add(self._restored_step)
+        return self.saver.delete([c for c in found if c.step not in keep])
+
+    def list(self) -> list[CheckpointInfo]:
+        return self.saver.list_checkpoints()
+
+    # --- restoring ----------------------------------------------------------------
+    def restore(self, global_step: Optional[int] = None) -> int:
+        """Load the latest committed checkpoint (or ``ckpt_<global_step>``); returns
+        its step, or 0 when there is none. A checkpoint that fails to read back
+        (corrupt or truncated file) is skipped for the previous one, with a warning."""
+        found = self.saver.list_checkpoints()
+        if global_step is not None:
+            found = [c for c in found if c.step == global_step]
+            if not found:
+                raise CheckpointError(
+                    f"no committed checkpoint ckpt_{global_step} under {self.saver.output_dir}"
+                )
+        for ckpt in reversed(found):
+            try:
+                self.saver.load(ckpt_path=ckpt.path)
+            except (CheckpointCorruptError, StorageError) as e:
+                if global_step is not None:
+                    raise
+                logger.warning(
+                    "checkpoint %s is unreadable (%s); falling back to the previous one",
+                    ckpt.path, e,
+                )
+                continue
+            self.global_step = ckpt.step
+            self._restored_step = ckpt.step
+            self._last_saved_step = max(self._last_saved_step, ckpt.step)
+            return ckpt.step
+        if found:
+            raise CheckpointError(
+                f"no checkpoint under {self.saver.output_dir} could be read back; see the "
+                "warnings above"
+            )
+        return 0
+
+    def load_model_bank(self, entries: list[Any]) -> None:
+        """Warm-start from other runs: each entry is a path or ``{"path", "load",
+        "exclude", "strict"}``; ``load`` defaults to the model only (sparse, dense),
+        never another run's optimizer or step."""
+        for entry in entries:
+            conf = {"path": entry} if isinstance(entry, str) else dict(entry)
+            path = conf.pop("path", None)
+            if not path:
+                raise ValueError(f"model_bank entry {entry!r} has no 'path'")
+            conf.setdefault("load", ["sparse", "dense"])
+            target = _resolve_bank_path(self.saver, path)
+            logger.info("warm-starting from %s (load=%s)", target, conf["load"])
+            self.saver.load_by_config(target, conf)
+
+    # --- preemption ---------------------------------------------------------------
+    def start(self) -> None:
+        """Training starts: install the SIGTERM handler (``save_on_sigterm``)."""
+        self.preemption_requested = False
+        if self.save_on_sigterm and self._previous_handler is None:
+            self._install_sigterm()
+
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            logger.warning("SIGTERM received: saving a checkpoint at the next step, then stopping")
+            self.preemption_requested = True
+
+        self._previous_handler = signal.signal(signal.SIGTERM, handler)
+
+
+def _resolve_bank_path(saver: Saver, path: str) -> str:
+    """A checkpoint directory, or a run's output_dir (then its latest checkpoint)."""
+    from recframe.checkpoint.saver import read_manifest
+    from recframe.checkpoint.storage import Storage
+
+    storage = Storage(path)
+    if read_manifest(storage, storage.root, quiet=True) is not None:
+        return path
+    other = Saver(saver.model, output_dir=path)
+    latest = other.latest_checkpoint()
+    if latest is None:
+        raise CheckpointError(f"model_bank path {path!r} holds no committed checkpoint")
+    return latest.path if "://" not in path else storage.display(latest.path)

@@ -1,0 +1,576 @@
+"""`Saver`: writes and reads one checkpoint, with concurrent sharded writes and a
+crash-proof commit.
+
+A checkpoint is the directory ``<output_dir>/ckpt_<id>``; it is *committed* once its
+``manifest.json`` exists. The manifest (every file's size and chunk checksums, the
+tensors' layout, the step, world size and recframe version, and the state trees as
+JSON) is written last, after every data file is durable:
+
+- local filesystems: files go into ``ckpt_<id>.staging/``, are fsynced, the manifest is
+  written there, then the directory is renamed to ``ckpt_<id>`` (atomic) and the parent
+  fsynced;
+- object stores (no rename): files go straight into ``ckpt_<id>/``; the manifest, one
+  PUT, commits.
+
+A crash at any instant leaves either a committed checkpoint or a leftover that listing
+ignores and `Saver.clean_uncommitted` removes. Loading never unpickles: tensors are raw
+bytes checked by CRC32, everything else JSON.
+
+Parts (as in RecIS): ``sparse`` (embedding tables), ``dense`` (the rest of the model),
+``sparse_opt`` (sparse optimizer state), ``extra`` (registered objects: dense optimizer,
+LR scheduler, trainer state, hooks...), ``io_state`` (per-rank: dataset positions, RNG).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch import nn
+
+from recframe import distributed
+from recframe.checkpoint.format import (
+    DEFAULT_CHUNK_BYTES,
+    CheckpointCorruptError,
+    TensorReader,
+    decode_tree,
+    encode_tree,
+    is_sharded,
+    tree_tensor_keys,
+    write_tensors,
+)
+from recframe.checkpoint.storage import Storage, StorageError
+
+logger = logging.getLogger("recframe.checkpoint")
+
+PARTS = ("sparse", "dense", "sparse_opt", "extra", "io_state")
+MANIFEST = "manifest.json"
+STAGING_SUFFIX = ".staging"
+FORMAT_NAME = "recframe.checkpoint"
+FORMAT_VERSION = 1
+_CKPT_RE = re.compile(r"^ckpt_(\d+)$")
+_STAGING_RE = re.compile(r"^ckpt_(\d+)\.staging$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or loaded; the message names the path."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint found on storage."""
+
+    step: int
+    path: str
+    manifest: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"ckpt_{self.step}"
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return dict(self.manifest.get("metrics") or {})
+
+
+def ckpt_name(ckpt_id: Any) -> str:
+    """``ckpt_<n>`` for a step number; a string id is kept as given."""
+    if isinstance(ckpt_id, int):
+        return f"ckpt_{ckpt_id}"
+    text = str(ckpt_id)
+    return text if text.startswith("ckpt_") else f"ckpt_{text}"
+
+
+def _sparse_prefixes(model: nn.Module) -> list[str]:
+    from recframe.optim import _sparse_module_types
+
+    kinds = _sparse_module_types()
+    prefixes = []
+    for name, module in model.named_modules():
+        if isinstance(module, kinds) and not any(name.startswith(p) for p in prefixes):
+            prefixes.append(name + "." if name else "")
+    return prefixes
+
+
+def split_model_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(sparse, dense) entries of ``model.state_dict()`` (live tensors, no copies)."""
+    state = model.state_dict()
+    prefixes = _sparse_prefixes(model)
+    sparse: dict[str, Any] = {}
+    dense: dict[str, Any] = {}
+    for key, value in state.items():
+        if is_sharded(value) or any(key.startswith(p) for p in prefixes):
+            sparse[key] = value
+        else:
+            dense[key] = value
+    return sparse, dense
+
+
+class Saver:
+    """Saves and loads checkpoints of a model, its sparse optimizer and registered state.
+
+    Args:
+        model: the model (its state is split into the sparse and dense parts).
+        sparse_optimizer: optimizer of the embedding tables (part ``sparse_opt``).
+        output_dir: checkpoint root, a local path or fsspec URL.
+        max_keep: committed checkpoints kept by `prune` (oldest deleted first).
+        concurrency: writer (and reader) threads per rank.
+        chunk_bytes: tables are split into chunks of at most this size.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparse_optimizer: Any = None,
+        output_dir: str = "output_dir",
+        max_keep: int = 1,
+        concurrency: int = 4,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        storage_options: Optional[dict[str, Any]] = None,
+    ) -> None:
+        if isinstance(max_keep, bool) or not isinstance(max_keep, int) or max_keep < 1:
+            raise ValueError(f"Saver(max_keep={max_keep!r}) is invalid: must be an integer >= 1")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(
+                f"Saver(concurrency={concurrency!r}) is invalid: must be an integer >= 1"
+            )
+        self.model = model
+        self.sparse_optimizer = sparse_optimizer
+        self.output_dir = output_dir
+        self.max_keep = max_keep
+        self.concurrency = concurrency
+        self.chunk_bytes = chunk_bytes
+        self.storage = Storage(output_dir, **(storage_options or {}))
+        self._extra: dict[str, Any] = {}
+        self._io: dict[str, Any] = {}
+        self._extra_data: dict[str, Any] = {}
+
+    # --- registration -------------------------------------------------------------
+    def register_for_checkpointing(self, name: str, obj: Any) -> None:
+        """Save ``obj`` in the ``extra`` part: its ``state_dict()`` when it has one
+        (restored through ``load_state_dict``), else the value itself (read back with
+        `get_extra_data`)."""
+        self._check_name(name, self._extra, "register_for_checkpointing")
+        self._extra[name] = obj
+
+    def register_io_state(self, name: str, obj: Any) -> None:
+        """Save a per-rank object's position (a dataset, an RNG...) in ``io_state``."""
+        self._check_name(name, self._io, "register_io_state")
+        if not (callable(getattr(obj, "state_dict", None))
+                and callable(getattr(obj, "load_state_dict", None))):
+            raise TypeError(
+                f"register_io_state({name!r}, ...): the object needs state_dict() and "
+                "load_state_dict()"
+            )
+        self._io[name] = obj
+
+    @staticmethod
+    def _check_name(name: str, table: dict[str, Any], what: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{what}: name must be a non-empty string, got {name!r}")
+        if name in table:
+            raise ValueError(f"{what}: {name!r} is already registered")
+
+    def get_extra_data(self, name: str) -> Any:
+        """A plain value registered with `register_for_checkpointing`, as last loaded."""
+        return self._extra_data[name]
+
+    # --- snapshot -----------------------------------------------------------------
+    def collect_state(self) -> dict[str, dict[str, Any]]:
+        """Every part's state as of now (live tensors: callers that keep training while
+        writing must copy them first)."""
+        sparse, dense = split_model_state(self.model)
+        parts: dict[str, dict[str, Any]] = {"sparse": sparse, "dense": dense}
+        if self.sparse_optimizer is not None:
+            parts["sparse_opt"] = self.sparse_optimizer.state_dict()
+        extra = {}
+        for name, obj in self._extra.items():
+            sd = getattr(obj, "state_dict", None)
+            extra[name] = sd() if callable(sd) else obj
+        parts["extra"] = extra
+        parts["io_state"] = {name: obj.state_dict() for name, obj in self._io.items()}
+        return parts
+
+    # --- listing ------------------------------------------------------------------
+    def list_checkpoints(self) -> list[CheckpointInfo]:
+        """Committed checkpoints under ``output_dir``, oldest first. A directory
+        without a readable manifest is not a checkpoint."""
+        found = []
+        for name in self.storage.listdir(self.storage.root):
+            m = _CKPT_RE.match(name)
+            if not m:
+                continue
+            path = self.storage.path(name)
+            manifest = self.read_manifest(path, quiet=True)
+            if manifest is not None:
+                found.append(CheckpointInfo(int(m.group(1)), path, manifest))
+        return sorted(found, key=lambda c: c.step)
+
+    def latest_checkpoint(self) -> Optional[CheckpointInfo]:
+        found = self.list_checkpoints()
+        return found[-1] if found else None
+
+    def read_manifest(self, path: str, quiet: bool = False) -> Optional[dict[str, Any]]:
+        """The manifest of the checkpoint directory ``path`` (None if uncommitted)."""
+        return read_manifest(self.storage, path, quiet)
+
+    def uncommitted(self) -> list[str]:
+        """Leftovers of interrupted saves (staging dirs, ``ckpt_*`` without manifest)."""
+        leftovers = []
+        for name in self.storage.listdir(self.storage.root):
+            path = self.storage.path(name)
+            if _STAGING_RE.match(name):
+                leftovers.append(path)
+            elif _CKPT_RE.match(name) and not self.storage.exists(
+                self.storage.join(path, MANIFEST)
+            ):
+                leftovers.append(path)
+        return leftovers
+
+    def clean_uncommitted(self) -> None:
+        """Delete leftovers of interrupted saves (rank 0); failures are only logged."""
+        if not distributed.is_main_process():
+            return
+        for path in self.uncommitted():
+            try:
+                self.storage.remove_tree(path)
+                logger.info("removed the leftover of an interrupted save: %s", path)
+            except OSError as e:
+                logger.warning("could not remove %s: %s", path, e)
+
+    # --- save ---------------------------------------------------------------------
+    def save(
+        self,
+        ckpt_id: Any,
+        shard_id: Optional[int] = None,
+        shard_num: Optional[int] = None,
+        metrics: Optional[dict[str, float]] = None,
+        state: Optional[dict[str, dict[str, Any]]] = None,
+        prune: bool = True,
+    ) -> str:
+        """Write checkpoint ``ckpt_<ckpt_id>`` and commit it; returns its path.
+
+        Every rank writes its own shard files (``shard_id`` of ``shard_num``; default:
+        this process's rank and world size) with ``concurrency`` threads; rank 0 commits
+        once all ranks are done. An id is never saved twice.
+        """
+        rank = distributed.get_rank() if shard_id is None else shard_id
+        world = distributed.get_world_size() if shard_num is None else shard_num
+        name = ckpt_name(ckpt_id)
+        final = self.storage.path(name)
+        if self.read_manifest(final, quiet=True) is not None:
+            raise CheckpointError(
+                f"checkpoint {self.storage.display(final)} is already committed; a checkpoint "
+                "id is never saved twice"
+            )
+        staging = final + STAGING_SUFFIX if self.storage.atomic_rename else final
+        if rank == 0:
+            if self.storage.exists(staging):  # leftover of a crash: start clean
+                self.storage.remove_tree(staging)
+            self.storage.makedirs(self.storage.root)
+            self.storage.makedirs(staging)
+        distributed.barrier()
+        t0 = time.perf_counter()
+        if state is None:
+            state = self.collect_state()
+        trees, result = self._write_rank(state, staging, rank)
+        local = {"rank": rank, "trees": trees, "tensors": result.tensors, "files": result.files}
+        gathered = distributed.all_gather_objects(local)
+        if rank == 0:
+            manifest = self._manifest(name, gathered, world, metrics)
+            self.storage.write_bytes_atomic(
+                self.storage.join(staging, MANIFEST),
+                json.dumps(manifest, allow_nan=True).encode(),
+            )
+            if staging != final:
+                self.storage.rename(staging, final)
+        distributed.barrier()
+        logger.info(
+            "saved %s (%.1f MB in %.2fs)",
+            self.storage.display(final),
+            result.nbytes / 1e6,
+            time.perf_counter() - t0,
+        )
+        if prune:
+            self.prune()
+        return final
+
+    def _write_rank(
+        self, state: dict[str, dict[str, Any]], directory: str, rank: int
+    ) -> tuple[dict[str, Any], Any]:
+        tensors: dict[str, Any] = {}
+        trees: dict[str, Any] = {}
+        for part, value in state.items():
+            if part in ("dense", "extra") and rank != 0:
+                continue  # replicated: rank 0 writes them
+            prefix = f"io_state/r{rank}" if part == "io_state" else part
+            trees[part] = encode_tree(value, prefix, tensors)
+        if rank != 0:  # a replicated (non-sharded) tensor of a sharded part: rank 0's copy
+            tensors = {k: v for k, v in tensors.items()
+                       if is_sharded(v) or k.startswith("io_state/")}
+        result = write_tensors(
+            self.storage, directory, tensors, f"data-r{rank:05d}", self.concurrency,
+            self.chunk_bytes,
+        )
+        return trees, result
+
+    def _manifest(
+        self,
+        name: str,
+        gathered: list[dict[str, Any]],
+        world: int,
+        metrics: Optional[dict[str, float]],
+    ) -> dict[str, Any]:
+        from recframe import __version__
+
+        tensors: dict[str, Any] = {}
+        files: dict[str, Any] = {}
+        parts: dict[str, Any] = {}
+        for local in sorted(gathered, key=lambda g: g["rank"]):
+            for key, entry in local["tensors"].items():
+                if key in tensors:  # another rank's shards of the same sharded tensor
+                    tensors[key]["shards"].extend(entry["shards"])
+                else:
+                    tensors[key] = entry
+            for fname, entry in local["files"].items():
+                files[fname] = dict(entry, rank=local["rank"])
+            for part, tree in local["trees"].items():
+                if part == "io_state":
+                    parts.setdefault("io_state", {})[str(local["rank"])] = tree
+                elif part not in parts:
+                    parts[part] = tree
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "recframe_version": __version__,
+            "name": name,
+            "step": int(name.split("_", 1)[1]) if name.split("_", 1)[1].isdigit() else None,
+            "world_size": world,
+            "created_unix": time.time(),
+            "metrics": dict(metrics or {}),
+            "files": files,
+            "tensors": tensors,
+            "parts": parts,
+        }
+
+    # --- retention ----------------------------------------------------------------
+    def prune(self, keep: Optional[set[int]] = None) -> list[str]:
+        """Delete committed checkpoints beyond ``max_keep`` (oldest first), never one in
+        ``keep``; a failed delete is logged, not raised. Returns the deleted paths."""
+        from recframe.checkpoint.policies import LatestN
+
+        if not distributed.is_main_process():
+            return []
+        found = self.list_checkpoints()
+        kept = LatestN(self.max_keep).select(found) | (keep or set())
+        return self.delete([c for c in found if c.step not in kept])
+
+    def delete(self, checkpoints: list[CheckpointInfo]) -> list[str]:
+        """Delete checkpoints: the manifest first (uncommits), then the files."""
+        deleted = []
+        for ckpt in checkpoints:
+            try:
+                self.storage.remove_tree(self.storage.join(ckpt.path, MANIFEST))
+                self.storage.remove_tree(ckpt.path)
+                deleted.append(ckpt.path)
+                logger.info("deleted old checkpoint %s", self.storage.display(ckpt.path))
+            except OSError as e:
+                logger.warning("could not delete checkpoint %s: %s", ckpt.path, e)
+        return deleted
+
+    # --- load ---------------------------------------------------------------------
+    def resolve(self, ckpt_path: Optional[str] = None, ckpt_id: Any = None) -> str:
+        if ckpt_path:
+            return ckpt_path
+        if ckpt_id is not None:
+            return self.storage.path(ckpt_name(ckpt_id))
+        latest = self.latest_checkpoint()
+        if latest is None:
+            raise CheckpointError(
+                f"no committed checkpoint under {self.storage.display(self.storage.root)}"
+            )
+        return latest.path
+
+    def load(
+        self,
+        ckpt_path: Optional[str] = None,
+        ckpt_id: Any = None,
+        load_conf: Optional[dict[str, Any]] = None,
+    ) -> dict[str, Any]:
+        """Load a checkpoint (``ckpt_path``, or ``ckpt_<ckpt_id>`` under output_dir, or
+        the latest) into the model, optimizers and registered objects. Returns the
+        manifest."""
+        path = self.resolve(ckpt_path, ckpt_id)
+        return self.load_by_config(path, load_conf or {})
+
+    def load_by_config(self, path: str, conf: dict[str, Any]) -> dict[str, Any]:
+        """Load the parts ``conf["load"]`` (default all) minus ``conf["exclude"]``;
+        ``conf["strict"]`` (default True) makes missing or unexpected entries an error."""
+        load, exclude, strict = _parse_conf(conf)
+        storage = self.storage if _same_root(self.storage, path) else Storage(path)
+        directory = path if storage is self.storage else storage.root
+        manifest = read_manifest(storage, directory)
+        if manifest is None:
+            raise CheckpointError(
+                f"{storage.display(directory)} is not a committed checkpoint (no {MANIFEST})"
+            )
+        reader = TensorReader(storage, directory, manifest["tensors"], self.concurrency)
+        trees = manifest.get("parts", {})
+        wanted = [p for p in PARTS if p in load and p not in exclude]
+        for part in wanted:
+            if part not in trees:
+                if strict and part not in ("sparse_opt", "io_state"):
+                    raise CheckpointError(f"{storage.display(directory)} has no part {part!r}")
+                continue
+            if part in ("sparse", "dense"):
+                self._load_model_part(reader, trees[part], part, strict, directory)
+            elif part == "sparse_opt":
+                if self.sparse_optimizer is not None:
+                    self.sparse_optimizer.load_state_dict(_decode(trees[part], reader))
+            elif part == "extra":
+                self._load_extra(reader, trees[part], strict)
+            elif part == "io_state":
+                self._load_io(reader, trees[part], manifest.get("world_size", 1))
+        return manifest
+
+    def _load_model_part(
+        self, reader: TensorReader, tree: Any, part: str, strict: bool, directory: str
+    ) -> None:
+        sparse, dense = split_model_state(self.model)
+        live = sparse if part == "sparse" else dense
+        saved = decode_tree(tree, lambda key: key)  # {state key: tensor key}
+        missing = sorted(set(live) - set(saved))
+        unexpected = sorted(set(saved) - set(live))
+        if (missing or unexpected) and strict:
+            raise CheckpointError(
+                f"{directory}: part {part!r} does not match the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}; pass strict=False to load what matches"
+            )
+        if missing or unexpected:
+            logger.warning(
+                "%s part %r: missing %s, unexpected %s (strict=False)",
+                directory, part, missing[:5], unexpected[:5],
+            )
+        targets = {saved[k]: live[k] for k in live if k in saved}
+        reader.read_many(targets)  # in place into the model's own tensors
+
+    def _load_extra(self, reader: TensorReader, tree: Any, strict: bool) -> None:
+        extra = _decode(tree, reader)
+        for name, obj in self._extra.items():
+            if name not in extra:
+                logger.warning("checkpoint has no extra state %r; keeping its current value", name)
+                continue
+            loader = getattr(obj, "load_state_dict", None)
+            if callable(loader):
+                loader(extra[name])
+            self._extra_data[name] = extra[name]
+        for name in set(extra) - set(self._extra):
+            self._extra_data[name] = extra[name]
+
+    def _load_io(self, reader: TensorReader, per_rank: dict[str, Any], world: int) -> None:
+        rank = distributed.get_rank()
+        if world != distributed.get_world_size():
+            logger.warning(
+                "checkpoint was saved by %d ranks, this run has %d: dataset positions and "
+                "RNG streams are not restored (data restarts at the current position)",
+                world, distributed.get_world_size(),
+            )
+            return
+        tree = per_rank.get(str(rank))
+        if tree is None:
+            return
+        states = _decode(tree, reader)
+        for name, obj in self._io.items():
+            if name in states:
+                obj.load_state_dict(states[name])
+            else:
+                logger.warning("checkpoint has no io_state %r", name)
+
+
+def read_manifest(storage: Storage, path: str, quiet: bool = False) -> Optional[dict[str, Any]]:
+    """Parse ``<path>/manifest.json``; None when absent. A manifest that exists but
+    cannot be parsed is corrupt: an error, or a warning and None when ``quiet``."""
+    mpath = storage.join(path, MANIFEST)
+    try:
+        raw = storage.read_bytes(mpath)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if quiet:
+            logger.warning("cannot read %s: %s", storage.display(mpath), e)
+            return None
+        raise
+    try:
+        manifest = json.loads(raw)
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+            raise ValueError("not a recframe manifest")
+        for key in ("files", "tensors", "parts"):
+            if not isinstance(manifest.get(key), dict):
+                raise ValueError(f"missing {key!r}")
+    except ValueError as e:
+        if quiet:
+            logger.warning("ignoring %s: unreadable manifest (%s)", storage.display(mpath), e)
+            return None
+        raise CheckpointCorruptError(
+            f"{storage.display(mpath)} is not a valid manifest: {e}"
+        ) from e
+    return manifest
+
+
+def _decode(tree: Any, reader: TensorReader) -> Any:
+    keys = tree_tensor_keys(tree)
+    tensors = reader.read_many(dict.fromkeys(keys))
+    return decode_tree(tree, lambda key: tensors[key])
+
+
+def _parse_conf(conf: Any) -> tuple[set[str], set[str], bool]:
+    if not isinstance(conf, dict):
+        raise ValueError(f"load config must be a dict with load/exclude/strict, got {conf!r}")
+    unknown_keys = set(conf) - {"load", "exclude", "strict", "path"}
+    if unknown_keys:
+        raise ValueError(
+            f"unknown load config key(s) {sorted(unknown_keys)}; use load, exclude, strict"
+        )
+    load = conf.get("load", ["*"])
+    exclude = conf.get("exclude", [])
+    strict = conf.get("strict", True)
+    if isinstance(load, str):
+        load = [load]
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    if not isinstance(strict, bool):
+        raise ValueError(f"load config 'strict' must be true or false, got {strict!r}")
+    for key, names in (("load", load), ("exclude", exclude)):
+        bad = [n for n in names if n != "*" and n not in PARTS]
+        if bad:
+            raise ValueError(
+                f"unknown checkpoint part(s) {bad} in {key!r}; parts are {list(PARTS)} or '*'"
+            )
+    load_set = set(PARTS) if "*" in load else set(load)
+    exclude_set = set(PARTS) if "*" in exclude else set(exclude)
+    return load_set, exclude_set, strict
+
+
+def _same_root(storage: Storage, path: str) -> bool:
+    try:
+        other = Storage(path)
+    except Exception:  # noqa: BLE001
+        return False
+    return type(other.fs) is type(storage.fs) and (
+        other.root == storage.root or other.root.startswith(storage.root.rstrip("/") + "/")
+    )
+
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "PARTS",
+    "Saver",
+    "StorageError",
+    "ckpt_name",
+    "split_model_state",
+]

@@ -1,0 +1,62 @@
+"""Exact resume: N steps in one run equal k steps, SIGKILL, and the same command again,
+bit for bit, with dense and sparse optimizers, with and without accumulation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+JOB = os.path.join(os.path.dirname(__file__), "jobs", "resume_job.py")
+
+
+def run_job(out, result, *extra, expect_kill=False):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, JOB, str(out), str(result), *map(str, extra)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    if expect_kill:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def load(path):
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.mark.parametrize(
+    "model,opt,accum",
+    [("toy", "adam", 1), ("toy", "adam", 3), ("toy", "sgd", 2), ("dlrm", "adagrad", 1),
+     ("dlrm", "adam", 2)],
+)
+def test_sigkill_and_rerun_is_bitwise_identical(tmp_path, model, opt, accum):
+    steps, kill_at = 9, 5
+    common = ["--steps", steps, "--accum", accum, "--model", model, "--opt", opt]
+    run_job(tmp_path / "straight", tmp_path / "a.npz", *common)
+    run_job(tmp_path / "resumed", tmp_path / "unused.npz", *common, "--kill-at", kill_at,
+            expect_kill=True)
+    assert not (tmp_path / "unused.npz").exists()
+    proc = run_job(tmp_path / "resumed", tmp_path / "b.npz", *common)
+    assert "resumed from" in proc.stderr and "ckpt_4" in proc.stderr
+    a, b = load(tmp_path / "a.npz"), load(tmp_path / "b.npz")
+    assert a.keys() == b.keys()
+    assert int(a["global_step"]) == int(b["global_step"]) == steps
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+
+
+def test_rerun_after_finish_is_a_no_op(tmp_path):
+    common = ["--steps", 4, "--model", "toy"]
+    run_job(tmp_path / "run", tmp_path / "a.npz", *common)
+    run_job(tmp_path / "run", tmp_path / "b.npz", *common)
+    a, b = load(tmp_path / "a.npz"), load(tmp_path / "b.npz")
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key

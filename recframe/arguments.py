@@ -172,6 +172,8 @@ def load_config_file(path: str) -> dict[str, Any]:
             text = f.read()
     except FileNotFoundError as e:
         raise ValueError(f"config file {path!r} does not exist") from e
+    except IsADirectoryError as e:
+        raise ValueError(f"config file {path!r} is a directory; pass a .yaml or .json file") from e
     lower = path.lower()
     try:
         if lower.endswith(".json"):

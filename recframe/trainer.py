@@ -123,6 +123,7 @@ class Trainer:
         self._depth = 0
         self._warned: set[str] = set()
         self._eval_start_state: Optional[dict[str, Any]] = None
+        self._pass_ended = False
         # position of a stateful train_dataset after the last trained batch
         self.data_position: Optional[dict[str, Any]] = None
         self.saver, self.checkpoint_manager = self._build_checkpointing()
@@ -285,7 +286,8 @@ class Trainer:
             per_epoch = -(-len(self.train_dataset) // self.args.gradient_accumulation_steps)  # type: ignore[arg-type]
         except TypeError:
             return None
-        return self.state.global_step + per_epoch * (max_epochs - self.state.epoch)
+        done_in_epoch = -(-self.state.epoch_batches // self.args.gradient_accumulation_steps)
+        return self.state.global_step + per_epoch * (max_epochs - self.state.epoch) - done_in_epoch
 
     def _train_until(
         self, max_steps: Optional[int] = None, max_epochs: Optional[int] = None
@@ -320,8 +322,22 @@ class Trainer:
     def _train_epoch(self, max_steps: Optional[int]) -> bool:
         """Train (the rest of) one pass; returns False when the data ran dry."""
         dataset = self.train_dataset
-        skip = 0 if is_stateful(dataset) else self.state.epoch_batches
+        one_shot = isinstance(dataset, Iterator)  # already stands where the last call left
+        skip = 0 if is_stateful(dataset) or one_shot else self.state.epoch_batches
         stream = BatchStream(dataset, self.device, self.args.dataloader_prefetch, skip=skip)
+        if stream.stateful and self.data_position is None:
+            self.data_position = dataset.state_dict()  # type: ignore[union-attr]
+        try:
+            return self._train_pass(stream, max_steps)
+        finally:
+            if (stream.stateful and self.data_position is not None
+                    and not self._pass_ended):
+                # the look-ahead fetched batches that were never trained: put them back
+                dataset.load_state_dict(self.data_position)  # type: ignore[union-attr]
+
+    def _train_pass(self, stream: BatchStream, max_steps: Optional[int]) -> bool:
+        dataset = stream.dataset
+        self._pass_ended = False
         items = iter(stream)
         pending = next(items, None)
         if pending is None:
@@ -366,10 +382,8 @@ class Trainer:
                 self.state.epoch_batches = 0
                 if stream.stateful:
                     self.data_position = dataset.state_dict()  # type: ignore[union-attr]
+                self._pass_ended = True
             self._finish_update(step_metrics, samples)
-        if not end_of_data and stream.stateful and self.data_position is not None:
-            # the look-ahead fetched batches that were never trained: put them back
-            dataset.load_state_dict(self.data_position)  # type: ignore[union-attr]
         if end_of_data:
             self.hooks.fire(Event.AFTER_EPOCH, self)
         return True

@@ -108,8 +108,18 @@ def test_custom_features_and_dense_width() -> None:
         assert model(renamed).dim() == 0
 
 
+@pytest.fixture
+def one_thread():
+    """Small models train faster on one thread, and much faster on a busy machine,
+    where OpenMP workers wait on each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("name", ["dlrm", "deepfm"])
-def test_short_training_learns_synthetic_labels(name: str) -> None:
+def test_short_training_learns_synthetic_labels(name: str, one_thread: None) -> None:
     torch.manual_seed(0)
     n = 1000
     model = _small(name, num_embeddings=n)

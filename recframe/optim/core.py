@@ -269,6 +269,7 @@ class OptimizerView:
 
     def new_window(self) -> None:
         self.stepped = False
+        self.last_grad_norm = None
 
     def real_zero_grad(self) -> None:
         """Zero gradients now, regardless of the window (the trainer, after an update)."""

@@ -672,3 +672,30 @@ class CriteoTSVDataset(IterableDataset):
         self._file_index = file_index
         self._line = _check_int("line", state.get("line", 0), 0)
         self._epoch = _check_int("epoch", state.get("epoch", 0), 0)
+
+
+def split_batch(batch: Batch, parts: int) -> list[Batch]:
+    """Split a `Batch` into ``parts`` equal micro-batches (in sample order), e.g. to
+    check that k micro-batches train like the whole batch."""
+    size = batch.labels.shape[0]
+    if parts < 1 or size % parts:
+        raise ValueError(f"split_batch: {size} samples do not split into {parts} equal parts")
+    kjt = batch.sparse_features
+    keys = kjt.keys()
+    lengths = kjt.lengths().view(len(keys), size)
+    per_key = kjt.values().split(kjt.length_per_key())
+    starts = torch.zeros(len(keys), size + 1, dtype=torch.long)
+    starts[:, 1:] = lengths.long().cumsum(1)
+    n = size // parts
+    out = []
+    for i in range(parts):
+        lo, hi = i * n, (i + 1) * n
+        values = torch.cat([per_key[f][starts[f, lo] : starts[f, hi]] for f in range(len(keys))])
+        out.append(
+            _make_batch(
+                batch.dense_features[lo:hi],
+                make_kjt(keys, values, lengths[:, lo:hi]),
+                batch.labels[lo:hi],
+            )
+        )
+    return out

@@ -18,6 +18,26 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def init_default_group(timeout: float = 1800.0) -> None:
+    """Make sure a process group exists: torchrun's (env://) when launched by it, else a
+    gloo group of one process on a free loopback port. nccl when CUDA is available."""
+    if is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    td = datetime.timedelta(seconds=timeout)
+    if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=td)
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=td
+    )
+
+
 def get_rank() -> int:
     if is_initialized():
         return dist.get_rank()

@@ -120,14 +120,20 @@ class DLRM(nn.Module):
             raise ValueError(f"DLRM: over_arch must end with 1 (one logit), got {over_sizes}")
         self.sparse_features = list(sparse_features)
         self.embedding_dim = embedding_dim
-        self.ebc = build_ebc(sparse_features, num_embeddings, embedding_dim, device, owner)
+        ebc = build_ebc(sparse_features, num_embeddings, embedding_dim, device, owner)
         self.model = TorchrecDLRM(
-            embedding_bag_collection=self.ebc,
+            embedding_bag_collection=ebc,
             dense_in_features=self.num_dense,
             dense_arch_layer_sizes=dense_sizes,
             over_arch_layer_sizes=over_sizes,
             dense_device=_device(device),
         )
+
+    @property
+    def ebc(self) -> nn.Module:
+        """The embedding tables (registered once, inside torchrec's DLRM, so sharding
+        sees one module at one path)."""
+        return self.model.sparse_arch.embedding_bag_collection
 
     def predict(self, batch: Batch) -> torch.Tensor:
         """Logits ``[B]`` (no sigmoid)."""

@@ -18,8 +18,8 @@ from torch import nn
 
 from recframe import distributed
 from recframe.arguments import TrainingArguments
-from recframe.data import batch_size_of
 from recframe.checkpoint import CheckpointManager, Saver
+from recframe.data import batch_size_of
 from recframe.device import Device, RNGState, resolve_device, set_seed
 from recframe.hooks import (
     Event,
@@ -39,6 +39,7 @@ from recframe.optim import (
     default_dense_optimizer,
     split_sparse_dense_parameters,
 )
+from recframe.optim.sparse import RowWiseAdagrad
 from recframe.pipeline import BatchStream, is_stateful
 from recframe.state import TrainerControl, TrainerState
 
@@ -57,8 +58,10 @@ class Trainer:
         hooks: extra hooks (a logger, TensorBoard and progress-bar hook are built in).
         dense_optimizers: ``(optimizer, lr_scheduler)``; either may be ``None``. The
             default optimizer is AdamW(lr=1e-3) over the non-embedding parameters.
-        sparse_optimizer: the optimizer of the embedding tables; when ``None`` and the
-            model has tables no optimizer holds, Adagrad(lr=0.01) over them.
+        sparse_optimizer: the optimizer of the embedding tables (a recframe sparse
+            optimizer, the `FusedSparseOptimizer` of `recframe.optim.fused.shard_model`, or
+            any torch optimizer); when ``None`` and the model has tables no optimizer
+            holds, recframe's RowWiseAdagrad(lr=0.01) over them.
     """
 
     def __init__(
@@ -99,7 +102,7 @@ class Trainer:
             held = {id(p) for g in getattr(dense_opt, "param_groups", []) for p in g["params"]}
             orphans = [p for p in sparse_params.values() if id(p) not in held]
             if orphans:
-                sparse_optimizer = torch.optim.Adagrad(orphans, lr=0.01)
+                sparse_optimizer = RowWiseAdagrad(orphans, lr=0.01)
         check_disjoint(dense_opt, sparse_optimizer)
 
         self.window = AccumulationWindow(args.gradient_accumulation_steps, args.nonfinite_loss)

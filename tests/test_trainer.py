@@ -797,7 +797,9 @@ def test_default_optimizers_cover_dense_and_sparse_parameters(tmp_path):
     after = _params(model)
     assert all(not torch.equal(before[k], after[k]) for k in before)  # every tensor trained
     assert isinstance(trainer.dense_optimizer.optimizer, torch.optim.AdamW)
-    assert isinstance(trainer.sparse_optimizer.optimizer, torch.optim.Adagrad)
+    from recframe.optim.sparse import RowWiseAdagrad
+
+    assert isinstance(trainer.sparse_optimizer.optimizer, RowWiseAdagrad)
 
 
 # --- SyntheticCriteo + DLRM -----------------------------------------------------------

@@ -1,0 +1,218 @@
+"""Row-wise lazy optimizers for embedding tables with sparse gradients.
+
+For ``nn.EmbeddingBag``/``nn.Embedding(sparse=True)`` (or any 2-D table whose gradient is
+a sparse COO tensor) each step touches only the rows present in the gradient: repeated
+ids are merged first (``coalesce``: their gradients are summed), then each optimizer
+updates those rows and their state. Dense gradients are accepted too; their non-zero
+rows are updated the same way.
+
+Update rules, for a touched row ``i`` with merged gradient ``g`` and learning rate
+``lr`` (``eps`` added after the square root, as torch does):
+
+- `SparseSGD`:        ``w_i -= lr * g``
+- `SparseAdagrad`:    ``s_i += g*g`` (element-wise); ``w_i -= lr * g / (sqrt(s_i) + eps)``
+- `RowWiseAdagrad`:   ``s_i += mean(g*g)`` (one scalar per row, as fbgemm);
+  ``w_i -= lr * g / (sqrt(s_i) + eps)``
+- `SparseAdam`:       torch's SparseAdam: ``m_i = b1 m_i + (1-b1) g``,
+  ``v_i = b2 v_i + (1-b2) g*g``, ``w_i -= lr * sqrt(1-b2^t)/(1-b1^t) * m_i / (sqrt(v_i)+eps)``
+  with ``t`` the optimizer's step count (untouched rows keep stale moments: lazy Adam)
+- `SparseAdamW`:      SparseAdam plus decoupled weight decay on the touched rows only:
+  ``w_i *= 1 - lr * weight_decay`` before the Adam update.
+
+Gradient accumulation needs nothing special here: sparse gradients of k micro-batches
+add up (their indices concatenate), the trainer's view divides them by k, and the
+coalesce above merges repeated ids across micro-batches, so one update on k
+micro-batches equals one update on their concatenation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _rows_and_values(p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if p.dim() != 2:
+        raise ValueError(
+            f"sparse optimizers update 2-D embedding tables, got a parameter of shape "
+            f"{tuple(p.shape)}; give it to the dense optimizer"
+        )
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        return grad._indices()[0], grad._values()
+    rows = grad.ne(0).any(dim=1).nonzero().squeeze(1)
+    return rows, grad.index_select(0, rows)
+
+
+class RowSparseOptimizer(torch.optim.Optimizer):
+    """Base of recframe's sparse optimizers: ``step`` hands each table's touched rows
+    and merged gradients to `update_rows`. ``param_groups[i]["lr"]`` drives the learning
+    rate, so torch LR schedulers work unchanged."""
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        lr = defaults.get("lr")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0:
+            raise ValueError(f"{type(self).__name__}(lr={lr!r}): lr must be a number >= 0")
+        eps = defaults.get("eps", 1.0)
+        if not eps > 0:
+            raise ValueError(f"{type(self).__name__}(eps={eps!r}): eps must be > 0")
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._begin_group(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                rows, values = _rows_and_values(p, p.grad)
+                if rows.numel():
+                    self.update_rows(p, rows, values.to(p.dtype), group, self.state[p])
+        return loss
+
+    def _begin_group(self, group: dict[str, Any]) -> None:
+        pass
+
+    def update_rows(
+        self,
+        p: torch.Tensor,
+        rows: torch.Tensor,
+        grad: torch.Tensor,
+        group: dict[str, Any],
+        state: dict[str, Any],
+    ) -> None:
+        raise NotImplementedError  # each optimizer below implements its rule
+
+
+class SparseSGD(RowSparseOptimizer):
+    """Plain SGD on the touched rows."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.01) -> None:
+        super().__init__(params, {"lr": lr})
+
+    def update_rows(self, p, rows, grad, group, state) -> None:
+        p.index_add_(0, rows, grad, alpha=-group["lr"])
+
+
+class SparseAdagrad(RowSparseOptimizer):
+    """Element-wise Adagrad on the touched rows."""
+
+    def __init__(
+        self, params: Iterable[Any], lr: float = 0.01, eps: float = 1e-10,
+        initial_accumulator_value: float = 0.0,
+    ) -> None:
+        super().__init__(
+            params, {"lr": lr, "eps": eps, "initial_accumulator_value": initial_accumulator_value}
+        )
+
+    def update_rows(self, p, rows, grad, group, state) -> None:
+        if "sum" not in state:
+            state["sum"] = torch.full_like(p, group["initial_accumulator_value"])
+        s = state["sum"].index_select(0, rows).addcmul_(grad, grad)
+        state["sum"].index_copy_(0, rows, s)
+        p.index_add_(0, rows, grad / s.sqrt_().add_(group["eps"]), alpha=-group["lr"])
+
+
+class RowWiseAdagrad(RowSparseOptimizer):
+    """Adagrad with one accumulator per row (the mean of the squared gradient), as
+    fbgemm's rowwise Adagrad: 1/dim of Adagrad's state."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.01, eps: float = 1e-10) -> None:
+        super().__init__(params, {"lr": lr, "eps": eps})
+
+    def update_rows(self, p, rows, grad, group, state) -> None:
+        if "sum" not in state:
+            state["sum"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+        s = state["sum"].index_select(0, rows).add_(grad.float().pow(2).mean(dim=1))
+        state["sum"].index_copy_(0, rows, s)
+        scale = (s.sqrt_().add_(group["eps"])).reciprocal_().to(grad.dtype)
+        p.index_add_(0, rows, grad * scale.unsqueeze(1), alpha=-group["lr"])
+
+
+class SparseAdam(RowSparseOptimizer):
+    """Lazy Adam (torch's SparseAdam rule) on the touched rows."""
+
+    decoupled = False
+
+    def __init__(
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 0.0,
+    ) -> None:
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"{type(self).__name__}(betas={betas!r}): each must be in [0, 1)")
+        if weight_decay < 0:
+            raise ValueError(f"{type(self).__name__}(weight_decay={weight_decay!r}) must be >= 0")
+        if weight_decay and not self.decoupled:
+            raise ValueError(
+                "SparseAdam(weight_decay=...) is not supported (a coupled decay would touch "
+                "every row); use SparseAdamW for decoupled decay on touched rows"
+            )
+        super().__init__(
+            params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        )
+
+    def update_rows(self, p, rows, grad, group, state) -> None:
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = state["step"]
+        b1, b2 = group["betas"]
+        lr = group["lr"]
+        if self.decoupled and group["weight_decay"]:
+            p.index_copy_(0, rows, p.index_select(0, rows).mul_(1 - lr * group["weight_decay"]))
+        m = state["exp_avg"].index_select(0, rows)
+        v = state["exp_avg_sq"].index_select(0, rows)
+        m.add_(grad.sub(m).mul_(1 - b1))
+        v.add_(grad.mul(grad).sub_(v).mul_(1 - b2))
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+        step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+        p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"])), alpha=-step_size)
+
+
+class SparseAdamW(SparseAdam):
+    """SparseAdam with decoupled weight decay applied to the touched rows only."""
+
+    decoupled = True
+
+    def __init__(
+        self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 1e-2,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+SPARSE_OPTIMIZERS: dict[str, type[RowSparseOptimizer]] = {
+    "sgd": SparseSGD,
+    "adagrad": SparseAdagrad,
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adam": SparseAdam,
+    "adamw": SparseAdamW,
+}
+
+
+def build_sparse_optimizer(
+    model: nn.Module, name: str = "rowwise_adagrad", **hparams: Any
+) -> RowSparseOptimizer:
+    """A sparse optimizer by name over ``model``'s embedding tables."""
+    from recframe.optim.core import sparse_parameters
+
+    key = name.lower()
+    if key not in SPARSE_OPTIMIZERS:
+        raise ValueError(
+            f"unknown sparse optimizer {name!r}; choose from {sorted(SPARSE_OPTIMIZERS)}"
+        )
+    params = sparse_parameters(model)
+    if not params:
+        raise ValueError("the model has no embedding tables for a sparse optimizer")
+    return SPARSE_OPTIMIZERS[key](params, **hparams)

@@ -12,8 +12,9 @@ target layout from the overlapping chunks (resharding).
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -140,7 +141,14 @@ def _encode(obj: Any, path: str, tensors: dict[str, Any]) -> Any:
         return {"t": key}
     if isinstance(obj, np.ndarray):
         key = _tensor_key(path, tensors)
-        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj))
+        # not np.ascontiguousarray: it turns a 0-d array into a 1-d one
+        array = obj if obj.flags.c_contiguous and obj.flags.writeable else obj.copy(order="C")
+        try:
+            tensors[key] = torch.from_numpy(array)
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"cannot checkpoint a numpy array of dtype {obj.dtype} at {path!r}: {e}"
+            ) from None
         return {"t": key, "np": True}
     if isinstance(obj, np.generic):
         return _encode(obj.item(), path, tensors)
@@ -325,7 +333,8 @@ def write_tensors(
                 offset += chunk.nbytes
                 yield view
 
-        return storage.write_chunks(path, views(), durable=durable)
+        with naming_errors(storage, "writing", path):
+            return storage.write_chunks(path, views(), durable=durable)
 
     if chunks or not tensors:
         sizes = _run_threads(write_file, n_files, concurrency) if chunks else []
@@ -351,6 +360,18 @@ def write_tensors(
         for shard in entry["shards"]:
             shard["chunks"].sort(key=lambda c: c["rows"][0])
     return result
+
+
+@contextlib.contextmanager
+def naming_errors(storage: Storage, what: str, path: str) -> Iterator[None]:
+    """Raise an ``OSError`` that does not say where it happened (ENOSPC from a write,
+    an error of a filesystem client) as a `StorageError` naming ``path``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        raise StorageError(f"{what} {storage.display(path)} failed: {e}") from e
 
 
 def _run_threads(fn: Callable[[int], Any], n: int, concurrency: int) -> list[Any]:
@@ -459,7 +480,7 @@ class TensorReader:
             lo[d] == t_off[d] and hi[d] == t_off[d] + target.shape[d] for d in range(1, ndim)
         )
         dest = target[t_slices] if ndim else target
-        if covers_chunk and full_width and dest.is_contiguous():
+        if covers_chunk and full_width and dest.is_contiguous() and dest.device.type == "cpu":
             buf = dest
         else:
             buf = torch.empty(box_size, dtype=target.dtype)

@@ -112,9 +112,10 @@ class CheckpointManager:
             self._last_saved_step = step
             return None
         metrics = dict(self.metrics_provider() if self.metrics_provider else {})
-        self._last_saved_step = step
-        self._last_saved_time = time.monotonic()
+        started = time.monotonic()
         if self.async_save:
+            # a save in flight counts as done for the interval (its error surfaces later)
+            self._last_saved_step, self._last_saved_time = step, started
             state = snapshot_state(self.saver.collect_state())
             self._thread = threading.Thread(
                 target=self._background_save, args=(step, state, metrics),
@@ -123,6 +124,8 @@ class CheckpointManager:
             self._thread.start()
             return path
         self.saver.save(step, metrics=metrics, prune=False)
+        # only now: a save that failed is not "saved" (a retry of that step may run)
+        self._last_saved_step, self._last_saved_time = step, started
         self._after_commit(step)
         return path
 
@@ -136,7 +139,9 @@ class CheckpointManager:
     def _after_commit(self, step: int) -> None:
         if self._restored_step is not None and step > self._restored_step:
             self._restored_step = None  # a newer one is committed: no longer protected
-        self.apply_retention()
+        # never the checkpoint just written (after a restore from an older step, newer
+        # ones of the abandoned run may outrank it)
+        self.apply_retention(protect={step})
 
     def wait(self) -> None:
         """Block until a background save finishes; raise its error if it failed."""
@@ -161,12 +166,13 @@ class CheckpointManager:
                 self._previous_handler = None
 
     # --- retention ----------------------------------------------------------------
-    def apply_retention(self) -> list[str]:
-        """Delete committed checkpoints the preservation policy does not keep."""
+    def apply_retention(self, protect: Optional[set[int]] = None) -> list[str]:
+        """Delete committed checkpoints the preservation policy does not keep (nor
+        the steps in ``protect``)."""
         if not distributed.is_main_process():
             return []
         found = self.saver.list_checkpoints()
-        keep = self.preservation.select(found)
+        keep = self.preservation.select(found) | set(protect or ())
         if self._restored_step is not None:
             keep.add(self._restored_step)
         return self.saver.delete([c for c in found if c.step not in keep])

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -40,6 +41,7 @@ from recframe.checkpoint.format import (
     decode_tree,
     encode_tree,
     is_sharded,
+    naming_errors,
     tree_tensor_keys,
     write_tensors,
 )
@@ -86,9 +88,11 @@ def ckpt_name(ckpt_id: Any) -> str:
 
 
 def _sparse_prefixes(model: nn.Module) -> list[str]:
-    from recframe.optim import _sparse_module_types
+    from recframe.optim import SPARSE_MODULE_TYPES, _sparse_module_types
 
-    kinds = _sparse_module_types()
+    # a model holding torchrec modules has imported torchrec already: never pay its
+    # import (seconds) on a save of a model without any
+    kinds = _sparse_module_types() if "torchrec" in sys.modules else SPARSE_MODULE_TYPES
     prefixes = []
     for name, module in model.named_modules():
         if isinstance(module, kinds) and not any(name.startswith(p) for p in prefixes):
@@ -269,25 +273,36 @@ class Saver:
             )
         staging = final + STAGING_SUFFIX if self.storage.atomic_rename else final
         if rank == 0:
-            if self.storage.exists(staging):  # leftover of a crash: start clean
-                self.storage.remove_tree(staging)
+            # leftovers of a crash (a staging dir, or a ckpt_<id> whose manifest is gone:
+            # a delete cut short) would mix with the new files or block the rename
+            for leftover in dict.fromkeys((staging, final)):
+                if self.storage.exists(leftover):
+                    self.storage.remove_tree(leftover)
             self.storage.makedirs(self.storage.root)
             self.storage.makedirs(staging)
         distributed.barrier()
         t0 = time.perf_counter()
-        if state is None:
-            state = self.collect_state()
-        trees, result = self._write_rank(state, staging, rank)
-        local = {"rank": rank, "trees": trees, "tensors": result.tensors, "files": result.files}
-        gathered = distributed.all_gather_objects(local)
-        if rank == 0:
-            manifest = self._manifest(name, gathered, world, metrics)
-            self.storage.write_bytes_atomic(
-                self.storage.join(staging, MANIFEST),
-                json.dumps(manifest, allow_nan=True).encode(),
-            )
-            if staging != final:
-                self.storage.rename(staging, final)
+        try:
+            if state is None:
+                state = self.collect_state()
+            trees, result = self._write_rank(state, staging, rank)
+            local = {"rank": rank, "trees": trees, "tensors": result.tensors,
+                     "files": result.files}
+            gathered = distributed.all_gather_objects(local)
+            if rank == 0:
+                manifest = self._manifest(name, gathered, world, metrics)
+                mpath = self.storage.join(staging, MANIFEST)
+                with naming_errors(self.storage, "writing", mpath):
+                    self.storage.write_bytes_atomic(
+                        mpath, json.dumps(manifest, allow_nan=True).encode()
+                    )
+                if staging != final:
+                    with naming_errors(self.storage, "renaming", staging):
+                        self.storage.rename(staging, final)
+        except BaseException:
+            if world == 1:  # alone: nobody else is writing there
+                self._discard(staging, final)
+            raise
         distributed.barrier()
         logger.info(
             "saved %s (%.1f MB in %.2fs)",
@@ -298,6 +313,19 @@ class Saver:
         if prune:
             self.prune()
         return final
+
+    def _discard(self, staging: str, final: str) -> None:
+        """Best effort: remove what a failed save left (never a committed checkpoint;
+        a leftover is otherwise removed by `clean_uncommitted` or the next save)."""
+        try:
+            if staging == final and self.read_manifest(final, quiet=True) is not None:
+                return
+            self.storage.remove_tree(staging)
+        except Exception as e:  # noqa: BLE001 - the save's own error matters
+            logger.warning(
+                "could not remove the leftover of a failed save %s: %s",
+                self.storage.display(staging), e,
+            )
 
     def _write_rank(
         self, state: dict[str, dict[str, Any]], directory: str, rank: int
@@ -430,7 +458,10 @@ class Saver:
                 self._load_model_part(reader, trees[part], part, strict, directory)
             elif part == "sparse_opt":
                 if self.sparse_optimizer is not None:
-                    self.sparse_optimizer.load_state_dict(_decode(trees[part], reader))
+                    live = self.sparse_optimizer.state_dict()
+                    self.sparse_optimizer.load_state_dict(
+                        _decode(trees[part], reader, live, "sparse_opt")
+                    )
             elif part == "extra":
                 self._load_extra(reader, trees[part], strict)
             elif part == "io_state":
@@ -500,6 +531,8 @@ def read_manifest(storage: Storage, path: str, quiet: bool = False) -> Optional[
     except FileNotFoundError:
         return None
     except OSError as e:
+        if isinstance(e, NotADirectoryError) or isinstance(e.__cause__, NotADirectoryError):
+            return None  # ``path`` is a file: not a checkpoint directory
         if quiet:
             logger.warning("cannot read %s: %s", storage.display(mpath), e)
             return None
@@ -521,9 +554,29 @@ def read_manifest(storage: Storage, path: str, quiet: bool = False) -> Optional[
     return manifest
 
 
-def _decode(tree: Any, reader: TensorReader) -> Any:
+def _decode(
+    tree: Any, reader: TensorReader, live: Any = None, prefix: Optional[str] = None
+) -> Any:
+    """Decode a saved tree, reading its tensors. With ``live`` (the object's current
+    state tree, encoded under the same ``prefix`` as at save time), tensors whose
+    counterpart exists with the same shape and dtype are read into it in place: this
+    is how sharded optimizer state (torchrec's fused optimizers) is restored."""
     keys = tree_tensor_keys(tree)
-    tensors = reader.read_many(dict.fromkeys(keys))
+    targets: dict[str, Any] = dict.fromkeys(keys)
+    if live is not None and prefix is not None:
+        live_map: dict[str, Any] = {}
+        try:
+            encode_tree(live, prefix, live_map)
+        except TypeError:
+            live_map = {}
+        for key in keys:
+            cand = live_map.get(key)
+            if cand is None or key not in reader:
+                continue
+            size = list(cand.size()) if is_sharded(cand) else list(cand.shape)
+            if size == reader.shape(key) and cand.dtype == reader.dtype(key):
+                targets[key] = cand
+    tensors = reader.read_many(targets)
     return decode_tree(tree, lambda key: tensors[key])
 
 

@@ -4,6 +4,11 @@
 `TrainingArguments` field as a flag (``--train_steps 100``) or from ``--config
 file.yaml``; its defaults train DLRM on synthetic data in about a minute on 2 cores and
 print the final evaluation.
+
+``recframe ckpt list PATH`` lists the checkpoints of an output_dir (local path or any
+fsspec URL) and the leftovers of interrupted saves; ``recframe ckpt inspect PATH``
+shows one checkpoint's parts, tensors and files, and ``--verify`` reads every chunk
+back and checks its CRC32 (exit status 1 naming the corrupt file).
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
+import time
 from typing import Any, Optional
 
 from recframe.arguments import add_arguments, arguments_from_namespace
@@ -101,6 +108,424 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+# --- recframe ckpt ------------------------------------------------------------------
+_CKPT_DIR_RE = re.compile(r"^ckpt_(\d+)$")
+_STAGING_DIR_RE = re.compile(r"^ckpt_(\d+)\.staging$")
+
+
+class _CkptCommandError(Exception):
+    """A ckpt subcommand cannot go on; the message says why (exit status 1)."""
+
+
+def _ckpt_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "ckpt",
+        help="list, inspect and verify checkpoints",
+        description="Look at the checkpoints of an output_dir (a local path or any fsspec "
+        "URL: memory://, s3://, gs://...). Remote credentials and endpoints come from the "
+        "store's environment variables or fsspec's (FSSPEC_S3_ENDPOINT_URL...).",
+    )
+    ckpt_sub = p.add_subparsers(dest="ckpt_command", metavar="SUBCOMMAND")
+    ls = ckpt_sub.add_parser(
+        "list",
+        help="committed checkpoints of an output_dir and leftovers of interrupted saves",
+        description="List the committed checkpoints under PATH (step, size, files, world "
+        "size, creation time, metrics), oldest first, then the leftovers of interrupted "
+        "saves (staging directories, ckpt_<n> without a manifest), marked uncommitted.",
+    )
+    ls.add_argument("path", metavar="PATH", help="an output_dir (or one checkpoint directory)")
+    ls.add_argument("--json", action="store_true", help="print one JSON object")
+    ls.set_defaults(func=_cmd_ckpt_list)
+    ins = ckpt_sub.add_parser(
+        "inspect",
+        help="one checkpoint's parts, tensors and files; --verify checks every chunk",
+        description="Show one checkpoint: PATH is a checkpoint directory, or an output_dir "
+        "whose latest committed checkpoint (or --step N) is shown. --verify reads every "
+        "chunk of every data file and checks its size and CRC32; the exit status is 1 when "
+        "anything is corrupt, and each corrupt file is named.",
+    )
+    ins.add_argument("path", metavar="PATH", help="a checkpoint directory or an output_dir")
+    ins.add_argument("--step", type=int, default=None,
+                     help="inspect ckpt_<STEP> of the output_dir instead of the latest")
+    ins.add_argument("--verify", action="store_true",
+                     help="read every chunk back and check sizes and CRC32 checksums")
+    ins.add_argument("--threads", type=int, default=4,
+                     help="files verified in parallel (with --verify)")
+    ins.add_argument("--json", action="store_true", help="print one JSON object")
+    ins.set_defaults(func=_cmd_ckpt_inspect)
+    p.set_defaults(func=lambda ns: _ckpt_help(p))
+
+
+def _ckpt_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _open_storage(path: str) -> Any:
+    from recframe.checkpoint.storage import Storage
+
+    try:
+        return Storage(path)
+    except ImportError as e:  # e.g. s3fs / gcsfs not installed
+        raise _CkptCommandError(f"cannot open {path}: {e}") from e
+
+
+def _manifest_summary(storage: Any, path: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    files = manifest.get("files") or {}
+    created = manifest.get("created_unix")
+    return {
+        "name": manifest.get("name") or path.rstrip("/").rsplit("/", 1)[-1],
+        "step": manifest.get("step"),
+        "path": storage.display(path),
+        "committed": True,
+        "bytes": sum(int(f.get("size", 0)) for f in files.values()),
+        "files": len(files) + 1,  # the data files and the manifest
+        "world_size": manifest.get("world_size"),
+        "created_unix": created,
+        "created": _iso_time(created),
+        "metrics": dict(manifest.get("metrics") or {}),
+        "recframe_version": manifest.get("recframe_version"),
+    }
+
+
+def _iso_time(unix: Any) -> Optional[str]:
+    if not isinstance(unix, (int, float)):
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(unix))
+
+
+def _human_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    if not metrics:
+        return "-"
+    parts = []
+    for key, value in sorted(metrics.items()):
+        parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    return " ".join(parts)
+
+
+def _scan_output_dir(storage: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(committed checkpoints oldest first, leftovers) under the storage root."""
+    from recframe.checkpoint.saver import read_manifest
+
+    committed: list[dict[str, Any]] = []
+    leftovers: list[dict[str, Any]] = []
+    for name in storage.listdir(storage.root):
+        m = _CKPT_DIR_RE.match(name) or _STAGING_DIR_RE.match(name)
+        if not m:
+            continue
+        path = storage.path(name)
+        reason = None
+        manifest = None
+        if _STAGING_DIR_RE.match(name):
+            reason = "staging directory of an interrupted save"
+        else:
+            try:
+                manifest = read_manifest(storage, path)
+            except Exception as e:  # noqa: BLE001 - a corrupt manifest is reported, not fatal
+                reason = f"unreadable manifest: {e}"
+            else:
+                if manifest is None:
+                    reason = "no manifest.json: never committed"
+        if manifest is not None:
+            committed.append(_manifest_summary(storage, path, manifest))
+            continue
+        sizes = storage.file_sizes(path)
+        leftovers.append({
+            "name": name,
+            "step": int(m.group(1)),
+            "path": storage.display(path),
+            "committed": False,
+            "reason": reason,
+            "bytes": sum(sizes.values()),
+            "files": len(sizes),
+        })
+    committed.sort(key=lambda c: (c["step"] is None, c["step"] or 0, c["name"]))
+    leftovers.sort(key=lambda c: (c["step"], c["name"]))
+    return committed, leftovers
+
+
+def _cmd_ckpt_list(ns: argparse.Namespace) -> int:
+    return _run_ckpt(_ckpt_list, ns)
+
+
+def _cmd_ckpt_inspect(ns: argparse.Namespace) -> int:
+    return _run_ckpt(_ckpt_inspect, ns)
+
+
+def _run_ckpt(fn: Any, ns: argparse.Namespace) -> int:
+    from recframe.checkpoint.storage import StorageError
+
+    try:
+        return int(fn(ns))
+    except (_CkptCommandError, StorageError) as e:
+        print(f"recframe: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _ckpt_list(ns: argparse.Namespace) -> int:
+    from recframe.checkpoint.saver import read_manifest
+
+    storage = _open_storage(ns.path)
+    try:
+        own = read_manifest(storage, storage.root)
+    except Exception:  # noqa: BLE001 - then it is not one checkpoint; scan it as a root
+        own = None
+    if own is not None:  # PATH is itself a checkpoint directory
+        committed, leftovers = [_manifest_summary(storage, storage.root, own)], []
+    else:
+        if not storage.exists(storage.root):
+            raise _CkptCommandError(f"{storage.display(storage.root)} does not exist")
+        committed, leftovers = _scan_output_dir(storage)
+    if ns.json:
+        print(json.dumps({"path": storage.display(storage.root), "checkpoints": committed,
+                          "uncommitted": leftovers}, indent=2))
+        return 0
+    print(f"{storage.display(storage.root)}: {len(committed)} committed checkpoint(s)"
+          + (f", {len(leftovers)} uncommitted leftover(s)" if leftovers else ""))
+    if committed or leftovers:
+        rows = [
+            [c["name"], c["step"], "committed", _human_bytes(c["bytes"]), c["files"],
+             c["world_size"], c["created"] or "-", _metrics_text(c["metrics"])]
+            for c in committed
+        ]
+        rows += [
+            [c["name"], c["step"], "UNCOMMITTED", _human_bytes(c["bytes"]), c["files"], "-",
+             "-", c["reason"]]
+            for c in leftovers
+        ]
+        print(_text_table(
+            ["name", "step", "state", "size", "files", "world", "created", "metrics"], rows
+        ))
+    return 0
+
+
+def _text_table(headers: list[str], rows: list[list[Any]]) -> str:
+    text = [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in text]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in text]
+    return "\n".join(lines)
+
+
+def _resolve_checkpoint(storage: Any, step: Optional[int]) -> tuple[str, dict[str, Any]]:
+    """(directory, manifest) of the checkpoint PATH names."""
+    from recframe.checkpoint.saver import read_manifest
+
+    if step is None:
+        manifest = read_manifest(storage, storage.root)
+        if manifest is not None:
+            return storage.root, manifest
+    if not storage.exists(storage.root):
+        raise _CkptCommandError(f"{storage.display(storage.root)} does not exist")
+    committed, leftovers = _scan_output_dir(storage)
+    if step is not None:
+        for c in committed:
+            if c["step"] == step:
+                path = storage.path(c["name"])
+                return path, read_manifest(storage, path)
+        if any(c["step"] == step for c in leftovers):
+            raise _CkptCommandError(
+                f"ckpt_{step} under {storage.display(storage.root)} is not committed"
+            )
+        raise _CkptCommandError(f"no checkpoint ckpt_{step} under {storage.display(storage.root)}")
+    if not committed:
+        raise _CkptCommandError(
+            f"{storage.display(storage.root)} is neither a checkpoint nor an output_dir "
+            "holding a committed one"
+        )
+    path = storage.path(committed[-1]["name"])
+    return path, read_manifest(storage, path)
+
+
+def _describe_checkpoint(storage: Any, path: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    from recframe.checkpoint.format import tree_tensor_keys
+
+    summary = _manifest_summary(storage, path, manifest)
+    tensors = []
+    stored: dict[str, int] = {}
+    for key, entry in manifest["tensors"].items():
+        chunks = [c for shard in entry.get("shards", []) for c in shard.get("chunks", [])]
+        stored[key] = sum(int(c.get("nbytes", 0)) for c in chunks)
+        tensors.append({
+            "key": key,
+            "dtype": entry.get("dtype"),
+            "shape": list(entry.get("shape", [])),
+            "bytes": stored[key],
+            "shards": len(entry.get("shards", [])),
+            "chunks": len(chunks),
+            "files": sorted({c.get("file") for c in chunks}),
+        })
+    parts = []
+    for part, tree in manifest["parts"].items():
+        if part == "io_state" and isinstance(tree, dict):
+            keys = [k for rank_tree in tree.values() for k in tree_tensor_keys(rank_tree)]
+            ranks = sorted(tree, key=lambda r: (not r.isdigit(), int(r) if r.isdigit() else 0, r))
+            entries = [f"rank {r}" for r in ranks]
+        else:
+            keys = tree_tensor_keys(tree)
+            entries = _tree_names(tree)
+        parts.append({
+            "part": part,
+            "tensors": len(keys),
+            "bytes": sum(stored.get(k, 0) for k in keys),
+            "entries": entries,
+        })
+    files = [
+        {"name": name, "rank": entry.get("rank"), "bytes": int(entry.get("size", 0)),
+         "chunks": len(entry.get("crc32") or [])}
+        for name, entry in sorted(manifest["files"].items())
+    ]
+    summary.update(format_version=manifest.get("format_version"), parts=parts,
+                   tensors=tensors, data_files=files)
+    return summary
+
+
+def _tree_names(tree: Any) -> list[str]:
+    """Top-level names of an encoded state tree (a dict's keys)."""
+    if isinstance(tree, dict) and "d" in tree:
+        names = []
+        for key, _value in tree["d"]:
+            names.append(str(key) if not isinstance(key, dict) else json.dumps(key))
+        return names
+    return []
+
+
+def _verify(storage: Any, path: str, manifest: dict[str, Any], threads: int) -> list[str]:
+    """Read every chunk of every data file; returns the problems found (empty: intact)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from recframe.checkpoint.storage import crc32, read_into
+
+    by_file: dict[str, list[tuple[dict[str, Any], str]]] = {}
+    for key, entry in manifest["tensors"].items():
+        for shard in entry.get("shards", []):
+            for chunk in shard.get("chunks", []):
+                by_file.setdefault(chunk.get("file", "?"), []).append((chunk, key))
+    names = sorted(set(manifest["files"]) | set(by_file))
+
+    def check(name: str) -> list[str]:
+        fpath = storage.join(path, name)
+        shown = storage.display(fpath)
+        expected = manifest["files"].get(name)
+        if expected is None:
+            return [f"{shown}: holds chunks of tensors but is not in the manifest's file list"]
+        try:
+            size = storage.size(fpath)
+        except FileNotFoundError:
+            return [f"{shown}: missing"]
+        problems = []
+        if size != int(expected.get("size", -1)):
+            problems.append(f"{shown}: size {size} bytes, the manifest says {expected.get('size')}")
+        chunks = sorted(by_file.get(name, []), key=lambda c: int(c[0]["offset"]))
+        listed = [int(c[0]["crc32"]) for c in chunks]
+        if expected.get("crc32") is not None and sorted(expected["crc32"]) != sorted(listed):
+            problems.append(f"{shown}: the manifest's file and tensor checksums disagree")
+        if not chunks:
+            return problems
+        buf = bytearray(max(int(c[0]["nbytes"]) for c in chunks))
+        with storage.open_read(fpath) as f:
+            for chunk, key in chunks:
+                n = int(chunk["nbytes"])
+                view = memoryview(buf)[:n]
+                rows = chunk.get("rows", ["?", "?"])
+                where = f"tensor {key!r} rows {rows[0]}..{rows[1]} at offset {chunk['offset']}"
+                try:
+                    read_into(f, int(chunk["offset"]), view, shown)
+                except OSError as e:
+                    problems.append(f"{shown}: {where}: {e}")
+                    break
+                if crc32(view) != int(chunk["crc32"]):
+                    problems.append(f"{shown}: checksum mismatch in {where}")
+        return problems
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as ex:
+        results = list(ex.map(check, names))
+    return [p for problems in results for p in problems]
+
+
+def _ckpt_inspect(ns: argparse.Namespace) -> int:
+    from recframe.checkpoint.format import CheckpointCorruptError
+
+    storage = _open_storage(ns.path)
+    try:
+        path, manifest = _resolve_checkpoint(storage, ns.step)
+    except CheckpointCorruptError as e:
+        raise _CkptCommandError(str(e)) from e
+    info = _describe_checkpoint(storage, path, manifest)
+    problems: Optional[list[str]] = None
+    if ns.verify:
+        problems = _verify(storage, path, manifest, ns.threads)
+        info["verify"] = {"ok": not problems, "problems": problems}
+    if ns.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_inspect(info)
+    if problems:
+        for problem in problems:
+            print(f"recframe: corrupt: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _entries_text(entries: list[str], width: int = 72) -> str:
+    """The first entries that fit in ``width`` characters, then how many more."""
+    shown: list[str] = []
+    for i, name in enumerate(entries):
+        rest = len(entries) - i
+        text = ", ".join(shown + [name])
+        if shown and len(text) + len(f" (+{rest - 1} more)") > width:
+            return ", ".join(shown) + f" (+{rest} more)"
+        shown.append(name)
+    return ", ".join(shown)
+
+
+def _print_inspect(info: dict[str, Any]) -> None:
+    print(f"checkpoint  {info['path']}")
+    print(f"step        {info['step']}")
+    print(f"world size  {info['world_size']}")
+    print(f"created     {info['created'] or '-'}")
+    print(f"recframe    {info['recframe_version']} (format {info['format_version']})")
+    print(f"size        {_human_bytes(info['bytes'])} in {info['files']} files")
+    print(f"metrics     {_metrics_text(info['metrics'])}")
+    print("\nparts")
+    print(_text_table(
+        ["part", "tensors", "size", "entries"],
+        [[p["part"], p["tensors"], _human_bytes(p["bytes"]), _entries_text(p["entries"])]
+         for p in info["parts"]],
+    ))
+    print("\ntensors")
+    print(_text_table(
+        ["key", "dtype", "shape", "size", "shards", "chunks"],
+        [[t["key"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar",
+          _human_bytes(t["bytes"]), t["shards"], t["chunks"]] for t in info["tensors"]],
+    ))
+    print("\nfiles")
+    print(_text_table(
+        ["file", "rank", "size", "chunks"],
+        [[f["name"], f["rank"], _human_bytes(f["bytes"]), f["chunks"]]
+         for f in info["data_files"]] + [["manifest.json", 0, "-", "-"]],
+    ))
+    verify = info.get("verify")
+    if verify is not None:
+        if verify["ok"]:
+            print("\nverify      OK: every chunk has its size and CRC32")
+        else:
+            print(f"\nverify      FAILED: {len(verify['problems'])} problem(s)")
+            for problem in verify["problems"]:
+                print(f"  {problem}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recframe",
@@ -110,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log_level", default="INFO", help="python logging level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)
+    _ckpt_parser(sub)
     return parser
 
 

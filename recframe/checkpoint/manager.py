@@ -251,10 +251,10 @@ def _resolve_bank_path(saver: Saver, path: str) -> str:
     from recframe.checkpoint.saver import read_manifest
     from recframe.checkpoint.storage import Storage
 
-    storage = Storage(path)
+    storage = Storage(path, **saver.storage_options)
     if read_manifest(storage, storage.root, quiet=True) is not None:
         return path
-    other = Saver(saver.model, output_dir=path)
+    other = Saver(saver.model, output_dir=path, storage_options=saver.storage_options)
     latest = other.latest_checkpoint()
     if latest is None:
         raise CheckpointError(f"model_bank path {path!r} holds no committed checkpoint")

@@ -148,7 +148,8 @@ class Saver:
         self.max_keep = max_keep
         self.concurrency = concurrency
         self.chunk_bytes = chunk_bytes
-        self.storage = Storage(output_dir, **(storage_options or {}))
+        self.storage_options = dict(storage_options or {})
+        self.storage = Storage(output_dir, **self.storage_options)
         self._extra: dict[str, Any] = {}
         self._io: dict[str, Any] = {}
         self._extra_data: dict[str, Any] = {}
@@ -439,7 +440,10 @@ class Saver:
         """Load the parts ``conf["load"]`` (default all) minus ``conf["exclude"]``;
         ``conf["strict"]`` (default True) makes missing or unexpected entries an error."""
         load, exclude, strict = _parse_conf(conf)
-        storage = self.storage if _same_root(self.storage, path) else Storage(path)
+        storage = (
+            self.storage if _same_root(self.storage, path)
+            else Storage(path, **self.storage_options)
+        )
         directory = path if storage is self.storage else storage.root
         manifest = read_manifest(storage, directory)
         if manifest is None:
@@ -533,9 +537,8 @@ def read_manifest(storage: Storage, path: str, quiet: bool = False) -> Optional[
     except OSError as e:
         if isinstance(e, NotADirectoryError) or isinstance(e.__cause__, NotADirectoryError):
             return None  # ``path`` is a file: not a checkpoint directory
-        if quiet:
-            logger.warning("cannot read %s: %s", storage.display(mpath), e)
-            return None
+        # a storage error (network, permissions) is not "uncommitted": silently skipping
+        # the newest checkpoint would restore an older one, so it is raised even when quiet
         raise
     try:
         manifest = json.loads(raw)

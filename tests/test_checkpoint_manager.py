@@ -355,6 +355,9 @@ class GatedWrites:
                     self.in_flight -= 1
 
         monkeypatch.setattr(saver_module, "write_tensors", gated)
+        # thread-gated writes need the in-process (snapshot + thread) async path; the
+        # forked copy-on-write path is tested in test_async_fork.py
+        monkeypatch.setattr(CheckpointManager, "_can_fork", lambda self, state: False)
 
     def wait_started(self):
         assert self.started.acquire(timeout=WAIT), "the save never started writing"

@@ -15,14 +15,22 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Optional
 
+import torch
+
 from recframe import distributed
-from recframe.checkpoint.format import CheckpointCorruptError, snapshot_state
+from recframe.checkpoint.format import (
+    CheckpointCorruptError,
+    encode_tree,
+    is_sharded,
+    snapshot_state,
+)
 from recframe.checkpoint.policies import AnyOf, BestN, IntervalPolicy, LatestN
 from recframe.checkpoint.saver import (
     CheckpointError,
@@ -68,6 +76,8 @@ class CheckpointManager:
             AnyOf(keep, BestN(keep_best_metric, keep_best_mode)) if keep_best_metric else keep
         )
         self.async_save = async_save
+        self.fork_snapshot = True
+        """Async saves of host state in one process fork a copy-on-write writer."""
         self.global_step = 0
         self.metrics_provider: Optional[Callable[[], dict[str, float]]] = None
         self.preemption_requested = False
@@ -116,10 +126,14 @@ class CheckpointManager:
         if self.async_save:
             # a save in flight counts as done for the interval (its error surfaces later)
             self._last_saved_step, self._last_saved_time = step, started
-            state = snapshot_state(self.saver.collect_state())
+            state = self.saver.collect_state()
+            if self._can_fork(state):
+                target, args = self._forked_save, (step, state, metrics, self._fork(step, state,
+                                                                                metrics))
+            else:
+                target, args = self._background_save, (step, snapshot_state(state), metrics)
             self._thread = threading.Thread(
-                target=self._background_save, args=(step, state, metrics),
-                name="recframe-async-save", daemon=False,
+                target=target, args=args, name="recframe-async-save", daemon=False,
             )
             self._thread.start()
             return path
@@ -132,6 +146,64 @@ class CheckpointManager:
     def _background_save(self, step: int, state: dict[str, Any], metrics: dict) -> None:
         try:
             self.saver.save(step, metrics=metrics, state=state, prune=False)
+            self._after_commit(step)
+        except BaseException as e:  # noqa: BLE001 - surfaced at the next save / wait()
+            self._error = e
+
+    def _can_fork(self, state: dict[str, Any]) -> bool:
+        """A copy-on-write snapshot (fork) needs one process (no collectives in the
+        child), a local filesystem (no client threads to inherit) and host tensors."""
+        if not self.fork_snapshot or not hasattr(os, "fork"):
+            return False
+        if distributed.get_world_size() != 1 or not self.saver.storage.is_local:
+            return False
+        tensors: dict[str, Any] = {}
+        try:
+            encode_tree(state, "state", tensors)
+        except TypeError:
+            return False
+        return all(
+            (v.local_shards()[0].tensor.device.type if is_sharded(v) and v.local_shards()
+             else getattr(v, "device", torch.device("cpu")).type) == "cpu"
+            for v in tensors.values()
+        )
+
+    def _fork(self, step: int, state: dict[str, Any], metrics: dict) -> tuple[int, int]:
+        """Fork a child that writes and commits the checkpoint from its copy-on-write
+        view of memory; the loop is blocked only for the fork itself."""
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: plain file I/O only, then _exit
+            code, message = 0, b""
+            try:
+                os.close(read_fd)
+                _die_with_parent()
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                torch.set_num_threads(1)  # no OpenMP pool in a forked child
+                self.saver.save(step, metrics=metrics, state=state, prune=False)
+            except BaseException as e:  # noqa: BLE001 - reported to the parent
+                code, message = 1, f"{type(e).__name__}: {e}".encode()[:4000]
+            finally:
+                try:
+                    os.write(write_fd, message)
+                finally:
+                    os._exit(code)
+        os.close(write_fd)
+        return pid, read_fd
+
+    def _forked_save(
+        self, step: int, state: dict[str, Any], metrics: dict, child: tuple[int, int]
+    ) -> None:
+        pid, read_fd = child
+        del state  # the child holds its own (copy-on-write) view
+        try:
+            with os.fdopen(read_fd, "rb") as pipe:
+                message = pipe.read().decode(errors="replace")
+            _, status = os.waitpid(pid, 0)
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise CheckpointError(
+                    message or f"the checkpoint writer process died ({status})"
+                )
             self._after_commit(step)
         except BaseException as e:  # noqa: BLE001 - surfaced at the next save / wait()
             self._error = e
@@ -244,6 +316,18 @@ class CheckpointManager:
             self.preemption_requested = True
 
         self._previous_handler = signal.signal(signal.SIGTERM, handler)
+
+
+def _die_with_parent() -> None:
+    """Linux: the forked writer is killed when the training process dies, so a killed
+    run never leaves a writer racing the rerun (its staging dir is cleaned up then)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _resolve_bank_path(saver: Saver, path: str) -> str:

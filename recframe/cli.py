@@ -49,7 +49,17 @@ def _train_parser(sub: Any) -> None:
     g.add_argument("--num_embeddings", type=int, default=10_000, help="rows per table")
     g.add_argument("--embedding_dim", type=int, default=16, help="embedding width")
     g.add_argument("--lr", type=float, default=1e-3, help="dense (Adam) learning rate")
-    g.add_argument("--sparse_lr", type=float, default=0.05, help="sparse (Adagrad) learning rate")
+    g.add_argument("--sparse_lr", type=float, default=0.05, help="sparse optimizer learning rate")
+    g.add_argument(
+        "--sparse_backend", default="fused", choices=["fused", "sparse_grad"],
+        help="fused: torchrec sharding with fbgemm kernels fused into backward; sparse_grad: "
+        "EmbeddingBag(sparse=True) tables stepped row-wise by recframe's sparse optimizers",
+    )
+    g.add_argument(
+        "--sparse_optimizer", default="rowwise_adagrad",
+        choices=["rowwise_adagrad", "adagrad", "sgd", "adam", "adamw"],
+        help="optimizer of the embedding tables (fused on CPU: rowwise_adagrad, adagrad, sgd)",
+    )
     add_arguments(p.add_argument_group("training arguments"))
     p.set_defaults(func=_cmd_train)
 
@@ -77,11 +87,27 @@ def _build_data(ns: argparse.Namespace, seed: int) -> tuple[Any, Any]:
     return train, evals
 
 
+def _sparse_side(model: Any, ns: argparse.Namespace) -> tuple[Any, Any]:
+    """The model as trained (sharded for the fused back end) and its sparse optimizer."""
+    from torch import nn
+
+    if ns.sparse_backend == "fused":
+        from recframe.optim.fused import shard_model
+
+        return shard_model(model, optimizer=ns.sparse_optimizer, lr=ns.sparse_lr)
+    from recframe.optim.sparse import build_sparse_optimizer
+
+    for module in model.modules():
+        if isinstance(module, (nn.EmbeddingBag, nn.Embedding)):
+            module.sparse = True  # sparse COO gradients: only touched rows
+    return model, build_sparse_optimizer(model, ns.sparse_optimizer, lr=ns.sparse_lr)
+
+
 def _cmd_train(ns: argparse.Namespace) -> int:
     import torch
 
     from recframe.models import build_model
-    from recframe.optim import dense_parameters, sparse_parameters
+    from recframe.optim import dense_parameters
     from recframe.trainer import Trainer
 
     args = arguments_from_namespace(ns)
@@ -90,8 +116,8 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     model = build_model(
         ns.model, num_embeddings=ns.num_embeddings, embedding_dim=ns.embedding_dim
     )
+    model, sparse_opt = _sparse_side(model, ns)
     dense_opt = torch.optim.Adam(dense_parameters(model), lr=ns.lr)
-    sparse_opt = torch.optim.Adagrad(sparse_parameters(model), lr=ns.sparse_lr)
     trainer = Trainer(
         model=model,
         args=args,
@@ -542,10 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    # recframe's own log at the chosen level; third-party chatter (fbgemm's library
+    # loading, torchrec's planner) only from WARNING up
     logging.basicConfig(
-        level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
+        level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+    )
+    logging.getLogger("recframe").setLevel(
+        getattr(logging, str(ns.log_level).upper(), logging.INFO)
     )
     if not getattr(ns, "func", None):
         parser.print_help()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +26,10 @@ import torch
 from recframe.checkpoint.storage import Storage, StorageError, crc32, read_into
 
 DEFAULT_CHUNK_BYTES = 64 << 20
+
+# torchrec's state dicts hold ShardedTensors; reading their layout is not a use to warn
+# about on every save
+warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
 
 _DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d

@@ -31,3 +31,30 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) output
+
+# The XLA lane: .venv-xla holds the TPU stack (requirements/xla.txt: torch-xla with
+# its own torch) beside the rest of requirements/cpu.txt; `make test-xla` runs the
+# tests marked xla on torch-xla's CPU client (PJRT_DEVICE=CPU). Idempotent like setup.
+XLA_VENV := .venv-xla
+XLA_BIN := $(XLA_VENV)/bin
+XLA_STAMP := $(XLA_VENV)/.recframe-setup
+XLA_REQS := requirements/xla.txt requirements/cpu.txt pyproject.toml
+XLA_PINNED := torch|torch-xla|fbgemm-gpu-cpu|tensordict|torchmetrics|torchrec
+
+.PHONY: setup-xla test-xla
+
+setup-xla: $(XLA_STAMP)
+
+$(XLA_STAMP): $(XLA_REQS)
+	@test -x $(XLA_BIN)/python || $(PYTHON) -m venv $(XLA_VENV)
+	$(XLA_BIN)/python -m pip install -q --upgrade pip "setuptools>=70.1"
+	sed -n '/^torchrec/q;/^[a-z]/p' requirements/xla.txt > $(XLA_VENV)/constraints.txt
+	grep -vE '^($(XLA_PINNED))([<>=!~ ]|$$)' requirements/cpu.txt > $(XLA_VENV)/cpu-rest.txt
+	$(XLA_BIN)/python -m pip install -q -c $(XLA_VENV)/constraints.txt \
+		-r $(XLA_VENV)/constraints.txt -r $(XLA_VENV)/cpu-rest.txt
+	$(XLA_BIN)/python -m pip install -q --no-deps $$(grep -E '^torchrec' requirements/xla.txt)
+	$(XLA_BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $(XLA_STAMP)
+
+test-xla: setup-xla
+	PJRT_DEVICE=CPU $(XLA_BIN)/python -m pytest -q -m xla tests

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 BUSY_NEIGHBOUR_CORES = 0.15
 """Other processes using more than this many cores make a round suspect (the
@@ -133,22 +133,43 @@ class RoundResult:
     seconds: float
     samples: int
     load: Load
+    cpu_seconds: float = 0.0
+    """CPU time this process used (all its threads): less sensitive than wall time to
+    other processes taking the cores, though not immune (shared caches)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def samples_per_sec(self) -> float:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def samples_per_cpu_sec(self) -> float:
+        return self.samples / self.cpu_seconds if self.cpu_seconds > 0 else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["samples_per_sec"] = self.samples_per_sec
+        out["samples_per_cpu_sec"] = self.samples_per_cpu_sec
         out["busy_neighbour"] = self.load.busy_neighbour
         return out
 
 
-Variant = Callable[[int], int]
+@dataclass
+class Timed:
+    """What a body returns when it times its own work: ``seconds`` replaces the wall
+    time of the whole call (kept as ``extra["call_seconds"]``), e.g. to leave out a
+    per-call set-up or tear-down that a real run pays once, not once per round."""
+
+    samples: int
+    seconds: float
+    cpu_seconds: Optional[float] = None
+    """This process's CPU time over the same span (None: that of the whole call)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Variant = Callable[[int], Union[int, Timed]]
 """A timed body: called with the round number, runs the round's work and returns the
-number of samples it processed. Everything inside the call is timed."""
+number of samples it processed (then the whole call is timed) or a `Timed`."""
 
 
 def run_interleaved(
@@ -156,33 +177,49 @@ def run_interleaved(
     rounds: int,
     collect_garbage: bool = True,
     on_round: Optional[Callable[[list[RoundResult]], None]] = None,
+    before_round: Optional[Callable[[int], None]] = None,
 ) -> list[RoundResult]:
     """Run every variant once per round, rotating the order each round
     (A B C, B C A, C A B, ...) so each runs first equally often.
 
     ``gc.collect()`` runs (untimed) before each body when ``collect_garbage``, so one
-    variant does not pay for garbage another left behind.
+    variant does not pay for garbage another left behind. ``before_round(r)`` runs
+    untimed before each round (e.g. `wait_for_quiet`); ``on_round`` gets each
+    finished round's results (e.g. to print them).
     """
     names = list(variants)
     results: list[RoundResult] = []
     for r in range(rounds):
         shift = r % len(names)
         order = names[shift:] + names[:shift]
+        if before_round is not None:
+            before_round(r)
         this_round: list[RoundResult] = []
         for position, name in enumerate(order):
             if collect_garbage:
                 gc.collect()
             start = LoadSample.now()
-            samples = variants[name](r)
+            out = variants[name](r)
             end = LoadSample.now()
+            call_seconds = end.wall - start.wall
+            cpu = end.own_cpu - start.own_cpu
+            if isinstance(out, Timed):
+                samples, seconds = out.samples, out.seconds
+                if out.cpu_seconds is not None:
+                    cpu = out.cpu_seconds
+                extra = {"call_seconds": call_seconds, **out.extra}
+            else:
+                samples, seconds, extra = out, call_seconds, {}
             this_round.append(
                 RoundResult(
                     variant=name,
                     round=r,
                     position=position,
-                    seconds=end.wall - start.wall,
+                    seconds=seconds,
                     samples=int(samples),
                     load=Load.between(start, end),
+                    cpu_seconds=cpu,
+                    extra=extra,
                 )
             )
         results.extend(this_round)
@@ -196,11 +233,16 @@ def per_variant(results: Sequence[RoundResult], variant: str) -> list[RoundResul
 
 
 def round_ratios(
-    results: Sequence[RoundResult], numerator: str, denominator: str
+    results: Sequence[RoundResult], numerator: str, denominator: str, cpu: bool = False
 ) -> list[float]:
-    """samples/s of ``numerator`` over ``denominator``, round by round."""
-    num = {x.round: x.samples_per_sec for x in results if x.variant == numerator}
-    den = {x.round: x.samples_per_sec for x in results if x.variant == denominator}
+    """samples/s (``cpu``: samples per CPU-second) of ``numerator`` over
+    ``denominator``, round by round."""
+
+    def rate(x: RoundResult) -> float:
+        return x.samples_per_cpu_sec if cpu else x.samples_per_sec
+
+    num = {x.round: rate(x) for x in results if x.variant == numerator}
+    den = {x.round: rate(x) for x in results if x.variant == denominator}
     return [num[r] / den[r] for r in sorted(num) if r in den and den[r] > 0]
 
 
@@ -269,6 +311,9 @@ def machine_info() -> dict[str, Any]:
         "usable_cpus": affinity,
         "mem_total_gib": _mem_total_gib(),
         "loadavg_at_start": loadavg,
+        # allocator and threading settings change CPU training speed noticeably
+        "env": {k: v for k, v in sorted(os.environ.items())
+                if k.startswith(("MALLOC_", "OMP_", "MKL_", "KMP_")) or k == "LD_PRELOAD"},
     }
 
 
@@ -349,6 +394,7 @@ __all__ = [
     "Load",
     "LoadSample",
     "RoundResult",
+    "Timed",
     "Variant",
     "format_table",
     "machine_info",

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import os
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,15 @@ class Device:
         """Move tensors, dicts, lists, dataclasses and objects with ``.to`` (Batch,
         KeyedJaggedTensor) to this device."""
         return move_to_device(data, self.torch_device, non_blocking)
+
+    def wrap_loader(
+        self, items: Iterable[tuple[Any, Any]], prefetch: int = 1
+    ) -> Iterator[tuple[Any, Any]]:
+        """The input pipeline's device stage: ``(host batch, position)`` pairs in, the
+        same pairs with the batch on this device out, in order. Here each batch is moved
+        as it is pulled; `recframe.xla.XLADevice` streams them through torch-xla's
+        parallel loader. The iterator returned has ``close()``."""
+        return ((self.move(batch), position) for batch, position in items)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Move the model's parameters here (a no-op for modules already placed)."""

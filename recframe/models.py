@@ -4,10 +4,20 @@ Each model also hands its logits to `recframe.metrics.add_predictions` so an act
 evaluation can compute AUC. Embedding tables live only in the model's
 `EmbeddingBagCollection` (``model.ebc``); everything else is dense, which is what the
 sparse/dense parameter split of the optimizers relies on.
+
+Embedding back ends (``embedding_backend=``): ``"torchrec"`` is torchrec's
+`EmbeddingBagCollection` (fbgemm kernels, jagged `KeyedJaggedTensor` input, shardable);
+``"nn"`` is `EmbeddingBagTables`, the same ``nn.EmbeddingBag`` tables (same parameter
+names, same initial values, interchangeable checkpoints) pooled with plain torch ops
+from fixed-shape `PaddedBags` input, which is what an XLA device (TPU) needs: no
+fbgemm, and static shapes so the graph compiles once. ``"auto"`` picks ``"nn"`` for an
+XLA ``device`` and ``"torchrec"`` otherwise; `recframe.xla.XLADevice` also swaps a
+torchrec collection for `EmbeddingBagTables` when it places a model.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
@@ -18,6 +28,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM as TorchrecDLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recframe.data import DEFAULT_CAT_NAMES
 from recframe.metrics import add_predictions
@@ -76,6 +87,170 @@ def build_ebc(
     return EmbeddingBagCollection(tables=tables, device=_device(device))
 
 
+EMBEDDING_BACKENDS = ("auto", "torchrec", "nn")
+
+
+class PaddedBags:
+    """Fixed-shape sparse input for `EmbeddingBagTables`: every bag padded to
+    ``bag_size`` ids.
+
+    ``ids`` ``[F, B, L]`` int64 and ``weights`` ``[F, B, L]`` float32 (1 for an id, 0
+    for a padding slot, whose id is 0), keyed by ``keys`` (feature names, in the order
+    of the first dimension). Batches of one ``B`` and ``L`` have one shape, so an XLA
+    graph over them compiles once. Duck-types the part of `KeyedJaggedTensor` that the
+    models use (``keys()``, ``stride()``, ``to()``).
+    """
+
+    def __init__(self, keys: Sequence[str], ids: torch.Tensor, weights: torch.Tensor) -> None:
+        if ids.dim() != 3 or ids.shape != weights.shape or ids.shape[0] != len(keys):
+            raise ValueError(
+                f"PaddedBags: ids and weights must both be [F={len(keys)}, B, L], got "
+                f"{tuple(ids.shape)} and {tuple(weights.shape)}"
+            )
+        self._keys = list(keys)
+        self.ids = ids
+        self.weights = weights
+
+    @classmethod
+    def from_kjt(cls, kjt: KeyedJaggedTensor, bag_size: Optional[int] = None) -> PaddedBags:
+        """Pad a (host, unweighted) `KeyedJaggedTensor`. ``bag_size`` defaults to the smallest power
+        of two that holds the longest bag, so varying bag sizes give few shapes; a bag
+        longer than an explicit ``bag_size`` is an error, never silently truncated."""
+        keys = list(kjt.keys())
+        num_keys, batch = len(keys), int(kjt.stride())
+        lengths = kjt.lengths().to(torch.int64).reshape(num_keys * batch)
+        longest = int(lengths.max()) if lengths.numel() else 0
+        if bag_size is None:
+            bag_size = 1 << max(0, math.ceil(math.log2(max(longest, 1))))
+        elif bag_size < longest:
+            raise ValueError(
+                f"PaddedBags.from_kjt: a bag holds {longest} ids, more than bag_size={bag_size}"
+            )
+        values = kjt.values().to(torch.int64)
+        rows = torch.repeat_interleave(torch.arange(num_keys * batch), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        slots = torch.arange(values.numel()) - starts[rows]
+        ids = torch.zeros(num_keys * batch, bag_size, dtype=torch.int64)
+        weights = torch.zeros(num_keys * batch, bag_size, dtype=torch.float32)
+        ids[rows, slots] = values
+        weights[rows, slots] = 1.0
+        shape = (num_keys, batch, bag_size)
+        return cls(keys, ids.view(shape), weights.view(shape))
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def stride(self) -> int:
+        """The batch size (as `KeyedJaggedTensor.stride`)."""
+        return int(self.ids.shape[1])
+
+    @property
+    def bag_size(self) -> int:
+        return int(self.ids.shape[2])
+
+    def to(self, device: Any = None, non_blocking: bool = False) -> PaddedBags:
+        return PaddedBags(
+            self._keys,
+            self.ids.to(device, non_blocking=non_blocking),
+            self.weights.to(device, non_blocking=non_blocking),
+        )
+
+    def __repr__(self) -> str:
+        return f"PaddedBags(keys={len(self._keys)}, shape={tuple(self.ids.shape)})"
+
+
+class EmbeddingBagTables(nn.Module):
+    """Pooled embedding tables as plain ``nn.EmbeddingBag`` modules: the ``"nn"`` back end.
+
+    Holds the modules under ``embedding_bags.<table>`` exactly as torchrec's
+    `EmbeddingBagCollection` does, so state-dict keys, checkpoints and the
+    sparse/dense parameter split are the same for both back ends (`from_ebc` even
+    reuses the collection's modules and parameters). ``forward`` takes `PaddedBags`
+    (static shapes: what XLA needs) or a `KeyedJaggedTensor` (padded here, on the
+    host) and returns a `KeyedTensor` like the collection.
+
+    Pooling gathers rows with ``F.embedding`` and sums them weighted by the padding
+    mask (``mean`` divides by the bag length): torch-xla lowers that to a gather, while
+    ``F.embedding_bag`` would fall back to the CPU on every step. Gradients are dense
+    (XLA has no sparse tensors); recframe's row-wise optimizers update the rows whose
+    gradient is non-zero.
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        device: DeviceLike = None,
+        embedding_bags: Optional[nn.ModuleDict] = None,
+    ) -> None:
+        super().__init__()
+        self._configs = list(tables)
+        if not self._configs:
+            raise ValueError("EmbeddingBagTables: needs at least one table")
+        if embedding_bags is None:  # same modules and initialisation as torchrec's
+            ebc = EmbeddingBagCollection(tables=self._configs, device=_device(device))
+            embedding_bags = ebc.embedding_bags
+        self.embedding_bags = embedding_bags
+        self._features: list[tuple[str, str]] = []  # (feature, table)
+        for config in self._configs:
+            mode = self.embedding_bags[config.name].mode
+            if mode not in ("sum", "mean"):
+                raise ValueError(
+                    f"EmbeddingBagTables: table {config.name!r} pools with {mode!r}; only "
+                    "sum and mean are supported"
+                )
+            self._features += [(f, config.name) for f in config.feature_names]
+
+    @classmethod
+    def from_ebc(cls, ebc: EmbeddingBagCollection) -> EmbeddingBagTables:
+        """The same tables (the very modules and parameters) behind the nn back end."""
+        if ebc.is_weighted():
+            raise ValueError(
+                "EmbeddingBagTables: weighted EmbeddingBagCollections are not supported"
+            )
+        return cls(ebc.embedding_bag_configs(), embedding_bags=ebc.embedding_bags)
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return list(self._configs)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f for f, _ in self._features]
+
+    def forward(self, features: Union[PaddedBags, KeyedJaggedTensor]) -> KeyedTensor:
+        if isinstance(features, KeyedJaggedTensor):
+            features = PaddedBags.from_kjt(features)
+        index = {k: i for i, k in enumerate(features.keys())}
+        pooled = []
+        for feature, table in self._features:
+            if feature not in index:
+                raise KeyError(f"EmbeddingBagTables: the input has no feature {feature!r}")
+            i = index[feature]
+            bag = self.embedding_bags[table]
+            w = features.weights[i]
+            rows = F.embedding(features.ids[i], bag.weight)  # [B, L, D]
+            out = (rows * w.unsqueeze(-1).to(rows.dtype)).sum(dim=1)
+            if bag.mode == "mean":
+                out = out / w.sum(dim=1, keepdim=True).clamp(min=1).to(out.dtype)
+            pooled.append(out.float())
+        return KeyedTensor(
+            keys=self.feature_names,
+            length_per_key=[p.shape[1] for p in pooled],
+            values=torch.cat(pooled, dim=1),
+        )
+
+
+def resolve_embedding_backend(backend: str, device: DeviceLike = None) -> str:
+    """``"auto"`` -> ``"nn"`` for an XLA ``device``, else ``"torchrec"``."""
+    if backend not in EMBEDDING_BACKENDS:
+        raise ValueError(
+            f"embedding_backend={backend!r} is invalid: must be one of {EMBEDDING_BACKENDS}"
+        )
+    if backend == "auto":
+        dev = _device(device)
+        return "nn" if dev is not None and dev.type == "xla" else "torchrec"
+    return backend
+
+
 def _device(device: DeviceLike) -> Optional[torch.device]:
     return None if device is None else torch.device(device)
 
@@ -91,6 +266,7 @@ class DLRM(nn.Module):
     ``dense_arch`` defaults to ``(128, embedding_dim)``; its last size must equal
     ``embedding_dim`` because the bottom MLP output joins the embeddings in the dot
     interaction. ``over_arch`` must end in 1 (one logit per sample).
+    ``embedding_backend``: see the module docstring (``"nn"`` for XLA).
     """
 
     def __init__(
@@ -102,6 +278,7 @@ class DLRM(nn.Module):
         dense_arch: Optional[Sequence[int]] = None,
         over_arch: Sequence[int] = (128, 1),
         device: DeviceLike = None,
+        embedding_backend: str = "auto",
     ) -> None:
         super().__init__()
         owner = "DLRM"
@@ -128,6 +305,9 @@ class DLRM(nn.Module):
             over_arch_layer_sizes=over_sizes,
             dense_device=_device(device),
         )
+        self.embedding_backend = resolve_embedding_backend(embedding_backend, device)
+        if self.embedding_backend == "nn":  # same tables, same place, same initial values
+            self.model.sparse_arch.embedding_bag_collection = EmbeddingBagTables.from_ebc(ebc)
 
     @property
     def ebc(self) -> nn.Module:
@@ -153,6 +333,7 @@ class DeepFM(nn.Module):
     torchrec's ``SimpleDeepFMNN``, whose last layer is a sigmoid (probabilities, not
     the logits BCE-with-logits and AUC need). Unlike the paper there is no per-id
     first-order weight (it would need width-1 tables); the deep part covers it.
+    ``embedding_backend`` as in `DLRM`.
     """
 
     def __init__(
@@ -163,6 +344,7 @@ class DeepFM(nn.Module):
         sparse_features: Sequence[str] = tuple(DEFAULT_CAT_NAMES),
         deep_arch: Sequence[int] = (256, 128),
         device: DeviceLike = None,
+        embedding_backend: str = "auto",
     ) -> None:
         super().__init__()
         owner = "DeepFM"
@@ -171,7 +353,9 @@ class DeepFM(nn.Module):
         hidden = _layer_sizes(owner, "deep_arch", deep_arch)
         self.sparse_features = list(sparse_features)
         self.embedding_dim = embedding_dim
-        self.ebc = build_ebc(sparse_features, num_embeddings, embedding_dim, device, owner)
+        ebc = build_ebc(sparse_features, num_embeddings, embedding_dim, device, owner)
+        self.embedding_backend = resolve_embedding_backend(embedding_backend, device)
+        self.ebc = EmbeddingBagTables.from_ebc(ebc) if self.embedding_backend == "nn" else ebc
         dev = _device(device)
         self.dense_linear = nn.Linear(self.num_dense, 1, device=dev)
         self.dense_proj = nn.Linear(self.num_dense, embedding_dim, device=dev)

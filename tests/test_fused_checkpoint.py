@@ -52,7 +52,9 @@ def _flat(dmp, sparse):
     return out
 
 
-@pytest.mark.parametrize("opt,accum", [("rowwise_adagrad", 1), ("adagrad", 2), ("rowwise_adagrad", 3)])
+@pytest.mark.parametrize(
+    "opt,accum", [("rowwise_adagrad", 1), ("adagrad", 2), ("rowwise_adagrad", 3)]
+)
 def test_fused_resume_is_bitwise_identical(tmp_path, opt, accum):
     straight, dmp_a = _trainer(tmp_path / "a", 6, accum, opt)
     straight.train()

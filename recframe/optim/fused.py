@@ -3,8 +3,15 @@ exact gradient accumulation.
 
 `shard_model` wraps a model's torchrec embedding collections in
 ``DistributedModelParallel`` with an optimizer fused into the backward pass (fbgemm
-kernels: RowWiseAdagrad, Adagrad, Adam, SGD), on CPU with a gloo group of one process
-or on GPU unchanged, and returns a `FusedSparseOptimizer`.
+kernels: RowWiseAdagrad, Adagrad, SGD on CPU and GPU; Adam on GPU only, fbgemm has no
+CPU Adam kernel), on CPU with a gloo group of one process or on GPU unchanged, and
+returns a `FusedSparseOptimizer`.
+
+Without an explicit ``plan``, every table is constrained to a *fused* compute kernel and
+a non-data-parallel sharding. (Left alone, torchrec's planner puts small tables, and on
+CPU every table, in ``data_parallel`` with the ``dense`` kernel: full-table dense
+gradients stepped by a plain torch optimizer inside backward, not fused at all, and
+invisible to ``dmp.fused_optimizer``, so no LR scheduler reaches them.)
 
 Fused kernels update the tables inside backward, so they cannot accumulate gradients
 (torchrec issue #2332). With ``gradient_accumulation_steps=k > 1`` recframe defers the
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import types
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -31,6 +39,8 @@ from recframe import distributed
 logger = logging.getLogger("recframe")
 
 FUSED_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "adam", "sgd")
+CPU_FUSED_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+"""fbgemm 1.8's CPU kernels: EXACT_ROWWISE_ADAGRAD, EXACT_ADAGRAD, EXACT_SGD (no Adam)."""
 
 
 def _optimizer_class(name: str) -> type:
@@ -65,13 +75,25 @@ def shard_model(
     device: Optional[torch.device] = None,
     plan: Any = None,
     sharders: Optional[list[Any]] = None,
+    data_parallel: Optional[bool] = None,
     **hparams: Any,
 ) -> tuple[nn.Module, FusedSparseOptimizer]:
     """Shard ``model``'s torchrec embedding collections with a fused optimizer.
 
-    Returns ``(dmp_model, sparse_optimizer)``. The tables keep the values they had
+    Returns ``(dmp_model, sparse_optimizer)``. ``model`` is sharded in place (keep a
+    ``copy.deepcopy`` if you need the original). The tables keep the values they had
     (torchrec would otherwise re-initialise them). Without a process group, a gloo
-    group of one process is started (CPU) so one process runs the same code as many.
+    group of one process is started (CPU) so one process runs the same code as many;
+    later calls in the same process reuse it.
+
+    ``hparams`` go to the fused kernel (``eps``, ``weight_decay``, ``betas``...). Without
+    ``plan``, every table gets a fused kernel and a model-parallel sharding (see the
+    module docstring); pass a torchrec ``ShardingPlan`` to choose yourself.
+
+    ``data_parallel``: wrap the dense part in DistributedDataParallel (torchrec's
+    default). ``None`` does so only with more than one process: in a world of one, DDP
+    would all-reduce every backward's dense gradients with itself, which costs time and
+    changes nothing. The state dict has the same keys either way.
     """
     from torchrec.distributed import DistributedModelParallel
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -83,22 +105,43 @@ def shard_model(
             "EmbeddingCollection to shard"
         )
     cls = _optimizer_class(optimizer)
-    distributed.init_default_group()
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0:
+        raise ValueError(f"shard_model(lr={lr!r}): lr must be a number >= 0")
     if device is None:
         device = (
             torch.device("cuda", distributed.get_local_rank())
             if torch.cuda.is_available() else torch.device("cpu")
         )
+    device = torch.device(device)
+    if device.type == "cpu" and optimizer.lower() not in CPU_FUSED_OPTIMIZERS:
+        raise ValueError(
+            f"shard_model(optimizer={optimizer!r}): fbgemm has no fused CPU kernel for "
+            f"{optimizer!r} (CPU: {', '.join(CPU_FUSED_OPTIMIZERS)}). Run on a GPU, or on "
+            "CPU use the sparse-gradient back end: nn.EmbeddingBag(sparse=True) tables with "
+            "recframe.optim.sparse.SparseAdam"
+        )
+    params = [p for _, module in collections for p in module.parameters()]
+    if any(getattr(p, "_in_backward_optimizers", None) for p in params):
+        raise ValueError(
+            "shard_model: the model's tables already have an optimizer in backward (was it "
+            "sharded before?); shard a fresh copy of the model"
+        )
+    distributed.init_default_group()
     initial = {
         f"{name}.{key}" if name else key: value.detach().clone()
         for name, module in collections
         for key, value in module.state_dict().items()
     }
-    params = [p for _, module in collections for p in module.parameters()]
     apply_optimizer_in_backward(cls, params, {"lr": lr, **hparams})
-    kwargs: dict[str, Any] = {"device": device}
-    if plan is not None:
-        kwargs["plan"] = plan
+    if plan is None:
+        plan = _fused_plan(model, collections, device, sharders)
+    if data_parallel is None:
+        import torch.distributed as dist
+
+        data_parallel = dist.get_world_size() > 1
+    kwargs: dict[str, Any] = {
+        "device": device, "plan": plan, "init_data_parallel": bool(data_parallel),
+    }
     if sharders is not None:
         kwargs["sharders"] = sharders
     dmp = DistributedModelParallel(model, **kwargs)
@@ -106,14 +149,74 @@ def shard_model(
     return dmp, FusedSparseOptimizer(dmp)
 
 
+def _table_names(module: nn.Module) -> list[str]:
+    configs = (
+        module.embedding_bag_configs() if hasattr(module, "embedding_bag_configs")
+        else module.embedding_configs()
+    )
+    return [config.name for config in configs]
+
+
+def _fused_plan(
+    model: nn.Module,
+    collections: list[tuple[str, nn.Module]],
+    device: torch.device,
+    sharders: Optional[list[Any]],
+) -> Any:
+    """A plan that gives every table a fused kernel and a model-parallel sharding."""
+    import torch.distributed as dist
+    from torchrec.distributed.comm import get_local_size
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+    from torchrec.distributed.planner import (
+        EmbeddingShardingPlanner,
+        ParameterConstraints,
+        Topology,
+    )
+    from torchrec.distributed.sharding_plan import get_default_sharders
+    from torchrec.distributed.types import ShardingType
+
+    kernels = [EmbeddingComputeKernel.FUSED.value]
+    if device.type == "cuda":
+        kernels += [
+            EmbeddingComputeKernel.FUSED_UVM_CACHING.value,
+            EmbeddingComputeKernel.FUSED_UVM.value,
+        ]
+    sharding_types = [
+        ShardingType.TABLE_WISE.value,
+        ShardingType.ROW_WISE.value,
+        ShardingType.COLUMN_WISE.value,
+        ShardingType.TABLE_ROW_WISE.value,
+    ]
+    constraints = {
+        table: ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels)
+        for _, module in collections
+        for table in _table_names(module)
+    }
+    world_size = dist.get_world_size()
+    topology = Topology(
+        world_size=world_size,
+        local_world_size=get_local_size(world_size),
+        compute_device=device.type,
+    )
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    return planner.collective_plan(
+        model, sharders if sharders is not None else get_default_sharders(),
+        dist.GroupMember.WORLD,
+    )
+
+
 def _copy_initial_values(dmp: nn.Module, initial: dict[str, torch.Tensor]) -> None:
     from recframe.checkpoint.format import is_sharded
 
     state = dmp.state_dict()
-    for key, value in state.items():
-        source = initial.get(key)
-        if source is None:
-            continue
+    missing = [key for key in initial if key not in state]
+    if missing:
+        raise RuntimeError(
+            f"shard_model: cannot find the sharded tables {missing[:3]} in the "
+            "DistributedModelParallel state dict to restore their initial values"
+        )
+    for key, source in initial.items():
+        value = state[key]
         with torch.no_grad():
             if is_sharded(value):
                 for shard in value.local_shards():
@@ -153,16 +256,33 @@ def concat_kjt_batches(kjts: list[Any]) -> Any:
 class FusedSparseOptimizer(torch.optim.Optimizer):
     """The sparse optimizer of a `shard_model` model: torchrec's fused optimizer with
     recframe's interface (``step``, ``zero_grad``, ``state_dict``, ``load_state_dict``,
-    ``param_groups`` with ``lr`` for torch LR schedulers) and exact accumulation."""
+    ``param_groups`` with ``lr`` for torch LR schedulers) and exact accumulation.
+
+    ``param_groups[i]["lr"]`` reaches the kernels at ``zero_grad`` and ``step`` (as in
+    torchrec): a scheduler stepped after ``step`` takes effect from the next update on.
+    ``state_dict`` holds the kernels' state (moments), the param groups (``lr``) and each
+    kernel's iteration count (``iter``: Adam's bias correction), live tensors as torch
+    optimizers return them (``copy.deepcopy`` it to keep a snapshot).
+    """
 
     def __init__(self, dmp: nn.Module) -> None:
         # no super().__init__: the param groups are torchrec's own
+        fused = getattr(dmp, "fused_optimizer", None)
+        if fused is None or not list(fused.params):
+            raise ValueError(
+                "FusedSparseOptimizer: the model has no fused embedding tables (shard it with "
+                "recframe.optim.fused.shard_model, whose plan gives every table a fused kernel)"
+            )
         self.dmp = dmp
-        self.fused = dmp.fused_optimizer
+        self.fused = fused
+        self.fused.save_param_groups(True)  # so lr is saved and restored with the state
+        self.defaults = {}
+        self._optimizer_step_pre_hooks: dict[int, Any] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Any] = OrderedDict()
         self._window: Any = None
         self._records: list[_Lookup] = []
         self._patched: list[tuple[nn.Module, Any]] = []
-        self.defaults = {}
+        self._kernels = _kernels_of(dmp)
 
     # the torch.optim.Optimizer surface that schedulers and users touch
     @property
@@ -195,19 +315,23 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
         from torchrec.distributed.embedding import ShardedEmbeddingCollection
         from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 
-        for module in self.dmp.modules():
-            if isinstance(module, (ShardedEmbeddingBagCollection, ShardedEmbeddingCollection)):
-                if isinstance(module, ShardedEmbeddingCollection):
-                    raise NotImplementedError(
-                        "gradient accumulation with fused optimizers supports "
-                        "EmbeddingBagCollection tables; use gradient_accumulation_steps=1 "
-                        "or the sparse-gradient back end for EmbeddingCollection"
-                    )
-                original = module.forward
-                module.forward = types.MethodType(self._deferred_forward(original), module)
-                self._patched.append((module, original))
+        found = [
+            module for module in self.dmp.modules()
+            if isinstance(module, (ShardedEmbeddingBagCollection, ShardedEmbeddingCollection))
+        ]
+        if any(isinstance(module, ShardedEmbeddingCollection) for module in found):
+            raise NotImplementedError(
+                "gradient accumulation with fused optimizers supports "
+                "EmbeddingBagCollection tables; use gradient_accumulation_steps=1 "
+                "or the sparse-gradient back end for EmbeddingCollection"
+            )
+        for module in found:
+            original = module.forward
+            kernels = _kernels_of(module)
+            module.forward = types.MethodType(self._deferred_forward(original, kernels), module)
+            self._patched.append((module, original))
 
-    def _deferred_forward(self, original: Any) -> Any:
+    def _deferred_forward(self, original: Any, kernels: list[nn.Module]) -> Any:
         from torchrec.sparse.jagged_tensor import KeyedTensor
 
         optimizer = self
@@ -215,9 +339,15 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
         def forward(module: nn.Module, features: Any) -> Any:
             if not torch.is_grad_enabled() or not module.training:
                 return original(features)
+            # fbgemm counts every lookup as an iteration (Adam's bias correction): this
+            # look-ahead lookup must not count, only the replay at the window's end does
+            iters = [(k.iter.clone(), k.iter_cpu.clone()) for k in kernels]
             with torch.no_grad():
                 out = original(features)
                 out = out.wait() if hasattr(out, "wait") else out
+                for k, (it, it_cpu) in zip(kernels, iters):
+                    k.iter.copy_(it)
+                    k.iter_cpu = it_cpu
             values = out.values().detach().requires_grad_()
             optimizer._records.append(_Lookup(features, values))
             return KeyedTensor(
@@ -233,9 +363,11 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
         replayed (`step`); nothing is held in ``.grad`` to scale."""
 
     def step(self, closure: Any = None) -> None:
+        self.fused.step()  # pushes the current lr to the kernels (the update itself is
+        # fused into backward: the micro-batch's, or the replay's below)
         if self._patched:
-            self._replay()
-        self.fused.step()
+            with torch.enable_grad():
+                self._replay()
 
     def _replay(self) -> None:
         """Replay each collection's deferred lookups of the window in one lookup with
@@ -269,7 +401,83 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
 
     # --- state --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return self.fused.state_dict()
+        state = self.fused.state_dict()
+        state["iter"] = [int(k.iter.max()) for k in self._kernels]
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        iters = state_dict.get("iter")
+        if iters is not None and len(iters) != len(self._kernels):
+            raise ValueError(
+                f"load_state_dict: the state has {len(iters)} kernel iteration counts, this "
+                f"model has {len(self._kernels)} fused kernels (a different sharding plan?)"
+            )
+        state_dict = {k: v for k, v in state_dict.items() if k != "iter"}
+        if "state" in state_dict:
+            state_dict["state"] = self._into_live_shards(state_dict["state"])
         self.fused.load_state_dict(state_dict)
+        if iters is not None:
+            for kernel, value in zip(self._kernels, iters):
+                kernel.iter.fill_(int(value))
+                kernel.iter_cpu = torch.full_like(kernel.iter_cpu, int(value))
+        self.fused.zero_grad()  # the loaded lr reaches the kernels now
+
+    def _into_live_shards(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Accept whole (unsharded) tensors where the live state is sharded, as a
+        checkpoint that materialises tensors gives them: copy each one's slices into
+        the live local shards (torchrec's own loader takes only ShardedTensors)."""
+        from recframe.checkpoint.format import is_sharded
+
+        live = self.fused.state_dict()["state"]
+        out: dict[str, Any] = {}
+        for param_key, entries in state.items():
+            current = live.get(param_key)
+            if current is None or not isinstance(entries, dict):
+                out[param_key] = entries
+                continue
+            converted = {}
+            for name, value in entries.items():
+                target = current.get(name)
+                if (is_sharded(target) and isinstance(value, torch.Tensor)
+                        and not is_sharded(value)):
+                    if tuple(value.shape) != tuple(target.size()):
+                        raise ValueError(
+                            f"load_state_dict: {param_key} {name} has shape "
+                            f"{tuple(value.shape)}, the live state {tuple(target.size())}"
+                        )
+                    with torch.no_grad():
+                        for shard in target.local_shards():
+                            index = tuple(
+                                slice(o, o + n) for o, n in
+                                zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes)
+                            )
+                            shard.tensor.copy_(value[index])
+                    value = target
+                converted[name] = value
+            out[param_key] = converted
+        return out
+
+
+def _is_tbe(module: nn.Module) -> bool:
+    """An fbgemm table-batched embedding kernel (it counts iterations)."""
+    return (
+        isinstance(getattr(module, "iter", None), torch.Tensor)
+        and isinstance(getattr(module, "iter_cpu", None), torch.Tensor)
+        and hasattr(module, "set_learning_rate")
+    )
+
+
+def _kernels_of(root: nn.Module) -> list[nn.Module]:
+    """The fbgemm kernels of ``root``'s sharded collections, in a fixed order (torchrec
+    keeps a collection's lookups in a plain list, out of ``modules()``)."""
+    found: list[nn.Module] = []
+    seen: set[int] = set()
+    for module in root.modules():
+        for lookup in [module, *getattr(module, "_lookups", [])]:
+            for m in lookup.modules():
+                for candidate in (m, getattr(m, "_emb_module", None)):
+                    if (candidate is not None and id(candidate) not in seen
+                            and _is_tbe(candidate)):
+                        seen.add(id(candidate))
+                        found.append(candidate)
+    return found

@@ -4,7 +4,8 @@ For ``nn.EmbeddingBag``/``nn.Embedding(sparse=True)`` (or any 2-D table whose gr
 a sparse COO tensor) each step touches only the rows present in the gradient: repeated
 ids are merged first (``coalesce``: their gradients are summed), then each optimizer
 updates those rows and their state. Dense gradients are accepted too; their non-zero
-rows are updated the same way.
+rows are updated the same way (a row whose gradient is exactly zero counts as
+untouched).
 
 Update rules, for a touched row ``i`` with merged gradient ``g`` and learning rate
 ``lr`` (``eps`` added after the square root, as torch does):
@@ -19,17 +20,26 @@ Update rules, for a touched row ``i`` with merged gradient ``g`` and learning ra
 - `SparseAdamW`:      SparseAdam plus decoupled weight decay on the touched rows only:
   ``w_i *= 1 - lr * weight_decay`` before the Adam update.
 
-Gradient accumulation needs nothing special here: sparse gradients of k micro-batches
-add up (their indices concatenate), the trainer's view divides them by k, and the
-coalesce above merges repeated ids across micro-batches, so one update on k
-micro-batches equals one update on their concatenation.
+Step counts (`SparseAdam`'s ``t``) are per table and advance on every ``step`` in which
+the table has a gradient, as torch's SparseAdam counts them.
+
+Gradient accumulation: sparse gradients of k micro-batches add up (autograd
+concatenates their indices), the trainer's view calls `scale_accumulated_gradients`
+with 1/k, which is folded into the next ``step`` (applied once to the merged rows,
+without materialising a scaled copy of the uncoalesced gradient), and the coalesce
+above merges repeated ids across micro-batches, so one update on k micro-batches
+equals one update on their concatenation (the mean over micro-batches).
+
+`warn_if_dense_optimizer_holds_tables` is the check that a *dense* optimizer was not
+built over an embedding table by mistake.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -41,6 +51,8 @@ def _rows_and_values(p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor,
             f"sparse optimizers update 2-D embedding tables, got a parameter of shape "
             f"{tuple(p.shape)}; give it to the dense optimizer"
         )
+    if grad.is_sparse and grad.sparse_dim() != 1:
+        grad = grad.to_dense()  # not a row-sparse (embedding) gradient
     if grad.is_sparse:
         grad = grad.coalesce()
         return grad._indices()[0], grad._values()
@@ -54,13 +66,35 @@ class RowSparseOptimizer(torch.optim.Optimizer):
     rate, so torch LR schedulers work unchanged."""
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
-        lr = defaults.get("lr")
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0:
-            raise ValueError(f"{type(self).__name__}(lr={lr!r}): lr must be a number >= 0")
-        eps = defaults.get("eps", 1.0)
-        if not eps > 0:
-            raise ValueError(f"{type(self).__name__}(eps={eps!r}): eps must be > 0")
+        self._grad_scale = 1.0
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        name = type(self).__name__
+        lr = group.get("lr")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0:
+            raise ValueError(f"{name}(lr={lr!r}): lr must be a number >= 0")
+        if "eps" in group and not (isinstance(group["eps"], (int, float)) and group["eps"] > 0):
+            raise ValueError(f"{name}(eps={group['eps']!r}): eps must be > 0")
+        for p in group["params"]:
+            if p.dim() != 2:
+                raise ValueError(
+                    f"{name} updates 2-D embedding tables, got a parameter of shape "
+                    f"{tuple(p.shape)}; give it to the dense optimizer "
+                    "(recframe.optim.dense_parameters(model))"
+                )
+
+    # --- accumulation -------------------------------------------------------------
+    def scale_accumulated_gradients(self, factor: float) -> None:
+        """Multiply the gradients by ``factor`` at the next `step` (the trainer's view
+        passes 1/k at the end of a window of k micro-batches)."""
+        self._grad_scale *= float(factor)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._grad_scale = 1.0
+        super().zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -68,18 +102,17 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        scale, self._grad_scale = self._grad_scale, 1.0
         for group in self.param_groups:
-            self._begin_group(group)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 rows, values = _rows_and_values(p, p.grad)
-                if rows.numel():
-                    self.update_rows(p, rows, values.to(p.dtype), group, self.state[p])
+                values = values.to(p.dtype)
+                if scale != 1.0:
+                    values = values * scale
+                self.update_rows(p, rows, values, group, self.state[p])
         return loss
-
-    def _begin_group(self, group: dict[str, Any]) -> None:
-        pass
 
     def update_rows(
         self,
@@ -89,6 +122,8 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         group: dict[str, Any],
         state: dict[str, Any],
     ) -> None:
+        """Update rows ``rows`` of ``p`` (unique, possibly none) with their merged
+        gradients ``grad`` ``[len(rows), dim]``, and their ``state``."""
         raise NotImplementedError  # each optimizer below implements its rule
 
 
@@ -136,6 +171,12 @@ class RowWiseAdagrad(RowSparseOptimizer):
         scale = (s.sqrt_().add_(group["eps"])).reciprocal_().to(grad.dtype)
         p.index_add_(0, rows, grad * scale.unsqueeze(1), alpha=-group["lr"])
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():  # torch casts state to the table's dtype
+            if "sum" in state:
+                state["sum"] = state["sum"].float()
+
 
 class SparseAdam(RowSparseOptimizer):
     """Lazy Adam (torch's SparseAdam rule) on the touched rows."""
@@ -170,10 +211,10 @@ class SparseAdam(RowSparseOptimizer):
         lr = group["lr"]
         if self.decoupled and group["weight_decay"]:
             p.index_copy_(0, rows, p.index_select(0, rows).mul_(1 - lr * group["weight_decay"]))
-        m = state["exp_avg"].index_select(0, rows)
-        v = state["exp_avg_sq"].index_select(0, rows)
-        m.add_(grad.sub(m).mul_(1 - b1))
-        v.add_(grad.mul(grad).sub_(v).mul_(1 - b2))
+        # m += (1-b1)(g-m), v += (1-b2)(g*g-v): torch SparseAdam's arithmetic, as one
+        # lerp each (few kernels: each costs a parallel region on the touched rows)
+        m = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - b1)
+        v = state["exp_avg_sq"].index_select(0, rows).lerp_(grad * grad, 1 - b2)
         state["exp_avg"].index_copy_(0, rows, m)
         state["exp_avg_sq"].index_copy_(0, rows, v)
         step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
@@ -216,3 +257,88 @@ def build_sparse_optimizer(
     if not params:
         raise ValueError("the model has no embedding tables for a sparse optimizer")
     return SPARSE_OPTIMIZERS[key](params, **hparams)
+
+
+# --- a dense optimizer must not hold embedding tables ----------------------------------
+def _table_kind(module: nn.Module, p: torch.Tensor) -> str:
+    """How a table parameter is updated: ``"fused"`` (inside backward, torchrec),
+    ``"sparse"`` (sparse COO gradients) or ``"dense"`` (a dense full-table gradient)."""
+    if getattr(p, "_in_backward_optimizers", None):
+        return "fused"
+    if getattr(module, "sparse", False):
+        return "sparse"
+    return "dense"
+
+
+def warn_if_dense_optimizer_holds_tables(optimizer: Any, model: nn.Module) -> None:
+    """Check that the *dense* optimizer ``optimizer`` holds none of ``model``'s embedding
+    tables (``nn.Embedding``/``nn.EmbeddingBag``, torchrec collections, sharded or not).
+
+    Raises ``ValueError`` for tables with sparse gradients (``sparse=True``: most torch
+    optimizers reject them, and those that accept them would update every row their
+    state touches) and for tables updated inside backward by torchrec's fused optimizer
+    (``shard_model``: the dense optimizer never sees a gradient for them). Warns
+    (``UserWarning``) for tables with dense gradients: that trains, but every update
+    steps every row of the table (and, for Adam, decays full-table moments). The fix
+    either way: build the dense optimizer over ``recframe.optim.dense_parameters(model)``
+    and give the tables to a sparse optimizer.
+    """
+    from recframe.optim.core import _sparse_module_types, optimizer_parameters
+
+    if optimizer is None:
+        return
+    held = {id(p) for p in optimizer_parameters(optimizer)}
+    if not held:
+        return
+    kinds = _sparse_module_types()
+    rank = {"dense": 0, "sparse": 1, "fused": 2}
+    found: dict[int, tuple[str, str, torch.Tensor]] = {}
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, kinds):
+            continue
+        for p_name, p in module.named_parameters():
+            if id(p) not in held:
+                continue
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            kind = _table_kind(module, p)
+            previous = found.get(id(p))
+            if previous is None:
+                found[id(p)] = (name, kind, p)
+            elif rank[kind] > rank[previous[1]]:  # e.g. an EBC and its nn.EmbeddingBag
+                found[id(p)] = (previous[0], kind, p)
+    if not found:
+        return
+    opt_name = type(optimizer).__name__
+    fix = (
+        "build the dense optimizer over recframe.optim.dense_parameters(model) and give "
+        "the tables to a sparse optimizer (recframe.optim.sparse.build_sparse_optimizer"
+        "(model, 'rowwise_adagrad'), or shard_model's fused optimizer)"
+    )
+
+    def names(kind: str) -> Optional[str]:
+        rows = [
+            f"{name} ({'x'.join(str(d) for d in p.shape)})"
+            for name, k, p in found.values() if k == kind
+        ]
+        return ", ".join(rows) if rows else None
+
+    fused, sparse, dense = names("fused"), names("sparse"), names("dense")
+    if fused or sparse:
+        parts = []
+        if sparse:
+            parts.append(f"tables with sparse gradients: {sparse}")
+        if fused:
+            parts.append(
+                f"tables updated inside backward by torchrec's fused optimizer: {fused}"
+            )
+        raise ValueError(
+            f"the dense optimizer ({opt_name}) holds embedding tables it cannot update: "
+            f"{'; '.join(parts)}. {fix[0].upper()}{fix[1:]}"
+        )
+    warnings.warn(
+        f"the dense optimizer ({opt_name}) holds embedding tables with dense gradients: "
+        f"{dense}. It steps every row of them on every update (full-table gradients"
+        f"{' and moments' if 'adam' in opt_name.lower() else ''}); {fix}",
+        UserWarning,
+        stacklevel=2,
+    )

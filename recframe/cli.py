@@ -87,11 +87,16 @@ def _build_data(ns: argparse.Namespace, seed: int) -> tuple[Any, Any]:
     return train, evals
 
 
-def _sparse_side(model: Any, ns: argparse.Namespace) -> tuple[Any, Any]:
+def _sparse_side(model: Any, ns: argparse.Namespace, device: str) -> tuple[Any, Any]:
     """The model as trained (sharded for the fused back end) and its sparse optimizer."""
     from torch import nn
 
-    if ns.sparse_backend == "fused":
+    backend = ns.sparse_backend
+    if backend == "fused" and device == "xla":
+        log.info("--device xla: fbgemm's fused tables do not run on XLA; the tables "
+                 "train with --sparse_backend sparse_grad (dense gradients on XLA)")
+        backend = "sparse_grad"
+    if backend == "fused":
         from recframe.optim.fused import shard_model
 
         return shard_model(model, optimizer=ns.sparse_optimizer, lr=ns.sparse_lr)
@@ -106,6 +111,7 @@ def _sparse_side(model: Any, ns: argparse.Namespace) -> tuple[Any, Any]:
 def _cmd_train(ns: argparse.Namespace) -> int:
     import torch
 
+    from recframe.device import device_kind
     from recframe.models import build_model
     from recframe.optim import dense_parameters
     from recframe.trainer import Trainer
@@ -116,7 +122,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     model = build_model(
         ns.model, num_embeddings=ns.num_embeddings, embedding_dim=ns.embedding_dim
     )
-    model, sparse_opt = _sparse_side(model, ns)
+    model, sparse_opt = _sparse_side(model, ns, device_kind(args.device))
     dense_opt = torch.optim.Adam(dense_parameters(model), lr=ns.lr)
     trainer = Trainer(
         model=model,

@@ -154,6 +154,16 @@ def xla_available() -> bool:
     return True
 
 
+def device_kind(spec: str = "auto") -> str:
+    """The kind of device ``resolve_device(spec)`` gives (``"cpu"``, ``"cuda"`` or
+    ``"xla"``) without building it, e.g. to choose what a model needs beforehand."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "xla" if os.environ.get("PJRT_DEVICE") and xla_available() else "cpu"
+    return spec
+
+
 def resolve_device(spec: str = "auto") -> Device:
     """Pick the device for ``TrainingArguments.device``.
 

@@ -62,6 +62,16 @@ class BatchStream:
                     skipped,
                     self.skip,
                 )
+
+        def host_items() -> Iterator[tuple[Any, Optional[dict[str, Any]]]]:
+            # the position is read right after its batch, by whoever pulls (the device
+            # stage may pull from a background thread)
+            for batch in it:
+                yield batch, (self.dataset.state_dict() if self.stateful else None)  # type: ignore[attr-defined]
+
+        # the device stage: moves each batch (XLA: torch-xla's parallel loader)
+        source = self.device.wrap_loader(host_items(), self.prefetch)
+        self._source = source
         buffer: list[tuple[Any, Optional[dict[str, Any]]]] = []
         exhausted = False
 
@@ -71,15 +81,24 @@ class BatchStream:
             nonlocal exhausted
             while not exhausted and len(buffer) < target:
                 try:
-                    batch = next(it)
+                    buffer.append(next(source))
                 except StopIteration:
                     exhausted = True
                     return
-                position = self.dataset.state_dict() if self.stateful else None  # type: ignore[attr-defined]
-                buffer.append((self.device.move(batch), position))
 
-        fill(ahead + 1)
-        while buffer:
-            batch, position = buffer.pop(0)
-            fill(ahead)
-            yield StreamItem(batch, position, is_last=not buffer)
+        try:
+            fill(ahead + 1)
+            while buffer:
+                batch, position = buffer.pop(0)
+                fill(ahead)
+                yield StreamItem(batch, position, is_last=not buffer)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the device stage (a background loader stops pulling from the dataset
+        before this returns, so the dataset may then be rewound)."""
+        source, self._source = getattr(self, "_source", None), None
+        close = getattr(source, "close", None)
+        if callable(close):
+            close()

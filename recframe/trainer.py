@@ -333,6 +333,7 @@ class Trainer:
         try:
             return self._train_pass(stream, max_steps)
         finally:
+            stream.close()  # a background loader stops reading before the rewind below
             if (stream.stateful and self.data_position is not None
                     and not self._pass_ended):
                 # the look-ahead fetched batches that were never trained: put them back
@@ -403,6 +404,10 @@ class Trainer:
         )
         with sync_ctx, self.device.autocast(self.args.bf16):
             self._train_step(batch, self.state.epoch, metrics)
+        if not self.window.is_boundary:
+            # lazy devices (XLA): one graph per micro-batch, whatever k (the update's own
+            # graph is cut by _finish_update); a no-op on eager devices
+            self.device.mark_step()
         self.state.micro_step += 1
         loss = metrics.get("loss")
         if isinstance(loss, torch.Tensor):

@@ -436,6 +436,8 @@ def test_dlrm_trains_saves_is_killed_and_resumes_bit_for_bit(tmp_path, sparse_op
 
 @xla
 def test_cli_trains_on_the_xla_device(tmp_path):
+    """The default command line (the fused torchrec back end on other devices) trains
+    on XLA with plain tables."""
     env = dict(os.environ, PJRT_DEVICE=os.environ.get("PJRT_DEVICE", "CPU"))
     proc = subprocess.run(
         [sys.executable, "-m", "recframe", "train", "--device", "xla", "--train_steps", "4",

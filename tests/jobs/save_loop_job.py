@@ -121,15 +121,21 @@ def worker(output_dir: str, parent: int) -> int:
     if step:
         bad = problems(model, opt, progress, position, step)
         if bad:
-            print(f"bad {step} {'; '.join(bad)}", flush=True)
+            say(f"bad {step} {'; '.join(bad)}")
             return 4
-    print(f"ready {os.getpid()} {step}", flush=True)
+    say(f"ready {os.getpid()} {step}")
     while step < MAX_STEPS and os.getppid() == parent:
         step += 1
         set_state(model, opt, progress, position, step)
         manager.step(step)
-        print(f"committed {step}", flush=True)
+        say(f"committed {step}")
     return 0
+
+
+def say(line: str) -> None:
+    """One line in one write(2): a SIGKILL can't leave half of it for the next line."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
 
 
 def main() -> None:

@@ -26,6 +26,9 @@ test: setup
 	$(BIN)/python -m ruff check recframe tests benchmarks
 	$(BIN)/python -m pytest -q tests
 
+lint: setup
+	$(BIN)/python -m ruff check recframe tests benchmarks
+
 bench: setup
 	$(BIN)/python benchmarks/trainer_overhead.py
 

@@ -468,6 +468,8 @@ class Trainer:
             self.hooks.fire(Event.AFTER_SAVE, self, path)
 
     def _evaluate(self, eval_steps: Optional[int]) -> dict[str, float]:
+        if eval_steps is None:
+            eval_steps = self.args.eval_steps  # None: the whole eval dataset
         if self.eval_dataset is None:
             raise ValueError("Trainer.evaluate needs Trainer(eval_dataset=...): none was given")
         dataset = self.eval_dataset

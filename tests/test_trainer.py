@@ -438,7 +438,7 @@ def test_eval_steps_limits_the_batches(tmp_path):
     )
     assert trainer.evaluate(eval_steps=3)["num_samples"] == 24
     assert trainer.evaluate(eval_steps=99)["num_samples"] == 40
-    assert trainer.evaluate()["num_samples"] == 40  # like RecIS: None is the whole set
+    assert trainer.evaluate()["num_samples"] == 16  # None: args.eval_steps (2 batches)
     trainer.train()
     # evaluations inside train() use args.eval_steps
     assert rec.eval_metrics[-1]["num_samples"] == 16
@@ -942,3 +942,11 @@ def test_dlrm_learns_synthetic_criteo(tmp_path):
     assert after["auc"] > 0.6
     assert after["auc"] > before["auc"]
     assert after["loss"] < before["loss"]
+
+
+def test_evaluate_uses_args_eval_steps_by_default(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), eval_steps=2, report_to="none",
+                             disable_tqdm=True)
+    trainer = Trainer(ToyCTR(), args, eval_dataset=make_batches(10, 8))
+    assert trainer.evaluate()["num_samples"] == 16
+    assert trainer.evaluate(eval_steps=3)["num_samples"] == 24

@@ -39,7 +39,7 @@ from recframe.optim import (
     default_dense_optimizer,
     split_sparse_dense_parameters,
 )
-from recframe.optim.sparse import RowWiseAdagrad
+from recframe.optim.sparse import RowWiseAdagrad, warn_if_dense_optimizer_holds_tables
 from recframe.pipeline import BatchStream, is_stateful
 from recframe.state import TrainerControl, TrainerState
 
@@ -104,6 +104,7 @@ class Trainer:
             if orphans:
                 sparse_optimizer = RowWiseAdagrad(orphans, lr=0.01)
         check_disjoint(dense_opt, sparse_optimizer)
+        warn_if_dense_optimizer_holds_tables(dense_opt, self.unwrapped_model)
 
         self.window = AccumulationWindow(args.gradient_accumulation_steps, args.nonfinite_loss)
         step_fn = self.device.optimizer_step

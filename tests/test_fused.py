@@ -277,6 +277,60 @@ def test_last_partial_window_averages_over_its_micro_batches(tmp_path):
         assert torch.allclose(ref[key], acc[key], atol=1e-6), key
 
 
+def test_the_window_is_looked_up_on_its_last_micro_batch(tmp_path):
+    """k-1 look-ahead lookups and one lookup of the whole window (with autograd) on the
+    last micro-batch: no extra lookup at step."""
+    seen = []
+
+    class Probe(Trainer):
+        def _train_step(self, data, epoch, metrics):
+            loss = self.model(data)
+            metrics.update(loss=loss)
+            loss.backward()
+            last = self.sparse_optimizer.optimizer._records[0][-1]
+            seen.append((self.window.is_boundary, last.window_output is not None))
+            self.dense_optimizer.step()
+            self.sparse_optimizer.step()
+
+    micro = [m for b in _data(2, batch_size=36) for m in split_batch(b, 3)]
+    _trainer_run(tmp_path, Probe, *shard_model(_model()), micro, 3)
+    assert seen == [(False, False), (False, False), (True, True)] * 2
+
+
+class _NeverBoundary:
+    """A window that never marks a last micro-batch: the window's lookup is made at
+    ``step``."""
+
+    steps = 4
+    is_boundary = False
+
+
+@pytest.mark.parametrize("window", [None, _NeverBoundary()], ids=["own-loop", "replay-at-step"])
+def test_a_hand_written_accumulation_loop_updates_like_one_big_batch(window):
+    """Outside the Trainer: each micro-batch's loss divided by k, one step per window."""
+    from recframe.optim.core import AccumulationWindow
+
+    big = _data(2)
+    ref, ref_sparse = shard_model(_model())
+    _hand_loop(ref, ref_sparse, big)
+    dmp, sparse = shard_model(_model())
+    own = AccumulationWindow(4)
+    sparse.bind_accumulation_window(window or own)
+    dense = torch.optim.SGD(dense_parameters(dmp), lr=0.1)
+    for b in big:
+        dense.zero_grad()
+        sparse.zero_grad()
+        for i, m in enumerate(split_batch(b, 4)):
+            own.begin(i, 4, {})
+            (dmp(m) / 4).backward()
+        dense.step()
+        sparse.step()
+    a, b = _params(ref), _params(dmp)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    assert not torch.equal(a["t_cat_0"], _tables(shard_model(_model())[0])["t_cat_0"])
+
+
 def test_concat_kjt_batches_is_the_inverse_of_split_batch():
     big = _data(1)[0]
     parts = split_batch(big, 4)
@@ -287,7 +341,11 @@ def test_concat_kjt_batches_is_the_inverse_of_split_batch():
 
 
 # --- state -------------------------------------------------------------------------------
-def test_state_dict_round_trip_continues_identically():
+@pytest.mark.parametrize("form", ["sharded", "whole", "no-lr"])
+def test_state_dict_round_trip_continues_identically(form):
+    """``whole``: the optimizer state as plain (unsharded) tensors, as a checkpoint that
+    materialises tensors gives them back; ``no-lr``: a state without param groups (the
+    optimizer keeps its own lr, set here to the saved one)."""
     batches = _data(4, seed=5)
     dmp, sparse = shard_model(_model(), lr=0.1)
     dense = torch.optim.SGD(dense_parameters(dmp), lr=0.1, momentum=0.9)
@@ -306,6 +364,13 @@ def test_state_dict_round_trip_continues_identically():
                            "sparse": sparse.state_dict()})
     assert saved["sparse"]["param_groups"][0]["lr"] == pytest.approx(0.05)
     assert saved["sparse"]["iter"] == [2]
+    if form == "no-lr":
+        del saved["sparse"]["param_groups"]
+    if form == "whole":
+        saved["sparse"]["state"] = {
+            key: {name: t.local_shards()[0].tensor.clone() for name, t in value.items()}
+            for key, value in saved["sparse"]["state"].items()
+        }
     for b in batches[2:]:
         step(dmp, dense, sparse, b)
 
@@ -314,7 +379,10 @@ def test_state_dict_round_trip_continues_identically():
     step(dmp2, dense2, sparse2, batches[0])  # and a used optimizer, not a fresh one
     dmp2.load_state_dict(saved["model"])
     dense2.load_state_dict(saved["dense"])
+    if form == "no-lr":
+        sparse2.param_groups[0]["lr"] = 0.05
     sparse2.load_state_dict(saved["sparse"])
+    assert "param_groups" in sparse2.state_dict()
     assert sparse2.param_groups[0]["lr"] == pytest.approx(0.05)
     assert sparse2.state_dict()["iter"] == [2]
     for b in batches[2:]:
@@ -358,7 +426,7 @@ def test_evaluation_and_no_grad_lookups_bypass_the_deferral(tmp_path):
     loss = dmp(_data(1, seed=12)[0])  # eval mode with autograd on: a normal lookup
     assert loss.requires_grad  # (its backward would update the tables: fused kernels)
     dmp.train()
-    assert sparse._records == []  # nothing was queued for a replay
+    assert not sparse._records  # nothing was queued for a replay
     after = _params(dmp)
     for key in ("t_cat_0", "t_cat_1", "t_cat_2"):
         assert torch.equal(before[key], after[key]), key  # no update by evaluation

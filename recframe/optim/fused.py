@@ -15,12 +15,15 @@ invisible to ``dmp.fused_optimizer``, so no LR scheduler reaches them.)
 
 Fused kernels update the tables inside backward, so they cannot accumulate gradients
 (torchrec issue #2332). With ``gradient_accumulation_steps=k > 1`` recframe defers the
-tables' backward: each micro-batch looks up its embeddings without autograd and hands
-the dense network a leaf tensor; at the window's end the k micro-batches' features are
-concatenated, looked up once more with autograd, and back-propagated with the k pooled
-gradients (concatenated, divided by k). fbgemm merges repeated ids inside that one
-backward, so the update equals one fused update on the concatenated batch. The cost is
-one extra embedding lookup per sample (measured in ``benchmarks/sparse_throughput.py``).
+tables' backward: each micro-batch but the window's last looks up its embeddings
+without autograd and hands the dense network a leaf tensor; the last one looks up the
+concatenated features of all k micro-batches with autograd and hands the dense network
+its own rows of that, also as a leaf. At the window's end `FusedSparseOptimizer.step`
+back-propagates the k micro-batches' pooled gradients (concatenated, times 1/k) through
+that one lookup. fbgemm merges repeated ids inside that one backward, so the update
+equals one fused update on the concatenated batch. The cost is one extra embedding
+lookup per sample of the window's first k-1 micro-batches (measured in
+``benchmarks/sparse_throughput.py``).
 """
 
 from __future__ import annotations
@@ -233,6 +236,11 @@ def _copy_initial_values(dmp: nn.Module, initial: dict[str, torch.Tensor]) -> No
 class _Lookup:
     features: Any
     values: torch.Tensor
+    """The leaf handed to the dense network (its ``.grad`` collects the micro-batch's
+    gradient)."""
+    window_output: Optional[torch.Tensor] = None
+    """On the window's last micro-batch: the lookup of the whole window with autograd,
+    whose backward is the window's one fused update."""
 
 
 def concat_kjt_batches(kjts: list[Any]) -> Any:
@@ -280,7 +288,8 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
         self._optimizer_step_pre_hooks: dict[int, Any] = OrderedDict()
         self._optimizer_step_post_hooks: dict[int, Any] = OrderedDict()
         self._window: Any = None
-        self._records: list[_Lookup] = []
+        self._records: dict[int, list[_Lookup]] = {}
+        self._grad_scale = 1.0
         self._patched: list[tuple[nn.Module, Any]] = []
         self._kernels = _kernels_of(dmp)
 
@@ -325,31 +334,46 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
                 "EmbeddingBagCollection tables; use gradient_accumulation_steps=1 "
                 "or the sparse-gradient back end for EmbeddingCollection"
             )
-        for module in found:
+        for index, module in enumerate(found):
             original = module.forward
-            kernels = _kernels_of(module)
-            module.forward = types.MethodType(self._deferred_forward(original, kernels), module)
+            forward = self._deferred_forward(index, original, _kernels_of(module))
+            module.forward = types.MethodType(forward, module)
             self._patched.append((module, original))
 
-    def _deferred_forward(self, original: Any, kernels: list[nn.Module]) -> Any:
+    def _deferred_forward(self, index: int, original: Any, kernels: list[nn.Module]) -> Any:
         from torchrec.sparse.jagged_tensor import KeyedTensor
 
         optimizer = self
 
+        def lookup(features: Any) -> Any:
+            out = original(features)
+            return out.wait() if hasattr(out, "wait") else out
+
         def forward(module: nn.Module, features: Any) -> Any:
             if not torch.is_grad_enabled() or not module.training:
                 return original(features)
-            # fbgemm counts every lookup as an iteration (Adam's bias correction): this
-            # look-ahead lookup must not count, only the replay at the window's end does
-            iters = [(k.iter.clone(), k.iter_cpu.clone()) for k in kernels]
-            with torch.no_grad():
-                out = original(features)
-                out = out.wait() if hasattr(out, "wait") else out
-                for k, (it, it_cpu) in zip(kernels, iters):
-                    k.iter.copy_(it)
-                    k.iter_cpu = it_cpu
-            values = out.values().detach().requires_grad_()
-            optimizer._records.append(_Lookup(features, values))
+            records = optimizer._records.setdefault(index, [])
+            window = optimizer._window
+            if window is not None and window.is_boundary:
+                # the window's last micro-batch: look the whole window up with autograd
+                # now (the update's lookup) and give the dense network this micro-batch's
+                # rows, which saves this micro-batch a lookup of its own
+                out = lookup(concat_kjt_batches([r.features for r in records] + [features]))
+                whole = out.values()
+                size = features.stride()
+                values = whole[whole.shape[0] - size:].detach().requires_grad_()
+                records.append(_Lookup(features, values, window_output=whole))
+            else:
+                # fbgemm counts every lookup as an iteration (Adam's bias correction):
+                # this look-ahead lookup must not count, only the window's lookup does
+                iters = [(k.iter.clone(), k.iter_cpu.clone()) for k in kernels]
+                with torch.no_grad():
+                    out = lookup(features)
+                    for k, (it, it_cpu) in zip(kernels, iters):
+                        k.iter.copy_(it)
+                        k.iter_cpu = it_cpu
+                values = out.values().detach().requires_grad_()
+                records.append(_Lookup(features, values))
             return KeyedTensor(
                 keys=out.keys(), length_per_key=out.length_per_key(), values=values,
                 key_dim=out.key_dim(),
@@ -359,44 +383,52 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
         return forward
 
     def scale_accumulated_gradients(self, factor: float) -> None:
-        """The mean over micro-batches is applied when the deferred lookups are
-        replayed (`step`); nothing is held in ``.grad`` to scale."""
+        """Scale the window's table gradients by ``factor`` when `step` back-propagates
+        them (the trainer's view passes 1/k at the end of a window of k micro-batches;
+        a loop that divides each micro-batch's loss by k itself does not call this)."""
+        self._grad_scale *= float(factor)
 
     def step(self, closure: Any = None) -> None:
         self.fused.step()  # pushes the current lr to the kernels (the update itself is
-        # fused into backward: the micro-batch's, or the replay's below)
+        # fused into backward: the micro-batch's, or the window's below)
         if self._patched:
             with torch.enable_grad():
                 self._replay()
 
     def _replay(self) -> None:
-        """Replay each collection's deferred lookups of the window in one lookup with
-        autograd, and back-propagate the micro-batches' gradients (their mean): the
-        fused kernels apply one update for the whole window."""
-        records, self._records = self._records, []
+        """Back-propagate the window's micro-batch gradients (times the factor from
+        `scale_accumulated_gradients`: their mean) through one lookup of the whole
+        window, per collection: the fused kernels apply one update for the window. That
+        lookup was made on the window's last micro-batch, or is made here (when no
+        micro-batch was marked as the window's last)."""
+        records, self._records = self._records, {}
         if not records:
             return
-        n_coll = len(self._patched)
-        if len(records) % n_coll:
+        counts = {len(mine) for mine in records.values()}
+        if len(counts) != 1 or len(records) != len(self._patched):
             raise RuntimeError(
                 "deferred embedding lookups do not match the embedding collections; each "
                 "collection must be called once per micro-batch"
             )
-        micro = len(records) // n_coll
-        for c, (_module, original) in enumerate(self._patched):
-            mine = records[c::n_coll]
-            out = original(concat_kjt_batches([r.features for r in mine]))
-            out = out.wait() if hasattr(out, "wait") else out
+        counts.pop()
+        scale, self._grad_scale = self._grad_scale, 1.0
+        for index, (_module, original) in enumerate(self._patched):
+            mine = records[index]
+            whole = mine[-1].window_output
+            if whole is None or whole.shape[0] != sum(r.values.shape[0] for r in mine):
+                out = original(concat_kjt_batches([r.features for r in mine]))
+                whole = (out.wait() if hasattr(out, "wait") else out).values()
             grad = torch.cat(
                 [r.values.grad if r.values.grad is not None else torch.zeros_like(r.values)
                  for r in mine]
             )
-            if micro > 1:
-                grad = grad / micro
-            torch.autograd.backward(out.values(), grad)
+            if scale != 1.0:
+                grad = grad * scale
+            torch.autograd.backward(whole, grad)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._records = []  # a dropped (skipped) window's lookups go with it
+        self._records = {}  # a dropped (skipped) window's lookups go with it
+        self._grad_scale = 1.0
         self.fused.zero_grad(set_to_none=set_to_none)  # also pushes the current lr
 
     # --- state --------------------------------------------------------------------
@@ -415,7 +447,12 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
         state_dict = {k: v for k, v in state_dict.items() if k != "iter"}
         if "state" in state_dict:
             state_dict["state"] = self._into_live_shards(state_dict["state"])
-        self.fused.load_state_dict(state_dict)
+        with_groups = "param_groups" in state_dict  # a state saved without lr: keep ours
+        self.fused.save_param_groups(with_groups)
+        try:
+            self.fused.load_state_dict(state_dict)
+        finally:
+            self.fused.save_param_groups(True)
         if iters is not None:
             for kernel, value in zip(self._kernels, iters):
                 kernel.iter.fill_(int(value))

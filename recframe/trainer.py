@@ -39,7 +39,7 @@ from recframe.optim import (
     default_dense_optimizer,
     split_sparse_dense_parameters,
 )
-from recframe.optim.sparse import RowWiseAdagrad, warn_if_dense_optimizer_holds_tables
+from recframe.optim.sparse import default_sparse_optimizer, warn_if_dense_optimizer_holds_tables
 from recframe.pipeline import BatchStream, is_stateful
 from recframe.state import TrainerControl, TrainerState
 
@@ -60,8 +60,8 @@ class Trainer:
             default optimizer is AdamW(lr=1e-3) over the non-embedding parameters.
         sparse_optimizer: the optimizer of the embedding tables (a recframe sparse
             optimizer, the `FusedSparseOptimizer` of `recframe.optim.fused.shard_model`, or
-            any torch optimizer); when ``None`` and the model has tables no optimizer
-            holds, recframe's RowWiseAdagrad(lr=0.01) over them.
+            any torch optimizer); when ``None``: a sharded model's own fused optimizer,
+            else recframe's RowWiseAdagrad(lr=0.01) over the tables no optimizer holds.
     """
 
     def __init__(
@@ -99,10 +99,9 @@ class Trainer:
         if dense_opt is None and dense_params:
             dense_opt = default_dense_optimizer(dense_params.values())
         if sparse_optimizer is None and sparse_params:
-            held = {id(p) for g in getattr(dense_opt, "param_groups", []) for p in g["params"]}
-            orphans = [p for p in sparse_params.values() if id(p) not in held]
-            if orphans:
-                sparse_optimizer = RowWiseAdagrad(orphans, lr=0.01)
+            sparse_optimizer = default_sparse_optimizer(
+                self.model, sparse_params.values(), dense_opt
+            )
         check_disjoint(dense_opt, sparse_optimizer)
         warn_if_dense_optimizer_holds_tables(dense_opt, self.unwrapped_model)
 

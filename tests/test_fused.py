@@ -407,6 +407,20 @@ def test_trainer_checkpoint_resume_continues_identically(tmp_path):
         assert torch.equal(straight[key], resumed[key]), key
 
 
+def test_a_sharded_model_without_a_sparse_optimizer_trains_with_its_fused_one(tmp_path):
+    data = _data(4, seed=7)
+    given = _trainer_run(tmp_path / "a", Trainer, *shard_model(_model()), data, 2)
+    dmp, _ = shard_model(_model())
+    default = _trainer_run(tmp_path / "b", Trainer, dmp, None, data, 2)
+    for key in given:
+        assert torch.equal(given[key], default[key]), key
+    # the fused kernels' state (not a second optimizer's) is what the checkpoint holds
+    trainer = Trainer(model=dmp, args=TrainingArguments(output_dir=str(tmp_path / "c"),
+                                                        report_to="none", disable_tqdm=True))
+    assert isinstance(trainer.sparse_optimizer.optimizer, FusedSparseOptimizer)
+    assert trainer.saver.sparse_optimizer is trainer.sparse_optimizer.optimizer
+
+
 # --- no-grad path while deferring --------------------------------------------------------
 def test_evaluation_and_no_grad_lookups_bypass_the_deferral(tmp_path):
     dmp, sparse = shard_model(_model())

@@ -259,6 +259,31 @@ def build_sparse_optimizer(
     return SPARSE_OPTIMIZERS[key](params, **hparams)
 
 
+def default_sparse_optimizer(
+    model: nn.Module, sparse_params: Iterable[torch.Tensor], dense_optimizer: Any = None
+) -> Any:
+    """The sparse optimizer a `Trainer` uses when none is given, or None.
+
+    A model sharded by `recframe.optim.fused.shard_model` (or any torchrec
+    ``DistributedModelParallel`` whose tables carry a fused optimizer) gets its fused
+    optimizer behind recframe's interface: stepping its tables with another optimizer
+    would be wrong, and its state would be missing from checkpoints. Otherwise the
+    tables that neither a fused kernel nor ``dense_optimizer`` update get
+    `RowWiseAdagrad` (lr 0.01, RecIS's and torchrec's usual choice).
+    """
+    fused = getattr(model, "fused_optimizer", None)
+    if fused is not None and list(getattr(fused, "params", {}) or {}):
+        from recframe.optim.fused import FusedSparseOptimizer
+
+        return FusedSparseOptimizer(model)
+    held = {id(p) for g in getattr(dense_optimizer, "param_groups", []) for p in g["params"]}
+    orphans = [
+        p for p in sparse_params
+        if id(p) not in held and not getattr(p, "_in_backward_optimizers", None)
+    ]
+    return RowWiseAdagrad(orphans, lr=0.01) if orphans else None
+
+
 # --- a dense optimizer must not hold embedding tables ----------------------------------
 def _table_kind(module: nn.Module, p: torch.Tensor) -> str:
     """How a table parameter is updated: ``"fused"`` (inside backward, torchrec),

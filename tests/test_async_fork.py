@@ -77,3 +77,56 @@ def test_fork_is_not_used_for_device_or_remote_state(tmp_path):
     local.fork_snapshot = False
     assert not local._can_fork(local.saver.collect_state())
     assert torch.get_num_threads() >= 1
+
+
+def _huge_bytes_at(address: int) -> int:
+    """AnonHugePages (bytes) of the mapping holding ``address`` in /proc/self/smaps."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_huge_page_ranges_are_aligned_merged_and_skip_small_tensors():
+    from recframe.checkpoint.hugepages import HUGE_PAGE, huge_page_ranges
+
+    big = torch.zeros(3 * HUGE_PAGE // 4 + 1000)
+    ranges = huge_page_ranges([big, big[: big.numel() // 2], torch.zeros(10), big[::2]])
+    assert len(ranges) == 1  # the half view lies inside; the strided view is skipped
+    start, end = ranges[0]
+    assert start % HUGE_PAGE == 0 and end % HUGE_PAGE == 0
+    assert big.data_ptr() <= start < end <= big.data_ptr() + big.numel() * 4
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
+def test_after_a_forked_save_the_state_is_backed_by_huge_pages(tmp_path):
+    from recframe.checkpoint.hugepages import HUGE_PAGE, collapse, huge_page_ranges
+
+    probe = torch.ones(4 * HUGE_PAGE // 4)
+    if not collapse(huge_page_ranges([probe])):
+        pytest.skip("MADV_COLLAPSE is not available on this kernel")
+    assert torch.equal(probe, torch.ones_like(probe))  # contents kept
+    model = torch.nn.Sequential(torch.nn.Embedding(64 * 1024, 32))  # 8 MiB table
+    weight = model[0].weight
+    expected = weight.detach().clone()
+    address = -(-weight.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+    manager = CheckpointManager(Saver(model, output_dir=str(tmp_path)), async_save=True)
+    assert manager._can_fork(manager.saver.collect_state())
+    manager.huge_pages = False
+    manager.save(1)
+    manager.wait()
+    before = _huge_bytes_at(address)
+    if before:
+        pytest.skip("the table is in huge pages already (THP 'always')")
+    manager.huge_pages = True
+    manager.save(2)
+    manager.wait()
+    manager.close()
+    assert _huge_bytes_at(address) >= HUGE_PAGE
+    assert torch.equal(weight.detach(), expected)

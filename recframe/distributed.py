@@ -111,6 +111,69 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return objects
 
 
+def store() -> Any:
+    """The default process group's key-value store (torchrun's TCPStore), or None."""
+    if not is_initialized():
+        return None
+    return dist.distributed_c10d._get_default_store()
+
+
+class RankTimeoutError(RuntimeError):
+    """Some ranks did not report in time; ``missing`` lists them."""
+
+    def __init__(self, message: str, missing: list[int]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+def store_gather(key: str, value: bytes, timeout: float, what: str) -> list[bytes]:
+    """Every rank publishes ``value`` under ``key``; rank 0 returns all values in rank
+    order (other ranks return ``[value]``) once every rank did, or raises
+    `RankTimeoutError` naming each rank that did not within ``timeout`` seconds (dead,
+    hung or failed). Uses the store, not a collective, so a dead rank cannot hang the
+    others past ``timeout``. ``key`` must be fresh (unique per call)."""
+    kv = store()
+    rank = get_rank()
+    kv.set(f"{key}/{rank}", value)
+    if rank != 0:
+        return [value]
+    keys = [f"{key}/{r}" for r in range(get_world_size())]
+    try:
+        _wait(kv, keys, timeout)
+    except RuntimeError as e:
+        missing = [r for r, k in enumerate(keys) if not _has(kv, k)]
+        raise RankTimeoutError(
+            f"{what}: rank(s) {missing} did not report within {timeout:g}s (dead, hung or "
+            f"failed; {e})", missing,
+        ) from e
+    return [kv.get(k) for k in keys]
+
+
+def store_wait(key: str, timeout: float, what: str, rank_of: int) -> bytes:
+    """The value of ``key`` once set, waiting at most ``timeout`` seconds; otherwise a
+    `RankTimeoutError` naming ``rank_of``, the rank that should have set it."""
+    kv = store()
+    try:
+        _wait(kv, [key], timeout)
+        return kv.get(key)
+    except RuntimeError as e:  # DistStoreError (timeout) or a lost store connection
+        raise RankTimeoutError(
+            f"{what}: no word from rank {rank_of} within {timeout:g}s (dead, hung or "
+            f"failed; {e})", [rank_of],
+        ) from e
+
+
+def _wait(kv: Any, keys: list[str], timeout: float) -> None:
+    kv.wait(keys, datetime.timedelta(seconds=timeout))
+
+
+def _has(kv: Any, key: str) -> bool:
+    try:
+        return bool(kv.check([key]))
+    except RuntimeError:
+        return False
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_initialized() or dist.get_world_size() == 1:
         return obj

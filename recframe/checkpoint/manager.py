@@ -68,8 +68,13 @@ class CheckpointManager:
         keep_best_mode: str = "max",
         async_save: bool = False,
         save_on_sigterm: bool = False,
+        agree_every: int = 16,
     ) -> None:
         self.saver = saver
+        self.agree_every = max(1, int(agree_every))
+        """Several ranks: every this many steps they agree (one all-reduce) on the
+        decisions that may differ between them: a time-based save, a SIGTERM."""
+        self._sigterm_seen = False
         self.save_policy = IntervalPolicy(save_interval, save_interval_secs)
         keep = LatestN(max_keep if max_keep is not None else saver.max_keep)
         self.preservation = (
@@ -102,6 +107,8 @@ class CheckpointManager:
         else:
             self.global_step = global_step
         step = self.global_step
+        if distributed.get_world_size() > 1:
+            return self._step_of_many(step, force)
         if self.preemption_requested:
             force = True
         if force and step == self._last_saved_step:
@@ -109,6 +116,29 @@ class CheckpointManager:
         if force or self.save_policy.should_save(
             step, self._last_saved_step, self._last_saved_time
         ):
+            return self.save(step)
+        return None
+
+    def _step_of_many(self, step: int, force: bool) -> Optional[str]:
+        """`step` with several ranks: every rank must save at the same step. The step
+        interval is the same everywhere; wall time and SIGTERM are not, so they count
+        only at steps that are multiples of ``agree_every``, where the ranks agree
+        (max over ranks: one rank's SIGTERM or timer saves, and stops, all)."""
+        policy = self.save_policy
+        due = bool(policy.steps and step % policy.steps == 0 and step > self._last_saved_step)
+        if (policy.seconds or self.save_on_sigterm) and step % self.agree_every == 0:
+            mine = 2 if (self._sigterm_seen or self.preemption_requested) else (
+                1 if policy.seconds and time.monotonic() - self._last_saved_time
+                >= policy.seconds else 0)
+            agreed = distributed.all_reduce_max_int(mine)
+            if agreed >= 2:
+                self.preemption_requested = True
+            due = due or (agreed == 1 and step > self._last_saved_step)
+        if self.preemption_requested:
+            force = True
+        if force and step == self._last_saved_step:
+            return None
+        if force or due:
             return self.save(step)
         return None
 
@@ -304,6 +334,7 @@ class CheckpointManager:
     def start(self) -> None:
         """Training starts: install the SIGTERM handler (``save_on_sigterm``)."""
         self.preemption_requested = False
+        self._sigterm_seen = False
         if self.save_on_sigterm and self._previous_handler is None:
             self._install_sigterm()
 
@@ -313,7 +344,10 @@ class CheckpointManager:
 
         def handler(signum: int, frame: Any) -> None:
             logger.warning("SIGTERM received: saving a checkpoint at the next step, then stopping")
-            self.preemption_requested = True
+            if distributed.get_world_size() > 1:
+                self._sigterm_seen = True  # the ranks agree on the step (see _step_of_many)
+            else:
+                self.preemption_requested = True
 
         self._previous_handler = signal.signal(signal.SIGTERM, handler)
 

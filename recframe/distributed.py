@@ -73,9 +73,18 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a 1-D tensor of any length from every rank (rank order)."""
     if not is_initialized() or dist.get_world_size() == 1:
         return tensor
-    objects: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(objects, tensor.cpu())
-    return torch.cat([o for o in objects if o is not None and o.numel()] or [tensor[:0]])
+    world = dist.get_world_size()
+    device = tensor.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = tensor.detach().reshape(-1).to(device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([local.numel()], dtype=torch.int64, device=device))
+    counts = [int(s.item()) for s in sizes]
+    longest = max(counts)
+    padded = torch.zeros(longest, dtype=local.dtype, device=device)
+    padded[: local.numel()] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)  # tensors, not pickled objects
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]).to(tensor.device)
 
 
 def all_reduce_sum(value: float) -> float:

@@ -196,14 +196,17 @@ class Trainer:
         if self.args.model_bank:
             self.checkpoint_manager.load_model_bank(self.args.model_bank)
         step = self.checkpoint_manager.restore()
-        if step:
+        if not self.is_main_process:
+            pass  # the log is rank 0's
+        elif step:
             logger.info(
                 "resumed from %s/ckpt_%d (global_step=%d, epoch=%d)",
                 self.args.output_dir, step, self.state.global_step, self.state.epoch,
             )
-            self.hooks.fire(Event.AFTER_RESTORE, self, step)
         else:
             logger.info("no checkpoint in %s: starting from step 0", self.args.output_dir)
+        if step:
+            self.hooks.fire(Event.AFTER_RESTORE, self, step)
         return step
 
     def train(self, train_steps: Optional[int] = None) -> dict[str, Any]:

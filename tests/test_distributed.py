@@ -226,3 +226,70 @@ def test_cli_under_torchrun_then_single_process_resumes(tmp_path):
     assert f"resumed from {out}/ckpt_4 (global_step=4" in single.stderr
     assert "saved by 2 ranks, this run has 1" in single.stderr
     assert json.loads((out / "ckpt_6" / "manifest.json").read_text())["world_size"] == 1
+
+
+# --- single-process pieces of the multi-process path ----------------------------------
+class _Counting:
+    """A stateful dataset of n integers (position: how many were read)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.pos = n, 0
+
+    def __iter__(self):
+        while self.pos < self.n:
+            self.pos += 1
+            yield self.pos - 1
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_batch_stream_limit_stops_at_the_agreed_count_and_drains(prefetch):
+    from recframe.device import resolve_device
+    from recframe.pipeline import BatchStream
+
+    data = _Counting(7)
+    stream = BatchStream(data, resolve_device("cpu"), prefetch, limit=4)
+    items = list(stream)
+    assert [i.batch for i in items] == [0, 1, 2, 3]
+    assert [i.is_last for i in items] == [False, False, False, True]
+    assert stream.dropped == 3 and data.pos == 7  # the pass was read to its end
+    assert [i.position for i in items[:3]] == [{"pos": 1}, {"pos": 2}, {"pos": 3}]
+    assert list(BatchStream(_Counting(3), resolve_device("cpu"), 1, limit=0)) == []
+
+
+@pytest.mark.parametrize("n,every", [(7, 2), (6, 2), (1, 4), (0, 3), (5, 1)])
+def test_batch_stream_sync_every_marks_the_last_batch(n, every):
+    from recframe.device import resolve_device
+    from recframe.pipeline import BatchStream
+
+    items = list(BatchStream(_Counting(n), resolve_device("cpu"), 1, sync_every=every))
+    assert [i.batch for i in items] == list(range(n))
+    assert [i.is_last for i in items] == [k == n - 1 for k in range(n)]
+
+
+def test_shard_model_sharding_argument_is_checked():
+    from recframe.optim.fused import _allowed_shardings
+
+    tables = ["a", "b", "c"]
+    assert _allowed_shardings(tables, "mixed", 2) == {
+        "a": ["table_wise"], "b": ["row_wise"], "c": ["table_wise"]}
+    assert "column_wise" not in _allowed_shardings(tables, None, 2)["a"]
+    assert _allowed_shardings(tables, {"b": "row_wise"}, 2)["b"] == ["row_wise"]
+    with pytest.raises(ValueError, match="choose from"):
+        _allowed_shardings(tables, "rows", 2)
+    with pytest.raises(ValueError, match=r"unknown table\(s\) \['z'\]"):
+        _allowed_shardings(tables, {"z": ["row_wise"]}, 2)
+    with pytest.raises(ValueError, match="non-empty list"):
+        _allowed_shardings(tables, {"a": []}, 2)
+
+
+def test_saver_commit_timeout_is_checked():
+    from recframe.checkpoint import Saver
+
+    with pytest.raises(ValueError, match="commit_timeout"):
+        Saver(torch.nn.Linear(2, 2), commit_timeout=0)

@@ -369,7 +369,8 @@ class Saver:
         if not group:
             distributed.barrier()
         self.last_save_seconds = time.perf_counter() - t0
-        logger.info(
+        logger.log(
+            logging.INFO if rank == 0 else logging.DEBUG,
             "saved %s (%.1f MB in %.2fs)",
             self.storage.display(final),
             result.nbytes / 1e6,

@@ -120,6 +120,18 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return objects
 
 
+def broadcast_ints(values: list[int], src: int = 0) -> list[int]:
+    """Rank ``src``'s list of integers on every rank (tensors, no pickling)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    count = torch.tensor([len(values)], dtype=torch.int64)
+    dist.broadcast(count, src=src)
+    data = torch.tensor(values if get_rank() == src else [0] * int(count.item()),
+                        dtype=torch.int64)
+    dist.broadcast(data, src=src)
+    return [int(v) for v in data.tolist()]
+
+
 def store() -> Any:
     """The default process group's key-value store (torchrun's TCPStore), or None."""
     if not is_initialized():

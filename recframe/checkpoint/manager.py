@@ -154,6 +154,7 @@ class CheckpointManager:
         metrics = dict(self.metrics_provider() if self.metrics_provider else {})
         started = time.monotonic()
         if self.async_save:
+            self.saver.prepare_distributed()  # its collective runs here, not in the thread
             # a save in flight counts as done for the interval (its error surfaces later)
             self._last_saved_step, self._last_saved_time = step, started
             state = self.saver.collect_state()
@@ -294,15 +295,28 @@ class CheckpointManager:
                 raise CheckpointError(
                     f"no committed checkpoint ckpt_{global_step} under {self.saver.output_dir}"
                 )
+        many = distributed.get_world_size() > 1
+        if many:
+            # every rank must load the same checkpoint: rank 0's listing decides
+            mine = {c.step: c for c in found}
+            steps = distributed.broadcast_ints([c.step for c in found])
+            found = [mine.get(step) or CheckpointInfo(step, "", {}) for step in steps]
         for ckpt in reversed(found):
+            error: Optional[BaseException] = None
             try:
+                if not ckpt.path:
+                    raise StorageError(f"{ckpt.name} is not visible from this rank")
                 self.saver.load(ckpt_path=ckpt.path)
             except (CheckpointCorruptError, StorageError) as e:
+                error = e
+            if many and distributed.all_reduce_min_int(0 if error else 1) == 0 and not error:
+                error = CheckpointError(f"another rank could not read {ckpt.name}")
+            if error is not None:
                 if global_step is not None:
-                    raise
+                    raise error
                 logger.warning(
                     "checkpoint %s is unreadable (%s); falling back to the previous one",
-                    ckpt.path, e,
+                    ckpt.path or ckpt.name, error,
                 )
                 continue
             self.global_step = ckpt.step

@@ -381,6 +381,12 @@ class Saver:
         return final
 
     # --- the commit protocol of several ranks -----------------------------------------
+    def prepare_distributed(self) -> None:
+        """Agree on the run token of the commit protocol (a collective: call it from
+        the main thread before saving from a background thread)."""
+        if distributed.is_initialized() and distributed.get_world_size() > 1:
+            self._run_token()
+
     def _run_token(self) -> str:
         """A token every rank shares, fresh per run, so store keys never collide with
         a previous run's on the same store (torchrun keeps its store across restarts)."""

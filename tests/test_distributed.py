@@ -148,7 +148,8 @@ def test_two_ranks_train_save_and_reshard_2_to_1_to_2(tmp_path, dist_jobs):
     assert r0["eval"] == r1["eval"]
     assert r0["global_step"] == r1["global_step"] == 6
 
-    # the checkpoint: each rank wrote its own shard files, one manifest
+    # the checkpoints (saved in the background): each rank wrote its own shard files
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt_2", "ckpt_4", "ckpt_6"]
     manifest = json.loads((ckpt / "ckpt_6" / "manifest.json").read_text())
     assert manifest["world_size"] == 2
     assert {f["rank"] for f in manifest["files"].values()} == {0, 1}
@@ -194,6 +195,20 @@ def test_rank_killed_mid_save_leaves_no_commit(tmp_path, dist_jobs):
     assert trainer.restore() == 2
     assert trainer.global_step == 2
     assert not trainer.saver.uncommitted()  # the manager cleaned the leftover
+
+
+def test_rank_whose_write_fails_stops_the_commit_at_once(tmp_path):
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    out.mkdir()
+    # a long timeout: rank 0 learns of the failure from rank 1's report, not by waiting
+    _check_ok(_launch("kill", out, ckpt, "--steps", "6", "--timeout", "600",
+                      "--how", "raise"))
+    error0, error1 = _result(out, 0)["error"], _result(out, 1)["error"]
+    assert "ckpt_4 was not committed" in error0
+    assert "rank 1 failed to write: OSError(28, 'No space left on device (injected)')" in error0
+    assert error1.startswith("OSError") and "injected" in error1
+    assert (ckpt / "ckpt_2" / "manifest.json").exists()
+    assert not (ckpt / "ckpt_4").exists()
 
 
 def test_cli_under_torchrun_then_single_process_resumes(tmp_path):

@@ -6,11 +6,13 @@ usage: dist_job.py MODE OUT_DIR [--ckpt DIR] [--steps N]
 Modes:
   train   accumulation under DDP (k=2 on half batches equals k=1), ranks with uneven
           data stop together (sized and unsized datasets), eval over all ranks, then a
-          Trainer run that checkpoints into --ckpt; each rank writes its result JSON
+          Trainer run that checkpoints into --ckpt (async saves: the commit protocol
+          runs in a background thread); each rank writes its result JSON
           and its local tensors (``r<rank>.npz``) to OUT_DIR.
   restore restore the latest checkpoint of --ckpt, dump the local tensors.
   kill    train with save_steps=2; rank 1 SIGKILLs itself in the middle of writing the
-          step-4 checkpoint; rank 0 records the error it got.
+          step-4 checkpoint (or, with --how raise, its write fails); the ranks left
+          record the error they got.
 
 Tensors are dumped without pickle (numpy .npz): ``<part>/<name>|<offsets>``.
 """
@@ -34,7 +36,7 @@ ROWS = 48
 
 def build(output_dir: str, steps: int, accum: int = 1, batch_size: int = 16,
           save_steps: int = 2, sharding: Any = "mixed", num_batches: int = 12,
-          timeout: float = 60.0) -> Any:
+          timeout: float = 60.0, async_save: bool = False) -> Any:
     """A DLRM trainer with fused sharded tables (table_wise and row_wise)."""
     from recframe import Trainer, TrainingArguments, distributed
     from recframe.data import SyntheticCriteo
@@ -54,7 +56,8 @@ def build(output_dir: str, steps: int, accum: int = 1, batch_size: int = 16,
     args = TrainingArguments(output_dir=output_dir, train_steps=steps,
                              gradient_accumulation_steps=accum, save_steps=save_steps,
                              report_to="none", disable_tqdm=True, log_steps=1000,
-                             save_commit_timeout=timeout, max_to_keep=10)
+                             save_commit_timeout=timeout, max_to_keep=10,
+                             async_save=async_save)
     trainer = Trainer(model=dmp, args=args, train_dataset=data, dense_optimizers=(dense, None),
                       sparse_optimizer=sparse)
     return trainer
@@ -176,6 +179,8 @@ def main() -> None:
     p.add_argument("--ckpt", default=None)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--how", choices=["kill", "raise"], default="kill",
+                   help="kill: rank 1 SIGKILLs itself mid-save; raise: its write fails")
     ns = p.parse_args()
     torch.set_num_threads(1)
     from recframe import distributed
@@ -186,7 +191,7 @@ def main() -> None:
     if ns.mode == "train":
         result["accumulation"] = _accumulation(ns.out)
         result["uneven_steps"] = _uneven(ns.out, rank)
-        trainer = build(ns.ckpt, steps=ns.steps)
+        trainer = build(ns.ckpt, steps=ns.steps, async_save=True)  # commits from a thread
         result["plan"] = {
             name: sharding.sharding_type
             for module_plan in trainer.model.plan.plan.values()
@@ -213,6 +218,8 @@ def main() -> None:
         def write_then_die(self: Any, state: Any, directory: str, r: int) -> Any:
             written = original(self, state, directory, r)
             if r == 1 and "ckpt_4" in directory:
+                if ns.how == "raise":
+                    raise OSError(28, "No space left on device (injected)")
                 os.kill(os.getpid(), signal.SIGKILL)  # mid-save: shards written, no report
             return written
 

@@ -4,12 +4,12 @@ and 2 processes (gloo on loopback, each rank a separate process as under torchru
 Each round launches, for each world size in an order rotated every round, ``world``
 worker processes (this script with ``--worker``), which:
 
-* shard a DLRM with `recframe.optim.fused.shard_model` (torchrec's planner, tables
-  alternately table-wise and row-wise; the planner time is recorded), dense part under
-  DDP, and train it with the `Trainer` on `SyntheticCriteo` (each rank its own part of
-  the data, ``--batch_size`` samples per rank per step: weak scaling), timing
-  ``--steps`` updates after ``--warmup`` ones (between barriers, on rank 0):
-  samples/s over all ranks;
+* shard a DLRM with `recframe.optim.fused.shard_model` (torchrec's planner; by default
+  tables alternately table-wise and row-wise, ``--sharding``; the planner time is
+  recorded), dense part under DDP, and train it with the `Trainer` on `SyntheticCriteo`
+  (each rank its own part of the data, ``--batch_size`` samples per rank per step:
+  weak scaling), timing ``--steps`` updates after ``--warmup`` ones (between barriers,
+  on rank 0): samples/s over all ranks;
 * save ``--saves`` checkpoints with ``Saver.save``: per rank, the time of its own
   writes (``write``: its shard files, fsynced) and of the whole save (``save``: writes,
   then the commit through the store: rank 0 waits for every rank, writes the manifest,
@@ -60,6 +60,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="rows per table per rank (tables grow with the world size)")
     p.add_argument("--saves", type=int, default=3, help="checkpoints saved per launch")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--sharding", default="mixed",
+                   choices=["mixed", "table_wise", "row_wise", "auto"],
+                   help="shard_model(sharding=...); auto: the planner's choice")
     p.add_argument("--quick", action="store_true", help="a short run (smaller everything)")
     p.add_argument("--json", default=None, help="where to write the JSON report")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -109,7 +112,8 @@ def worker(cfg: argparse.Namespace) -> None:
                  sparse_features=features)
     distributed.barrier()
     t0 = time.perf_counter()
-    dmp, sparse = shard_model(model, optimizer="rowwise_adagrad", lr=0.05, sharding="mixed")
+    sharding = None if cfg.sharding == "auto" else cfg.sharding
+    dmp, sparse = shard_model(model, optimizer="rowwise_adagrad", lr=0.05, sharding=sharding)
     shard_seconds = time.perf_counter() - t0
     dense = torch.optim.Adam(dense_parameters(dmp), lr=1e-3)
     steps = cfg.warmup + cfg.steps
@@ -167,7 +171,7 @@ def launch(cfg: argparse.Namespace, world: int, base: str) -> dict[str, Any]:
     port = str(_free_port())
     argv = [sys.executable, os.path.abspath(__file__), "--worker", directory]
     for name in ("steps", "warmup", "batch_size", "tables", "embedding_dim",
-                 "rows_per_rank", "saves", "threads"):
+                 "rows_per_rank", "saves", "threads", "sharding"):
         argv += [f"--{name}", str(getattr(cfg, name))]
     start, before = common.LoadSample.now(), os.times()
     procs = []

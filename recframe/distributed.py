@@ -167,7 +167,13 @@ def store_gather(key: str, value: bytes, timeout: float, what: str) -> list[byte
             f"{what}: rank(s) {missing} did not report within {timeout:g}s (dead, hung or "
             f"failed; {e})", missing,
         ) from e
-    return [kv.get(k) for k in keys]
+    values = [kv.get(k) for k in keys]
+    for k in keys:  # read once: keep the store small over a long run
+        try:
+            kv.delete_key(k)
+        except (RuntimeError, NotImplementedError):
+            pass
+    return values
 
 
 def store_wait(key: str, timeout: float, what: str, rank_of: int) -> bytes:

@@ -46,6 +46,7 @@ class BatchStream:
         skip: int = 0,
         limit: Optional[int] = None,
         sync_every: Optional[int] = None,
+        drain: bool = True,
     ) -> None:
         self.dataset = dataset
         self.device = device
@@ -58,6 +59,9 @@ class BatchStream:
         """With several ranks and no agreed ``limit``: every this many batches, the ranks
         agree (one all-reduce) on how many batches they all still have, reading that
         many ahead, so that all stop at the same batch."""
+        self.drain = drain
+        """At ``limit``, read the rest of the pass and drop it (a training pass: the
+        dataset ends its pass); False for an evaluation capped at ``eval_steps``."""
         self.stateful = is_stateful(dataset)
         self.dropped = 0
 
@@ -104,27 +108,30 @@ class BatchStream:
                     fill(ahead)
                     yield StreamItem(batch, position, is_last=not buffer)
                 return
-            limit, safe, index = self.limit, 0, 0
+            cap, agreed, safe, index = self.limit, None, 0, 0
+            limit = cap
             while True:
-                if limit is None and index + 1 >= safe:
+                if self.sync_every is not None and agreed is None and index + 1 >= safe:
                     # agree with the other ranks how many of the next sync_every + 1
-                    # batches all of them have
-                    window = max(1, self.sync_every or 1)
+                    # batches all of them have (the same calls on every rank: index,
+                    # safe and agreed are the same everywhere)
+                    window = max(1, self.sync_every)
                     fill(window + 1)
                     from recframe import distributed
 
-                    agreed = distributed.all_reduce_min_int(len(buffer))
-                    if agreed == window + 1:
-                        safe = index + agreed
+                    have = distributed.all_reduce_min_int(len(buffer))
+                    if have == window + 1:
+                        safe = index + have
                     else:
-                        limit = index + agreed
+                        agreed = index + have
+                        limit = agreed if cap is None else min(cap, agreed)
                 if limit is not None and index >= limit:
                     break
                 fill(max(ahead, 1))
                 if not buffer:
                     break
                 is_last = limit is not None and index + 1 >= limit
-                if is_last:
+                if is_last and self.drain:
                     # past the agreed count: read the rest of the pass and drop it, so a
                     # stateful dataset stands at its end like every other rank's
                     self.dropped = len(buffer) - 1 + sum(1 for _ in source)

@@ -363,8 +363,8 @@ class Trainer:
         except TypeError:
             remaining = None
         if remaining is None:
-            # an endless or unsized dataset: agree as we go (a cap stops everyone anyway)
-            return cap, (None if cap is not None else self.args.dist_sync_steps)
+            # an endless or unsized dataset: agree as we go (up to the cap, if any)
+            return cap, self.args.dist_sync_steps
         if cap is not None:
             remaining = min(remaining, cap)
         return distributed.all_reduce_min_int(remaining), None
@@ -513,7 +513,8 @@ class Trainer:
         count = 0
         with torch.no_grad(), collect_predictions() as collector:
             limit, sync_every = self._agreed_batches(dataset, 0, eval_steps)
-            stream = BatchStream(dataset, self.device, 1, limit=limit, sync_every=sync_every)
+            stream = BatchStream(dataset, self.device, 1, limit=limit, sync_every=sync_every,
+                                 drain=False)
             for i, item in enumerate(stream):
                 if eval_steps is not None and i >= eval_steps:
                     break

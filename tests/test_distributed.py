@@ -278,13 +278,18 @@ def test_batch_stream_limit_stops_at_the_agreed_count_and_drains(prefetch):
 
 
 @pytest.mark.parametrize("n,every", [(7, 2), (6, 2), (1, 4), (0, 3), (5, 1)])
-def test_batch_stream_sync_every_marks_the_last_batch(n, every):
+@pytest.mark.parametrize("cap", [None, 3])
+def test_batch_stream_sync_every_marks_the_last_batch(n, every, cap):
     from recframe.device import resolve_device
     from recframe.pipeline import BatchStream
 
-    items = list(BatchStream(_Counting(n), resolve_device("cpu"), 1, sync_every=every))
-    assert [i.batch for i in items] == list(range(n))
-    assert [i.is_last for i in items] == [k == n - 1 for k in range(n)]
+    data = _Counting(n)
+    items = list(BatchStream(data, resolve_device("cpu"), 1, limit=cap, sync_every=every,
+                             drain=False))
+    expected = n if cap is None else min(n, cap)
+    assert [i.batch for i in items] == list(range(expected))
+    assert [i.is_last for i in items] == [k == expected - 1 for k in range(expected)]
+    assert data.pos <= expected + every + 1  # read ahead at most a window, never drained
 
 
 def test_shard_model_sharding_argument_is_checked():

@@ -69,12 +69,20 @@ def barrier(timeout: Optional[float] = None) -> None:
         dist.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where tensors of a collective live: the rank's GPU under nccl (which takes only
+    CUDA tensors), else the CPU (gloo)."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a 1-D tensor of any length from every rank (rank order)."""
     if not is_initialized() or dist.get_world_size() == 1:
         return tensor
     world = dist.get_world_size()
-    device = tensor.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = collective_device()
     local = tensor.detach().reshape(-1).to(device)
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([local.numel()], dtype=torch.int64, device=device))
@@ -90,7 +98,7 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_sum(value: float) -> float:
     if not is_initialized() or dist.get_world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return float(t.item())
 
@@ -98,7 +106,7 @@ def all_reduce_sum(value: float) -> float:
 def all_reduce_min_int(value: int) -> int:
     if not is_initialized() or dist.get_world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
 
@@ -106,7 +114,7 @@ def all_reduce_min_int(value: int) -> int:
 def all_reduce_max_int(value: int) -> int:
     if not is_initialized() or dist.get_world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
@@ -124,10 +132,11 @@ def broadcast_ints(values: list[int], src: int = 0) -> list[int]:
     """Rank ``src``'s list of integers on every rank (tensors, no pickling)."""
     if not is_initialized() or dist.get_world_size() == 1:
         return list(values)
-    count = torch.tensor([len(values)], dtype=torch.int64)
+    device = collective_device()
+    count = torch.tensor([len(values)], dtype=torch.int64, device=device)
     dist.broadcast(count, src=src)
     data = torch.tensor(values if get_rank() == src else [0] * int(count.item()),
-                        dtype=torch.int64)
+                        dtype=torch.int64, device=device)
     dist.broadcast(data, src=src)
     return [int(v) for v in data.tolist()]
 

@@ -393,7 +393,8 @@ class Saver:
         if self._token is None:
             import torch
 
-            value = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+            value = torch.randint(0, 2**62, (1,), dtype=torch.int64,
+                                  device=distributed.collective_device())
             import torch.distributed as dist
 
             dist.broadcast(value, src=0)

@@ -211,6 +211,18 @@ def test_rank_whose_write_fails_stops_the_commit_at_once(tmp_path):
     assert not (ckpt / "ckpt_4").exists()
 
 
+def test_sigterm_on_one_rank_saves_and_stops_all_at_the_same_step(tmp_path):
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    out.mkdir()
+    _check_ok(_launch("sigterm", out, ckpt, "--steps", "8"))
+    for rank in (0, 1):
+        result = _result(out, rank)
+        # SIGTERM after update 3 on rank 1 only; the ranks agree every 2 updates
+        assert result["global_step"] == 4 and result["preempted"] is True
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt_4"]
+    assert json.loads((ckpt / "ckpt_4" / "manifest.json").read_text())["world_size"] == 2
+
+
 def test_cli_under_torchrun_then_single_process_resumes(tmp_path):
     out = tmp_path / "run"
     common = ["train", "--output_dir", str(out), "--num_train_batches", "16",

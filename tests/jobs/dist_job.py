@@ -10,6 +10,8 @@ Modes:
           runs in a background thread); each rank writes its result JSON
           and its local tensors (``r<rank>.npz``) to OUT_DIR.
   restore restore the latest checkpoint of --ckpt, dump the local tensors.
+  sigterm rank 1 alone receives SIGTERM after update 3: both ranks must save at the
+          same step (4, where they agree) and stop there.
   kill    train with save_steps=2; rank 1 SIGKILLs itself in the middle of writing the
           step-4 checkpoint (or, with --how raise, its write fails); the ranks left
           record the error they got.
@@ -174,7 +176,7 @@ def _count_allreduces(trainer: Any) -> list[int]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["train", "restore", "kill"])
+    p.add_argument("mode", choices=["train", "restore", "kill", "sigterm"])
     p.add_argument("out")
     p.add_argument("--ckpt", default=None)
     p.add_argument("--steps", type=int, default=6)
@@ -206,6 +208,23 @@ def main() -> None:
         result["eval"] = trainer.evaluate()
         result["global_step"] = trainer.global_step
         np.savez(os.path.join(ns.out, f"r{rank}.npz"), **local_tensors(trainer))
+    elif ns.mode == "sigterm":
+        from recframe import Hook
+
+        class TermAt(Hook):
+            """Rank 1 alone gets SIGTERM (a preemption notice) after update 3."""
+
+            def after_step(self, trainer: Any, metrics: Any) -> None:
+                if rank == 1 and trainer.global_step == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        trainer = build(ns.ckpt, steps=ns.steps, save_steps=0)
+        trainer.args.dist_sync_steps = 2
+        trainer.checkpoint_manager.agree_every = 2
+        trainer.add_hook(TermAt())
+        trainer.train()
+        result["global_step"] = trainer.global_step
+        result["preempted"] = trainer.checkpoint_manager.preemption_requested
     elif ns.mode == "restore":
         trainer = build(ns.ckpt, steps=1)
         result["restored_step"] = trainer.restore()

@@ -88,6 +88,12 @@ class TrainingArguments:
     """Eval metric (e.g. auc) whose best checkpoint is kept on top of ``max_to_keep``."""
     keep_best_mode: str = "max"
     """Whether a larger (max) or smaller (min) ``keep_best_metric`` is better."""
+    save_commit_timeout: float = 600.0
+    """Several ranks: seconds to wait for every rank's checkpoint shards before the
+    commit; a rank that failed, died or hung means no commit and an error naming it."""
+    dist_sync_steps: int = 16
+    """Several ranks: how often (in batches, or updates for time-based saves and
+    SIGTERM) ranks agree on whether to go on when the data has no ``len()``."""
 
     def __post_init__(self) -> None:
         _check_str(self, "output_dir", nonempty=True)
@@ -120,6 +126,8 @@ class TrainingArguments:
         _check_bool(self, "async_save")
         _check_str(self, "keep_best_metric", optional=True, nonempty=True)
         _check_choice(self, "keep_best_mode", METRIC_MODES)
+        _check_float(self, "save_commit_timeout", positive=True)
+        _check_int(self, "dist_sync_steps", minimum=1)
 
     # --- derived values -----------------------------------------------------------
     @property

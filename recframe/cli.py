@@ -60,27 +60,36 @@ def _train_parser(sub: Any) -> None:
         choices=["rowwise_adagrad", "adagrad", "sgd", "adam", "adamw"],
         help="optimizer of the embedding tables (fused on CPU: rowwise_adagrad, adagrad, sgd)",
     )
+    g.add_argument(
+        "--sharding", default=None,
+        choices=["table_wise", "row_wise", "table_row_wise", "column_wise", "mixed"],
+        help="fused back end: the tables' sharding (default: torchrec's planner chooses; "
+        "mixed: tables alternately table_wise and row_wise)",
+    )
     add_arguments(p.add_argument_group("training arguments"))
     p.set_defaults(func=_cmd_train)
 
 
 def _build_data(ns: argparse.Namespace, seed: int) -> tuple[Any, Any]:
+    """Training and evaluation data; under torchrun each rank reads its own part."""
+    from recframe import distributed
     from recframe.data import CriteoTSVDataset, SyntheticCriteo
 
+    ranks = dict(rank=distributed.get_rank(), world_size=distributed.get_world_size())
     if ns.data == "criteo":
         if not ns.train_path:
             raise SystemExit("recframe train --data criteo needs --train_path PATH")
         train = CriteoTSVDataset(
-            ns.train_path, batch_size=ns.batch_size, num_embeddings=ns.num_embeddings
+            ns.train_path, batch_size=ns.batch_size, num_embeddings=ns.num_embeddings, **ranks
         )
         evals = (
             CriteoTSVDataset(ns.eval_path, batch_size=ns.batch_size,
-                             num_embeddings=ns.num_embeddings)
+                             num_embeddings=ns.num_embeddings, **ranks)
             if ns.eval_path
             else None
         )
         return train, evals
-    common = dict(batch_size=ns.batch_size, num_embeddings=ns.num_embeddings)
+    common = dict(batch_size=ns.batch_size, num_embeddings=ns.num_embeddings, **ranks)
     train = SyntheticCriteo(num_batches=ns.num_train_batches, seed=seed, **common)
     # evaluation batches come from the same distribution, past the training batches
     evals = SyntheticCriteo(num_batches=ns.num_eval_batches, seed=seed + 1_000_003, **common)
@@ -99,7 +108,16 @@ def _sparse_side(model: Any, ns: argparse.Namespace, device: str) -> tuple[Any, 
     if backend == "fused":
         from recframe.optim.fused import shard_model
 
-        return shard_model(model, optimizer=ns.sparse_optimizer, lr=ns.sparse_lr)
+        return shard_model(
+            model, optimizer=ns.sparse_optimizer, lr=ns.sparse_lr, sharding=ns.sharding
+        )
+    from recframe import distributed
+
+    if distributed.get_world_size() > 1:
+        raise ValueError(
+            "--sparse_backend sparse_grad trains in one process; several processes "
+            "(torchrun) need --sparse_backend fused (torchrec sharding)"
+        )
     from recframe.optim.sparse import build_sparse_optimizer
 
     for module in model.modules():
@@ -134,9 +152,17 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     )
     trainer.train()
     if eval_data is not None:
-        results = trainer.evaluate()
-        summary = {k: round(v, 4) for k, v in results.items()}
-        print("final eval: " + json.dumps(summary), flush=True)
+        results = trainer.evaluate()  # every rank: the metrics cover all ranks' samples
+        if trainer.is_main_process:
+            summary = {k: round(v, 4) for k, v in results.items()}
+            print("final eval: " + json.dumps(summary), flush=True)
+    from recframe import distributed
+
+    if distributed.get_world_size() > 1:  # launched by torchrun: leave the group cleanly
+        import torch.distributed as dist
+
+        distributed.barrier()
+        dist.destroy_process_group()
     return 0
 
 

@@ -69,19 +69,36 @@ def barrier(timeout: Optional[float] = None) -> None:
         dist.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where tensors of a collective live: the rank's GPU under nccl (which takes only
+    CUDA tensors), else the CPU (gloo)."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a 1-D tensor of any length from every rank (rank order)."""
     if not is_initialized() or dist.get_world_size() == 1:
         return tensor
-    objects: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(objects, tensor.cpu())
-    return torch.cat([o for o in objects if o is not None and o.numel()] or [tensor[:0]])
+    world = dist.get_world_size()
+    device = collective_device()
+    local = tensor.detach().reshape(-1).to(device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([local.numel()], dtype=torch.int64, device=device))
+    counts = [int(s.item()) for s in sizes]
+    longest = max(counts)
+    padded = torch.zeros(longest, dtype=local.dtype, device=device)
+    padded[: local.numel()] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)  # tensors, not pickled objects
+    return torch.cat([p[:n] for p, n in zip(parts, counts)]).to(tensor.device)
 
 
 def all_reduce_sum(value: float) -> float:
     if not is_initialized() or dist.get_world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return float(t.item())
 
@@ -89,7 +106,7 @@ def all_reduce_sum(value: float) -> float:
 def all_reduce_min_int(value: int) -> int:
     if not is_initialized() or dist.get_world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
 
@@ -97,7 +114,7 @@ def all_reduce_min_int(value: int) -> int:
 def all_reduce_max_int(value: int) -> int:
     if not is_initialized() or dist.get_world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
@@ -109,6 +126,88 @@ def all_gather_objects(obj: Any) -> list[Any]:
     objects: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(objects, obj)
     return objects
+
+
+def broadcast_ints(values: list[int], src: int = 0) -> list[int]:
+    """Rank ``src``'s list of integers on every rank (tensors, no pickling)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    device = collective_device()
+    count = torch.tensor([len(values)], dtype=torch.int64, device=device)
+    dist.broadcast(count, src=src)
+    data = torch.tensor(values if get_rank() == src else [0] * int(count.item()),
+                        dtype=torch.int64, device=device)
+    dist.broadcast(data, src=src)
+    return [int(v) for v in data.tolist()]
+
+
+def store() -> Any:
+    """The default process group's key-value store (torchrun's TCPStore), or None."""
+    if not is_initialized():
+        return None
+    return dist.distributed_c10d._get_default_store()
+
+
+class RankTimeoutError(RuntimeError):
+    """Some ranks did not report in time; ``missing`` lists them."""
+
+    def __init__(self, message: str, missing: list[int]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+def store_gather(key: str, value: bytes, timeout: float, what: str) -> list[bytes]:
+    """Every rank publishes ``value`` under ``key``; rank 0 returns all values in rank
+    order (other ranks return ``[value]``) once every rank did, or raises
+    `RankTimeoutError` naming each rank that did not within ``timeout`` seconds (dead,
+    hung or failed). Uses the store, not a collective, so a dead rank cannot hang the
+    others past ``timeout``. ``key`` must be fresh (unique per call)."""
+    kv = store()
+    rank = get_rank()
+    kv.set(f"{key}/{rank}", value)
+    if rank != 0:
+        return [value]
+    keys = [f"{key}/{r}" for r in range(get_world_size())]
+    try:
+        _wait(kv, keys, timeout)
+    except RuntimeError as e:
+        missing = [r for r, k in enumerate(keys) if not _has(kv, k)]
+        raise RankTimeoutError(
+            f"{what}: rank(s) {missing} did not report within {timeout:g}s (dead, hung or "
+            f"failed; {e})", missing,
+        ) from e
+    values = [kv.get(k) for k in keys]
+    for k in keys:  # read once: keep the store small over a long run
+        try:
+            kv.delete_key(k)
+        except (RuntimeError, NotImplementedError):
+            pass
+    return values
+
+
+def store_wait(key: str, timeout: float, what: str, rank_of: int) -> bytes:
+    """The value of ``key`` once set, waiting at most ``timeout`` seconds; otherwise a
+    `RankTimeoutError` naming ``rank_of``, the rank that should have set it."""
+    kv = store()
+    try:
+        _wait(kv, [key], timeout)
+        return kv.get(key)
+    except RuntimeError as e:  # DistStoreError (timeout) or a lost store connection
+        raise RankTimeoutError(
+            f"{what}: no word from rank {rank_of} within {timeout:g}s (dead, hung or "
+            f"failed; {e})", [rank_of],
+        ) from e
+
+
+def _wait(kv: Any, keys: list[str], timeout: float) -> None:
+    kv.wait(keys, datetime.timedelta(seconds=timeout))
+
+
+def _has(kv: Any, key: str) -> bool:
+    try:
+        return bool(kv.check([key]))
+    except RuntimeError:
+        return False
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

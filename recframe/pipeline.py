@@ -44,12 +44,26 @@ class BatchStream:
         device: Device,
         prefetch: int = 1,
         skip: int = 0,
+        limit: Optional[int] = None,
+        sync_every: Optional[int] = None,
+        drain: bool = True,
     ) -> None:
         self.dataset = dataset
         self.device = device
         self.prefetch = prefetch
         self.skip = skip
+        self.limit = limit
+        """Yield at most this many batches (the ranks' agreed count); the rest of the
+        pass is read and dropped, so a stateful dataset still ends its pass."""
+        self.sync_every = sync_every
+        """With several ranks and no agreed ``limit``: every this many batches, the ranks
+        agree (one all-reduce) on how many batches they all still have, reading that
+        many ahead, so that all stop at the same batch."""
+        self.drain = drain
+        """At ``limit``, read the rest of the pass and drop it (a training pass: the
+        dataset ends its pass); False for an evaluation capped at ``eval_steps``."""
         self.stateful = is_stateful(dataset)
+        self.dropped = 0
 
     def __iter__(self) -> Iterator[StreamItem]:
         it = iter(self.dataset)
@@ -87,11 +101,50 @@ class BatchStream:
                     return
 
         try:
-            fill(ahead + 1)
-            while buffer:
+            if self.limit is None and self.sync_every is None:
+                fill(ahead + 1)
+                while buffer:
+                    batch, position = buffer.pop(0)
+                    fill(ahead)
+                    yield StreamItem(batch, position, is_last=not buffer)
+                return
+            cap, agreed, safe, index = self.limit, None, 0, 0
+            limit = cap
+            while True:
+                if self.sync_every is not None and agreed is None and index + 1 >= safe:
+                    # agree with the other ranks how many of the next sync_every + 1
+                    # batches all of them have (the same calls on every rank: index,
+                    # safe and agreed are the same everywhere)
+                    window = max(1, self.sync_every)
+                    fill(window + 1)
+                    from recframe import distributed
+
+                    have = distributed.all_reduce_min_int(len(buffer))
+                    if have == window + 1:
+                        safe = index + have
+                    else:
+                        agreed = index + have
+                        limit = agreed if cap is None else min(cap, agreed)
+                if limit is not None and index >= limit:
+                    break
+                fill(max(ahead, 1))
+                if not buffer:
+                    break
+                is_last = limit is not None and index + 1 >= limit
+                if is_last and self.drain:
+                    # past the agreed count: read the rest of the pass and drop it, so a
+                    # stateful dataset stands at its end like every other rank's
+                    self.dropped = len(buffer) - 1 + sum(1 for _ in source)
+                    if self.dropped:
+                        logger.warning(
+                            "dropped %d batches of this rank beyond the %d that every rank "
+                            "has in this pass (uneven data across ranks)", self.dropped, limit,
+                        )
                 batch, position = buffer.pop(0)
-                fill(ahead)
-                yield StreamItem(batch, position, is_last=not buffer)
+                index += 1
+                yield StreamItem(batch, position, is_last=is_last)
+                if is_last:
+                    return
         finally:
             self.close()
 

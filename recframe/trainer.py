@@ -141,6 +141,7 @@ class Trainer:
             output_dir=args.output_dir,
             max_keep=args.max_to_keep,
             concurrency=args.save_concurrency_per_rank,
+            commit_timeout=args.save_commit_timeout,
         )
         saver.register_for_checkpointing("dense_optimizer", self.dense_optimizer)
         saver.register_for_checkpointing("dense_lr_scheduler", self.dense_lr_scheduler)
@@ -157,6 +158,7 @@ class Trainer:
             keep_best_mode=args.keep_best_mode,
             async_save=args.async_save,
             save_on_sigterm=args.save_on_sigterm,
+            agree_every=args.dist_sync_steps,
         )
         manager.metrics_provider = lambda: self.state.last_eval
         return saver, manager
@@ -193,14 +195,17 @@ class Trainer:
         if self.args.model_bank:
             self.checkpoint_manager.load_model_bank(self.args.model_bank)
         step = self.checkpoint_manager.restore()
-        if step:
+        if not self.is_main_process:
+            pass  # the log is rank 0's
+        elif step:
             logger.info(
                 "resumed from %s/ckpt_%d (global_step=%d, epoch=%d)",
                 self.args.output_dir, step, self.state.global_step, self.state.epoch,
             )
-            self.hooks.fire(Event.AFTER_RESTORE, self, step)
         else:
             logger.info("no checkpoint in %s: starting from step 0", self.args.output_dir)
+        if step:
+            self.hooks.fire(Event.AFTER_RESTORE, self, step)
         return step
 
     def train(self, train_steps: Optional[int] = None) -> dict[str, Any]:
@@ -327,7 +332,9 @@ class Trainer:
         dataset = self.train_dataset
         one_shot = isinstance(dataset, Iterator)  # already stands where the last call left
         skip = 0 if is_stateful(dataset) or one_shot else self.state.epoch_batches
-        stream = BatchStream(dataset, self.device, self.args.dataloader_prefetch, skip=skip)
+        limit, sync_every = self._agreed_batches(dataset, self.state.epoch_batches)
+        stream = BatchStream(dataset, self.device, self.args.dataloader_prefetch, skip=skip,
+                             limit=limit, sync_every=sync_every)
         if stream.stateful and self.data_position is None:
             self.data_position = dataset.state_dict()  # type: ignore[union-attr]
         try:
@@ -338,6 +345,28 @@ class Trainer:
                     and not self._pass_ended):
                 # the look-ahead fetched batches that were never trained: put them back
                 dataset.load_state_dict(self.data_position)  # type: ignore[union-attr]
+
+    def _agreed_batches(
+        self, dataset: Any, done: int, cap: Optional[int] = None
+    ) -> tuple[Optional[int], Optional[int]]:
+        """With several ranks, ``(limit, sync_every)`` for a `BatchStream` so that every
+        rank runs the same number of batches (the sharded tables' lookups are
+        collectives: a rank that stopped early would leave the others hanging). A
+        dataset with ``len()`` costs one all-reduce per pass (the smallest remaining
+        count wins, capped by ``cap``); without, the ranks agree every
+        ``dist_sync_steps`` batches. One process: ``(cap, None)``."""
+        if distributed.get_world_size() == 1 or not distributed.is_initialized():
+            return cap, None
+        try:
+            remaining = max(0, len(dataset) - done)
+        except TypeError:
+            remaining = None
+        if remaining is None:
+            # an endless or unsized dataset: agree as we go (up to the cap, if any)
+            return cap, self.args.dist_sync_steps
+        if cap is not None:
+            remaining = min(remaining, cap)
+        return distributed.all_reduce_min_int(remaining), None
 
     def _train_pass(self, stream: BatchStream, max_steps: Optional[int]) -> bool:
         dataset = stream.dataset
@@ -397,10 +426,8 @@ class Trainer:
     ) -> None:
         metrics: dict[str, Any] = {}
         self.window.begin(index, size, metrics)
-        no_sync = getattr(self.model, "no_sync", None)
         sync_ctx = (
-            no_sync() if callable(no_sync) and not self.window.is_boundary
-            else contextlib.nullcontext()
+            _no_sync(self.model) if not self.window.is_boundary else contextlib.nullcontext()
         )
         with sync_ctx, self.device.autocast(self.args.bf16):
             self._train_step(batch, self.state.epoch, metrics)
@@ -484,7 +511,10 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64)
         count = 0
         with torch.no_grad(), collect_predictions() as collector:
-            for i, item in enumerate(BatchStream(dataset, self.device, 1)):
+            limit, sync_every = self._agreed_batches(dataset, 0, eval_steps)
+            stream = BatchStream(dataset, self.device, 1, limit=limit, sync_every=sync_every,
+                                 drain=False)
+            for i, item in enumerate(stream):
                 if eval_steps is not None and i >= eval_steps:
                     break
                 with self.device.autocast(self.args.bf16):
@@ -505,6 +535,24 @@ class Trainer:
         self.hooks.fire(Event.AFTER_EVALUATE, self, results)
         self.model.train(was_training)
         return results
+
+
+def _no_sync(model: nn.Module) -> Any:
+    """DDP's ``no_sync`` for a non-final micro-batch: the model itself when it is a
+    DistributedDataParallel, or the DDP module inside torchrec's
+    DistributedModelParallel (its dense part); a null context when there is none."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    current: Any = model
+    for _ in range(4):
+        if isinstance(current, DistributedDataParallel):
+            return current.no_sync()
+        inner = getattr(current, "_dmp_wrapped_module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        current = inner
+    no_sync = getattr(model, "no_sync", None)
+    return no_sync() if callable(no_sync) else contextlib.nullcontext()
 
 
 class _DataPosition:

@@ -44,6 +44,8 @@ def test_recframe_defaults():
     assert args.save_on_sigterm is True
     assert args.async_save is False
     assert args.keep_best_mode == "max"
+    assert args.save_commit_timeout == 600.0
+    assert args.dist_sync_steps == 16
 
 
 # --- validation -----------------------------------------------------------------------
@@ -73,6 +75,8 @@ BAD_VALUES = {
     "async_save": [1, "no"],
     "keep_best_metric": ["", "   ", 3],
     "keep_best_mode": ["maximize", None, "MAX"],
+    "save_commit_timeout": [0, -1, float("nan"), float("inf"), None, "60", True],
+    "dist_sync_steps": [0, -1, 1.5, None, True],
 }
 
 
@@ -333,6 +337,8 @@ CLI_VALUES = {
     "async_save": ("yes", True),
     "keep_best_metric": ("auc", "auc"),
     "keep_best_mode": ("min", "min"),
+    "save_commit_timeout": ("30", 30.0),
+    "dist_sync_steps": ("4", 4),
 }
 
 

@@ -69,8 +69,13 @@ class CheckpointManager:
         keep_best_mode: str = "max",
         async_save: bool = False,
         save_on_sigterm: bool = False,
+        agree_every: int = 16,
     ) -> None:
         self.saver = saver
+        self.agree_every = max(1, int(agree_every))
+        """Several ranks: every this many steps they agree (one all-reduce) on the
+        decisions that may differ between them: a time-based save, a SIGTERM."""
+        self._sigterm_seen = False
         self.save_policy = IntervalPolicy(save_interval, save_interval_secs)
         keep = LatestN(max_keep if max_keep is not None else saver.max_keep)
         self.preservation = (
@@ -106,6 +111,8 @@ class CheckpointManager:
         else:
             self.global_step = global_step
         step = self.global_step
+        if distributed.get_world_size() > 1:
+            return self._step_of_many(step, force)
         if self.preemption_requested:
             force = True
         if force and step == self._last_saved_step:
@@ -113,6 +120,29 @@ class CheckpointManager:
         if force or self.save_policy.should_save(
             step, self._last_saved_step, self._last_saved_time
         ):
+            return self.save(step)
+        return None
+
+    def _step_of_many(self, step: int, force: bool) -> Optional[str]:
+        """`step` with several ranks: every rank must save at the same step. The step
+        interval is the same everywhere; wall time and SIGTERM are not, so they count
+        only at steps that are multiples of ``agree_every``, where the ranks agree
+        (max over ranks: one rank's SIGTERM or timer saves, and stops, all)."""
+        policy = self.save_policy
+        due = bool(policy.steps and step % policy.steps == 0 and step > self._last_saved_step)
+        if (policy.seconds or self.save_on_sigterm) and step % self.agree_every == 0:
+            mine = 2 if (self._sigterm_seen or self.preemption_requested) else (
+                1 if policy.seconds and time.monotonic() - self._last_saved_time
+                >= policy.seconds else 0)
+            agreed = distributed.all_reduce_max_int(mine)
+            if agreed >= 2:
+                self.preemption_requested = True
+            due = due or (agreed == 1 and step > self._last_saved_step)
+        if self.preemption_requested:
+            force = True
+        if force and step == self._last_saved_step:
+            return None
+        if force or due:
             return self.save(step)
         return None
 
@@ -128,6 +158,7 @@ class CheckpointManager:
         metrics = dict(self.metrics_provider() if self.metrics_provider else {})
         started = time.monotonic()
         if self.async_save:
+            self.saver.prepare_distributed()  # its collective runs here, not in the thread
             # a save in flight counts as done for the interval (its error surfaces later)
             self._last_saved_step, self._last_saved_time = step, started
             state = self.saver.collect_state()
@@ -266,15 +297,28 @@ class CheckpointManager:
                 raise CheckpointError(
                     f"no committed checkpoint ckpt_{global_step} under {self.saver.output_dir}"
                 )
+        many = distributed.get_world_size() > 1
+        if many:
+            # every rank must load the same checkpoint: rank 0's listing decides
+            mine = {c.step: c for c in found}
+            steps = distributed.broadcast_ints([c.step for c in found])
+            found = [mine.get(step) or CheckpointInfo(step, "", {}) for step in steps]
         for ckpt in reversed(found):
+            error: Optional[BaseException] = None
             try:
+                if not ckpt.path:
+                    raise StorageError(f"{ckpt.name} is not visible from this rank")
                 self.saver.load(ckpt_path=ckpt.path)
             except (CheckpointCorruptError, StorageError) as e:
+                error = e
+            if many and distributed.all_reduce_min_int(0 if error else 1) == 0 and not error:
+                error = CheckpointError(f"another rank could not read {ckpt.name}")
+            if error is not None:
                 if global_step is not None:
-                    raise
+                    raise error
                 logger.warning(
                     "checkpoint %s is unreadable (%s); falling back to the previous one",
-                    ckpt.path, e,
+                    ckpt.path or ckpt.name, error,
                 )
                 continue
             self.global_step = ckpt.step
@@ -306,6 +350,7 @@ class CheckpointManager:
     def start(self) -> None:
         """Training starts: install the SIGTERM handler (``save_on_sigterm``)."""
         self.preemption_requested = False
+        self._sigterm_seen = False
         if self.save_on_sigterm and self._previous_handler is None:
             self._install_sigterm()
 
@@ -315,7 +360,10 @@ class CheckpointManager:
 
         def handler(signum: int, frame: Any) -> None:
             logger.warning("SIGTERM received: saving a checkpoint at the next step, then stopping")
-            self.preemption_requested = True
+            if distributed.get_world_size() > 1:
+                self._sigterm_seen = True  # the ranks agree on the step (see _step_of_many)
+            else:
+                self.preemption_requested = True
 
         self._previous_handler = signal.signal(signal.SIGTERM, handler)
 

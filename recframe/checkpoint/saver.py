@@ -124,6 +124,9 @@ class Saver:
         max_keep: committed checkpoints kept by `prune` (oldest deleted first).
         concurrency: writer (and reader) threads per rank.
         chunk_bytes: tables are split into chunks of at most this size.
+        commit_timeout: with several ranks, seconds rank 0 waits for every rank to finish
+            writing before it commits (and the others wait for the commit); a rank that
+            failed, died or hung means no commit and a `CheckpointError` naming it.
     """
 
     def __init__(
@@ -135,6 +138,7 @@ class Saver:
         concurrency: int = 4,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         storage_options: Optional[dict[str, Any]] = None,
+        commit_timeout: float = 600.0,
     ) -> None:
         if isinstance(max_keep, bool) or not isinstance(max_keep, int) or max_keep < 1:
             raise ValueError(f"Saver(max_keep={max_keep!r}) is invalid: must be an integer >= 1")
@@ -153,6 +157,18 @@ class Saver:
         self._extra: dict[str, Any] = {}
         self._io: dict[str, Any] = {}
         self._extra_data: dict[str, Any] = {}
+        if isinstance(commit_timeout, bool) or not isinstance(commit_timeout, (int, float)) \
+                or not commit_timeout > 0:
+            raise ValueError(
+                f"Saver(commit_timeout={commit_timeout!r}) is invalid: must be seconds > 0"
+            )
+        self.commit_timeout = float(commit_timeout)
+        self.last_save_seconds: Optional[float] = None
+        """Wall time of this rank's last `save` (write, commit and the wait for others)."""
+        self.last_write_seconds: Optional[float] = None
+        """Wall time of this rank's own writes in the last `save` (its shard files)."""
+        self._save_seq = 0
+        self._token: Optional[str] = None
 
     # --- registration -------------------------------------------------------------
     def register_for_checkpointing(self, name: str, obj: Any) -> None:
@@ -273,47 +289,157 @@ class Saver:
                 "id is never saved twice"
             )
         staging = final + STAGING_SUFFIX if self.storage.atomic_rename else final
-        if rank == 0:
-            # leftovers of a crash (a staging dir, or a ckpt_<id> whose manifest is gone:
-            # a delete cut short) would mix with the new files or block the rename
-            for leftover in dict.fromkeys((staging, final)):
-                if self.storage.exists(leftover):
-                    self.storage.remove_tree(leftover)
-            self.storage.makedirs(self.storage.root)
-            self.storage.makedirs(staging)
-        distributed.barrier()
+        group = world > 1 and distributed.is_initialized() and distributed.get_world_size() > 1
+        if group:
+            self._save_seq += 1
+            key = f"recframe/ckpt/{self._run_token()}/{self._save_seq}/{name}"
         t0 = time.perf_counter()
+        if rank == 0:
+            try:
+                # leftovers of a crash (a staging dir, or a ckpt_<id> whose manifest is
+                # gone: a delete cut short) would mix with the new files or block the rename
+                for leftover in dict.fromkeys((staging, final)):
+                    if self.storage.exists(leftover):
+                        self.storage.remove_tree(leftover)
+                self.storage.makedirs(self.storage.root)
+                self.storage.makedirs(staging)
+            except BaseException as e:
+                if group:
+                    distributed.store().set(f"{key}/staged", f"error: {e}".encode())
+                raise
+            if group:
+                distributed.store().set(f"{key}/staged", b"ok")
+        elif group:
+            answer = self._wait_rank0(f"{key}/staged", name, "to create the staging directory")
+            if answer != b"ok":
+                raise CheckpointError(
+                    f"checkpoint {name}: rank 0 could not prepare {self.storage.display(staging)}: "
+                    f"{answer.decode(errors='replace')}"
+                )
         try:
             if state is None:
                 state = self.collect_state()
-            trees, result = self._write_rank(state, staging, rank)
+            try:
+                trees, result = self._write_rank(state, staging, rank)
+            except BaseException as e:
+                if group:  # tell the others at once rather than let them wait the timeout
+                    if rank == 0:
+                        distributed.store().set(
+                            f"{key}/commit", f"rank 0 failed to write: {e!r}".encode()
+                        )
+                    else:
+                        distributed.store().set(
+                            f"{key}/written/{rank}", json.dumps({"error": repr(e)}).encode()
+                        )
+                raise
+            self.last_write_seconds = time.perf_counter() - t0
             local = {"rank": rank, "trees": trees, "tensors": result.tensors,
                      "files": result.files}
-            gathered = distributed.all_gather_objects(local)
+            if group:
+                gathered = self._gather_for_commit(key, local, name)
+            else:
+                gathered = distributed.all_gather_objects(local)
             if rank == 0:
-                manifest = self._manifest(name, gathered, world, metrics)
-                mpath = self.storage.join(staging, MANIFEST)
-                with naming_errors(self.storage, "writing", mpath):
-                    self.storage.write_bytes_atomic(
-                        mpath, json.dumps(manifest, allow_nan=True).encode()
+                try:
+                    manifest = self._manifest(name, gathered, world, metrics)
+                    mpath = self.storage.join(staging, MANIFEST)
+                    with naming_errors(self.storage, "writing", mpath):
+                        self.storage.write_bytes_atomic(
+                            mpath, json.dumps(manifest, allow_nan=True).encode()
+                        )
+                    if staging != final:
+                        with naming_errors(self.storage, "renaming", staging):
+                            self.storage.rename(staging, final)
+                except BaseException as e:
+                    if group:
+                        distributed.store().set(f"{key}/commit", f"rank 0: {e}".encode())
+                    raise
+                if group:
+                    distributed.store().set(f"{key}/commit", b"ok")
+            elif group:
+                answer = self._wait_rank0(f"{key}/commit", name, "to commit", 2)
+                if answer != b"ok":
+                    raise CheckpointError(
+                        f"checkpoint {name} was not committed: {answer.decode(errors='replace')}"
                     )
-                if staging != final:
-                    with naming_errors(self.storage, "renaming", staging):
-                        self.storage.rename(staging, final)
         except BaseException:
             if world == 1:  # alone: nobody else is writing there
                 self._discard(staging, final)
             raise
-        distributed.barrier()
-        logger.info(
+        if not group:
+            distributed.barrier()
+        self.last_save_seconds = time.perf_counter() - t0
+        logger.log(
+            logging.INFO if rank == 0 else logging.DEBUG,
             "saved %s (%.1f MB in %.2fs)",
             self.storage.display(final),
             result.nbytes / 1e6,
-            time.perf_counter() - t0,
+            self.last_save_seconds,
         )
         if prune:
             self.prune()
         return final
+
+    # --- the commit protocol of several ranks -----------------------------------------
+    def prepare_distributed(self) -> None:
+        """Agree on the run token of the commit protocol (a collective: call it from
+        the main thread before saving from a background thread)."""
+        if distributed.is_initialized() and distributed.get_world_size() > 1:
+            self._run_token()
+
+    def _run_token(self) -> str:
+        """A token every rank shares, fresh per run, so store keys never collide with
+        a previous run's on the same store (torchrun keeps its store across restarts)."""
+        if self._token is None:
+            import torch
+
+            value = torch.randint(0, 2**62, (1,), dtype=torch.int64,
+                                  device=distributed.collective_device())
+            import torch.distributed as dist
+
+            dist.broadcast(value, src=0)
+            self._token = f"{int(value.item()):x}"
+        return self._token
+
+    def _gather_for_commit(
+        self, key: str, local: dict[str, Any], name: str
+    ) -> list[dict[str, Any]]:
+        """Rank 0: every rank's file and tensor metadata (JSON through the store), once
+        all ranks finished writing; a rank that failed or did not report within
+        ``commit_timeout`` means no commit. Other ranks: ``[local]``."""
+        data = json.dumps(local, allow_nan=True).encode()
+        try:
+            raw = distributed.store_gather(
+                f"{key}/written", data, self.commit_timeout, f"checkpoint {name}"
+            )
+        except distributed.RankTimeoutError as e:
+            message = (f"rank(s) {e.missing} did not finish writing their shards within "
+                       f"commit_timeout={self.commit_timeout:g}s")
+            distributed.store().set(f"{key}/commit", message.encode())
+            raise CheckpointError(
+                f"checkpoint {name} was not committed: {message} ({e}); the previous "
+                "checkpoint stays the latest"
+            ) from e
+        if distributed.get_rank() != 0:
+            return [local]
+        gathered = [json.loads(r) for r in raw]
+        failed = {r: g["error"] for r, g in enumerate(gathered) if "error" in g}
+        if failed:
+            message = "; ".join(f"rank {r} failed to write: {err}" for r, err in failed.items())
+            distributed.store().set(f"{key}/commit", message.encode())
+            raise CheckpointError(f"checkpoint {name} was not committed: {message}")
+        return gathered
+
+    def _wait_rank0(self, key: str, name: str, what: str, factor: float = 1) -> bytes:
+        try:
+            return distributed.store_wait(
+                key, self.commit_timeout * factor, f"checkpoint {name}", rank_of=0
+            )
+        except distributed.RankTimeoutError as e:
+            raise CheckpointError(
+                f"checkpoint {name} was not committed: rank 0 did not signal {what} within "
+                f"{self.commit_timeout * factor:g}s ({e})"
+            ) from e
 
     def _discard(self, staging: str, final: str) -> None:
         """Best effort: remove what a failed save left (never a committed checkpoint;
@@ -463,9 +589,11 @@ class Saver:
             elif part == "sparse_opt":
                 if self.sparse_optimizer is not None:
                     live = self.sparse_optimizer.state_dict()
-                    self.sparse_optimizer.load_state_dict(
-                        _decode(trees[part], reader, live, "sparse_opt")
-                    )
+                    if _holds_sharded(live):
+                        loaded = _decode_sharded_optimizer(trees[part], reader, live, directory)
+                    else:
+                        loaded = _decode(trees[part], reader, live, "sparse_opt")
+                    self.sparse_optimizer.load_state_dict(loaded)
             elif part == "extra":
                 self._load_extra(reader, trees[part], strict)
             elif part == "io_state":
@@ -581,6 +709,86 @@ def _decode(
                 targets[key] = cand
     tensors = reader.read_many(targets)
     return decode_tree(tree, lambda key: tensors[key])
+
+
+def _holds_sharded(tree: Any) -> bool:
+    if is_sharded(tree):
+        return True
+    if isinstance(tree, dict):
+        return any(_holds_sharded(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(_holds_sharded(v) for v in tree)
+    return False
+
+
+class _Saved:
+    """A tensor of the saved tree, read only when used."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _decode_sharded_optimizer(
+    tree: Any, reader: TensorReader, live: dict[str, Any], directory: str
+) -> dict[str, Any]:
+    """The state of an optimizer of sharded tables (torchrec's fused optimizers), for
+    any world size and sharding plan.
+
+    Each rank's optimizer holds state only for the table shards it owns, so the saved
+    tree (rank 0's) does not list every rank's entries; the tensors of all ranks are in
+    the manifest under their tree keys (``sparse_opt.state.<param>.<name>``), each as a
+    global tensor with its shards' boxes. So the live state drives: every sharded live
+    tensor is read in place from the boxes that overlap its local shards (resharding),
+    and the rest (param groups' hyperparameters such as ``lr``, counters) comes from the
+    saved tree."""
+    live_map: dict[str, Any] = {}
+    live_tree = encode_tree(live, "sparse_opt", live_map)
+    sharded = {k: v for k, v in live_map.items() if is_sharded(v)}
+    missing = sorted(k for k in sharded if k not in reader)
+    if missing:
+        raise CheckpointError(
+            f"{directory}: the checkpoint has no sparse optimizer state {missing[:3]} for "
+            "this model's tables (saved with another sparse optimizer or other tables?); "
+            "exclude 'sparse_opt' in the load config to start the optimizer fresh"
+        )
+    reader.read_many(sharded)
+    result = decode_tree(live_tree, lambda key: live_map[key])
+    saved = decode_tree(tree, _Saved)
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, _Saved):
+            return reader.read(value.key)
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(resolve(v) for v in value)
+        return value
+
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{directory}: part 'sparse_opt' is not an optimizer state")
+    saved_state = saved.get("state") or {}
+    for param, entries in (result.get("state") or {}).items():
+        theirs = saved_state.get(param) if isinstance(saved_state, dict) else None
+        if not isinstance(entries, dict) or not isinstance(theirs, dict):
+            continue
+        for name, value in entries.items():
+            if not is_sharded(value) and name in theirs:
+                entries[name] = resolve(theirs[name])
+    groups = saved.get("param_groups")
+    if isinstance(groups, list) and groups and isinstance(result.get("param_groups"), list):
+        # every table of recframe's sharded models shares the hyperparameters; a rank's
+        # groups list the parameters it owns, which differ between plans
+        for i, group in enumerate(result["param_groups"]):
+            source = groups[min(i, len(groups) - 1)]
+            group.update({k: resolve(v) for k, v in source.items() if k != "params"})
+    elif "param_groups" in result and groups is None:
+        del result["param_groups"]  # saved without them: keep the live hyperparameters
+    for key, value in saved.items():
+        if key not in ("state", "param_groups"):
+            result[key] = resolve(value)
+    return result
 
 
 def _parse_conf(conf: Any) -> tuple[set[str], set[str], bool]:

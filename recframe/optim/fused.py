@@ -79,6 +79,7 @@ def shard_model(
     plan: Any = None,
     sharders: Optional[list[Any]] = None,
     data_parallel: Optional[bool] = None,
+    sharding: Any = None,
     **hparams: Any,
 ) -> tuple[nn.Module, FusedSparseOptimizer]:
     """Shard ``model``'s torchrec embedding collections with a fused optimizer.
@@ -97,6 +98,13 @@ def shard_model(
     default). ``None`` does so only with more than one process: in a world of one, DDP
     would all-reduce every backward's dense gradients with itself, which costs time and
     changes nothing. The state dict has the same keys either way.
+
+    ``sharding`` (without ``plan``) constrains torchrec's planner: ``None`` lets it choose
+    per table among the shardings allowed here (one process: any model-parallel one;
+    several: table_wise, row_wise, table_row_wise), a name (``"table_wise"``,
+    ``"row_wise"``, ``"table_row_wise"``, ``"column_wise"``) imposes one on every table,
+    ``"mixed"`` alternates table_wise and row_wise over the tables, and a dict maps table
+    names to lists of allowed sharding types.
     """
     from torchrec.distributed import DistributedModelParallel
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -136,17 +144,27 @@ def shard_model(
         for key, value in module.state_dict().items()
     }
     apply_optimizer_in_backward(cls, params, {"lr": lr, **hparams})
-    if plan is None:
-        plan = _fused_plan(model, collections, device, sharders)
-    if data_parallel is None:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
+    if sharders is None and device.type == "cpu" and (
+        dist.get_world_size() > 1 or sharding is not None
+    ):
+        sharders = cpu_sharders()
+    if plan is None:
+        plan = _fused_plan(model, collections, device, sharders, sharding)
+    if data_parallel is None:
         data_parallel = dist.get_world_size() > 1
     kwargs: dict[str, Any] = {
         "device": device, "plan": plan, "init_data_parallel": bool(data_parallel),
     }
     if sharders is not None:
         kwargs["sharders"] = sharders
+    if data_parallel:
+        from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
+
+        # not DDP's static_graph (torchrec's default): its first-iteration bookkeeping
+        # asserts when that iteration runs under no_sync (gradient accumulation)
+        kwargs["data_parallel_wrapper"] = DefaultDataParallelWrapper(static_graph=False)
     dmp = DistributedModelParallel(model, **kwargs)
     _copy_initial_values(dmp, initial)
     return dmp, FusedSparseOptimizer(dmp)
@@ -165,8 +183,10 @@ def _fused_plan(
     collections: list[tuple[str, nn.Module]],
     device: torch.device,
     sharders: Optional[list[Any]],
+    sharding: Any = None,
 ) -> Any:
-    """A plan that gives every table a fused kernel and a model-parallel sharding."""
+    """A plan by torchrec's planner that gives every table a fused kernel and a
+    model-parallel sharding (`shard_model`'s ``sharding`` picks which)."""
     import torch.distributed as dist
     from torchrec.distributed.comm import get_local_size
     from torchrec.distributed.embedding_types import EmbeddingComputeKernel
@@ -176,7 +196,6 @@ def _fused_plan(
         Topology,
     )
     from torchrec.distributed.sharding_plan import get_default_sharders
-    from torchrec.distributed.types import ShardingType
 
     kernels = [EmbeddingComputeKernel.FUSED.value]
     if device.type == "cuda":
@@ -184,18 +203,13 @@ def _fused_plan(
             EmbeddingComputeKernel.FUSED_UVM_CACHING.value,
             EmbeddingComputeKernel.FUSED_UVM.value,
         ]
-    sharding_types = [
-        ShardingType.TABLE_WISE.value,
-        ShardingType.ROW_WISE.value,
-        ShardingType.COLUMN_WISE.value,
-        ShardingType.TABLE_ROW_WISE.value,
-    ]
-    constraints = {
-        table: ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels)
-        for _, module in collections
-        for table in _table_names(module)
-    }
     world_size = dist.get_world_size()
+    tables = [table for _, module in collections for table in _table_names(module)]
+    allowed = _allowed_shardings(tables, sharding, world_size)
+    constraints = {
+        table: ParameterConstraints(sharding_types=allowed[table], compute_kernels=kernels)
+        for table in tables
+    }
     topology = Topology(
         world_size=world_size,
         local_world_size=get_local_size(world_size),
@@ -205,6 +219,73 @@ def _fused_plan(
     return planner.collective_plan(
         model, sharders if sharders is not None else get_default_sharders(),
         dist.GroupMember.WORLD,
+    )
+
+
+def cpu_sharders() -> list[Any]:
+    """torchrec's default sharders, with row_wise and table_row_wise allowed for
+    EmbeddingBagCollection tables on CPU too (torchrec offers them on CUDA only, yet
+    its CPU kernels and gloo collectives run them: bucketised lookups, all-to-all)."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.sharding_plan import get_default_sharders
+
+    class _CPURowWiseSharder(EmbeddingBagCollectionSharder):
+        def sharding_types(self, compute_device_type: str) -> list[str]:
+            types = list(super().sharding_types(compute_device_type))
+            if compute_device_type == "cpu":
+                types += [t for t in ("row_wise", "table_row_wise") if t not in types]
+            return types
+
+    return [
+        _CPURowWiseSharder() if type(s) is EmbeddingBagCollectionSharder else s
+        for s in get_default_sharders()
+    ]
+
+
+SHARDINGS = ("table_wise", "row_wise", "table_row_wise", "column_wise")
+"""The model-parallel sharding types `shard_model(sharding=...)` accepts."""
+
+
+def _allowed_shardings(tables: list[str], sharding: Any, world_size: int) -> dict[str, list[str]]:
+    """Per table, the sharding types the planner may choose from."""
+    if sharding is None:
+        if world_size == 1:
+            # one process: every model-parallel type (one shard each: the same layout)
+            default = ["table_wise", "row_wise", "column_wise", "table_row_wise"]
+        else:
+            # no column_wise: a row-wise optimizer's state of column shards (one value
+            # per row per shard) cannot be resharded to another world size
+            default = ["table_wise", "row_wise", "table_row_wise"]
+        return {t: list(default) for t in tables}
+    if sharding == "mixed":
+        return {t: ["table_wise" if i % 2 == 0 else "row_wise"] for i, t in enumerate(tables)}
+    if isinstance(sharding, str):
+        if sharding not in SHARDINGS:
+            raise ValueError(
+                f"shard_model(sharding={sharding!r}): choose from {list(SHARDINGS)}, "
+                "'mixed' or a dict {table: [sharding types]}"
+            )
+        return {t: [sharding] for t in tables}
+    if isinstance(sharding, dict):
+        unknown = sorted(set(sharding) - set(tables))
+        if unknown:
+            raise ValueError(
+                f"shard_model(sharding=...): unknown table(s) {unknown}; the tables are {tables}"
+            )
+        out = _allowed_shardings(tables, None, world_size)
+        for table, types in sharding.items():
+            types = [types] if isinstance(types, str) else list(types)
+            bad = [t for t in types if t not in SHARDINGS]
+            if bad or not types:
+                raise ValueError(
+                    f"shard_model(sharding={{{table!r}: {types!r}}}): sharding types must be "
+                    f"a non-empty list from {list(SHARDINGS)}"
+                )
+            out[table] = types
+        return out
+    raise ValueError(
+        f"shard_model(sharding={sharding!r}): expected None, a sharding name, 'mixed' or a "
+        "dict {table: [sharding types]}"
     )
 
 
@@ -440,10 +521,9 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         iters = state_dict.get("iter")
         if iters is not None and len(iters) != len(self._kernels):
-            raise ValueError(
-                f"load_state_dict: the state has {len(iters)} kernel iteration counts, this "
-                f"model has {len(self._kernels)} fused kernels (a different sharding plan?)"
-            )
+            # another sharding plan (world size) groups the tables into other kernels;
+            # every kernel counts every training lookup, so one count holds for all
+            iters = [max((int(i) for i in iters), default=0)] * len(self._kernels)
         state_dict = {k: v for k, v in state_dict.items() if k != "iter"}
         if "state" in state_dict:
             state_dict["state"] = self._into_live_shards(state_dict["state"])

@@ -88,6 +88,11 @@ class TrainingArguments:
     """Eval metric (e.g. auc) whose best checkpoint is kept on top of ``max_to_keep``."""
     keep_best_mode: str = "max"
     """Whether a larger (max) or smaller (min) ``keep_best_metric`` is better."""
+    incremental_checkpoints: bool = False
+    """Write delta checkpoints: only the embedding-table rows changed since the previous
+    checkpoint (plus the full dense state); see docs/checkpoints.md."""
+    full_checkpoint_every: int = 10
+    """With ``incremental_checkpoints``: every this many saves is a full checkpoint."""
 
     def __post_init__(self) -> None:
         _check_str(self, "output_dir", nonempty=True)
@@ -120,6 +125,8 @@ class TrainingArguments:
         _check_bool(self, "async_save")
         _check_str(self, "keep_best_metric", optional=True, nonempty=True)
         _check_choice(self, "keep_best_mode", METRIC_MODES)
+        _check_bool(self, "incremental_checkpoints")
+        _check_int(self, "full_checkpoint_every", minimum=1)
 
     # --- derived values -----------------------------------------------------------
     @property

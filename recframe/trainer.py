@@ -158,6 +158,8 @@ class Trainer:
             keep_best_mode=args.keep_best_mode,
             async_save=args.async_save,
             save_on_sigterm=args.save_on_sigterm,
+            incremental=args.incremental_checkpoints,
+            full_checkpoint_every=args.full_checkpoint_every,
         )
         manager.metrics_provider = lambda: self.state.last_eval
         return saver, manager

@@ -44,6 +44,8 @@ def test_recframe_defaults():
     assert args.save_on_sigterm is True
     assert args.async_save is False
     assert args.keep_best_mode == "max"
+    assert args.incremental_checkpoints is False
+    assert args.full_checkpoint_every == 10
 
 
 # --- validation -----------------------------------------------------------------------
@@ -73,6 +75,8 @@ BAD_VALUES = {
     "async_save": [1, "no"],
     "keep_best_metric": ["", "   ", 3],
     "keep_best_mode": ["maximize", None, "MAX"],
+    "incremental_checkpoints": [1, "yes", None],
+    "full_checkpoint_every": [0, -1, 2.0, True, None, "10"],
 }
 
 
@@ -107,6 +111,7 @@ def test_bad_value_raises_naming_field_and_value(field, value):
         ("logging_dir", "memory://tb", "memory://tb"),
         ("keep_best_metric", "auc", "auc"),
         ("keep_best_mode", "min", "min"),
+        ("full_checkpoint_every", 1, 1),
         ("nonfinite_loss", "skip", "skip"),
         ("report_to", "none", "none"),
     ],
@@ -333,6 +338,8 @@ CLI_VALUES = {
     "async_save": ("yes", True),
     "keep_best_metric": ("auc", "auc"),
     "keep_best_mode": ("min", "min"),
+    "incremental_checkpoints": ("true", True),
+    "full_checkpoint_every": ("4", 4),
 }
 
 

@@ -307,3 +307,22 @@ def test_keep_closure_and_full_every():
     for bad in (0, -1, 1.5, True, None):
         with pytest.raises(ValueError, match="full_checkpoint_every"):
             FullEvery(bad)
+
+
+def test_rows_of_a_shard_land_in_any_overlapping_target_region():
+    from recframe.checkpoint.incremental import _copy_rows
+
+    full = torch.arange(10 * 6, dtype=torch.float32).reshape(10, 6)
+    # saved: the shard of rows 4..9, columns 0..5; rows 5 and 8 changed
+    shard = {"offsets": [4, 0], "sizes": [6, 6]}
+    rows = torch.tensor([5, 8])
+    values = full[rows] + 100
+    want = full.clone()
+    want[rows] += 100
+    # targets: row-wise halves, a column slice, and the whole table
+    for off, size in (([0, 0], [5, 6]), ([5, 0], [5, 6]), ([0, 2], [10, 3]), ([0, 0], [10, 6])):
+        region = full[off[0]: off[0] + size[0], off[1]: off[1] + size[1]].clone()
+        _copy_rows(shard, rows, values, off, region, "here")
+        assert torch.equal(region, want[off[0]: off[0] + size[0], off[1]: off[1] + size[1]])
+    with pytest.raises(CheckpointCorruptError, match="outside their shard"):
+        _copy_rows(shard, torch.tensor([2]), values[:1], [0, 0], full.clone(), "here")

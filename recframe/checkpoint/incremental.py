@@ -52,6 +52,8 @@ logger = logging.getLogger("recframe.checkpoint")
 
 FULL = "full"
 DELTA = "delta"
+SMALL_DELTA_BYTES = 16 << 20
+"""A delta's rows up to this size are read without a thread pool."""
 
 
 def section(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -278,6 +280,7 @@ def load_delta(
 
     load, exclude, strict = _parse_conf(conf)
     wanted = [p for p in PARTS if p in load and p not in exclude]
+    live: dict[str, Any] = {}
     links = resolve_chain(storage, directory, manifest)
     tables = set(section(manifest).get("tables") or {})
     table_parts = [p for p in ("sparse", "sparse_opt") if p in wanted]
@@ -286,8 +289,9 @@ def load_delta(
         logger.info("restoring %s: base %s and %d delta(s)", storage.display(directory),
                     storage.display(base_path), len(links) - 1)
         saver.load_by_config(base_path, {"load": table_parts, "strict": strict})
+        live = _live_tensors(saver, table_parts)  # (state_dict() of a DMP is slow: once)
         for path, link in links[1:]:
-            _apply_rows(saver, storage, path, link, table_parts)
+            _apply_rows(saver, storage, path, link, table_parts, live)
     reader = TensorReader(storage, directory, manifest["tensors"], saver.concurrency)
     trees = manifest.get("parts", {})
     for part in wanted:
@@ -302,7 +306,7 @@ def load_delta(
         elif part == "sparse_opt":
             if saver.sparse_optimizer is not None:
                 saver.sparse_optimizer.load_state_dict(
-                    _decode_opt(saver, reader, trees[part], tables)
+                    _decode_opt(saver, reader, trees[part], tables, live)
                 )
         elif part == "extra":
             saver._load_extra(reader, trees[part], strict)
@@ -333,11 +337,11 @@ def _regions(target: Any) -> list[tuple[list[int], torch.Tensor]]:
 
 
 def _apply_rows(
-    saver: Any, storage: Any, path: str, manifest: dict[str, Any], parts: list[str]
+    saver: Any, storage: Any, path: str, manifest: dict[str, Any], parts: list[str],
+    live: dict[str, Any],
 ) -> None:
-    """Copy one delta's rows into the live tensors (each rank: its own shards' rows)."""
-    live = _live_tensors(saver, parts)
-    reader = TensorReader(storage, path, manifest["tensors"], saver.concurrency)
+    """Copy one delta's rows into the live tensors ``live`` (`_live_tensors`; each rank:
+    its own shards' rows)."""
     where = storage.display(path)
     jobs: list[tuple[dict[str, Any], Any]] = []
     for rank_tree in (manifest.get("parts", {}).get("delta") or {}).values():
@@ -357,6 +361,12 @@ def _apply_rows(
         if any(_overlap(shard, off, local) for off, local in _regions(target)):
             needed[shard["rows"]] = None
             needed[shard["values"]] = None
+    # a small delta is read by this thread: a pool's start-up would cost more
+    nbytes = sum(c.get("nbytes", 0) for key in needed
+                 for sh in manifest["tensors"].get(key, {}).get("shards", [])
+                 for c in sh.get("chunks", []))
+    threads = saver.concurrency if nbytes > SMALL_DELTA_BYTES else 1
+    reader = TensorReader(storage, path, manifest["tensors"], threads)
     data = reader.read_many(needed)
     with torch.no_grad():
         for shard, target in jobs:
@@ -380,12 +390,23 @@ def _copy_rows(
     shard: dict[str, Any], rows: torch.Tensor, values: torch.Tensor, off: list[int],
     local: torch.Tensor, where: str,
 ) -> None:
-    o = shard["offsets"]
-    sel = (rows >= off[0]) & (rows < off[0] + local.shape[0])
-    idx = (rows[sel] - off[0]).to(local.device)
-    vals = values[sel]
+    o, s = shard["offsets"], shard["sizes"]
+    if rows.numel():
+        lo, hi = (int(x) for x in torch.aminmax(rows))
+        if lo < o[0] or hi >= o[0] + s[0]:
+            raise CheckpointCorruptError(
+                f"{where}: delta rows {lo}..{hi} lie outside their shard's rows "
+                f"{o[0]}..{o[0] + s[0] - 1}"
+            )
+    if off[0] <= o[0] and o[0] + s[0] <= off[0] + local.shape[0]:
+        # the saved shard's rows lie inside this region (same row sharding): no masks
+        idx, vals = (rows - off[0] if off[0] else rows), values
+    else:
+        sel = (rows >= off[0]) & (rows < off[0] + local.shape[0])
+        idx, vals = rows[sel] - off[0], values[sel]
+    idx = idx.to(local.device)
     dest = local
-    if local.dim() >= 2:
+    if local.dim() >= 2 and (o[1] != off[1] or s[1] != local.shape[1]):
         lo = max(o[1], off[1])
         hi = min(o[1] + shard["sizes"][1], off[1] + local.shape[1])
         vals = vals[:, lo - o[1]: hi - o[1]]
@@ -414,10 +435,13 @@ def _load_untracked_model(
     reader.read_many({saved[k]: live[k] for k in live if k in saved and saved[k] not in tables})
 
 
-def _decode_opt(saver: Any, reader: TensorReader, tree: Any, tables: set[str]) -> Any:
+def _decode_opt(
+    saver: Any, reader: TensorReader, tree: Any, tables: set[str], live: dict[str, Any]
+) -> Any:
     """The sparse optimizer state of a delta: tracked tensors are the live ones (their
     rows were just applied), the others are read (in place where they match)."""
-    live = _live_tensors(saver, ["sparse_opt"])
+    if not live:
+        live = _live_tensors(saver, ["sparse_opt"])
     values: dict[str, Any] = {}
     targets: dict[str, Any] = {}
     for key in tree_tensor_keys(tree):

@@ -326,3 +326,24 @@ def test_rows_of_a_shard_land_in_any_overlapping_target_region():
         assert torch.equal(region, want[off[0]: off[0] + size[0], off[1]: off[1] + size[1]])
     with pytest.raises(CheckpointCorruptError, match="outside their shard"):
         _copy_rows(shard, torch.tensor([2]), values[:1], [0, 0], full.clone(), "here")
+
+
+def test_ckpt_list_and_inspect_show_kind_and_chain(tmp_path, capsys):
+    from recframe.cli import main
+
+    model, sparse, dense, manager = _build(tmp_path, "sgd")
+    for step, batch in enumerate(_batches(3), start=1):
+        _train_step(model, sparse, dense, batch)
+        manager.step(step)
+    assert main(["ckpt", "list", str(tmp_path)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert " full " in rows["ckpt_1"]
+    assert "delta of ckpt_2 (base ckpt_1, 2 deltas)" in rows["ckpt_3"]
+    assert main(["ckpt", "list", str(tmp_path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [c["kind"] for c in listed] == ["full", "delta", "delta"]
+    assert listed[2]["chain"] == ["ckpt_1", "ckpt_2", "ckpt_3"]
+    assert main(["ckpt", "inspect", str(tmp_path), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "chain       ckpt_1 -> ckpt_2 -> ckpt_3" in out
+    assert "delta" in out and "rank 0" in out

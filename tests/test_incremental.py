@@ -347,3 +347,36 @@ def test_ckpt_list_and_inspect_show_kind_and_chain(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "chain       ckpt_1 -> ckpt_2 -> ckpt_3" in out
     assert "delta" in out and "rank 0" in out
+
+
+def test_two_ranks_track_all_reduce_and_apply_their_own_shards(tmp_path):
+    """2 gloo processes, torchrec table-wise sharding: each rank's deltas hold the rows
+    the *other* rank's batches updated in its tables (bitmaps all-reduced at save), and
+    each rank restores its own shards from the chain (tests/jobs/incremental_ranks_job)."""
+    import socket
+    import subprocess
+    import sys
+
+    job = os.path.join(os.path.dirname(__file__), "jobs", "incremental_ranks_job.py")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, job, str(tmp_path / "run")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=300)
+            outs.append((proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for rank, (code, out, err) in enumerate(outs):
+        assert code == 0 and f"OK {rank} full,delta,delta,delta,full,delta" in out, err[-3000:]

@@ -387,6 +387,17 @@ def _apply_chain(
             datas = [f.result() for f in futures]
     else:
         datas = [read() for _, _, read in plans]
+    # many small copies: one thread (on a shared machine a parallel region waits for a
+    # descheduled worker at every op: measured 50x slower with a busy neighbour)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _copy_all(plans, datas)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _copy_all(plans: list[Any], datas: list[dict[str, Any]]) -> None:
     with torch.no_grad():
         for (where, jobs, _), data in zip(plans, datas):
             for shard, target in jobs:

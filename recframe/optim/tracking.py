@@ -101,15 +101,17 @@ class RowTracker:
             configs = _sharded_configs(module)
             if configs is None:
                 continue
-            prefix = _state_prefix(name)
             attr = "embedding_bags" if hasattr(module, "_embedding_bag_configs") else "embeddings"
             feature_tables: dict[str, str] = {}
             for config in configs:
-                key = f"{prefix}{attr}.{config.name}.weight"
-                value = state.get(key)
-                if value is None:
-                    logger.warning("row tracking: table %s not found in the state dict", key)
+                key = _state_key(state, name, f"{attr}.{config.name}.weight")
+                if key is None:
+                    logger.warning(
+                        "row tracking: table %s of %s not found in the model's state dict; "
+                        "delta checkpoints write it in full", config.name, name,
+                    )
                     continue
+                value = state[key]
                 device = (value.local_shards()[0].tensor.device
                           if is_sharded(value) and value.local_shards() else torch.device("cpu"))
                 self.bits[key] = torch.zeros(int(config.num_embeddings), dtype=torch.bool,
@@ -219,10 +221,24 @@ def _sharded_configs(module: nn.Module) -> Optional[list[Any]]:
     return None
 
 
-def _state_prefix(module_name: str) -> str:
-    """``state_dict`` prefix of a submodule (DMP leaves its wrapper out of the keys)."""
-    parts = [p for p in module_name.split(".") if p and p != "_dmp_wrapped_module"]
-    return ".".join(parts) + "." if parts else ""
+def _state_key(state: dict[str, Any], module_name: str, relative: str) -> Optional[str]:
+    """The model ``state_dict`` key of a submodule's entry ``relative``: wrappers (DMP's
+    ``_dmp_wrapped_module``, DDP's ``module``) are left out of the keys, so the key is
+    the one ending in ``relative`` whose prefix best matches the module's path."""
+    candidates = [k for k in state if k == relative or k.endswith("." + relative)]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    path = [p for p in module_name.split(".") if p]
+
+    def common_tail(key: str) -> int:
+        parts = key[: -len(relative)].rstrip(".").split(".")
+        n = 0
+        while n < min(len(parts), len(path)) and parts[-1 - n] == path[-1 - n]:
+            n += 1
+        return n
+
+    best = max(candidates, key=common_tail)
+    return best if sum(common_tail(k) == common_tail(best) for k in candidates) == 1 else None
 
 
 def _all_reduce_max(taken: dict[str, torch.Tensor]) -> None:

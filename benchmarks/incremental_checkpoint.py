@@ -8,7 +8,9 @@ batches (power-law ids, ``--alpha``; a pool of ``--pool`` pre-generated batches,
 
 1. **Tracking overhead**: interleaved rounds (order rotated every round) of
    ``--overhead-steps`` updates with a `RowTracker` attached vs without; the ratio of
-   samples/s per round (and per CPU second), median over rounds.
+   samples/s per round (and per CPU second), median over rounds; and the marking
+   alone (the tracker's hooks called on every batch of the pool) against the time of
+   an update, which the noise of a shared machine disturbs less.
 2. **Save** at each interval N of ``--intervals``: per round, train N updates, then
    save a delta (`CheckpointManager(incremental=True)`) and a full checkpoint
    (`CheckpointManager` without it) of the same state, in alternating order; bytes on
@@ -170,10 +172,32 @@ def tracking_overhead(cfg: argparse.Namespace, loop: Loop) -> dict[str, Any]:
     ratios = common.round_ratios(results, "tracked", "untracked")
     cpu = common.round_ratios(results, "tracked", "untracked", cpu=True)
     assert all(x.extra.get("marked_rows", 1) > 0 for x in results if x.variant == "tracked")
+    # the marking alone: the tracker's forward pre-hooks called on every batch of the
+    # pool, timed against the untracked rounds' time per update (less noisy than the
+    # difference of two throughputs)
+    tracker = RowTracker(loop.dmp, loop.sparse)
+    hooked = [(m, h) for m in loop.dmp.modules() for h in m._forward_pre_hooks.values()
+              if getattr(h, "__qualname__", "").startswith("RowTracker")]
+    assert hooked, "no tracker hook found"
+    loop.dmp.train()
+    per_pass = []
+    with torch.enable_grad():
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for batch in loop.batches:
+                for module, hook in hooked:
+                    hook(module, (batch.sparse_features,))
+            per_pass.append((time.perf_counter() - t0) / len(loop.batches))
+    tracker.detach()
+    hook_s = statistics.median(per_pass)
+    step_s = statistics.median(x.seconds / cfg.overhead_steps
+                               for x in common.per_variant(results, "untracked"))
     return {"throughput_ratio": common.summarize(ratios),
             "throughput_ratio_by_cpu": common.summarize(cpu),
             "overhead": 1 - statistics.median(ratios),
             "overhead_by_cpu": 1 - statistics.median(cpu),
+            "marking_s_per_update": hook_s, "update_s": step_s,
+            "marking_fraction": hook_s / step_s,
             "rounds": [x.to_dict() for x in results]}
 
 
@@ -353,9 +377,13 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"chain vs full: {_cell(r['chain_vs_full'])} (chain {_cell(r['chain_s'])} s, "
               f"full {_cell(r['full_s'])} s)")
     print(f"every restore bit-identical to the state saved: {restore['bit_identical']}")
-    print(f"tracking overhead: {overhead['overhead']:.2%} by wall time, "
+    print(f"tracking overhead, interleaved rounds: {overhead['overhead']:.2%} by wall time, "
           f"{overhead['overhead_by_cpu']:.2%} by CPU time (throughput ratio "
-          f"{_cell(overhead['throughput_ratio'])})")
+          f"{_cell(overhead['throughput_ratio'])}, q1-q3 "
+          f"{overhead['throughput_ratio']['q1']:.3f}-{overhead['throughput_ratio']['q3']:.3f})")
+    print(f"tracking overhead, marking alone: {overhead['marking_s_per_update'] * 1e6:.0f} us "
+          f"per update of {overhead['update_s'] * 1e3:.2f} ms = "
+          f"{overhead['marking_fraction']:.2%}")
     under = [s for s in save if s["touched_fraction"] < 0.10]
     best = max(under, key=lambda s: s["interval"]) if under else None
     goals = [
@@ -365,12 +393,16 @@ def main(argv: Optional[list[str]] = None) -> int:
          f">= {GOALS['save_speedup']}"],
         [f"{cfg.chain}-delta chain restore / full restore (cold)",
          restore["cold"]["chain_vs_full"]["median"], f"<= {GOALS['chain_restore_ratio']}"],
-        ["tracking overhead", overhead["overhead"], f"<= {GOALS['tracking_overhead']}"],
+        ["tracking overhead (marking time / update time)", overhead["marking_fraction"],
+         f"<= {GOALS['tracking_overhead']}"],
+        ["tracking overhead (interleaved throughput, median)", overhead["overhead"],
+         f"<= {GOALS['tracking_overhead']}"],
     ]
     met = [
         best is not None and best["bytes_ratio"]["median"] >= GOALS["bytes_ratio"],
         best is not None and best["save_speedup"]["median"] >= GOALS["save_speedup"],
         restore["cold"]["chain_vs_full"]["median"] <= GOALS["chain_restore_ratio"],
+        overhead["marking_fraction"] <= GOALS["tracking_overhead"],
         overhead["overhead"] <= GOALS["tracking_overhead"],
     ]
     for g, ok in zip(goals, met):

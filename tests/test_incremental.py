@@ -380,3 +380,61 @@ def test_two_ranks_track_all_reduce_and_apply_their_own_shards(tmp_path):
                 proc.kill()
     for rank, (code, out, err) in enumerate(outs):
         assert code == 0 and f"OK {rank} full,delta,delta,delta,full,delta" in out, err[-3000:]
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_async_saves_are_deltas_and_restore_bit_identical(tmp_path, where):
+    """async_save: a forked writer (local disk) or a host snapshot written by a thread
+    (memory://); rows updated while a save is in flight go to the next delta."""
+    import uuid
+
+    out = tmp_path / "run" if where == "local" else f"memory://inc-{uuid.uuid4().hex}"
+    model, sparse, dense, manager = _build(out, "adam", async_save=True)
+    expected = {}
+    for step, batch in enumerate(_batches(6), start=1):
+        _train_step(model, sparse, dense, batch)
+        manager.step(step)
+        expected[step] = _snapshot(model, sparse, dense)
+    manager.wait()
+    kinds = [section(c.manifest)["kind"] for c in manager.list()]
+    assert kinds == ["full", "delta", "delta", "delta", "full", "delta"]
+    for step in (4, 6):
+        m, s, d, mgr = _build(out, "adam", seed=1)
+        assert mgr.restore(global_step=step) == step
+        _assert_same(_snapshot(m, s, d), expected[step], f"step {step}")
+
+
+def test_a_failed_background_save_gives_its_rows_back(tmp_path):
+    import uuid
+
+    from recframe.checkpoint import CheckpointError
+
+    out = f"memory://inc-{uuid.uuid4().hex}"  # (memory://: the thread path, no fork)
+    model, sparse, dense, manager = _build(out, "sgd", async_save=True)
+    real_save = manager.saver.save
+    calls = []
+
+    def flaky(step, **kwargs):
+        calls.append(step)
+        if step == 2:
+            raise OSError("injected")
+        return real_save(step, **kwargs)
+
+    manager.saver.save = flaky
+    batches = _batches(3)
+    _train_step(model, sparse, dense, batches[0])
+    manager.step(1)
+    _train_step(model, sparse, dense, batches[1])
+    manager.step(2)  # fails in the background
+    _train_step(model, sparse, dense, batches[2])
+    with pytest.raises(CheckpointError, match="injected"):
+        manager.step(3)  # surfaces the failure; its rows went back to the tracker
+    assert manager.save(3)
+    manager.wait()
+    expected = _snapshot(model, sparse, dense)
+    infos = {c.step: c for c in manager.list()}
+    assert sorted(infos) == [1, 3]
+    assert section(infos[3].manifest)["chain"] == ["ckpt_1", "ckpt_3"]
+    m, s, d, mgr = _build(out, "sgd", seed=1)
+    assert mgr.restore() == 3
+    _assert_same(_snapshot(m, s, d), expected)

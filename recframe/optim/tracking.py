@@ -123,9 +123,13 @@ class RowTracker:
             self._handles.append(hook)
 
     def _table_modules(self) -> list[nn.Module]:
-        from recframe.optim import _sparse_module_types
+        import sys
 
-        return [m for m in self.model.modules() if isinstance(m, _sparse_module_types())]
+        from recframe.optim import SPARSE_MODULE_TYPES, _sparse_module_types
+
+        # a model without torchrec modules never pays torchrec's import (seconds)
+        kinds = _sparse_module_types() if "torchrec" in sys.modules else SPARSE_MODULE_TYPES
+        return [m for m in self.model.modules() if isinstance(m, kinds)]
 
     def detach(self) -> None:
         """Remove the hooks; marks nothing from now on."""

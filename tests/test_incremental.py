@@ -438,3 +438,30 @@ def test_a_failed_background_save_gives_its_rows_back(tmp_path):
     m, s, d, mgr = _build(out, "sgd", seed=1)
     assert mgr.restore() == 3
     _assert_same(_snapshot(m, s, d), expected)
+
+
+def test_a_delta_of_a_table_without_changed_rows(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": torch.nn.EmbeddingBag(50, 4, sparse=True),
+                                 "b": torch.nn.EmbeddingBag(50, 4, sparse=True)})
+    sparse = SPARSE_OPTIMIZERS["adagrad"](sparse_parameters(model), lr=0.1)
+    saver = Saver(model, sparse, output_dir=str(tmp_path))
+    manager = CheckpointManager(saver, save_interval=1, incremental=True)
+
+    def step(table):
+        sparse.zero_grad()
+        model[table](torch.tensor([[1, 7]])).sum().backward()
+        sparse.step()
+
+    step("a")
+    step("b")
+    manager.step(1)
+    step("a")  # b unchanged
+    manager.step(2)
+    expected = copy.deepcopy((model.state_dict(), sparse.state_dict()))
+    assert section(manager.list()[-1].manifest)["changed_rows"] == {"a.weight": 2, "b.weight": 0}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    assert CheckpointManager(saver, incremental=True).restore() == 2
+    _assert_same((model.state_dict(), sparse.state_dict()), expected)

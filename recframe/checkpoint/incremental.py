@@ -363,10 +363,63 @@ def _plan_rows(
     nbytes = sum(c.get("nbytes", 0) for key in needed
                  for sh in manifest["tensors"].get(key, {}).get("shards", [])
                  for c in sh.get("chunks", []))
-    # a small delta is read by one thread (deltas are read side by side, see load_delta)
-    threads = saver.concurrency if nbytes > SMALL_DELTA_BYTES else 1
-    reader = TensorReader(storage, path, manifest["tensors"], threads)
+    if nbytes <= SMALL_DELTA_BYTES:  # each data file in one read, no thread pool
+        return where, jobs, lambda: _read_small(storage, path, manifest["tensors"], needed)
+    reader = TensorReader(storage, path, manifest["tensors"], saver.concurrency)
     return where, jobs, lambda: reader.read_many(needed)
+
+
+def _read_small(
+    storage: Any, directory: str, meta: dict[str, Any], keys: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    """The (plain, unsharded) tensors ``keys`` of a small delta, reading each data file
+    whole once; every chunk is checked against its size and CRC32 as `TensorReader`
+    does."""
+    import numpy as np
+
+    from recframe.checkpoint.format import dtype_from_name
+    from recframe.checkpoint.storage import StorageError, crc32
+
+    files: dict[str, memoryview] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        entry = meta.get(key)
+        if entry is None or len(entry.get("shards", [])) != 1:
+            raise CheckpointCorruptError(
+                f"{storage.display(directory)}: delta tensor {key!r} is missing or sharded"
+            )
+        shape = [int(n) for n in entry["shape"]]
+        tensor = torch.empty(shape, dtype=dtype_from_name(entry["dtype"]))
+        out[key] = tensor
+        if tensor.numel() == 0:  # a table none of whose rows changed
+            continue
+        rows = tensor.reshape(shape[0], -1) if shape else tensor.reshape(1, 1)
+        for chunk in entry["shards"][0]["chunks"]:
+            name = chunk["file"]
+            path = storage.join(directory, name)
+            display = storage.display(path)
+            if name not in files:
+                try:
+                    files[name] = memoryview(storage.read_bytes(path))
+                except FileNotFoundError:
+                    raise StorageError(f"reading {display} failed: not found") from None
+            offset, nbytes = int(chunk["offset"]), int(chunk["nbytes"])
+            data = files[name][offset: offset + nbytes]
+            r0, r1 = chunk["rows"]
+            dest = rows[r0:r1]
+            if len(data) != nbytes or dest.numel() * dest.element_size() != nbytes:
+                raise CheckpointCorruptError(
+                    f"{display}: chunk of {key!r} (rows {r0}..{r1}) should hold {nbytes} "
+                    f"bytes, the file or the manifest's shapes disagree: the file is truncated "
+                    "or corrupt"
+                )
+            if crc32(data) != chunk["crc32"]:
+                raise CheckpointCorruptError(
+                    f"{display}: checksum mismatch in tensor {key!r} (rows {r0}..{r1}); the "
+                    "file is corrupt"
+                )
+            dest.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(data, np.uint8)
+    return out
 
 
 def _apply_chain(

@@ -295,10 +295,16 @@ def restores(cfg: argparse.Namespace, loop: Loop, workdir: str) -> dict[str, Any
         def body(r: int) -> common.Timed:
             loop.train(1)  # move the live state away from the checkpoint (untimed)
             loop.step -= 1
+            files = os.path.dirname(target)  # the output_dir: the whole chain, or one
             if cold:
-                for d in (inc_dir, full_dir):
-                    evict(d)
-                resident[name].append(resident_fraction(os.path.dirname(target)))
+                evict(files)
+                resident[name].append(resident_fraction(files))
+            else:  # warm: every file of this variant in the page cache (read untimed)
+                for d, _, names in os.walk(files):
+                    for n in names:
+                        with open(os.path.join(d, n), "rb") as f:
+                            while f.read(16 << 20):
+                                pass
             t0, c0 = time.perf_counter(), time.process_time()
             saver.load(ckpt_path=target)
             t1, c1 = time.perf_counter(), time.process_time()

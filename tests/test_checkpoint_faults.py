@@ -250,6 +250,50 @@ def test_a_failed_delete_is_logged_and_keeps_the_rest(faulty, caplog, occurrence
     assert "ckpt_1" not in entries(faulty) or occurrence == 0
 
 
+class Killed(BaseException):
+    """A SIGKILL at this instant: nothing after it runs."""
+
+
+@pytest.mark.parametrize("small_job", ["incremental"], indirect=True)
+@pytest.mark.parametrize("how", ["fail", "kill"])
+@pytest.mark.parametrize("occurrence", range(6))
+def test_cleanup_of_old_chains_cut_anywhere_leaves_every_checkpoint_restorable(
+        faulty, monkeypatch, how, occurrence):
+    """Saves 1..6 (full at 1 and 4): at 6 retention deletes ckpt_3, 2, 1 (newest first,
+    manifest then files: 6 removals). A removal that fails, or a kill at any of them,
+    leaves every committed checkpoint restorable (a delta never outlives its chain)."""
+    run = Run(faulty)
+    for n in range(1, 6):
+        run.step(n)
+    assert run.steps() == [1, 2, 3, 4, 5]
+    real = Storage.remove_tree
+    calls = []
+
+    def remove_tree(self, path):
+        calls.append(path)
+        if len(calls) - 1 == occurrence:
+            if how == "kill":
+                raise Killed()
+            raise OSError(errno.EIO, "injected rm fault")
+        return real(self, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Storage, "remove_tree", remove_tree)
+        if how == "kill":
+            with pytest.raises(Killed):
+                run.step(6)
+        else:
+            assert run.step(6)
+    assert len(calls) > occurrence
+    steps = Run(faulty, manager=False).steps()
+    assert {4, 5, 6} <= set(steps)
+    for step in steps:
+        check = Run(faulty, manager=False)
+        check.saver.load(ckpt_id=step)
+        assert check.problems(step) == [], (step, steps)
+    assert Run(faulty).manager.restore() == 6
+
+
 # --- a full local disk -----------------------------------------------------------------
 def _enospc(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

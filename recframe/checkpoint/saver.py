@@ -411,14 +411,26 @@ class Saver:
         """Delete checkpoints, newest first (a delta goes before the checkpoints its chain
         needs, so a kill at any instant leaves no committed delta without its chain): the
         manifest first (uncommits), then the files."""
+        from recframe.checkpoint.incremental import chain_steps
+
         deleted = []
+        needed: set[str] = set()  # the chains of checkpoints that are still committed
         for ckpt in sorted(checkpoints, key=lambda c: c.step, reverse=True):
+            if ckpt.name in needed:
+                logger.warning("not deleting checkpoint %s: a checkpoint that could not be "
+                               "deleted still needs it", ckpt.path)
+                continue
             try:
                 self.storage.remove_tree(self.storage.join(ckpt.path, MANIFEST))
+            except OSError as e:
+                logger.warning("could not delete checkpoint %s: %s", ckpt.path, e)
+                needed.update(chain_steps(ckpt.manifest))
+                continue
+            try:
                 self.storage.remove_tree(ckpt.path)
                 deleted.append(ckpt.path)
                 logger.info("deleted old checkpoint %s", self.storage.display(ckpt.path))
-            except OSError as e:
+            except OSError as e:  # uncommitted now: a leftover, removed at the next start
                 logger.warning("could not delete checkpoint %s: %s", ckpt.path, e)
         return deleted
 

@@ -291,9 +291,8 @@ def load_delta(
         base_path, _ = links[0]
         logger.info("restoring %s: base %s and %d delta(s)", storage.display(directory),
                     storage.display(base_path), len(links) - 1)
-        saver.load_by_config(base_path, {"load": table_parts, "strict": strict})
-        live = _live_tensors(saver, table_parts)  # (state_dict() of a DMP is slow: once)
-        _apply_chain(saver, storage, links[1:], table_parts, live)
+        _load_chain(saver, storage, links, table_parts, strict)
+        live = _live_tensors(saver, table_parts)
     reader = TensorReader(storage, directory, manifest["tensors"], saver.concurrency)
     trees = manifest.get("parts", {})
     for part in wanted:
@@ -340,26 +339,24 @@ def _regions(target: Any) -> list[tuple[list[int], torch.Tensor]]:
 
 def _plan_rows(
     saver: Any, storage: Any, path: str, manifest: dict[str, Any], parts: list[str],
-    live: dict[str, Any],
-) -> tuple[str, list[tuple[dict[str, Any], Any]], Any]:
-    """(where, [(saved shard entry, live target)], a function reading the rows and
-    values this rank needs) of one delta."""
+    layout: dict[str, Any],
+) -> tuple[str, list[tuple[dict[str, Any], str]], Any]:
+    """(where, [(saved shard entry, tensor key)], a function reading the rows and values
+    this rank needs) of one delta. ``layout``: live tensors whose local shards tell which
+    saved shards overlap this rank's (a key not there yet: every shard is read)."""
     where = storage.display(path)
-    jobs: list[tuple[dict[str, Any], Any]] = []
+    jobs: list[tuple[dict[str, Any], str]] = []
     for rank_tree in (manifest.get("parts", {}).get("delta") or {}).values():
         tables = decode_tree(rank_tree, lambda key: key).get("tables", {})
         for key, shards in tables.items():
             if not key.startswith(tuple(p + "." for p in parts)):
                 continue
-            target = live.get(key)
-            if target is None:
-                raise CheckpointCorruptError(
-                    f"{where}: delta rows of {key!r}, which this model/optimizer does not have"
-                )
+            target = layout.get(key)
             for shard in shards:
-                if any(_overlap(shard, off, local) for off, local in _regions(target)):
-                    jobs.append((shard, target))
-    needed = {key: None for shard, _ in jobs for key in (shard["rows"], shard["values"])}
+                if target is None or any(_overlap(shard, off, local)
+                                         for off, local in _regions(target)):
+                    jobs.append((shard, key))
+    needed = {k: None for shard, _ in jobs for k in (shard["rows"], shard["values"])}
     nbytes = sum(c.get("nbytes", 0) for key in needed
                  for sh in manifest["tensors"].get(key, {}).get("shards", [])
                  for c in sh.get("chunks", []))
@@ -422,38 +419,51 @@ def _read_small(
     return out
 
 
-def _apply_chain(
+def _load_chain(
     saver: Any, storage: Any, links: list[tuple[str, dict[str, Any]]], parts: list[str],
-    live: dict[str, Any],
+    strict: bool,
 ) -> None:
-    """Read every delta's rows (on an object store the deltas side by side,
-    ``saver.concurrency`` at a time), then copy them into the live tensors in chain
-    order."""
+    """Load the base's table parts and apply every delta's rows in chain order. The
+    deltas are read while the base loads (one thread reading them in order; on an
+    object store ``saver.concurrency`` deltas side by side): a cold restore overlaps
+    their first-byte latencies with the base's transfer."""
     from concurrent.futures import ThreadPoolExecutor
 
-    plans = [_plan_rows(saver, storage, path, m, parts, live) for path, m in links]
+    layout = _live_tensors(saver, parts)  # the local shards' layout (loading keeps it)
+    plans = [_plan_rows(saver, storage, path, m, parts, layout) for path, m in links[1:]]
     parallel = PARALLEL_DELTA_READS and not getattr(storage, "is_local", True)
-    if len(plans) > 1 and saver.concurrency > 1 and parallel:
-        with ThreadPoolExecutor(min(len(plans), saver.concurrency),
-                                thread_name_prefix="ckpt-delta") as pool:
+    workers = min(len(plans), saver.concurrency) if parallel else 1
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="ckpt-delta") as pool:
+        if parallel:
             futures = [pool.submit(read) for _, _, read in plans]
+        else:
+            futures = [pool.submit(lambda: [read() for _, _, read in plans])]
+        saver.load_by_config(links[0][0], {"load": parts, "strict": strict})
+        if parallel:
             datas = [f.result() for f in futures]
-    else:
-        datas = [read() for _, _, read in plans]
+        else:
+            datas = futures[0].result()
+    live = _live_tensors(saver, parts)  # (a torch optimizer's load may replace tensors)
     # many small copies: one thread (on a shared machine a parallel region waits for a
     # descheduled worker at every op: measured 50x slower with a busy neighbour)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _copy_all(plans, datas)
+        _copy_all(plans, datas, live)
     finally:
         torch.set_num_threads(threads)
 
 
-def _copy_all(plans: list[Any], datas: list[dict[str, Any]]) -> None:
+def _copy_all(plans: list[Any], datas: list[dict[str, Any]], live: dict[str, Any]) -> None:
     with torch.no_grad():
         for (where, jobs, _), data in zip(plans, datas):
-            for shard, target in jobs:
+            for shard, key in jobs:
+                target = live.get(key)
+                if target is None:
+                    raise CheckpointCorruptError(
+                        f"{where}: delta rows of {key!r}, which this model/optimizer does "
+                        "not have"
+                    )
                 rows, values = data[shard["rows"]], data[shard["values"]]
                 if rows.dim() != 1 or values.shape[0] != rows.shape[0]:
                     raise CheckpointCorruptError(f"{where}: malformed delta rows of a table")

@@ -94,6 +94,11 @@ class TrainingArguments:
     dist_sync_steps: int = 16
     """Several ranks: how often (in batches, or updates for time-based saves and
     SIGTERM) ranks agree on whether to go on when the data has no ``len()``."""
+    incremental_checkpoints: bool = False
+    """Write delta checkpoints: only the embedding-table rows changed since the previous
+    checkpoint (plus the full dense state); see docs/checkpoints.md."""
+    full_checkpoint_every: int = 10
+    """With ``incremental_checkpoints``: every this many saves is a full checkpoint."""
 
     def __post_init__(self) -> None:
         _check_str(self, "output_dir", nonempty=True)
@@ -128,6 +133,8 @@ class TrainingArguments:
         _check_choice(self, "keep_best_mode", METRIC_MODES)
         _check_float(self, "save_commit_timeout", positive=True)
         _check_int(self, "dist_sync_steps", minimum=1)
+        _check_bool(self, "incremental_checkpoints")
+        _check_int(self, "full_checkpoint_every", minimum=1)
 
     # --- derived values -----------------------------------------------------------
     @property

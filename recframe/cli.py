@@ -229,9 +229,16 @@ def _open_storage(path: str) -> Any:
 
 
 def _manifest_summary(storage: Any, path: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    from recframe.checkpoint.incremental import section
+
     files = manifest.get("files") or {}
     created = manifest.get("created_unix")
+    incremental = section(manifest)
+    chain = incremental.get("chain")
     return {
+        "kind": incremental.get("kind"),
+        "chain": list(chain) if isinstance(chain, list) else None,
+        "changed_rows": incremental.get("changed_rows"),
         "name": manifest.get("name") or path.rstrip("/").rsplit("/", 1)[-1],
         "step": manifest.get("step"),
         "path": storage.display(path),
@@ -353,19 +360,28 @@ def _ckpt_list(ns: argparse.Namespace) -> int:
           + (f", {len(leftovers)} uncommitted leftover(s)" if leftovers else ""))
     if committed or leftovers:
         rows = [
-            [c["name"], c["step"], "committed", _human_bytes(c["bytes"]), c["files"],
-             c["world_size"], c["created"] or "-", _metrics_text(c["metrics"])]
+            [c["name"], c["step"], "committed", _kind_text(c), _human_bytes(c["bytes"]),
+             c["files"], c["world_size"], c["created"] or "-", _metrics_text(c["metrics"])]
             for c in committed
         ]
         rows += [
-            [c["name"], c["step"], "UNCOMMITTED", _human_bytes(c["bytes"]), c["files"], "-",
-             "-", c["reason"]]
+            [c["name"], c["step"], "UNCOMMITTED", "-", _human_bytes(c["bytes"]), c["files"],
+             "-", "-", c["reason"]]
             for c in leftovers
         ]
         print(_text_table(
-            ["name", "step", "state", "size", "files", "world", "created", "metrics"], rows
+            ["name", "step", "state", "kind", "size", "files", "world", "created", "metrics"],
+            rows,
         ))
     return 0
+
+
+def _kind_text(summary: dict[str, Any]) -> str:
+    """``full``, or ``delta of ckpt_<parent> (base ckpt_<b>, k deltas)``."""
+    chain = summary.get("chain") or []
+    if summary.get("kind") != "delta" or len(chain) < 2:
+        return "full"
+    return f"delta of {chain[-2]} (base {chain[0]}, {len(chain) - 1} deltas)"
 
 
 def _text_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -426,7 +442,7 @@ def _describe_checkpoint(storage: Any, path: str, manifest: dict[str, Any]) -> d
         })
     parts = []
     for part, tree in manifest["parts"].items():
-        if part == "io_state" and isinstance(tree, dict):
+        if part in ("io_state", "delta") and isinstance(tree, dict):
             keys = [k for rank_tree in tree.values() for k in tree_tensor_keys(rank_tree)]
             ranks = sorted(tree, key=lambda r: (not r.isdigit(), int(r) if r.isdigit() else 0, r))
             entries = [f"rank {r}" for r in ranks]
@@ -555,6 +571,11 @@ def _print_inspect(info: dict[str, Any]) -> None:
     print(f"created     {info['created'] or '-'}")
     print(f"recframe    {info['recframe_version']} (format {info['format_version']})")
     print(f"size        {_human_bytes(info['bytes'])} in {info['files']} files")
+    print(f"kind        {_kind_text(info)}")
+    if info.get("kind") == "delta":
+        print(f"chain       {' -> '.join(info['chain'])} (restore replays it in order)")
+        changed = info.get("changed_rows") or {}
+        print(f"changed     {sum(changed.values())} rows in {len(changed)} table(s)")
     print(f"metrics     {_metrics_text(info['metrics'])}")
     print("\nparts")
     print(_text_table(

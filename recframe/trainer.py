@@ -159,6 +159,8 @@ class Trainer:
             async_save=args.async_save,
             save_on_sigterm=args.save_on_sigterm,
             agree_every=args.dist_sync_steps,
+            incremental=args.incremental_checkpoints,
+            full_checkpoint_every=args.full_checkpoint_every,
         )
         manager.metrics_provider = lambda: self.state.last_eval
         return saver, manager

@@ -46,6 +46,8 @@ def test_recframe_defaults():
     assert args.keep_best_mode == "max"
     assert args.save_commit_timeout == 600.0
     assert args.dist_sync_steps == 16
+    assert args.incremental_checkpoints is False
+    assert args.full_checkpoint_every == 10
 
 
 # --- validation -----------------------------------------------------------------------
@@ -77,6 +79,8 @@ BAD_VALUES = {
     "keep_best_mode": ["maximize", None, "MAX"],
     "save_commit_timeout": [0, -1, float("nan"), float("inf"), None, "60", True],
     "dist_sync_steps": [0, -1, 1.5, None, True],
+    "incremental_checkpoints": [1, "yes", None],
+    "full_checkpoint_every": [0, -1, 2.0, True, None, "10"],
 }
 
 
@@ -111,6 +115,7 @@ def test_bad_value_raises_naming_field_and_value(field, value):
         ("logging_dir", "memory://tb", "memory://tb"),
         ("keep_best_metric", "auc", "auc"),
         ("keep_best_mode", "min", "min"),
+        ("full_checkpoint_every", 1, 1),
         ("nonfinite_loss", "skip", "skip"),
         ("report_to", "none", "none"),
     ],
@@ -339,6 +344,8 @@ CLI_VALUES = {
     "keep_best_mode": ("min", "min"),
     "save_commit_timeout": ("30", 30.0),
     "dist_sync_steps": ("4", 4),
+    "incremental_checkpoints": ("true", True),
+    "full_checkpoint_every": ("4", 4),
 }
 
 

@@ -30,10 +30,10 @@ import recframe.checkpoint.storage as storage_module
 from recframe.checkpoint import (
     CheckpointCorruptError,
     CheckpointError,
-    CheckpointManager,
     Storage,
     StorageError,
 )
+from recframe.checkpoint.incremental import section
 
 JOB = os.path.join(os.path.dirname(__file__), "jobs", "save_loop_job.py")
 _spec = importlib.util.spec_from_file_location("save_loop_job", JOB)
@@ -41,11 +41,25 @@ job = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(job)
 
 
-@pytest.fixture
-def small_job(monkeypatch):
-    """The job's state, small: 200 x 64 tables in 2 KB chunks (25 per table)."""
+@pytest.fixture(params=["full", "incremental"])
+def small_job(request, monkeypatch):
+    """The job's state, small: 200 x 64 tables in 2 KB chunks (25 per table); every
+    test using it runs with full checkpoints and with incremental ones (a full one every
+    3 saves, deltas of a quarter of the rows between)."""
     monkeypatch.setattr(job, "ROWS", 200)
     monkeypatch.setattr(job, "CHUNK_BYTES", 2048)
+    monkeypatch.setattr(job, "INCREMENTAL", request.param == "incremental")
+
+
+def retained(steps: list[int]) -> list[int]:
+    """What retention keeps of the consecutive saves ``steps`` (from 1): the MAX_KEEP
+    newest, and in incremental mode the chains they need (a full one at saves 1, 1 +
+    FULL_EVERY, ...)."""
+    kept = set(steps[-job.MAX_KEEP:])
+    if job.INCREMENTAL:
+        for s in list(kept):
+            kept |= set(range(((s - 1) // job.FULL_EVERY) * job.FULL_EVERY + 1, s + 1))
+    return sorted(kept)
 
 
 class Run:
@@ -54,10 +68,11 @@ class Run:
     def __init__(self, url: str, manager: bool = True) -> None:
         self.model, self.opt, self.progress, self.position, self.saver = job.build(url)
         if manager:  # (a manager removes leftovers of interrupted saves at once)
-            self.manager = CheckpointManager(self.saver, save_interval=1)
+            self.manager = job.manager_for(self.saver)
 
     def step(self, n: int, **kwargs):
-        job.set_state(self.model, self.opt, self.progress, self.position, n)
+        job.set_state(self.model, self.opt, self.progress, self.position, n,
+                      self.manager.tracker)
         return self.manager.step(n, **kwargs)
 
     def problems(self, n: int) -> list[str]:
@@ -71,6 +86,10 @@ def assert_intact(url: str, steps: list[int]) -> None:
     """Exactly ``steps`` are committed, and each restores to what its step wrote."""
     run = Run(url)
     assert run.steps() == steps
+    if job.INCREMENTAL:  # the saves really were deltas between full ones
+        kinds = {c.step: section(c.manifest)["kind"] for c in run.saver.list_checkpoints()}
+        assert kinds == {s: "full" if (s - 1) % job.FULL_EVERY == 0 else "delta"
+                         for s in steps}
     for step in steps:
         assert run.manager.restore(global_step=step) == step
         assert run.problems(step) == [], step
@@ -172,6 +191,7 @@ def _three_committed(url: str) -> Run:
     return run
 
 
+@pytest.mark.parametrize("small_job", ["full"], indirect=True)
 def test_faulty_fs_sees_every_phase_of_a_save(faulty):
     run = _three_committed(faulty)
     run.step(4)  # writes ckpt_4, then retention deletes ckpt_1 (max_keep=3)
@@ -210,9 +230,10 @@ def test_a_failed_write_at_any_phase_keeps_earlier_checkpoints(faulty, kind):
         assert "ckpt_4" not in entries(faulty)  # the failed save cleaned up after itself
         # the same manager retries that step once the store works again
         assert run.step(4, force=True)
-        assert_intact(faulty, [2, 3, 4])
+        assert_intact(faulty, retained([1, 2, 3, 4]))
 
 
+@pytest.mark.parametrize("small_job", ["full"], indirect=True)
 @pytest.mark.parametrize("occurrence", [0, 1])
 def test_a_failed_delete_is_logged_and_keeps_the_rest(faulty, caplog, occurrence):
     run = _three_committed(faulty)
@@ -227,6 +248,50 @@ def test_a_failed_delete_is_logged_and_keeps_the_rest(faulty, caplog, occurrence
     # an uncommitted leftover, gone at the next start
     assert_intact(faulty, [1, 2, 3, 4] if occurrence == 0 else [2, 3, 4])
     assert "ckpt_1" not in entries(faulty) or occurrence == 0
+
+
+class Killed(BaseException):
+    """A SIGKILL at this instant: nothing after it runs."""
+
+
+@pytest.mark.parametrize("small_job", ["incremental"], indirect=True)
+@pytest.mark.parametrize("how", ["fail", "kill"])
+@pytest.mark.parametrize("occurrence", range(6))
+def test_cleanup_of_old_chains_cut_anywhere_leaves_every_checkpoint_restorable(
+        faulty, monkeypatch, how, occurrence):
+    """Saves 1..6 (full at 1 and 4): at 6 retention deletes ckpt_3, 2, 1 (newest first,
+    manifest then files: 6 removals). A removal that fails, or a kill at any of them,
+    leaves every committed checkpoint restorable (a delta never outlives its chain)."""
+    run = Run(faulty)
+    for n in range(1, 6):
+        run.step(n)
+    assert run.steps() == [1, 2, 3, 4, 5]
+    real = Storage.remove_tree
+    calls = []
+
+    def remove_tree(self, path):
+        calls.append(path)
+        if len(calls) - 1 == occurrence:
+            if how == "kill":
+                raise Killed()
+            raise OSError(errno.EIO, "injected rm fault")
+        return real(self, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Storage, "remove_tree", remove_tree)
+        if how == "kill":
+            with pytest.raises(Killed):
+                run.step(6)
+        else:
+            assert run.step(6)
+    assert len(calls) > occurrence
+    steps = Run(faulty, manager=False).steps()
+    assert {4, 5, 6} <= set(steps)
+    for step in steps:
+        check = Run(faulty, manager=False)
+        check.saver.load(ckpt_id=step)
+        assert check.problems(step) == [], (step, steps)
+    assert Run(faulty).manager.restore() == 6
 
 
 # --- a full local disk -----------------------------------------------------------------
@@ -283,7 +348,7 @@ def test_disk_full_at_each_phase_keeps_earlier_checkpoints(tmp_path, small_job, 
     assert entries(out) == ["ckpt_1", "ckpt_2", "ckpt_3"]  # no staging leftover either
     assert_intact(out, [1, 2, 3])
     assert run.step(4, force=True)
-    assert_intact(out, [2, 3, 4])
+    assert_intact(out, retained([1, 2, 3, 4]))
 
 
 @pytest.mark.parametrize("n", [0, 7, 40])
@@ -524,7 +589,8 @@ class Job:
         self.proc = subprocess.Popen(
             [sys.executable, JOB, out], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self.log, text=True, bufsize=1,
-            env=dict(os.environ, OMP_NUM_THREADS="1"),
+            env=dict(os.environ, OMP_NUM_THREADS="1",
+                     RECFRAME_TEST_INCREMENTAL="1" if job.INCREMENTAL else "0"),
         )
         self.worker = None  # the pid of a worker not yet reported dead
         self.lines: queue.Queue = queue.Queue()
@@ -565,7 +631,9 @@ class Job:
             self.log.close()
 
 
-def test_random_sigkill_during_saves_never_breaks_restore(tmp_path):
+@pytest.mark.parametrize("mode", ["full", "incremental"])
+def test_random_sigkill_during_saves_never_breaks_restore(tmp_path, monkeypatch, mode):
+    monkeypatch.setattr(job, "INCREMENTAL", mode == "incremental")
     trials = 24
     out = str(tmp_path / "run")
     rng = random.Random(20240611)
@@ -631,7 +699,10 @@ def test_random_sigkill_during_saves_never_breaks_restore(tmp_path):
             # before the kill could be reported
             assert printed <= steps[-1] <= printed + 1, (printed, steps)
             assert steps[-1] >= latest
-            assert len(steps) <= job.MAX_KEEP + 1  # killed between commit and retention
+            # (+1: killed between commit and retention; incremental: + the chain's base
+            # and deltas that the oldest kept delta needs)
+            assert len(steps) <= job.MAX_KEEP + 1 + (job.FULL_EVERY - 1 if job.INCREMENTAL
+                                                     else 0)
             for step in steps:  # every committed checkpoint holds exactly its step
                 check.saver.load(ckpt_id=step)
                 assert check.problems(step) == [], (trial, step)

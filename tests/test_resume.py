@@ -3,6 +3,7 @@ bit for bit, with dense and sparse optimizers, with and without accumulation."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -33,19 +34,35 @@ def load(path):
 
 
 @pytest.mark.parametrize(
-    "model,opt,accum,asynchronous",
-    [("toy", "adam", 1, False), ("toy", "adam", 3, False), ("toy", "sgd", 2, True),
-     ("dlrm", "adagrad", 1, False), ("dlrm", "adam", 2, True)],
+    "model,opt,accum,asynchronous,incremental",
+    [("toy", "adam", 1, False, False), ("toy", "adam", 3, False, False),
+     ("toy", "sgd", 2, True, False), ("dlrm", "adagrad", 1, False, False),
+     ("dlrm", "adam", 2, True, False),
+     # incremental checkpoints: ckpt_2 full, ckpt_4 a delta (restored from its chain)
+     ("toy", "adam", 1, False, True), ("toy", "sgd", 2, True, True),
+     ("dlrm", "adagrad", 1, False, True)],
 )
-def test_sigkill_and_rerun_is_bitwise_identical(tmp_path, model, opt, accum, asynchronous):
+def test_sigkill_and_rerun_is_bitwise_identical(tmp_path, model, opt, accum, asynchronous,
+                                                incremental):
     steps, kill_at = 9, 5
     common = ["--steps", steps, "--accum", accum, "--model", model, "--opt", opt]
     if asynchronous:
         common.append("--async-save")
+    if incremental:
+        common.append("--incremental")
     run_job(tmp_path / "straight", tmp_path / "a.npz", *common)
     run_job(tmp_path / "resumed", tmp_path / "unused.npz", *common, "--kill-at", kill_at,
             expect_kill=True)
     assert not (tmp_path / "unused.npz").exists()
+    if incremental:
+        kinds = {}
+        for name in ("ckpt_2", "ckpt_4"):
+            path = tmp_path / "resumed" / name / "manifest.json"
+            if path.exists():
+                kinds[name] = json.loads(path.read_text())["incremental"]["kind"]
+        assert kinds.get("ckpt_2") == "full"
+        assert kinds.get("ckpt_4", "delta") == "delta"  # (async: may not have committed)
+        assert "ckpt_4" in kinds or asynchronous
     proc = run_job(tmp_path / "resumed", tmp_path / "b.npz", *common)
     assert "resumed from" in proc.stderr
     # (an async save of step 4 may still have been writing when the kill came: then the

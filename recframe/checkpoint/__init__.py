@@ -1,9 +1,10 @@
 """Checkpoints: `Saver` (one checkpoint: concurrent sharded writes, crash-proof commit,
-no pickle) and `CheckpointManager` (interval, retention, restore, async, SIGTERM)."""
+no pickle) and `CheckpointManager` (interval, retention, restore, async, SIGTERM,
+incremental checkpoints: `recframe.checkpoint.incremental`)."""
 
 from recframe.checkpoint.format import CheckpointCorruptError
 from recframe.checkpoint.manager import CheckpointManager
-from recframe.checkpoint.policies import BestN, IntervalPolicy, LatestN
+from recframe.checkpoint.policies import BestN, FullEvery, IntervalPolicy, LatestN
 from recframe.checkpoint.saver import (
     PARTS,
     CheckpointError,
@@ -20,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointManager",
+    "FullEvery",
     "IntervalPolicy",
     "LatestN",
     "Saver",

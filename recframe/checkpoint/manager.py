@@ -32,7 +32,8 @@ from recframe.checkpoint.format import (
     snapshot_state,
 )
 from recframe.checkpoint.hugepages import collapse, huge_page_ranges
-from recframe.checkpoint.policies import AnyOf, BestN, IntervalPolicy, LatestN
+from recframe.checkpoint.incremental import keep_closure, plan_save
+from recframe.checkpoint.policies import AnyOf, BestN, FullEvery, IntervalPolicy, LatestN
 from recframe.checkpoint.saver import (
     CheckpointError,
     CheckpointInfo,
@@ -57,6 +58,10 @@ class CheckpointManager:
         async_save: write in a background thread after a host snapshot.
         save_on_sigterm: on SIGTERM, request a save at the next step (see
             ``preemption_requested``); the trainer then stops.
+        incremental: write delta checkpoints (only the embedding-table rows changed since
+            the previous checkpoint; see `recframe.checkpoint.incremental`).
+        full_checkpoint_every: with ``incremental``, every this many saves is a full one
+            (`FullEvery`).
     """
 
     def __init__(
@@ -70,12 +75,23 @@ class CheckpointManager:
         async_save: bool = False,
         save_on_sigterm: bool = False,
         agree_every: int = 16,
+        incremental: bool = False,
+        full_checkpoint_every: int = 10,
     ) -> None:
         self.saver = saver
         self.agree_every = max(1, int(agree_every))
         """Several ranks: every this many steps they agree (one all-reduce) on the
         decisions that may differ between them: a time-based save, a SIGTERM."""
         self._sigterm_seen = False
+        self.full_policy = FullEvery(full_checkpoint_every)
+        self.tracker: Any = None
+        """The `RowTracker` of incremental checkpoints (None: every save is full)."""
+        if incremental:
+            from recframe.optim.tracking import RowTracker
+
+            self.tracker = RowTracker(saver.model, saver.sparse_optimizer)
+            saver.row_tracker = self.tracker
+        self._pending: Optional[tuple[dict[str, Any], dict[str, Any]]] = None
         self.save_policy = IntervalPolicy(save_interval, save_interval_secs)
         keep = LatestN(max_keep if max_keep is not None else saver.max_keep)
         self.preservation = (
@@ -161,27 +177,78 @@ class CheckpointManager:
             self.saver.prepare_distributed()  # its collective runs here, not in the thread
             # a save in flight counts as done for the interval (its error surfaces later)
             self._last_saved_step, self._last_saved_time = step, started
-            state = self.saver.collect_state()
-            if self._can_fork(state):
-                ranges = huge_page_ranges(_host_tensors(state)) if self.huge_pages else []
-                child = self._fork(step, state, metrics)
-                target, args = self._forked_save, (step, metrics, child, ranges)
-            else:
-                target, args = self._background_save, (step, snapshot_state(state), metrics)
+            full = self.saver.collect_state()
+            state, extra = self._plan(step, full)
+            try:
+                if self._can_fork(state):
+                    # the tables' own memory (a delta's state holds only copied rows)
+                    ranges = huge_page_ranges(_host_tensors(full)) if self.huge_pages else []
+                    child = self._fork(step, state, metrics, extra)
+                    target, args = self._forked_save, (step, metrics, child, ranges)
+                else:
+                    target, args = self._background_save, (
+                        step, snapshot_state(state), metrics, extra
+                    )
+            except BaseException:
+                self._settle(failed=True)
+                raise
+            del full
             self._thread = threading.Thread(
                 target=target, args=args, name="recframe-async-save", daemon=False,
             )
             self._thread.start()
             return path
-        self.saver.save(step, metrics=metrics, prune=False)
+        state, extra = (None, None) if self.tracker is None else self._plan(
+            step, self.saver.collect_state()
+        )
+        try:
+            self.saver.save(step, metrics=metrics, prune=False, state=state,
+                            manifest_extra=extra)
+        except BaseException:
+            self._settle(failed=True)
+            raise
+        self._settle(failed=False)
         # only now: a save that failed is not "saved" (a retry of that step may run)
         self._last_saved_step, self._last_saved_time = step, started
         self._after_commit(step)
         return path
 
-    def _background_save(self, step: int, state: dict[str, Any], metrics: dict) -> None:
+    def _plan(
+        self, step: int, state: dict[str, Any]
+    ) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+        """Incremental mode: take the tracker's bitmaps and make the state a delta (or
+        a full one); the bitmaps go back to the tracker if the save fails."""
+        if self.tracker is None:
+            return state, None
+        taken = self.tracker.take()
         try:
-            self.saver.save(step, metrics=metrics, state=state, prune=False)
+            state, incremental = plan_save(
+                state, self.tracker, ckpt_name(step), taken, self.full_policy
+            )
+        except BaseException:
+            self.tracker.give_back(taken)
+            raise
+        self._pending = (taken, incremental)
+        return state, {"incremental": incremental}
+
+    def _settle(self, failed: bool) -> None:
+        """The save planned by `_plan` committed (the tracker now counts from it) or
+        failed (its rows are merged back: they belong to the next checkpoint)."""
+        pending, self._pending = self._pending, None
+        if pending is None or self.tracker is None:
+            return
+        taken, incremental = pending
+        if failed:
+            self.tracker.give_back(taken)
+        else:
+            self.tracker.committed(incremental)
+
+    def _background_save(
+        self, step: int, state: dict[str, Any], metrics: dict, extra: Optional[dict] = None
+    ) -> None:
+        try:
+            self.saver.save(step, metrics=metrics, state=state, prune=False,
+                            manifest_extra=extra)
             self._after_commit(step)
         except BaseException as e:  # noqa: BLE001 - surfaced at the next save / wait()
             self._error = e
@@ -199,7 +266,9 @@ class CheckpointManager:
             return False
         return all(getattr(v, "device", torch.device("cpu")).type == "cpu" for v in tensors)
 
-    def _fork(self, step: int, state: dict[str, Any], metrics: dict) -> tuple[int, int]:
+    def _fork(
+        self, step: int, state: dict[str, Any], metrics: dict, extra: Optional[dict] = None
+    ) -> tuple[int, int]:
         """Fork a child that writes and commits the checkpoint from its copy-on-write
         view of memory; the loop is blocked only for the fork itself."""
         read_fd, write_fd = os.pipe()
@@ -211,7 +280,8 @@ class CheckpointManager:
                 _die_with_parent()
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 torch.set_num_threads(1)  # no OpenMP pool in a forked child
-                self.saver.save(step, metrics=metrics, state=state, prune=False)
+                self.saver.save(step, metrics=metrics, state=state, prune=False,
+                                manifest_extra=extra)
             except BaseException as e:  # noqa: BLE001 - reported to the parent
                 code, message = 1, f"{type(e).__name__}: {e}".encode()[:4000]
             finally:
@@ -254,6 +324,7 @@ class CheckpointManager:
         if thread is not None:
             thread.join()
             self._thread = None
+            self._settle(failed=self._error is not None)
         if self._error is not None:
             error, self._error = self._error, None
             raise CheckpointError(f"the background checkpoint save failed: {error}") from error
@@ -280,6 +351,7 @@ class CheckpointManager:
         keep = self.preservation.select(found) | set(protect or ())
         if self._restored_step is not None:
             keep.add(self._restored_step)
+        keep = keep_closure(found, keep)  # a kept delta keeps its chain
         return self.saver.delete([c for c in found if c.step not in keep])
 
     def list(self) -> list[CheckpointInfo]:
@@ -321,6 +393,8 @@ class CheckpointManager:
                     ckpt.path or ckpt.name, error,
                 )
                 continue
+            if self.tracker is not None:  # the next save is a full one
+                self.tracker.reset()
             self.global_step = ckpt.step
             self._restored_step = ckpt.step
             self._last_saved_step = max(self._last_saved_step, ckpt.step)

@@ -38,6 +38,21 @@ class IntervalPolicy:
         return bool(self.seconds and time.monotonic() - last_saved_time >= self.seconds)
 
 
+class FullEvery:
+    """Incremental checkpoints: every ``n``-th save is a full checkpoint, the ``n - 1``
+    between are deltas (``n=1``: always full). Bounds a restore's chain to ``n - 1``
+    deltas and the storage a chain pins."""
+
+    def __init__(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"full_checkpoint_every={n!r} must be an integer >= 1")
+        self.n = n
+
+    def needs_full(self, deltas_since_full: int) -> bool:
+        """Whether the next save must be full, given the deltas since the last full one."""
+        return deltas_since_full + 1 >= self.n
+
+
 class PreservationPolicy(Protocol):
     def select(self, checkpoints: Sequence[CheckpointInfo]) -> set[int]: ...
 

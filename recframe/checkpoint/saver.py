@@ -54,6 +54,8 @@ MANIFEST = "manifest.json"
 STAGING_SUFFIX = ".staging"
 FORMAT_NAME = "recframe.checkpoint"
 FORMAT_VERSION = 1
+PER_RANK_PARTS = ("io_state", "delta")
+"""Parts each rank writes its own tree of (``delta``: an incremental checkpoint's rows)."""
 _CKPT_RE = re.compile(r"^ckpt_(\d+)$")
 _STAGING_RE = re.compile(r"^ckpt_(\d+)\.staging$")
 
@@ -169,6 +171,9 @@ class Saver:
         """Wall time of this rank's own writes in the last `save` (its shard files)."""
         self._save_seq = 0
         self._token: Optional[str] = None
+        self.row_tracker: Any = None
+        """A `recframe.optim.tracking.RowTracker` (incremental checkpoints): any load
+        invalidates it."""
 
     # --- registration -------------------------------------------------------------
     def register_for_checkpointing(self, name: str, obj: Any) -> None:
@@ -272,12 +277,14 @@ class Saver:
         metrics: Optional[dict[str, float]] = None,
         state: Optional[dict[str, dict[str, Any]]] = None,
         prune: bool = True,
+        manifest_extra: Optional[dict[str, Any]] = None,
     ) -> str:
         """Write checkpoint ``ckpt_<ckpt_id>`` and commit it; returns its path.
 
         Every rank writes its own shard files (``shard_id`` of ``shard_num``; default:
         this process's rank and world size) with ``concurrency`` threads; rank 0 commits
-        once all ranks are done. An id is never saved twice.
+        once all ranks are done. An id is never saved twice. ``manifest_extra``: more
+        top-level manifest entries (``incremental``: see `recframe.checkpoint.incremental`).
         """
         rank = distributed.get_rank() if shard_id is None else shard_id
         world = distributed.get_world_size() if shard_num is None else shard_num
@@ -342,6 +349,7 @@ class Saver:
             if rank == 0:
                 try:
                     manifest = self._manifest(name, gathered, world, metrics)
+                    manifest.update(manifest_extra or {})
                     mpath = self.storage.join(staging, MANIFEST)
                     with naming_errors(self.storage, "writing", mpath):
                         self.storage.write_bytes_atomic(
@@ -462,11 +470,11 @@ class Saver:
         for part, value in state.items():
             if part in ("dense", "extra") and rank != 0:
                 continue  # replicated: rank 0 writes them
-            prefix = f"io_state/r{rank}" if part == "io_state" else part
+            prefix = f"{part}/r{rank}" if part in PER_RANK_PARTS else part
             trees[part] = encode_tree(value, prefix, tensors)
         if rank != 0:  # a replicated (non-sharded) tensor of a sharded part: rank 0's copy
             tensors = {k: v for k, v in tensors.items()
-                       if is_sharded(v) or k.startswith("io_state/")}
+                       if is_sharded(v) or k.startswith(tuple(f"{p}/" for p in PER_RANK_PARTS))}
         result = write_tensors(
             self.storage, directory, tensors, f"data-r{rank:05d}", self.concurrency,
             self.chunk_bytes,
@@ -494,8 +502,8 @@ class Saver:
             for fname, entry in local["files"].items():
                 files[fname] = dict(entry, rank=local["rank"])
             for part, tree in local["trees"].items():
-                if part == "io_state":
-                    parts.setdefault("io_state", {})[str(local["rank"])] = tree
+                if part in PER_RANK_PARTS:
+                    parts.setdefault(part, {})[str(local["rank"])] = tree
                 elif part not in parts:
                     parts[part] = tree
         return {
@@ -516,24 +524,39 @@ class Saver:
     def prune(self, keep: Optional[set[int]] = None) -> list[str]:
         """Delete committed checkpoints beyond ``max_keep`` (oldest first), never one in
         ``keep``; a failed delete is logged, not raised. Returns the deleted paths."""
+        from recframe.checkpoint.incremental import keep_closure
         from recframe.checkpoint.policies import LatestN
 
         if not distributed.is_main_process():
             return []
         found = self.list_checkpoints()
-        kept = LatestN(self.max_keep).select(found) | (keep or set())
+        kept = keep_closure(found, LatestN(self.max_keep).select(found) | (keep or set()))
         return self.delete([c for c in found if c.step not in kept])
 
     def delete(self, checkpoints: list[CheckpointInfo]) -> list[str]:
-        """Delete checkpoints: the manifest first (uncommits), then the files."""
+        """Delete checkpoints, newest first (a delta goes before the checkpoints its chain
+        needs, so a kill at any instant leaves no committed delta without its chain): the
+        manifest first (uncommits), then the files."""
+        from recframe.checkpoint.incremental import chain_steps
+
         deleted = []
-        for ckpt in checkpoints:
+        needed: set[str] = set()  # the chains of checkpoints that are still committed
+        for ckpt in sorted(checkpoints, key=lambda c: c.step, reverse=True):
+            if ckpt.name in needed:
+                logger.warning("not deleting checkpoint %s: a checkpoint that could not be "
+                               "deleted still needs it", ckpt.path)
+                continue
             try:
                 self.storage.remove_tree(self.storage.join(ckpt.path, MANIFEST))
+            except OSError as e:
+                logger.warning("could not delete checkpoint %s: %s", ckpt.path, e)
+                needed.update(chain_steps(ckpt.manifest))
+                continue
+            try:
                 self.storage.remove_tree(ckpt.path)
                 deleted.append(ckpt.path)
                 logger.info("deleted old checkpoint %s", self.storage.display(ckpt.path))
-            except OSError as e:
+            except OSError as e:  # uncommitted now: a leftover, removed at the next start
                 logger.warning("could not delete checkpoint %s: %s", ckpt.path, e)
         return deleted
 
@@ -576,6 +599,12 @@ class Saver:
             raise CheckpointError(
                 f"{storage.display(directory)} is not a committed checkpoint (no {MANIFEST})"
             )
+        if self.row_tracker is not None:
+            self.row_tracker.invalidate("a checkpoint was loaded")
+        from recframe.checkpoint import incremental
+
+        if incremental.is_delta(manifest):  # replay its chain: base, then each delta
+            return incremental.load_delta(self, storage, directory, manifest, conf)
         reader = TensorReader(storage, directory, manifest["tensors"], self.concurrency)
         trees = manifest.get("parts", {})
         wanted = [p for p in PARTS if p in load and p not in exclude]

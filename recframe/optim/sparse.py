@@ -103,11 +103,14 @@ class RowSparseOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         scale, self._grad_scale = self._grad_scale, 1.0
+        observers = self.__dict__.get("row_observers", ())
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 rows, values = _rows_and_values(p, p.grad)
+                for observe in observers:  # e.g. a RowTracker (incremental checkpoints)
+                    observe(p, rows)
                 values = values.to(p.dtype)
                 if scale != 1.0:
                     values = values * scale

@@ -2,6 +2,10 @@
 
 usage: resume_job.py OUTPUT_DIR RESULT_NPZ --steps N [--accum K] [--kill-at S]
        [--model toy|dlrm] [--opt adam|sgd|adagrad] [--save-steps M] [--async-save]
+       [--incremental]
+
+--incremental: recframe's row-wise sparse optimizers (whose rows the tracker sees) and
+incremental checkpoints, a full one every 3 saves.
 
 With --kill-at the process SIGKILLs itself right after optimizer update S (before
 that step's checkpoint). Without it, the final parameters are written to RESULT_NPZ.
@@ -58,6 +62,7 @@ def main() -> None:
     p.add_argument("--opt", default="adam", choices=["adam", "sgd", "adagrad"])
     p.add_argument("--save-steps", type=int, default=2)
     p.add_argument("--async-save", action="store_true")
+    p.add_argument("--incremental", action="store_true")
     ns = p.parse_args()
     import logging
 
@@ -85,11 +90,17 @@ def main() -> None:
     else:
         d = torch.optim.Adagrad(dense, lr=0.05)
         s = torch.optim.Adagrad(sparse, lr=0.05)
+    if ns.incremental:
+        from recframe.optim.sparse import SparseAdagrad, SparseAdam, SparseSGD
+
+        s = {"adam": SparseAdam, "sgd": SparseSGD, "adagrad": SparseAdagrad}[ns.opt](
+            sparse, lr=0.02)
     sched = torch.optim.lr_scheduler.StepLR(d, step_size=3, gamma=0.7)
     args = TrainingArguments(
         output_dir=ns.output_dir, train_steps=ns.steps, gradient_accumulation_steps=ns.accum,
         save_steps=ns.save_steps, max_to_keep=3, report_to="none", disable_tqdm=True,
         log_steps=1000, async_save=ns.async_save, save_concurrency_per_rank=2,
+        incremental_checkpoints=ns.incremental, full_checkpoint_every=3,
     )
     hooks = [KillAt(ns.kill_at)] if ns.kill_at else []
     trainer = Trainer(model=model, args=args, train_dataset=data, hooks=hooks,

@@ -13,6 +13,11 @@ from a warm supervisor keeps a trial cheap: torch is imported once.
 The state of step n is deterministic, so any committed checkpoint can be checked:
 embedding weights all n, Adagrad sums all n + 0.5, the dense layer -n, the extra and
 io_state entries n. torchrec is never imported here.
+
+Incremental mode (``RECFRAME_TEST_INCREMENTAL=1``, or ``INCREMENTAL = True``): step n
+writes only the table rows r with r % STRIDE == n % STRIDE (weights n, sums n + 0.5; a
+row never written is 0 and 0.5) and tells the row tracker, so checkpoints are a full
+one every FULL_EVERY saves and deltas between.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ CHUNK_BYTES = 256 << 10  # 20 chunks per table
 CONCURRENCY = 4
 MAX_KEEP = 3
 MAX_STEPS = 100_000  # a safety stop; the test kills the worker long before
+INCREMENTAL = os.environ.get("RECFRAME_TEST_INCREMENTAL") == "1"
+STRIDE = 4
+FULL_EVERY = 3
 
 
 class Net(nn.Module):
@@ -73,7 +81,15 @@ class Position:
 def build(output_dir: str):
     """(model, optimizer, progress, position, saver): a fresh job state."""
     model = Net()
-    opt = torch.optim.Adagrad(model.emb.parameters(), lr=0.1)
+    if INCREMENTAL:  # a sparse optimizer: the row tracker knows its tables
+        from recframe.optim.sparse import SparseAdagrad
+
+        with torch.no_grad():
+            model.emb.weight.zero_()
+        opt = SparseAdagrad(model.emb.parameters(), lr=0.1)
+        opt.state[model.emb.weight]["sum"] = torch.full_like(model.emb.weight, 0.5)
+    else:
+        opt = torch.optim.Adagrad(model.emb.parameters(), lr=0.1)
     progress, position = Progress(), Position()
     saver = Saver(model, opt, output_dir=output_dir, max_keep=MAX_KEEP,
                   concurrency=CONCURRENCY, chunk_bytes=CHUNK_BYTES)
@@ -82,14 +98,37 @@ def build(output_dir: str):
     return model, opt, progress, position, saver
 
 
-def set_state(model, opt, progress, position, n: int) -> None:
+def manager_for(saver) -> CheckpointManager:
+    return CheckpointManager(saver, save_interval=1, incremental=INCREMENTAL,
+                             full_checkpoint_every=FULL_EVERY)
+
+
+def touched(n: int) -> torch.Tensor:
+    """The table rows step ``n`` writes."""
+    return torch.arange(n % STRIDE, ROWS, STRIDE) if INCREMENTAL else torch.arange(ROWS)
+
+
+def expected_rows(n: int) -> torch.Tensor:
+    """Per table row, the last step <= n that wrote it (0: never)."""
+    if not INCREMENTAL:
+        return torch.full((ROWS,), float(n))
+    rows = torch.arange(ROWS)
+    last = n - torch.remainder(n - rows, STRIDE)
+    return torch.where(last >= 1, last, 0).float()
+
+
+def set_state(model, opt, progress, position, n: int, tracker=None) -> None:
+    rows = touched(n)
     with torch.no_grad():
-        model.emb.weight.fill_(n)
+        model.emb.weight.index_fill_(0, rows, n)
         model.head.weight.fill_(-n)
         model.head.bias.fill_(-n)
     for state in opt.state.values():
-        state["sum"].fill_(n + 0.5)
-        state["step"].fill_(n)
+        state["sum"].index_fill_(0, rows, n + 0.5)
+        if "step" in state:
+            state["step"].fill_(n)
+    if tracker is not None:
+        tracker.mark("emb.weight", rows)
     progress.step = n
     position.value = n
 
@@ -97,14 +136,15 @@ def set_state(model, opt, progress, position, n: int) -> None:
 def problems(model, opt, progress, position, n: int) -> list[str]:
     """What differs from the state that step ``n`` wrote (empty: exactly it)."""
     out = []
-    if not torch.all(model.emb.weight == n):
+    want = expected_rows(n).unsqueeze(1)
+    if not torch.all(model.emb.weight == want):
         out.append(f"embedding weights are not all {n}")
     if not (torch.all(model.head.weight == -n) and torch.all(model.head.bias == -n)):
         out.append(f"dense weights are not all {-n}")
     for state in opt.state.values():
-        if not torch.all(state["sum"] == n + 0.5):
+        if not torch.all(state["sum"] == want + 0.5):
             out.append(f"optimizer sums are not all {n + 0.5}")
-        if float(state["step"]) != n:
+        if "step" in state and float(state["step"]) != n:
             out.append(f"optimizer step is {float(state['step'])}, not {n}")
     if progress.step != n:
         out.append(f"extra progress is {progress.step}, not {n}")
@@ -116,7 +156,7 @@ def problems(model, opt, progress, position, n: int) -> list[str]:
 def worker(output_dir: str, parent: int) -> int:
     torch.set_num_threads(1)
     model, opt, progress, position, saver = build(output_dir)
-    manager = CheckpointManager(saver, save_interval=1)
+    manager = manager_for(saver)
     step = manager.restore()
     if step:
         bad = problems(model, opt, progress, position, step)
@@ -126,7 +166,7 @@ def worker(output_dir: str, parent: int) -> int:
     say(f"ready {os.getpid()} {step}")
     while step < MAX_STEPS and os.getppid() == parent:
         step += 1
-        set_state(model, opt, progress, position, step)
+        set_state(model, opt, progress, position, step, manager.tracker)
         manager.step(step)
         say(f"committed {step}")
     return 0

@@ -381,6 +381,27 @@ def test_two_ranks_track_all_reduce_and_apply_their_own_shards(tmp_path):
     for rank, (code, out, err) in enumerate(outs):
         assert code == 0 and f"OK {rank} full,delta,delta,delta,full,delta" in out, err[-3000:]
 
+    # one process (another plan: resharding) restores the 2-rank chain of a full and 3
+    # deltas ending at step 4 and the 2-rank full checkpoint of the same step: identical
+    # model, fused optimizer and dense optimizer state
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("incremental_ranks_job", job)
+    ranks_job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ranks_job)
+    states = []
+    run = tmp_path / "run"
+    for seed, path in ((11, run / "ckpt_4"), (12, run / "full" / "ckpt_4")):
+        dmp, sparse, dense, manager = ranks_job.build(str(tmp_path / f"one{seed}"), seed)
+        manifest = manager.saver.load(ckpt_path=str(path))
+        states.append({**ranks_job.model_state(dmp), **ranks_job.optimizer_state(sparse, dense)})
+        assert manifest["world_size"] == 2
+    assert len(section(manager.saver.read_manifest(str(run / "ckpt_4")))["chain"]) == 4
+    delta, full = states
+    assert delta.keys() == full.keys() and any(k.startswith("sparse/") for k in delta)
+    for key in delta:
+        assert torch.equal(delta[key], full[key]), key
+
 
 @pytest.mark.parametrize("where", ["local", "memory"])
 def test_async_saves_are_deltas_and_restore_bit_identical(tmp_path, where):

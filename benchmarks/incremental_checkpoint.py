@@ -186,7 +186,7 @@ def tracking_overhead(cfg: argparse.Namespace, loop: Loop) -> dict[str, Any]:
             t0 = time.perf_counter()
             for batch in loop.batches:
                 for module, hook in hooked:
-                    hook(module, (batch.sparse_features,))
+                    hook(module, (batch.sparse_features,), {})
             per_pass.append((time.perf_counter() - t0) / len(loop.batches))
     tracker.detach()
     hook_s = statistics.median(per_pass)

@@ -91,7 +91,7 @@ class CheckpointManager:
 
             self.tracker = RowTracker(saver.model, saver.sparse_optimizer)
             saver.row_tracker = self.tracker
-        self._pending: Optional[tuple[dict[str, Any], dict[str, Any]]] = None
+        self._pending: Optional[tuple[dict[str, Any], dict[str, Any], int]] = None
         self.save_policy = IntervalPolicy(save_interval, save_interval_secs)
         keep = LatestN(max_keep if max_keep is not None else saver.max_keep)
         self.preservation = (
@@ -228,7 +228,7 @@ class CheckpointManager:
         except BaseException:
             self.tracker.give_back(taken)
             raise
-        self._pending = (taken, incremental)
+        self._pending = (taken, incremental, self.tracker.generation)
         return state, {"incremental": incremental}
 
     def _settle(self, failed: bool) -> None:
@@ -237,11 +237,11 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         if pending is None or self.tracker is None:
             return
-        taken, incremental = pending
+        taken, incremental, generation = pending
         if failed:
             self.tracker.give_back(taken)
         else:
-            self.tracker.committed(incremental)
+            self.tracker.committed(incremental, generation)
 
     def _background_save(
         self, step: int, state: dict[str, Any], metrics: dict, extra: Optional[dict] = None
@@ -362,6 +362,10 @@ class CheckpointManager:
         """Load the latest committed checkpoint (or ``ckpt_<global_step>``); returns
         its step, or 0 when there is none. A checkpoint that fails to read back
         (corrupt or truncated file) is skipped for the previous one, with a warning."""
+        try:  # a save in flight finishes first (its retention must not race the load)
+            self.wait()
+        except CheckpointError as e:
+            logger.warning("%s; restoring from what is committed", e)
         found = self.saver.list_checkpoints()
         if global_step is not None:
             found = [c for c in found if c.step == global_step]

@@ -324,9 +324,9 @@ class Saver:
                     f"{answer.decode(errors='replace')}"
                 )
         try:
-            if state is None:
-                state = self.collect_state()
             try:
+                if state is None:
+                    state = self.collect_state()
                 trees, result = self._write_rank(state, staging, rank)
             except BaseException as e:
                 if group:  # tell the others at once rather than let them wait the timeout
@@ -397,12 +397,16 @@ class Saver:
 
     def _run_token(self) -> str:
         """A token every rank shares, fresh per run, so store keys never collide with
-        a previous run's on the same store (torchrun keeps its store across restarts)."""
+        a previous run's or another `Saver`'s on the same store. Drawn from the OS on
+        rank 0, never from torch's seeded generator (a resumed run must draw the same
+        random numbers as an uninterrupted one)."""
         if self._token is None:
+            import os
+
             import torch
 
-            value = torch.randint(0, 2**62, (1,), dtype=torch.int64,
-                                  device=distributed.collective_device())
+            value = torch.tensor([int.from_bytes(os.urandom(7), "little")], dtype=torch.int64,
+                                 device=distributed.collective_device())
             import torch.distributed as dist
 
             dist.broadcast(value, src=0)

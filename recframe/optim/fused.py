@@ -368,6 +368,10 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
         self.defaults = {}
         self._optimizer_step_pre_hooks: dict[int, Any] = OrderedDict()
         self._optimizer_step_post_hooks: dict[int, Any] = OrderedDict()
+        # torch's load hooks (register_load_state_dict_pre_hook), run by load_state_dict:
+        # the row tracker of incremental checkpoints learns of every load this way
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Any] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Any] = OrderedDict()
         self._window: Any = None
         self._records: dict[int, list[_Lookup]] = {}
         self._grad_scale = 1.0
@@ -519,6 +523,8 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for pre_hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            state_dict = pre_hook(self, state_dict) or state_dict
         iters = state_dict.get("iter")
         if iters is not None and len(iters) != len(self._kernels):
             # another sharding plan (world size) groups the tables into other kernels;
@@ -538,6 +544,8 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
                 kernel.iter.fill_(int(value))
                 kernel.iter_cpu = torch.full_like(kernel.iter_cpu, int(value))
         self.fused.zero_grad()  # the loaded lr reaches the kernels now
+        for post_hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            post_hook(self)
 
     def _into_live_shards(self, state: dict[str, Any]) -> dict[str, Any]:
         """Accept whole (unsharded) tensors where the live state is sharded, as a

@@ -58,6 +58,8 @@ class RowTracker:
         """Whether the bitmaps cover every change since `base` (else: save a full one)."""
         self.base: Optional[dict[str, Any]] = None
         """The ``incremental`` section of the last committed checkpoint's manifest."""
+        self.generation = 0
+        """Counts invalidations and resets (see `committed`)."""
         self._handles: list[Any] = []
         self._param_keys: dict[int, str] = {}
         self._attach()
@@ -75,7 +77,7 @@ class RowTracker:
             self._handles.append(module.register_load_state_dict_pre_hook(self._on_load))
         if isinstance(opt, torch.optim.Optimizer) and hasattr(
             opt, "_optimizer_load_state_dict_pre_hooks"
-        ):  # (FusedSparseOptimizer has no torch hooks: its loads go through the Saver)
+        ):  # FusedSparseOptimizer runs these hooks in its own load_state_dict
             self._handles.append(opt.register_load_state_dict_pre_hook(self._on_load))
 
     def _attach_sparse(self, opt: Any) -> None:
@@ -119,7 +121,9 @@ class RowTracker:
                 self.optimizer_keys[key] = key
                 for feature in config.feature_names:
                     feature_tables[feature] = key
-            hook = module.register_forward_pre_hook(self._features_hook(feature_tables))
+            hook = module.register_forward_pre_hook(
+                self._features_hook(feature_tables), with_kwargs=True
+            )
             self._handles.append(hook)
 
     def _table_modules(self) -> list[nn.Module]:
@@ -145,10 +149,10 @@ class RowTracker:
             bits.index_fill_(0, rows.to(bits.device), True)
 
     def _features_hook(self, feature_tables: dict[str, str]) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not args or not torch.is_grad_enabled() or not module.training:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            features = args[0] if args else kwargs.get("features")
+            if features is None or not torch.is_grad_enabled() or not module.training:
                 return
-            features = args[0]
             keys = features.keys()
             parts = features.values().split(features.length_per_key())
             for feature, ids in zip(keys, parts):
@@ -172,6 +176,7 @@ class RowTracker:
         if self.valid and why:
             logger.info("row tracking: %s; the next checkpoint is a full one", why)
         self.valid = False
+        self.generation += 1
 
     # --- checkpoint protocol ------------------------------------------------------
     def take(self) -> dict[str, torch.Tensor]:
@@ -192,11 +197,13 @@ class RowTracker:
             if key in self.bits:
                 self.bits[key] |= bits.to(self.bits[key].device)
 
-    def committed(self, section: dict[str, Any]) -> None:
+    def committed(self, section: dict[str, Any], generation: Optional[int] = None) -> None:
         """A checkpoint with ``incremental`` manifest section ``section`` committed: the
-        bitmaps now count from it."""
+        bitmaps now count from it, unless the tracker was invalidated or reset since
+        its bitmaps were taken (``generation``: `generation` at `take` time; a load
+        or restore while an async save was in flight changed rows no bitmap holds)."""
         self.base = section
-        self.valid = True
+        self.valid = generation is None or generation == self.generation
 
     def reset(self) -> None:
         """Clear the bitmaps and forget the base (after a restore)."""
@@ -204,6 +211,7 @@ class RowTracker:
             bits.zero_()
         self.base = None
         self.valid = False
+        self.generation += 1
 
 
 class _Remove:

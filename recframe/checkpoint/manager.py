@@ -387,8 +387,13 @@ class CheckpointManager:
                 self.saver.load(ckpt_path=ckpt.path)
             except (CheckpointCorruptError, StorageError) as e:
                 error = e
-            if many and distributed.all_reduce_min_int(0 if error else 1) == 0 and not error:
-                error = CheckpointError(f"another rank could not read {ckpt.name}")
+            if many:
+                ok = distributed.all_gather_cat(torch.tensor([0 if error else 1]))
+                failed = [rank for rank, flag in enumerate(ok.tolist()) if not flag]
+                if failed and not error:
+                    error = CheckpointError(
+                        f"rank(s) {failed} could not read {ckpt.name} (see their log)"
+                    )
             if error is not None:
                 if global_step is not None:
                     raise error

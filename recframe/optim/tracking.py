@@ -258,7 +258,10 @@ def _all_reduce_max(taken: dict[str, torch.Tensor]) -> None:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    for key, bits in taken.items():
-        as_int = bits.to(torch.uint8)
+    from recframe.distributed import collective_device
+
+    device = collective_device()  # nccl takes CUDA tensors only; a rank without a
+    for key, bits in taken.items():  # local shard of a table keeps its bitmap on the CPU
+        as_int = bits.to(device, torch.uint8)
         dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
-        taken[key] = as_int.bool()
+        taken[key] = as_int.to(bits.device).bool()

@@ -301,28 +301,20 @@ class Saver:
             self._save_seq += 1
             key = f"recframe/ckpt/{self._run_token()}/{self._save_seq}/{name}"
         t0 = time.perf_counter()
-        if rank == 0:
-            try:
-                # leftovers of a crash (a staging dir, or a ckpt_<id> whose manifest is
-                # gone: a delete cut short) would mix with the new files or block the rename
-                for leftover in dict.fromkeys((staging, final)):
-                    if self.storage.exists(leftover):
-                        self.storage.remove_tree(leftover)
-                self.storage.makedirs(self.storage.root)
-                self.storage.makedirs(staging)
-            except BaseException as e:
-                if group:
-                    distributed.store().set(f"{key}/staged", f"error: {e}".encode())
-                raise
-            if group:
-                distributed.store().set(f"{key}/staged", b"ok")
-        elif group:
-            answer = self._wait_rank0(f"{key}/staged", name, "to create the staging directory")
-            if answer != b"ok":
-                raise CheckpointError(
-                    f"checkpoint {name}: rank 0 could not prepare {self.storage.display(staging)}: "
-                    f"{answer.decode(errors='replace')}"
-                )
+        def prepare() -> None:
+            # leftovers of a crash (a staging dir, or a ckpt_<id> whose manifest is gone:
+            # a delete cut short) would mix with the new files or block the rename
+            for leftover in dict.fromkeys((staging, final)):
+                if self.storage.exists(leftover):
+                    self.storage.remove_tree(leftover)
+            self.storage.makedirs(self.storage.root)
+            self.storage.makedirs(staging)
+
+        self._rank0_then_others(
+            prepare, f"{key}/staged" if group else None, name, rank,
+            "to create the staging directory",
+            f"checkpoint {name}: rank 0 could not prepare {self.storage.display(staging)}",
+        )
         try:
             try:
                 if state is None:
@@ -346,30 +338,24 @@ class Saver:
                 gathered = self._gather_for_commit(key, local, name)
             else:
                 gathered = distributed.all_gather_objects(local)
-            if rank == 0:
-                try:
-                    manifest = self._manifest(name, gathered, world, metrics)
-                    manifest.update(manifest_extra or {})
-                    mpath = self.storage.join(staging, MANIFEST)
-                    with naming_errors(self.storage, "writing", mpath):
-                        self.storage.write_bytes_atomic(
-                            mpath, json.dumps(manifest, allow_nan=True).encode()
-                        )
-                    if staging != final:
-                        with naming_errors(self.storage, "renaming", staging):
-                            self.storage.rename(staging, final)
-                except BaseException as e:
-                    if group:
-                        distributed.store().set(f"{key}/commit", f"rank 0: {e}".encode())
-                    raise
-                if group:
-                    distributed.store().set(f"{key}/commit", b"ok")
-            elif group:
-                answer = self._wait_rank0(f"{key}/commit", name, "to commit", 2)
-                if answer != b"ok":
-                    raise CheckpointError(
-                        f"checkpoint {name} was not committed: {answer.decode(errors='replace')}"
+
+            def commit() -> None:
+                manifest = self._manifest(name, gathered, world, metrics)
+                manifest.update(manifest_extra or {})
+                mpath = self.storage.join(staging, MANIFEST)
+                with naming_errors(self.storage, "writing", mpath):
+                    self.storage.write_bytes_atomic(
+                        mpath, json.dumps(manifest, allow_nan=True).encode()
                     )
+                if staging != final:
+                    with naming_errors(self.storage, "renaming", staging):
+                        self.storage.rename(staging, final)
+
+            # the others wait up to twice the timeout: rank 0 first waits for every rank
+            self._rank0_then_others(
+                commit, f"{key}/commit" if group else None, name, rank, "to commit",
+                f"checkpoint {name} was not committed", factor=2,
+            )
         except BaseException:
             if world == 1:  # alone: nobody else is writing there
                 self._discard(staging, final)
@@ -441,6 +427,27 @@ class Saver:
             distributed.store().set(f"{key}/commit", message.encode())
             raise CheckpointError(f"checkpoint {name} was not committed: {message}")
         return gathered
+
+    def _rank0_then_others(
+        self, action: Any, key: Optional[str], name: str, rank: int, what: str,
+        failure: str, factor: float = 1,
+    ) -> None:
+        """Rank 0 runs ``action``; with a process group (``key`` set) it posts "ok" or its
+        error at ``key`` in the store, and the other ranks wait for that word (up to
+        ``factor`` x ``commit_timeout``) and raise ``failure`` with rank 0's error."""
+        if rank == 0:
+            try:
+                action()
+            except BaseException as e:
+                if key:
+                    distributed.store().set(key, f"rank 0: {e}".encode())
+                raise
+            if key:
+                distributed.store().set(key, b"ok")
+        elif key:
+            answer = self._wait_rank0(key, name, what, factor)
+            if answer != b"ok":
+                raise CheckpointError(f"{failure}: {answer.decode(errors='replace')}")
 
     def _wait_rank0(self, key: str, name: str, what: str, factor: float = 1) -> bytes:
         try:

@@ -178,6 +178,7 @@ def run_interleaved(
     collect_garbage: bool = True,
     on_round: Optional[Callable[[list[RoundResult]], None]] = None,
     before_round: Optional[Callable[[int], None]] = None,
+    quiet_wait: float = 0.0,
 ) -> list[RoundResult]:
     """Run every variant once per round, rotating the order each round
     (A B C, B C A, C A B, ...) so each runs first equally often.
@@ -185,13 +186,16 @@ def run_interleaved(
     ``gc.collect()`` runs (untimed) before each body when ``collect_garbage``, so one
     variant does not pay for garbage another left behind. ``before_round(r)`` runs
     untimed before each round (e.g. `wait_for_quiet`); ``on_round`` gets each
-    finished round's results (e.g. to print them).
+    finished round's results (e.g. to print them). ``quiet_wait > 0``: before each round,
+    wait up to that many seconds for other processes to go quiet.
     """
     names = list(variants)
     results: list[RoundResult] = []
     for r in range(rounds):
         shift = r % len(names)
         order = names[shift:] + names[:shift]
+        if quiet_wait > 0:
+            wait_for_quiet(max_wait=quiet_wait, probe=0.5)
         if before_round is not None:
             before_round(r)
         this_round: list[RoundResult] = []
@@ -226,6 +230,13 @@ def run_interleaved(
         if on_round is not None:
             on_round(this_round)
     return results
+
+
+def round_load(this_round: Sequence[RoundResult]) -> str:
+    """``others=X cores`` for a printed round line, flagged when a neighbour was busy."""
+    others = max((x.load.others_cores or 0.0) for x in this_round)
+    flag = "  BUSY NEIGHBOUR" if any(x.load.busy_neighbour for x in this_round) else ""
+    return f"others={others:.2f} cores{flag}"
 
 
 def per_variant(results: Sequence[RoundResult], variant: str) -> list[RoundResult]:

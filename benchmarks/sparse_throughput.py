@@ -433,16 +433,11 @@ def run_rounds(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
         by = {x.variant: x.samples_per_sec for x in this_round}
         parts = [f"{x.variant}={x.samples_per_sec:,.0f}/s" for x in this_round]
         ratios = [f"{n}/{d}={by[n] / by[d]:.2f}" for (n, d) in GOALS if n in by and d in by]
-        others = max((x.load.others_cores or 0.0) for x in this_round)
-        flag = "  BUSY NEIGHBOUR" if any(x.load.busy_neighbour for x in this_round) else ""
         print(f"  round {this_round[0].round:2d}: {' '.join(parts)}  {' '.join(ratios)}  "
-              f"others={others:.2f} cores{flag}", flush=True)
+              f"{common.round_load(this_round)}", flush=True)
 
-    def settle(r: int) -> None:
-        if cfg.quiet_wait > 0:
-            common.wait_for_quiet(max_wait=cfg.quiet_wait, probe=0.5)
-
-    results = common.run_interleaved(variants, cfg.rounds, on_round=show, before_round=settle)
+    results = common.run_interleaved(variants, cfg.rounds, on_round=show,
+                                     quiet_wait=cfg.quiet_wait)
 
     models = {name: loops[name].model for name in cfg.variants}
     checks: dict[str, Any] = {}

@@ -313,16 +313,11 @@ def run_dlrm(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
         parts = [f"{x.variant}={x.samples_per_sec:,.0f}/s ({loop_faults(x)} faults)"
                  for x in this_round]
         ratio = by["recframe"].samples_per_sec / by["hand"].samples_per_sec
-        others = max((x.load.others_cores or 0.0) for x in this_round)
-        flag = "  BUSY NEIGHBOUR" if any(x.load.busy_neighbour for x in this_round) else ""
         print(f"  round {this_round[0].round:3d}: {'  '.join(parts)}  "
-              f"recframe/hand={ratio:.3f}  others={others:.2f} cores{flag}", flush=True)
+              f"recframe/hand={ratio:.3f}  {common.round_load(this_round)}", flush=True)
 
-    def settle(r: int) -> None:
-        if cfg.quiet_wait > 0:
-            common.wait_for_quiet(max_wait=cfg.quiet_wait, probe=0.5)
-
-    results = common.run_interleaved(variants, cfg.rounds, on_round=show, before_round=settle)
+    results = common.run_interleaved(variants, cfg.rounds, on_round=show,
+                                     quiet_wait=cfg.quiet_wait)
 
     checks = {
         "param_diff_recframe_vs_hand": param_diff(hand.model, rec.trainer.model),

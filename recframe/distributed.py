@@ -181,7 +181,7 @@ def store_gather(key: str, value: bytes, timeout: float, what: str) -> list[byte
         try:
             kv.delete_key(k)
         except (RuntimeError, NotImplementedError):
-            pass
+            pass  # a store without deletes (e.g. a FileStore): the keys just stay
     return values
 
 

@@ -444,3 +444,26 @@ def test_evaluation_and_no_grad_lookups_bypass_the_deferral(tmp_path):
     after = _params(dmp)
     for key in ("t_cat_0", "t_cat_1", "t_cat_2"):
         assert torch.equal(before[key], after[key]), key  # no update by evaluation
+
+
+def test_fused_accumulation_over_an_embedding_collection_is_a_clear_error():
+    """Unpooled (sequence) tables: exact fused accumulation is not implemented; the
+    error says what to use instead rather than training wrongly."""
+    from torchrec.modules.embedding_configs import EmbeddingConfig
+    from torchrec.modules.embedding_modules import EmbeddingCollection
+
+    from recframe.optim import AccumulationWindow
+
+    class Sequence(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ec = EmbeddingCollection(tables=[EmbeddingConfig(
+                name="t", embedding_dim=4, num_embeddings=20, feature_names=["f"])])
+
+        def forward(self, kjt):
+            return self.ec(kjt)["f"].values().sum()
+
+    _, sparse = shard_model(Sequence())
+    sparse.bind_accumulation_window(AccumulationWindow(1, "raise"))  # k=1: fine
+    with pytest.raises(NotImplementedError, match="gradient_accumulation_steps=1"):
+        sparse.bind_accumulation_window(AccumulationWindow(2, "raise"))

@@ -301,7 +301,8 @@ def load_delta(
                 raise CheckpointCorruptError(f"{storage.display(directory)} has no part {part!r}")
             continue
         if part == "sparse":
-            _load_untracked_model(saver, reader, trees[part], tables, strict, directory)
+            saver._load_model_part(reader, trees[part], part, strict, directory,
+                                   skip=frozenset(tables))
         elif part == "dense":
             saver._load_model_part(reader, trees[part], part, strict, directory)
         elif part == "sparse_opt":
@@ -508,23 +509,6 @@ def _copy_rows(
             f"{where}: delta rows of shape {tuple(vals.shape)} do not fit {tuple(dest.shape)}"
         )
     dest.index_copy_(0, idx, vals.to(dest.device, dest.dtype))
-
-
-def _load_untracked_model(
-    saver: Any, reader: TensorReader, tree: Any, tables: set[str], strict: bool, directory: str
-) -> None:
-    from recframe.checkpoint.saver import CheckpointError, split_model_state
-
-    live = split_model_state(saver.model)[0]
-    saved = decode_tree(tree, lambda key: key)
-    missing = sorted(set(live) - set(saved))
-    unexpected = sorted(set(saved) - set(live))
-    if (missing or unexpected) and strict:
-        raise CheckpointError(
-            f"{directory}: part 'sparse' does not match the model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}; pass strict=False to load what matches"
-        )
-    reader.read_many({saved[k]: live[k] for k in live if k in saved and saved[k] not in tables})
 
 
 def _decode_opt(

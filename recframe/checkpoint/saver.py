@@ -641,8 +641,11 @@ class Saver:
         return manifest
 
     def _load_model_part(
-        self, reader: TensorReader, tree: Any, part: str, strict: bool, directory: str
+        self, reader: TensorReader, tree: Any, part: str, strict: bool, directory: str,
+        skip: frozenset[str] = frozenset(),
     ) -> None:
+        """Read a model part in place into the model's tensors, except the tensor keys
+        in ``skip`` (an incremental chain's tables, written by their deltas)."""
         sparse, dense = split_model_state(self.model)
         live = sparse if part == "sparse" else dense
         saved = decode_tree(tree, lambda key: key)  # {state key: tensor key}
@@ -658,7 +661,7 @@ class Saver:
                 "%s part %r: missing %s, unexpected %s (strict=False)",
                 directory, part, missing[:5], unexpected[:5],
             )
-        targets = {saved[k]: live[k] for k in live if k in saved}
+        targets = {saved[k]: live[k] for k in live if k in saved and saved[k] not in skip}
         reader.read_many(targets)  # in place into the model's own tensors
 
     def _load_extra(self, reader: TensorReader, tree: Any, strict: bool) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -126,6 +127,12 @@ def _worker(rank, port, out, results):
     res["B_committed"] = os.path.exists(f"{out}/B/ckpt_1/manifest.json")
     results[rank] = json.dumps(res)
     dist.destroy_process_group()
+    # rank 0 hosts the store: it leaves last (a host exiting under a peer's teardown
+    # aborts the peer)
+    results[f"left{rank}"] = True
+    deadline = time.monotonic() + 60
+    while rank == 0 and "left1" not in results and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def test_a_second_saver_in_the_same_group_never_reads_stale_keys(tmp_path):

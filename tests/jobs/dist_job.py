@@ -257,10 +257,27 @@ def main() -> None:
         os._exit(0)  # the peer is gone: skip the process group's teardown
     with open(os.path.join(ns.out, f"result-r{rank}.json"), "w") as f:
         json.dump(result, f)
-    distributed.barrier()
+    leave_group(ns.out, rank)
+
+
+def leave_group(out: str, rank: int) -> None:
+    """Destroy the process group; then rank 0, which hosts the rendezvous store here
+    (torchrun would host it in its agent), waits until every rank has left: a store
+    host that exits while a peer still tears down aborts that peer."""
     import torch.distributed as dist
 
+    from recframe import distributed
+
+    world = distributed.get_world_size()
+    distributed.barrier()
     dist.destroy_process_group()
+    tag = os.environ.get("MASTER_PORT", "0")
+    open(os.path.join(out, f"left-{tag}-r{rank}"), "w").close()
+    if rank == 0:
+        deadline = time.monotonic() + 60
+        others = [os.path.join(out, f"left-{tag}-r{r}") for r in range(1, world)]
+        while not all(map(os.path.exists, others)) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 if __name__ == "__main__":

@@ -127,9 +127,11 @@ def test_loader_draws_do_not_move_the_model_rng(tmp_path):
     torch.manual_seed(0)
     model = Recorder()
     model.drop.p = 0.0
-    trainer = Trainer(model, _args(tmp_path, train_epoch=3), train_dataset=loader)
+    trainer = Trainer(model, _args(tmp_path, train_epoch=3), train_dataset=loader,
+                      eval_dataset=DataLoader(IndexedSamples(8), batch_size=4))
     before = torch.get_rng_state()
     trainer.train()
+    trainer.evaluate()
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -146,13 +148,16 @@ def test_epochs_differ_and_follow_the_seed(tmp_path):
     assert orders[0][:STEPS_PER_EPOCH] != orders[0][STEPS_PER_EPOCH:]
 
 
-def test_a_users_sampler_generator_is_replayed(tmp_path):
+@pytest.mark.parametrize("workers,persistent", [(0, False), (2, True)])
+def test_a_users_generator_is_replayed(tmp_path, workers, persistent):
     """DataLoader(generator=g): g's state at the pass's start is checkpointed, so the
-    resumed run (whose script builds a fresh g) replays the same permutation."""
+    resumed run (whose script builds a fresh g) replays the same permutation; with
+    persistent workers too (torch skips the base-seed draw from g when it reuses them)."""
 
     def factory():
         return DataLoader(IndexedSamples(), batch_size=BATCH, shuffle=True,
-                          generator=torch.Generator().manual_seed(5))
+                          generator=torch.Generator().manual_seed(5), num_workers=workers,
+                          persistent_workers=persistent)
 
     straight, _ = _run(tmp_path / "a", factory)
     crashed, _ = _run(tmp_path / "b", factory, crash_at=9)

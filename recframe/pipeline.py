@@ -394,6 +394,7 @@ class TrainData:
         self._stream: Optional[BatchStream] = None
         self._iter: Optional[Iterator[StreamItem]] = None
         self._dataset: Any = None
+        self._bound: Any = None  # the dataset that position and generators describe
         self._checked = False
 
     @property
@@ -415,6 +416,10 @@ class TrainData:
             if self._dataset is dataset:
                 return self.pending
             self.close()
+        if self._bound is not None and self._bound is not dataset:
+            # trainer.train_dataset was replaced: the old position means nothing here
+            self.position = self.loader_rng = self.generators = None
+        self._bound = dataset
         if not self._checked:
             self._checked = True
             message = exactness_warning(dataset)
@@ -523,6 +528,7 @@ class TrainData:
         self.position = state.get("position")
         self.loader_rng = state.get("loader_rng")
         self.generators = state.get("generators")
-        source = state_source(self.dataset)
+        self._bound = self.dataset
+        source = state_source(self._bound)
         if self.position is not None and source is not None:
             source.load_state_dict(self.position)

@@ -201,16 +201,15 @@ def test_repeated_train_calls_over_a_generator_lose_nothing(tmp_path):
     assert [b[0] for b in model.seen] == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_repeated_train_calls_over_a_dataloader_equal_one_call(tmp_path, workers):
+@pytest.mark.parametrize("kind,workers", [("dataloader", 0), ("dataloader", 2),
+                                          ("stateful", 0), ("stateful", 2), ("iterable", 0)])
+def test_repeated_train_calls_over_a_loader_equal_one_call(tmp_path, kind, workers):
     torch.manual_seed(0)
     one = Recorder()
-    Trainer(one, _args(tmp_path / "a"), train_dataset=make_loader("dataloader", workers)
-            ).train(9)
+    Trainer(one, _args(tmp_path / "a"), train_dataset=make_loader(kind, workers)).train(9)
     torch.manual_seed(0)
     split = Recorder()
-    trainer = Trainer(split, _args(tmp_path / "b"),
-                      train_dataset=make_loader("dataloader", workers))
+    trainer = Trainer(split, _args(tmp_path / "b"), train_dataset=make_loader(kind, workers))
     for steps in (2, 4, 5, 9):
         trainer.train(steps)
     assert split.seen == one.seen
@@ -318,3 +317,18 @@ def test_sigkill_mid_epoch_with_two_workers(tmp_path, extra):
     _check_epochs([straight[s] for s in sorted(straight)])
     with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
         _assert_same(dict(a), dict(b))
+
+
+def test_a_replaced_train_dataset_starts_at_its_own_position(tmp_path):
+    def synthetic(seed):
+        return SyntheticCriteo(num_batches=6, batch_size=4, num_dense=3, num_sparse=2,
+                               num_embeddings=20, seed=seed)
+
+    model = _Dense()
+    trainer = Trainer(model, _args(tmp_path), train_dataset=synthetic(1))
+    trainer.train(2)
+    second = synthetic(2)
+    trainer.train_dataset = second
+    trainer.train(3)  # finishes epoch 0 over the new data set, from its batch 0
+    assert model.seen[2] == float(second.generate(0).dense_features.sum())
+    assert second.state_dict()["next_batch"] == 1

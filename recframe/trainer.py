@@ -176,6 +176,11 @@ class Trainer:
         return model
 
     @property
+    def data_position(self) -> Optional[dict[str, Any]]:
+        """A stateful train dataset's position after the last trained batch."""
+        return self.train_data.position
+
+    @property
     def global_step(self) -> int:
         return self.state.global_step
 

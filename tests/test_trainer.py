@@ -847,9 +847,9 @@ def test_stateful_dataset_points_at_the_next_untrained_batch(tmp_path, accumulat
     # the look-ahead batches were put back: the dataset resumes right after the last
     # trained batch, and the trainer's recorded position agrees
     assert dataset.state_dict()["next_batch"] == consumed
-    assert trainer.train_data.position == dataset.state_dict()
+    assert trainer.data_position == dataset.state_dict()
     assert _fingerprint(next(iter(dataset))) == expected[consumed]
-    dataset.load_state_dict(trainer.train_data.position)
+    dataset.load_state_dict(trainer.data_position)
 
     trainer.train(train_steps=4)
     assert model.fingerprints == expected[: 4 * accumulation]

@@ -40,7 +40,7 @@ from recframe.optim import (
     split_sparse_dense_parameters,
 )
 from recframe.optim.sparse import default_sparse_optimizer, warn_if_dense_optimizer_holds_tables
-from recframe.pipeline import BatchStream, is_stateful
+from recframe.pipeline import BatchStream, TrainData, is_stateful
 from recframe.state import TrainerControl, TrainerState
 
 logger = logging.getLogger("recframe")
@@ -126,9 +126,10 @@ class Trainer:
         self._depth = 0
         self._warned: set[str] = set()
         self._eval_start_state: Optional[dict[str, Any]] = None
-        self._pass_ended = False
-        # position of a stateful train_dataset after the last trained batch
-        self.data_position: Optional[dict[str, Any]] = None
+        # the train dataset's stream, position and loader RNG (checkpointed)
+        self.train_data = TrainData(
+            lambda: self.train_dataset, self.device, args.dataloader_prefetch, args.seed
+        )
         self.saver, self.checkpoint_manager = self._build_checkpointing()
 
     def _build_checkpointing(self) -> tuple[Saver, CheckpointManager]:
@@ -148,7 +149,7 @@ class Trainer:
         saver.register_for_checkpointing("trainer_state", self.state)
         saver.register_for_checkpointing("hooks", self.hooks)
         saver.register_io_state("rng", RNGState(self.device))
-        saver.register_io_state("train_data", _DataPosition(self))
+        saver.register_io_state("train_data", self.train_data)
         manager = CheckpointManager(
             saver,
             save_interval=args.save_steps,
@@ -173,6 +174,11 @@ class Trainer:
         while hasattr(model, "module") and isinstance(model.module, nn.Module):
             model = model.module
         return model
+
+    @property
+    def data_position(self) -> Optional[dict[str, Any]]:
+        """A stateful train dataset's position after the last trained batch."""
+        return self.train_data.position
 
     @property
     def global_step(self) -> int:
@@ -322,6 +328,7 @@ class Trainer:
             self._save_checkpoint(final=True)
             failed = False
         finally:
+            self.train_data.pause(failed)  # keeps (or puts back) the look-ahead
             try:
                 self.checkpoint_manager.close()  # a save in flight finishes first
             except Exception:
@@ -331,22 +338,21 @@ class Trainer:
 
     def _train_epoch(self, max_steps: Optional[int]) -> bool:
         """Train (the rest of) one pass; returns False when the data ran dry."""
-        dataset = self.train_dataset
-        one_shot = isinstance(dataset, Iterator)  # already stands where the last call left
-        skip = 0 if is_stateful(dataset) or one_shot else self.state.epoch_batches
-        limit, sync_every = self._agreed_batches(dataset, self.state.epoch_batches)
-        stream = BatchStream(dataset, self.device, self.args.dataloader_prefetch, skip=skip,
-                             limit=limit, sync_every=sync_every)
-        if stream.stateful and self.data_position is None:
-            self.data_position = dataset.state_dict()  # type: ignore[union-attr]
-        try:
-            return self._train_pass(stream, max_steps)
-        finally:
-            stream.close()  # a background loader stops reading before the rewind below
-            if (stream.stateful and self.data_position is not None
-                    and not self._pass_ended):
-                # the look-ahead fetched batches that were never trained: put them back
-                dataset.load_state_dict(self.data_position)  # type: ignore[union-attr]
+        dataset, done = self.train_dataset, self.state.epoch_batches
+        first = self.train_data.open(
+            self.state.epoch, done, lambda: self._agreed_batches(dataset, done)
+        )
+        if first is None:
+            if self.state.global_step == 0 and self.state.epoch_batches == 0:
+                raise ValueError("train_dataset yielded no batches; check the dataset")
+            logger.warning(
+                "train_dataset yielded no batches in epoch %d (a one-shot iterator cannot "
+                "be re-iterated); stopping at step %d",
+                self.state.epoch,
+                self.state.global_step,
+            )
+            return False
+        return self._train_pass(self.train_data, max_steps)
 
     def _agreed_batches(
         self, dataset: Any, done: int, cap: Optional[int] = None
@@ -370,25 +376,11 @@ class Trainer:
             remaining = min(remaining, cap)
         return distributed.all_reduce_min_int(remaining), None
 
-    def _train_pass(self, stream: BatchStream, max_steps: Optional[int]) -> bool:
-        dataset = stream.dataset
-        self._pass_ended = False
-        items = iter(stream)
-        pending = next(items, None)
-        if pending is None:
-            if self.state.global_step == 0 and self.state.epoch_batches == 0:
-                raise ValueError("train_dataset yielded no batches; check the dataset")
-            logger.warning(
-                "train_dataset yielded no batches in epoch %d (a one-shot iterator cannot "
-                "be re-iterated); stopping at step %d",
-                self.state.epoch,
-                self.state.global_step,
-            )
-            return False
+    def _train_pass(self, feed: TrainData, max_steps: Optional[int]) -> bool:
         self.hooks.fire(Event.BEFORE_EPOCH, self)
         k = self.args.gradient_accumulation_steps
         end_of_data = False
-        while pending is not None and not self.control.should_stop:
+        while feed.pending is not None and not self.control.should_stop:
             if max_steps is not None and self.state.global_step >= max_steps:
                 break
             self.hooks.fire(Event.BEFORE_STEP, self)
@@ -399,25 +391,21 @@ class Trainer:
             step_metrics: dict[str, Any] = {}
             samples = 0
             for index in range(k):
-                item = pending
-                pending = None if item.is_last else next(items, None)
+                item = feed.take()
                 size = index + 1 if item.is_last else k
                 samples += batch_size_of(item.batch)
                 self._run_micro_batch(item.batch, index, size, step_metrics)
                 self.state.epoch_batches += 1
-                self.data_position = item.position
+                feed.trained(item)
                 if item.is_last:
                     end_of_data = True
                     break
             if end_of_data:
                 # close the pass before the update's checkpoint, so a resume starts the
-                # next pass; a stateful dataset has already moved there (the look-ahead
-                # hit its end)
+                # next pass
                 self.state.epoch += 1
                 self.state.epoch_batches = 0
-                if stream.stateful:
-                    self.data_position = dataset.state_dict()  # type: ignore[union-attr]
-                self._pass_ended = True
+                feed.end_pass()
             self._finish_update(step_metrics, samples)
         if end_of_data:
             self.hooks.fire(Event.AFTER_EPOCH, self)
@@ -555,20 +543,3 @@ def _no_sync(model: nn.Module) -> Any:
         current = inner
     no_sync = getattr(model, "no_sync", None)
     return no_sync() if callable(no_sync) else contextlib.nullcontext()
-
-
-class _DataPosition:
-    """The train dataset's position as a checkpointable object (``io_state``)."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"position": self.trainer.data_position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        position = state.get("position")
-        self.trainer.data_position = position
-        dataset = self.trainer.train_dataset
-        if position is not None and is_stateful(dataset):
-            dataset.load_state_dict(position)  # type: ignore[union-attr]

@@ -384,8 +384,13 @@ class OptimizerView:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """A no-op on the window's gradients (the trainer zeroes them after each update,
-        with the ``set_to_none`` last asked for here)."""
+        with the ``set_to_none`` last asked for here). An optimizer that updates inside
+        backward and accumulates nothing (the fused back end at k=1) is passed the call
+        on a window's first micro-batch: it is where its ``lr`` reaches its kernels."""
         self.set_to_none = set_to_none
+        if (self.optimizer is not None and self.window.is_first
+                and getattr(self.optimizer, "updates_in_backward", False)):
+            self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Any = None) -> Any:
         """Request the window's update; it runs after the window's last micro-batch."""

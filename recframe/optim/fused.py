@@ -15,17 +15,20 @@ invisible to ``dmp.fused_optimizer``, so no LR scheduler reaches them.)
 
 Fused kernels update the tables inside backward, so they cannot accumulate gradients
 (torchrec issue #2332), and an update found bad after backward (a NaN loss) could not be
-taken back. Under the `Trainer` (any ``gradient_accumulation_steps=k``, 1 included)
-recframe defers the tables' backward: each micro-batch but the window's last looks up
-its embeddings without autograd and hands the dense network a leaf tensor; the last one
-looks up the concatenated features of all k micro-batches with autograd and hands the
-dense network its own rows of that, also as a leaf. At the window's end
-`FusedSparseOptimizer.step` back-propagates the k micro-batches' pooled gradients
-(concatenated, each weighted as the trainer's window says: n_i/N by default) through
-that one lookup. fbgemm merges repeated ids inside that one backward, so the update
-equals one fused update on the concatenated batch; a window the trainer skips is
-dropped before any table changes. The cost is one extra embedding lookup per sample of
-the window's first k-1 micro-batches (measured in ``benchmarks/sparse_throughput.py``).
+taken back. Under the `Trainer`, with ``gradient_accumulation_steps=k > 1`` or with
+``nonfinite_loss="skip"`` (then at k=1 too), recframe defers the tables' backward: each
+micro-batch but the window's last looks up its embeddings without autograd and hands the
+dense network a leaf tensor; the last one looks up the concatenated features of all k
+micro-batches with autograd and hands the dense network its own rows of that, also as a
+leaf. At the window's end `FusedSparseOptimizer.step` back-propagates the k
+micro-batches' pooled gradients (concatenated, each weighted as the trainer's window
+says: n_i/N by default) through that one lookup. fbgemm merges repeated ids inside that
+one backward, so the update equals one fused update on the concatenated batch; a window
+the trainer skips is dropped before any table changes. The cost is one extra embedding
+lookup per sample of the window's first k-1 micro-batches (measured in
+``benchmarks/sparse_throughput.py``), and at k=1 a second, separate backward call. At
+k=1 without ``skip`` nothing is deferred: the update happens inside ``loss.backward()``,
+as torchrec does it.
 """
 
 from __future__ import annotations
@@ -408,10 +411,18 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
     # --- accumulation -------------------------------------------------------------
     def bind_accumulation_window(self, window: Any) -> None:
         """Called by the trainer's view: defer the tables' backward to the window's end
-        (see the module docstring), at any k."""
+        (see the module docstring) when k > 1 or a bad window must be skippable."""
         self._window = window
-        if not self._patched:
+        skip = getattr(window, "nonfinite_policy", None) == "skip"
+        if not self._patched and (window.steps > 1 or skip):
             self._patch_collections(window)
+
+    @property
+    def updates_in_backward(self) -> bool:
+        """Whether the update happens inside each ``loss.backward()`` (nothing deferred,
+        nothing accumulated): then ``zero_grad`` is safe at any time, and it is where
+        a changed ``lr`` reaches the kernels before the update."""
+        return not self._patched
 
     def _patch_collections(self, window: Any) -> None:
         from torchrec.distributed.embedding import ShardedEmbeddingCollection
@@ -545,11 +556,12 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
             if whole is None or whole.shape[0] != sum(r.values.shape[0] for r in mine):
                 out = original(concat_kjt_batches([r.features for r in mine]))
                 whole = (out.wait() if hasattr(out, "wait") else out).values()
-            grad = torch.cat([
+            grads = [
                 (r.values.grad if r.scale == 1.0 else r.values.grad * r.scale)
                 if r.values.grad is not None else torch.zeros_like(r.values)
                 for r in mine
-            ])
+            ]
+            grad = grads[0] if len(grads) == 1 else torch.cat(grads)
             if scale != 1.0:
                 grad = grad * scale
             torch.autograd.backward(whole, grad)

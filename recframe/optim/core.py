@@ -4,16 +4,17 @@ model's parameters into sparse (embedding tables) and dense ones.
 Gradient accumulation works by *views*. The trainer hands ``_train_step`` a view of
 each optimizer and of the LR scheduler, and an `AccumulationWindow` ties them to the
 micro-batches of one update. Any order of ``zero_grad``/``backward``/``step`` within a
-micro-batch then trains like one big batch (RecIS's zero_grad-backward-step, torch's
-backward-step-zero_grad, ``set_to_none`` either way), because:
+micro-batch, with ``step`` after that micro-batch's ``backward`` as torch requires
+(RecIS's zero_grad-backward-step, torch's backward-step-zero_grad, ``set_to_none``
+either way), then trains like one big batch, because:
 
-- ``zero_grad()`` never drops a window's gradients: inside a window it only records
-  ``set_to_none``; the trainer zeroes the gradients itself after each update;
-- ``step()`` (and the scheduler view's ``step()``) only *requests* the update; the
-  trainer runs it once, after the window's last micro-batch (`AccumulationWindow.update`):
-  check the loss (and, under ``nonfinite_loss='skip'``, the gradients) for NaN/inf,
-  weigh the micro-batches, clip dense gradients to ``max_grad_norm``, step every
-  optimizer whose ``step()`` was called, then the scheduler;
+- ``zero_grad()`` never drops a window's gradients: it only records ``set_to_none``;
+  the trainer zeroes the gradients itself after each update;
+- ``step()`` acts on the window's last micro-batch only, once: check the loss (and,
+  under ``nonfinite_loss='skip'``, every optimizer's gradients) for NaN/inf, weigh the
+  micro-batches, clip dense gradients to ``max_grad_norm``, step. Called on an earlier
+  micro-batch only, it is remembered and runs when the window ends;
+- the scheduler view steps once per update;
 - micro-batches are weighed per sample by default: micro-batch i of n_i samples weighs
   n_i/N (N: the window's samples), so unequal micro-batches give the update of their
   concatenation; ``weighting='micro_batches'`` weighs each 1/m (m micro-batches).
@@ -217,8 +218,8 @@ class AccumulationWindow:
 
     def should_skip(self) -> bool:
         """Decide once per window whether its update must be dropped: a NaN/inf loss,
-        or (under ``nonfinite_loss='skip'``) a NaN/inf gradient of an optimizer asked to
-        step. Raises ``FloatingPointError`` on a non-finite loss under ``'raise'``."""
+        or (under ``nonfinite_loss='skip'``) a NaN/inf gradient of any optimizer. Raises
+        ``FloatingPointError`` on a non-finite loss under ``'raise'``."""
         if self._skip is not None:
             return self._skip
         losses = self._current_losses()
@@ -227,10 +228,9 @@ class AccumulationWindow:
             flags.append(torch.isfinite(torch.stack([x.float().reshape(()) for x in losses]))
                          .all())
         grads: list[torch.Tensor] = []
-        if self.nonfinite_policy == "skip":
+        if self.nonfinite_policy == "skip":  # every optimizer's: none steps if one is bad
             for view in self.optimizers:
-                if view.requested:
-                    grads.extend(view.gradients())
+                grads.extend(view.gradients())
         if grads:
             norms = torch._foreach_norm(grads, math.inf)  # max |g|: NaN and inf survive it
             device = flags[0].device if flags else norms[0].device
@@ -252,7 +252,7 @@ class AccumulationWindow:
                 self.step_number,
             )
         elif not grads_ok:
-            names = [v.name for v in self.optimizers if v.requested and not _finite(v)]
+            names = [v.name for v in self.optimizers if not _finite(v)]
             logger.warning(
                 "non-finite gradient (finite loss) at step %d in the %s optimizer's "
                 "parameters: update skipped (nonfinite_loss='skip')",
@@ -265,18 +265,23 @@ class AccumulationWindow:
     def decided(self) -> bool:
         return self._skip is not None
 
+    def step(self, view: OptimizerView) -> Any:
+        """The update of ``view``'s optimizer for this window, unless it is skipped."""
+        view.done = True
+        if self.should_skip():
+            return None
+        return view.apply(self.update_factor())
+
     def update(self) -> bool:
-        """End the window: unless `should_skip`, step each optimizer whose ``step()``
-        was called (weighing and clipping first), then the scheduler (also after a
-        skipped update); then zero every optimizer's gradients. Returns whether the
-        update was skipped."""
+        """End the window (the trainer, after its last micro-batch): run the steps
+        requested on earlier micro-batches only, then the scheduler's; zero every
+        optimizer's gradients. Returns whether the update was skipped."""
         skipped = self.should_skip()
-        factor = self.update_factor()
         for view in self.optimizers:
             if view.optimizer is None:
                 continue
-            if view.requested and not skipped:
-                view.apply(factor)
+            if view.requested and not view.done:
+                self.step(view)
             elif not view.requested and not skipped and view.name not in self._warned:
                 self._warned.add(view.name)
                 logger.warning(
@@ -338,8 +343,8 @@ def rescale_accumulated(optimizer: Any, factor: float) -> None:
 
 class OptimizerView:
     """What ``_train_step`` sees as ``self.dense_optimizer`` / ``self.sparse_optimizer``:
-    ``zero_grad`` never drops the window's gradients, ``step`` requests the window's
-    update (see the module docstring).
+    ``zero_grad`` never drops the window's gradients, ``step`` updates once per window
+    (see the module docstring).
 
     Attribute access falls through to the wrapped optimizer (``param_groups``,
     ``state_dict``...); ``optimizer`` is the real one (``None`` when not given: then
@@ -360,6 +365,7 @@ class OptimizerView:
         self.max_grad_norm = max_grad_norm
         self.name = name
         self.requested = False
+        self.done = False
         self.set_to_none = True
         self.last_grad_norm: Optional[torch.Tensor] = None
         window.optimizers.append(self)
@@ -379,7 +385,7 @@ class OptimizerView:
 
     @property
     def stepped(self) -> bool:
-        """Whether ``step()`` was called in this window (the update runs at its end)."""
+        """Whether ``step()`` was called in this window."""
         return self.requested
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -393,9 +399,13 @@ class OptimizerView:
             self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Any = None) -> Any:
-        """Request the window's update; it runs after the window's last micro-batch."""
-        if self.optimizer is not None:
-            self.requested = True
+        """The window's update, on its last micro-batch (once); on an earlier one, a
+        request that runs when the window ends."""
+        if self.optimizer is None:
+            return None
+        self.requested = True
+        if self.window.is_boundary and not self.done:
+            return self.window.step(self)
         return None
 
     def gradients(self) -> list[torch.Tensor]:
@@ -427,6 +437,7 @@ class OptimizerView:
 
     def new_window(self) -> None:
         self.requested = False
+        self.done = False
         self.last_grad_norm = None
 
     def real_zero_grad(self) -> None:
@@ -443,13 +454,14 @@ class OptimizerView:
 
 
 class SchedulerView:
-    """``self.dense_lr_scheduler`` inside ``_train_step``: ``step()`` requests one step
-    per update, run after the optimizers' step at the window's end."""
+    """``self.dense_lr_scheduler`` inside ``_train_step``: steps once per update (on the
+    window's last micro-batch; called on an earlier one only, when the window ends)."""
 
     def __init__(self, scheduler: Any, window: AccumulationWindow) -> None:
         self.scheduler = scheduler
         self.window = window
         self.requested: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None
+        self.done = False
         window.schedulers.append(self)
 
     def __getattr__(self, item: str) -> Any:
@@ -463,21 +475,26 @@ class SchedulerView:
 
     @property
     def stepped(self) -> bool:
-        return self.requested is not None
+        return self.done
 
     def step(self, *args: Any, **kwargs: Any) -> None:
-        if self.scheduler is not None:
-            self.requested = (args, kwargs)
+        if self.scheduler is None or self.done:
+            return
+        self.requested = (args, kwargs)
+        if self.window.is_boundary:
+            self.apply()
 
     def apply(self) -> None:
-        """Step the scheduler once if ``step()`` was called in this window."""
-        if self.scheduler is not None and self.requested is not None:
+        """Step the scheduler if ``step()`` was called in this window and it has not
+        stepped yet."""
+        if self.scheduler is not None and self.requested is not None and not self.done:
             args, kwargs = self.requested
-            self.requested = None
+            self.done = True
             self.scheduler.step(*args, **kwargs)
 
     def new_window(self) -> None:
         self.requested = None
+        self.done = False
 
     def get_last_lr(self) -> list[float]:
         return self.scheduler.get_last_lr() if self.scheduler is not None else []

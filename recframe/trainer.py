@@ -460,9 +460,9 @@ class Trainer:
         skipped = self.window.update()
         self.state.global_step += 1
         self.state.samples_seen += samples
-        losses = self.window.losses
-        if losses:
-            step_metrics["loss"] = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        loss = self.window.mean_loss()
+        if loss is not None:
+            step_metrics["loss"] = loss
         lr = current_lr(self.dense_optimizer.optimizer)
         if lr is not None:
             step_metrics["lr"] = lr

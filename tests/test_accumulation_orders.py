@@ -318,3 +318,28 @@ def test_a_step_called_on_an_early_micro_batch_only_runs_at_the_window_end(tmp_p
     acc, acc_tr = _run_toy(tmp_path, StepFirstOnly, base, split_batches(big, 4), 4, "adam")
     _assert_same_params(ref, acc)
     assert acc_tr.dense_lr_scheduler.last_epoch == ref_tr.dense_lr_scheduler.last_epoch == 3
+
+
+def test_the_logged_loss_weighs_micro_batches_as_the_update(tmp_path):
+    from recframe import Hook
+
+    seen = []
+
+    class Losses(Hook):
+        def after_step(self, trainer, metrics):
+            seen.append(float(metrics["loss"]))
+
+    torch.manual_seed(0)
+    base = ToyCTR()
+    big = make_batches(2, 32, seed=6)
+    micro = _split_dict(big, 30)
+    expected = [float(base(b)) for b in big]  # the big batches' mean loss, before training
+    model = copy.deepcopy(base)
+    trainer = Trainer(model, TrainingArguments(output_dir=str(tmp_path / "l"),
+                                               gradient_accumulation_steps=2, report_to="none",
+                                               disable_tqdm=True, log_steps=1000),
+                      train_dataset=micro[:2], hooks=[Losses()],
+                      dense_optimizers=(torch.optim.SGD(dense_parameters(model), lr=0.0), None),
+                      sparse_optimizer=SparseSGD(sparse_parameters(model), lr=0.0))
+    trainer.train()
+    assert seen == pytest.approx(expected[:1], rel=1e-6)

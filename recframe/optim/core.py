@@ -209,6 +209,21 @@ class AccumulationWindow:
             return self._reference / total
         return 1.0 / self.size
 
+    def mean_loss(self) -> Optional[torch.Tensor]:
+        """The window's loss, as its update weighs it: per sample (n_i/N) by default,
+        the mean of the micro-batches' losses per micro-batch; ``None`` when none was
+        recorded."""
+        losses = self.losses
+        if len(losses) <= 1:
+            return losses[0] if losses else None
+        stacked = torch.stack(losses)
+        samples = self.samples
+        if (self.weighting == "samples" and len(samples) == len(losses)
+                and len(set(samples)) > 1 and sum(samples) > 0):
+            weights = torch.tensor(samples, dtype=stacked.dtype).to(stacked.device)
+            return (stacked * weights).sum() / sum(samples)
+        return stacked.mean()
+
     def _current_losses(self) -> list[torch.Tensor]:
         losses = list(self.losses)
         current = self.metrics.get("loss") if self.metrics else None

@@ -201,3 +201,40 @@ def test_fused_skips_with_incremental_checkpoints_restore_exactly(tmp_path, _pro
     restored = _state(model, dense, sparse)
     for key in live:
         assert torch.equal(restored[key], live[key]), key
+
+
+def test_ranks_agree_on_a_bad_window_seen_by_one(tmp_path):
+    """2 gloo processes, row-wise sharded fused tables, no DDP: rank 0's NaN loss makes
+    both ranks skip that update under ``skip``, and both raise under ``raise``
+    (tests/jobs/skip_ranks_job.py)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    job = os.path.join(os.path.dirname(__file__), "jobs", "skip_ranks_job.py")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, job, str(tmp_path / "run")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            outs.append((proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for rank, (code, out, err) in enumerate(outs):
+        assert code == 0, err[-3000:]
+        assert f"OK skip {rank} skipped=1 steps=4 finite=True" in out, (out, err[-3000:])
+        assert f"RAISED {rank} non-finite loss at step 2" in out, (out, err[-3000:])
+    assert "on another rank" in outs[1][1] and "on another rank" not in outs[0][1]

@@ -35,6 +35,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from recframe import distributed
+
 logger = logging.getLogger(__name__)
 
 SPARSE_MODULE_TYPES: tuple[type, ...] = (nn.Embedding, nn.EmbeddingBag)
@@ -254,8 +256,19 @@ class AccumulationWindow:
         ok = torch.stack(flags).tolist() if flags else []  # one host sync
         loss_ok = ok[0] if losses else True
         grads_ok = ok[-1] if grads else True
-        if not loss_ok:
+        # several processes decide together (2: a bad loss, 1: bad gradients): a rank
+        # that stepped while another skipped would diverge, or hang in the sharded
+        # tables' backward (a collective)
+        code = 2 if not loss_ok else (0 if grads_ok else 1)
+        agreed = distributed.all_reduce_max_int(code)
+        where = "" if agreed == code else " on another rank"
+        if agreed == 2:
             if self.nonfinite_policy == "raise":
+                if loss_ok:
+                    raise FloatingPointError(
+                        f"non-finite loss at step {self.step_number} on another rank; "
+                        "set TrainingArguments.nonfinite_loss='skip' to drop such updates"
+                    )
                 bad = [i for i, x in enumerate(losses) if not math.isfinite(float(x))]
                 raise FloatingPointError(
                     f"non-finite loss at step {self.step_number} (micro-batch "
@@ -263,17 +276,18 @@ class AccumulationWindow:
                     "TrainingArguments.nonfinite_loss='skip' to drop such updates"
                 )
             logger.warning(
-                "non-finite loss at step %d: update skipped (nonfinite_loss='skip')",
-                self.step_number,
+                "non-finite loss at step %d%s: update skipped (nonfinite_loss='skip')",
+                self.step_number, where,
             )
-        elif not grads_ok:
+        elif agreed == 1:
             names = [v.name for v in self.optimizers if not _finite(v)]
             logger.warning(
-                "non-finite gradient (finite loss) at step %d in the %s optimizer's "
-                "parameters: update skipped (nonfinite_loss='skip')",
-                self.step_number, " and ".join(names) or "?",
+                "non-finite gradient (finite loss) at step %d%s: update skipped "
+                "(nonfinite_loss='skip')",
+                self.step_number,
+                f" in the {' and '.join(names)} optimizer's parameters" if names else where,
             )
-        self._skip = not (loss_ok and grads_ok)
+        self._skip = agreed > 0
         return self._skip
 
     @property

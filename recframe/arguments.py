@@ -22,6 +22,7 @@ import fsspec
 
 DEVICES = ("auto", "cpu", "cuda", "xla")
 NONFINITE_POLICIES = ("raise", "skip")
+ACCUMULATION_WEIGHTINGS = ("samples", "micro_batches")
 REPORT_TO = ("tensorboard", "none")
 METRIC_MODES = ("min", "max")
 
@@ -75,7 +76,12 @@ class TrainingArguments:
     eval_interval_steps: Optional[int] = None
     """During ``train`` evaluate every this many updates (needs an eval dataset)."""
     nonfinite_loss: str = "raise"
-    """On a NaN/inf loss: raise (naming the step) or skip that update."""
+    """On a NaN/inf loss: raise (naming the step) or skip that update (skip also drops an
+    update whose loss is finite but whose gradients are not)."""
+    accumulation_weighting: str = "samples"
+    """How gradient accumulation weighs a window's micro-batches (each loss a mean over
+    its micro-batch): samples (n_i/N, as one batch of all N samples) or micro_batches
+    (1/k each)."""
     dataloader_prefetch: int = 1
     """Batches fetched (and copied to the device) ahead of the one being trained."""
     save_interval_secs: Optional[float] = None
@@ -125,6 +131,7 @@ class TrainingArguments:
         _check_bool(self, "disable_tqdm")
         _check_int(self, "eval_interval_steps", minimum=1, optional=True)
         _check_choice(self, "nonfinite_loss", NONFINITE_POLICIES)
+        _check_choice(self, "accumulation_weighting", ACCUMULATION_WEIGHTINGS)
         _check_int(self, "dataloader_prefetch", minimum=1)
         _check_float(self, "save_interval_secs", positive=True, optional=True)
         _check_bool(self, "save_on_sigterm")

@@ -105,7 +105,9 @@ class Trainer:
         check_disjoint(dense_opt, sparse_optimizer)
         warn_if_dense_optimizer_holds_tables(dense_opt, self.unwrapped_model)
 
-        self.window = AccumulationWindow(args.gradient_accumulation_steps, args.nonfinite_loss)
+        self.window = AccumulationWindow(
+            args.gradient_accumulation_steps, args.nonfinite_loss, args.accumulation_weighting
+        )
         step_fn = self.device.optimizer_step
         self.dense_optimizer = OptimizerView(
             dense_opt, self.window, step_fn, args.max_grad_norm, name="dense"
@@ -270,8 +272,9 @@ class Trainer:
 
     # --- the step -----------------------------------------------------------------
     def _train_step(self, data: Any, epoch: int, metrics: dict[str, Any]) -> None:
-        """One micro-batch, written as RecIS documents it. Override freely: the
-        optimizers and scheduler seen here are accumulation-aware views."""
+        """One micro-batch, written as RecIS documents it. Override freely, in any call
+        order: the optimizers and scheduler seen here are accumulation-aware views
+        (``zero_grad`` keeps the window's gradients, ``step`` runs once at its end)."""
         self.dense_optimizer.zero_grad()
         self.sparse_optimizer.zero_grad()
         loss = self.model(data)
@@ -415,7 +418,7 @@ class Trainer:
         self, batch: Any, index: int, size: int, step_metrics: dict[str, Any]
     ) -> None:
         metrics: dict[str, Any] = {}
-        self.window.begin(index, size, metrics)
+        self.window.begin(index, size, metrics, batch_size_of(batch))
         sync_ctx = (
             _no_sync(self.model) if not self.window.is_boundary else contextlib.nullcontext()
         )
@@ -441,22 +444,13 @@ class Trainer:
         step_metrics.update(pop_global_metrics())
 
     def _finish_update(self, step_metrics: dict[str, Any], samples: int) -> None:
-        skipped = self.window.should_skip()
-        for view in (self.dense_optimizer, self.sparse_optimizer):
-            if view.optimizer is not None and not view.stepped and not skipped:
-                key = f"no-step-{view.name}"
-                if key not in self._warned:
-                    self._warned.add(key)
-                    logger.warning(
-                        "_train_step never called %s_optimizer.step(); its gradients were "
-                        "dropped at step %d", view.name, self.state.global_step + 1
-                    )
-            view.real_zero_grad()
+        # the optimizers' and scheduler's steps requested in _train_step run here, once
+        skipped = self.window.update()
         self.state.global_step += 1
         self.state.samples_seen += samples
-        losses = self.window.losses
-        if losses:
-            step_metrics["loss"] = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        loss = self.window.mean_loss()
+        if loss is not None:
+            step_metrics["loss"] = loss
         lr = current_lr(self.dense_optimizer.optimizer)
         if lr is not None:
             step_metrics["lr"] = lr

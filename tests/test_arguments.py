@@ -40,6 +40,7 @@ def test_recframe_defaults():
     assert args.logging_dir is None
     assert args.report_to == "tensorboard"
     assert args.nonfinite_loss == "raise"
+    assert args.accumulation_weighting == "samples"
     assert args.dataloader_prefetch == 1
     assert args.save_on_sigterm is True
     assert args.async_save is False
@@ -71,6 +72,7 @@ BAD_VALUES = {
     "disable_tqdm": ["yes", 0, None],
     "eval_interval_steps": [0, -2, 1.5],
     "nonfinite_loss": ["ignore", None, "RAISE"],
+    "accumulation_weighting": ["sample", None, "batches", 1],
     "dataloader_prefetch": [0, None, 1.5],
     "save_interval_secs": [0, -1, float("nan"), float("inf"), "10", False],
     "save_on_sigterm": [None, "false", 1],
@@ -336,6 +338,7 @@ CLI_VALUES = {
     "disable_tqdm": ("1", True),
     "eval_interval_steps": ("10", 10),
     "nonfinite_loss": ("skip", "skip"),
+    "accumulation_weighting": ("micro_batches", "micro_batches"),
     "dataloader_prefetch": ("3", 3),
     "save_interval_secs": ("60", 60.0),
     "save_on_sigterm": ("false", False),

@@ -9,6 +9,7 @@
 
 from recframe.optim.core import (
     SPARSE_MODULE_TYPES,
+    WEIGHTINGS,
     AccumulationWindow,
     OptimizerView,
     SchedulerView,
@@ -19,6 +20,7 @@ from recframe.optim.core import (
     dense_parameters,
     filter_out_sparse_param,
     optimizer_parameters,
+    rescale_accumulated,
     scale_gradients,
     sparse_parameters,
     split_sparse_dense_parameters,
@@ -26,6 +28,7 @@ from recframe.optim.core import (
 
 __all__ = [
     "SPARSE_MODULE_TYPES",
+    "WEIGHTINGS",
     "AccumulationWindow",
     "OptimizerView",
     "SchedulerView",
@@ -36,6 +39,7 @@ __all__ = [
     "dense_parameters",
     "filter_out_sparse_param",
     "optimizer_parameters",
+    "rescale_accumulated",
     "scale_gradients",
     "sparse_parameters",
     "split_sparse_dense_parameters",

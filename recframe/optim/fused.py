@@ -14,16 +14,21 @@ gradients stepped by a plain torch optimizer inside backward, not fused at all, 
 invisible to ``dmp.fused_optimizer``, so no LR scheduler reaches them.)
 
 Fused kernels update the tables inside backward, so they cannot accumulate gradients
-(torchrec issue #2332). With ``gradient_accumulation_steps=k > 1`` recframe defers the
-tables' backward: each micro-batch but the window's last looks up its embeddings
-without autograd and hands the dense network a leaf tensor; the last one looks up the
-concatenated features of all k micro-batches with autograd and hands the dense network
-its own rows of that, also as a leaf. At the window's end `FusedSparseOptimizer.step`
-back-propagates the k micro-batches' pooled gradients (concatenated, times 1/k) through
-that one lookup. fbgemm merges repeated ids inside that one backward, so the update
-equals one fused update on the concatenated batch. The cost is one extra embedding
+(torchrec issue #2332), and an update found bad after backward (a NaN loss) could not be
+taken back. Under the `Trainer`, with ``gradient_accumulation_steps=k > 1`` or with
+``nonfinite_loss="skip"`` (then at k=1 too), recframe defers the tables' backward: each
+micro-batch but the window's last looks up its embeddings without autograd and hands the
+dense network a leaf tensor; the last one looks up the concatenated features of all k
+micro-batches with autograd and hands the dense network its own rows of that, also as a
+leaf. At the window's end `FusedSparseOptimizer.step` back-propagates the k
+micro-batches' pooled gradients (concatenated, each weighted as the trainer's window
+says: n_i/N by default) through that one lookup. fbgemm merges repeated ids inside that
+one backward, so the update equals one fused update on the concatenated batch; a window
+the trainer skips is dropped before any table changes. The cost is one extra embedding
 lookup per sample of the window's first k-1 micro-batches (measured in
-``benchmarks/sparse_throughput.py``).
+``benchmarks/sparse_throughput.py``), and at k=1 a second, separate backward call. At
+k=1 without ``skip`` nothing is deferred: the update happens inside ``loss.backward()``,
+as torchrec does it.
 """
 
 from __future__ import annotations
@@ -322,6 +327,8 @@ class _Lookup:
     window_output: Optional[torch.Tensor] = None
     """On the window's last micro-batch: the lookup of the whole window with autograd,
     whose backward is the window's one fused update."""
+    scale: float = 1.0
+    """This micro-batch's gradient is multiplied by it at the replay (its weight)."""
 
 
 def concat_kjt_batches(kjts: list[Any]) -> Any:
@@ -376,6 +383,10 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
         self._records: dict[int, list[_Lookup]] = {}
         self._grad_scale = 1.0
         self._patched: list[tuple[nn.Module, Any]] = []
+        self._patched_kernels: list[list[nn.Module]] = []
+        # per patched collection: its kernels' iteration counts before the window's
+        # first lookup, put back when the window is dropped (a skipped update)
+        self._iters_at_start: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._kernels = _kernels_of(dmp)
 
     # the torch.optim.Optimizer surface that schedulers and users touch
@@ -399,13 +410,21 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
 
     # --- accumulation -------------------------------------------------------------
     def bind_accumulation_window(self, window: Any) -> None:
-        """Called by the trainer's view: with k > 1 micro-batches, defer the tables'
-        backward to the window's end (see the module docstring)."""
+        """Called by the trainer's view: defer the tables' backward to the window's end
+        (see the module docstring) when k > 1 or a bad window must be skippable."""
         self._window = window
-        if window.steps > 1 and not self._patched:
-            self._patch_collections()
+        skip = getattr(window, "nonfinite_policy", None) == "skip"
+        if not self._patched and (window.steps > 1 or skip):
+            self._patch_collections(window)
 
-    def _patch_collections(self) -> None:
+    @property
+    def updates_in_backward(self) -> bool:
+        """Whether the update happens inside each ``loss.backward()`` (nothing deferred,
+        nothing accumulated): then ``zero_grad`` is safe at any time, and it is where
+        a changed ``lr`` reaches the kernels before the update."""
+        return not self._patched
+
+    def _patch_collections(self, window: Any) -> None:
         from torchrec.distributed.embedding import ShardedEmbeddingCollection
         from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 
@@ -413,17 +432,29 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
             module for module in self.dmp.modules()
             if isinstance(module, (ShardedEmbeddingBagCollection, ShardedEmbeddingCollection))
         ]
-        if any(isinstance(module, ShardedEmbeddingCollection) for module in found):
+        unpatched = [m for m in found if isinstance(m, ShardedEmbeddingCollection)]
+        if unpatched and window.steps > 1:
             raise NotImplementedError(
                 "gradient accumulation with fused optimizers supports "
                 "EmbeddingBagCollection tables; use gradient_accumulation_steps=1 "
                 "or the sparse-gradient back end for EmbeddingCollection"
             )
-        for index, module in enumerate(found):
+        if unpatched and getattr(window, "nonfinite_policy", None) == "skip":
+            logger.warning(
+                "EmbeddingCollection tables are updated inside backward by their fused "
+                "optimizer: an update skipped for a NaN/inf (nonfinite_loss='skip') cannot "
+                "undo theirs; use the sparse-gradient back end to make skips exact"
+            )
+        for module in found:
+            if isinstance(module, ShardedEmbeddingCollection):
+                continue
+            index = len(self._patched)
             original = module.forward
-            forward = self._deferred_forward(index, original, _kernels_of(module))
+            kernels = _kernels_of(module)
+            forward = self._deferred_forward(index, original, kernels)
             module.forward = types.MethodType(forward, module)
             self._patched.append((module, original))
+            self._patched_kernels.append(kernels)
 
     def _deferred_forward(self, index: int, original: Any, kernels: list[nn.Module]) -> Any:
         from torchrec.sparse.jagged_tensor import KeyedTensor
@@ -438,6 +469,10 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
             if not torch.is_grad_enabled() or not module.training:
                 return original(features)
             records = optimizer._records.setdefault(index, [])
+            if not records:  # the window's first lookup: keep the kernels' counts
+                optimizer._iters_at_start[index] = [
+                    (k.iter.clone(), k.iter_cpu.clone()) for k in kernels
+                ]
             window = optimizer._window
             if window is not None and window.is_boundary:
                 # the window's last micro-batch: look the whole window up with autograd
@@ -469,9 +504,25 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
 
     def scale_accumulated_gradients(self, factor: float) -> None:
         """Scale the window's table gradients by ``factor`` when `step` back-propagates
-        them (the trainer's view passes 1/k at the end of a window of k micro-batches;
-        a loop that divides each micro-batch's loss by k itself does not call this)."""
+        them (the trainer's view passes the window's weight at its end, 1/k for k equal
+        micro-batches; a loop that divides each micro-batch's loss by k itself does not
+        call this)."""
         self._grad_scale *= float(factor)
+
+    def rescale_accumulated_gradients(self, factor: float) -> None:
+        """Scale the gradients of the micro-batches looked up so far (not of later ones)
+        by ``factor``: the trainer's per-sample weighting of unequal micro-batches."""
+        for mine in self._records.values():
+            for record in mine:
+                record.scale *= float(factor)
+
+    def accumulated_gradients(self) -> list[torch.Tensor]:
+        """The pooled-embedding gradients of the window's micro-batches, which `step`
+        back-propagates into the tables (the trainer checks them for NaN/inf)."""
+        return [
+            r.values.grad for mine in self._records.values() for r in mine
+            if r.values.grad is not None
+        ]
 
     def step(self, closure: Any = None) -> None:
         self.fused.step()  # pushes the current lr to the kernels (the update itself is
@@ -487,32 +538,44 @@ class FusedSparseOptimizer(torch.optim.Optimizer):
         lookup was made on the window's last micro-batch, or is made here (when no
         micro-batch was marked as the window's last)."""
         records, self._records = self._records, {}
+        self._iters_at_start = {}
         if not records:
             return
         counts = {len(mine) for mine in records.values()}
-        if len(counts) != 1 or len(records) != len(self._patched):
+        if len(counts) != 1:
             raise RuntimeError(
                 "deferred embedding lookups do not match the embedding collections; each "
                 "collection must be called once per micro-batch"
             )
-        counts.pop()
         scale, self._grad_scale = self._grad_scale, 1.0
         for index, (_module, original) in enumerate(self._patched):
-            mine = records[index]
+            mine = records.get(index)
+            if not mine:  # a collection this window did not use: nothing to update
+                continue
             whole = mine[-1].window_output
             if whole is None or whole.shape[0] != sum(r.values.shape[0] for r in mine):
                 out = original(concat_kjt_batches([r.features for r in mine]))
                 whole = (out.wait() if hasattr(out, "wait") else out).values()
-            grad = torch.cat(
-                [r.values.grad if r.values.grad is not None else torch.zeros_like(r.values)
-                 for r in mine]
-            )
+            grads = [
+                (r.values.grad if r.scale == 1.0 else r.values.grad * r.scale)
+                if r.values.grad is not None else torch.zeros_like(r.values)
+                for r in mine
+            ]
+            grad = grads[0] if len(grads) == 1 else torch.cat(grads)
             if scale != 1.0:
                 grad = grad * scale
             torch.autograd.backward(whole, grad)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._records = {}  # a dropped (skipped) window's lookups go with it
+        if self._records:
+            # a dropped (skipped) window: its lookups go, and the kernels count the
+            # iteration of its lookup no more (Adam's bias correction, ``iter`` state)
+            for index, counts in self._iters_at_start.items():
+                for kernel, (it, it_cpu) in zip(self._patched_kernels[index], counts):
+                    kernel.iter.copy_(it)
+                    kernel.iter_cpu = it_cpu
+        self._records = {}
+        self._iters_at_start = {}
         self._grad_scale = 1.0
         self.fused.zero_grad(set_to_none=set_to_none)  # also pushes the current lr
 

@@ -396,6 +396,7 @@ class TabularDataset(IterableDataset):
         self.feature_names = self.schema.feature_names
         self.dense_names = self.schema.dense_names
         self.files = list_files(paths, "parquet" if format == "parquet" else "csv")
+        self._names = [_basename(u) for u in self.files]
         self._needed = self.schema.input_columns(self.labelled)
         self.bytes_read = 0
         self._lock = threading.Lock()
@@ -424,8 +425,9 @@ class TabularDataset(IterableDataset):
 
         self._rows, self._rg_starts, self._rg_bytes = [], [], []
         for url in self.files:
-            meta = pq.ParquetFile(self._open(url)).metadata
-            names = set(meta.schema.names)
+            pf = pq.ParquetFile(self._open(url))
+            meta = pf.metadata
+            names = set(pf.schema_arrow.names)
             missing = [c for c in self._needed if c not in names]
             if missing:
                 raise DataError(f"{url}: missing column(s) {missing}; the file has "
@@ -773,7 +775,7 @@ class TabularDataset(IterableDataset):
         ``plan`` (this rank's parts, ``[file, start, end]``)."""
         return {
             "format": self.format,
-            "files": [_basename(u) for u in self.files],
+            "files": list(self._names),
             "world_size": self.world_size,
             "rank": self.rank,
             "epoch": self._epoch,
@@ -805,7 +807,7 @@ class TabularDataset(IterableDataset):
     def _check_state(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping):
             raise ValueError(f"load_state_dict: expected a mapping, got {type(state).__name__}")
-        names = [_basename(u) for u in self.files]
+        names = self._names
         if state.get("files") is not None and list(state["files"]) != names:
             raise ValueError(f"load_state_dict: state was taken over files {state['files']!r} "
                              f"but this dataset reads {names!r}")

@@ -358,7 +358,8 @@ class TabularDataset(IterableDataset):
         num_workers: background decoding threads (0: decode inline).
         prefetch: decoded blocks kept ready at most (bounds memory together with
             ``block_size``, the bytes of CSV per block).
-        drop_last: drop the epoch's final partial batch.
+        drop_last: drop the epoch's final partial batch; default: only with several
+            ranks (torchrec's sharded lookups need the same batch size on every rank).
     """
 
     def __init__(
@@ -376,7 +377,7 @@ class TabularDataset(IterableDataset):
         num_workers: int = 2,
         prefetch: int = 4,
         block_size: int = 4 << 20,
-        drop_last: bool = False,
+        drop_last: Optional[bool] = None,
     ) -> None:
         super().__init__()
         if format not in FORMATS:
@@ -392,7 +393,7 @@ class TabularDataset(IterableDataset):
         self.num_workers = _check_int("num_workers", num_workers, 0)
         self.prefetch = _check_int("prefetch", prefetch, 1)
         self.block_size = _check_int("block_size", block_size, 1024)
-        self.drop_last = bool(drop_last)
+        self.drop_last = self.world_size > 1 if drop_last is None else bool(drop_last)
         self.feature_names = self.schema.feature_names
         self.dense_names = self.schema.dense_names
         self.files = list_files(paths, "parquet" if format == "parquet" else "csv")

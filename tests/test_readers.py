@@ -237,7 +237,8 @@ def test_error_line_number_in_a_later_block_and_rank(tmp_path) -> None:
     lines[250] = "\t".join(fields)
     path = write(tmp_path / "big.tsv", lines)
     with pytest.raises(DataError, match=r"big.tsv:251: column 'cat_16'"):
-        list(criteo_tsv(path, batch_size=16, block_size=4096, rank=1, world_size=2))
+        list(criteo_tsv(path, batch_size=16, block_size=4096, rank=1, world_size=2,
+                        drop_last=False))
 
 
 def test_error_integer_id_and_missing_columns(tmp_path, schema_file) -> None:
@@ -286,7 +287,7 @@ def test_two_ranks_split_unequal_files_exactly(tmp_path, fmt) -> None:
             ds = criteo_tsv(write(tmp_path / f"f{i}.tsv", part), batch_size=10_000)
             files.append(_to_parquet(tmp_path / f"f{i}.parquet", part, row_group_size=64))
             del ds
-    kwargs = dict(batch_size=50, num_embeddings=1000, block_size=4096)
+    kwargs = dict(batch_size=50, num_embeddings=1000, block_size=4096, drop_last=False)
     if fmt == "parquet":
         whole = list(_pq(files, **kwargs))
         per_rank = [list(_pq(files, rank=r, world_size=2, **kwargs)) for r in range(2)]
@@ -392,13 +393,13 @@ def test_resplit_at_another_world_size(tmp_path, fmt, old, new) -> None:
                  _to_parquet(tmp_path / "b.parquet", lines[250:], 64)]
 
         def make(rank, world):
-            return _pq(files, batch_size=30, rank=rank, world_size=world)
+            return _pq(files, batch_size=30, rank=rank, world_size=world, drop_last=False)
     else:
         files = [write(tmp_path / "a.tsv", lines[:250]), write(tmp_path / "b.tsv", lines[250:])]
 
         def make(rank, world):
             return criteo_tsv(files, batch_size=30, rank=rank, world_size=world,
-                              block_size=2048)
+                              block_size=2048, drop_last=False)
     seen, states = [], []
     for r in range(old):
         ds = make(r, old)
@@ -416,6 +417,13 @@ def test_resplit_at_another_world_size(tmp_path, fmt, old, new) -> None:
     with pytest.raises(ValueError, match="resplit"):
         make(0, 1).load_state_dict(states[0]) if old != 1 else make(0, 2).load_state_dict(
             states[0])
+
+
+def test_drop_last_by_default_with_several_ranks(tmp_path) -> None:
+    path = write(tmp_path / "a.tsv", criteo_lines(50))
+    sizes = [b.labels.shape[0] for b in criteo_tsv(path, batch_size=10, rank=1, world_size=2)]
+    assert sizes and all(s == 10 for s in sizes)
+    assert criteo_tsv(path, batch_size=10).drop_last is False
 
 
 def test_state_from_other_files_is_refused(tmp_path) -> None:

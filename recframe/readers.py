@@ -479,8 +479,11 @@ class TabularDataset(IterableDataset):
         return fs.open(path, "rb")
 
     # ---------------------------------------------------------------- tasks
-    def _tasks(self, part_index: int, offset: int) -> Iterator[Callable[[], Optional[_Chunk]]]:
-        """Thunks decoding the rest of part ``part_index`` from ``offset``, in order."""
+    def _tasks(self, part_index: int, offset: int, raw: bool = False) -> Iterator[
+        Callable[[], Any]
+    ]:
+        """Thunks decoding the rest of part ``part_index`` from ``offset``, in order
+        (``raw``: CSV/TSV blocks as checked Arrow tables instead)."""
         part = self._plan[part_index]
         if self.format == "parquet":
             starts = self._rg_starts[part.file]
@@ -494,12 +497,12 @@ class TabularDataset(IterableDataset):
                     continue
                 yield lambda g=g, lo=lo, hi=hi: self._parquet_task(part_index, g, lo, hi)
         elif self._compressed[part.file]:
-            yield from self._stream_tasks(part_index, offset)
+            yield from self._stream_tasks(part_index, offset, raw)
         else:
             end = part.end if part.end is not None else self._sizes[part.file]
             for s in range(offset, end, self.block_size):
                 e = min(end, s + self.block_size)
-                yield lambda s=s, e=e: self._range_task(part_index, s, e)
+                yield lambda s=s, e=e: self._range_task(part_index, s, e, raw)
 
     def _parquet_task(self, part_index: int, group: int, lo: int, hi: int) -> _Chunk:
         import pyarrow.parquet as pq
@@ -522,7 +525,7 @@ class TabularDataset(IterableDataset):
             raise DataError(f"{url}: row group {group}, row {lo - g0 + e.row} (row {lo + e.row} "
                             f"of the file): column {e.column!r}: {e.message}") from None
 
-    def _range_task(self, part_index: int, start: int, end: int) -> Optional[_Chunk]:
+    def _range_task(self, part_index: int, start: int, end: int, raw: bool = False) -> Any:
         """Lines starting in ``[start, end)`` of an uncompressed file."""
         import fsspec
 
@@ -539,10 +542,10 @@ class TabularDataset(IterableDataset):
             block = h.read(end - pos)
             if block and not block.endswith(b"\n"):
                 block += h.readline()
-        return self._text_chunk(part_index, pos, block)
+        return (self._text_raw if raw else self._text_chunk)(part_index, pos, block)
 
-    def _stream_tasks(self, part_index: int, offset: int) -> Iterator[
-        Callable[[], Optional[_Chunk]]
+    def _stream_tasks(self, part_index: int, offset: int, raw: bool = False) -> Iterator[
+        Callable[[], Any]
     ]:
         """Blocks of a compressed file read in order here, decoded by the thunks."""
         import fsspec
@@ -558,10 +561,28 @@ class TabularDataset(IterableDataset):
                     return
                 if not block.endswith(b"\n"):
                     block += h.readline()
-                yield lambda pos=pos, block=block: self._text_chunk(part_index, pos, block)
+                run = self._text_raw if raw else self._text_chunk
+                yield lambda pos=pos, block=block, run=run: run(part_index, pos, block)
                 pos += len(block)
 
     def _text_chunk(self, part_index: int, base: int, block: bytes) -> Optional[_Chunk]:
+        parsed = self._text_table(part_index, base, block)
+        return None if parsed is None else self._decode_text(part_index, *parsed)
+
+    def _decode_text(self, part_index: int, table: pa.Table, row_ends: np.ndarray,
+                     row_starts: np.ndarray) -> _Chunk:
+        try:
+            return decode_table(table, self.schema, self.labelled, part_index, row_ends)
+        except _RowError as e:
+            f = self._plan[part_index].file
+            raise DataError(f"{self.files[f]}:{self._line_number(f, int(row_starts[e.row]))}: "
+                            f"column {e.column!r}: {e.message}") from None
+
+    def _text_table(self, part_index: int, base: int, block: bytes) -> Optional[
+        tuple[pa.Table, np.ndarray, np.ndarray]
+    ]:
+        """The block's rows as an Arrow table with the needed columns (typed for the
+        schema), each row's end and start offsets; None for a block of blank lines."""
         import pyarrow.csv as pacsv
 
         f = self._plan[part_index].file
@@ -597,18 +618,33 @@ class TabularDataset(IterableDataset):
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             self._locate_text_error(f, base, block, starts, ends, rows, names, types, e)
             raise  # pragma: no cover - _locate_text_error always raises
-        row_ends = base + ends[rows]
+        row_ends = (base + ends[rows]).astype(np.int64)
         if table.num_rows != len(row_ends):
             raise DataError(f"{url}: {table.num_rows} rows parsed from {len(row_ends)} lines "
                             f"near byte {base}: quoted values holding newlines are not "
                             "supported")
-        try:
-            return decode_table(table, self.schema, self.labelled, part_index,
-                                row_ends.astype(np.int64))
-        except _RowError as e:
-            line_start = base + int(starts[np.flatnonzero(rows)[e.row]])
-            raise DataError(f"{url}:{self._line_number(f, line_start)}: column {e.column!r}: "
-                            f"{e.message}") from None
+        return table, row_ends, (base + starts[rows]).astype(np.int64)
+
+    def _text_raw(self, part_index: int, base: int, block: bytes) -> Optional[pa.Table]:
+        """The block's raw table, checked by decoding it (errors name line and column)."""
+        parsed = self._text_table(part_index, base, block)
+        if parsed is None:
+            return None
+        self._decode_text(part_index, *parsed)
+        return parsed[0]
+
+    def raw_tables(self) -> Iterator[pa.Table]:
+        """This rank's rows of a whole epoch as Arrow tables of the schema's columns, raw
+        (before transforms and id mapping; typed as the reader parses them), each block
+        checked by decoding it: what ``recframe data convert`` writes to Parquet."""
+        if self.format == "parquet":
+            raise ValueError("raw_tables reads CSV/TSV files")
+        self._plan = self.default_plan()
+        for i, part in enumerate(self._plan):
+            for task in self._tasks(i, part.start, raw=True):
+                table = task()
+                if table is not None and table.num_rows:
+                    yield table
 
     def _column_types(self) -> dict[str, Any]:
         types: dict[str, Any] = {}
@@ -869,3 +905,72 @@ def criteo_tsv(
     `recframe.data.CriteoTSVDataset` with one rank, read faster."""
     schema = FeatureSchema.criteo(num_embeddings, embedding_dim)
     return TabularDataset(paths, schema, format="tsv", labelled=labelled, **kwargs)
+
+
+def convert_to_parquet(
+    source: TabularDataset,
+    output_dir: str,
+    *,
+    rows_per_file: int = 1_000_000,
+    row_group_size: int = 65_536,
+    compression: str = "zstd",
+    progress: bool = True,
+) -> list[str]:
+    """Write the CSV/TSV rows of ``source`` (one rank: all of them) to Parquet parts
+    ``part-00000.parquet ...`` under ``output_dir`` (any fsspec path), raw (the schema's
+    transforms and id mappings apply when the Parquet files are read), with the schema
+    as ``schema.yaml`` beside them (not a data file: readers skip it). Every block is
+    decoded on the way, so bad input fails here, naming its line. Returns the parts."""
+    import fsspec
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    _check_int("rows_per_file", rows_per_file, 1)
+    _check_int("row_group_size", row_group_size, 1)
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    fs.makedirs(root, exist_ok=True)
+    existing = [n for n in fs.ls(root, detail=False) if is_data_file(n, "parquet")]
+    if existing:
+        raise FileExistsError(f"{output_dir} already holds Parquet files ({_basename(existing[0])}"
+                              "...); convert into an empty directory")
+    written: list[str] = []
+    writer: Optional[pq.ParquetWriter] = None
+    handle: Any = None
+    in_file = 0
+    bar = tqdm(total=sum(source._sizes), unit="B", unit_scale=True, disable=not progress,
+               desc="convert")
+    seen = 0
+
+    def close() -> None:
+        nonlocal writer, handle
+        if writer is not None:
+            writer.close()
+            handle.close()
+        writer = handle = None
+
+    try:
+        for table in source.raw_tables():
+            a = 0
+            while a < table.num_rows:
+                if writer is None:
+                    path = f"{root.rstrip('/')}/part-{len(written):05d}.parquet"
+                    handle = fs.open(path, "wb")
+                    writer = pq.ParquetWriter(handle, table.schema, compression=compression)
+                    written.append(fs.unstrip_protocol(path))
+                    in_file = 0
+                b = min(table.num_rows, a + rows_per_file - in_file)
+                writer.write_table(table.slice(a, b - a), row_group_size=row_group_size)
+                in_file += b - a
+                a = b
+                if in_file >= rows_per_file:
+                    close()
+            bar.update(source.bytes_read - seen)
+            seen = source.bytes_read
+        close()
+    finally:
+        close()
+        bar.close()
+    if not written:
+        raise ValueError(f"convert: no rows in {source.files}")
+    source.schema.save(fs.unstrip_protocol(f"{root.rstrip('/')}/schema.yaml"))
+    return written

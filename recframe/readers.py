@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import IterableDataset
 
-from recframe.data import _check_int, _check_rank, _make_batch, make_kjt
+from recframe.data import _check_int, _check_rank, _make_batch
 from recframe.schema import FeatureSchema, SparseColumn, fnv1a64, mix64, parse_hex
 
 PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
@@ -734,6 +734,8 @@ class TabularDataset(IterableDataset):
 
     # ---------------------------------------------------------------- batches
     def _assemble(self, pieces: list[tuple[_Chunk, int, int]]) -> Any:
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
         def cat(arrays: list[np.ndarray]) -> np.ndarray:
             return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
@@ -744,8 +746,10 @@ class TabularDataset(IterableDataset):
             lengths += [c.lengths[k][a:b] for c, a, b in pieces]
             values += [c.values[k][c.offsets[k][a]:c.offsets[k][b]] for c, a, b in pieces]
         size = len(labels)
-        kjt = make_kjt(self.feature_names, torch.from_numpy(cat(values)),
-                       torch.from_numpy(cat(lengths)), batch_size=size)
+        # built directly: lengths and values agree by construction (make_kjt's check
+        # sums the lengths with torch, which costs more than the whole decode)
+        kjt = KeyedJaggedTensor(keys=self.feature_names, values=torch.from_numpy(cat(values)),
+                                lengths=torch.from_numpy(cat(lengths)), stride=size)
         dense_t, labels_t = torch.from_numpy(dense), torch.from_numpy(labels)
         if self.schema.weight and self.labelled:
             weights = torch.from_numpy(cat([c.weights[a:b] for c, a, b in pieces]))

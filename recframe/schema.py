@@ -122,7 +122,13 @@ def parse_hex(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tupl
     starts, lengths, longest = _byte_view(data, starts, lengths)
     ok = (lengths > 0) & (lengths <= 16)
     value = np.zeros(starts.shape, dtype=_U64)
+    shortest = int(lengths.min()) if lengths.size else 0
     for k in range(min(longest, 17)):
+        if k < shortest:  # every string has this digit: whole-array ops
+            digits = _HEX_TABLE[data[starts + k]]
+            ok &= digits != 255
+            value = (value << _U64(4)) | (digits & 15).astype(_U64)
+            continue
         active = np.flatnonzero(lengths > k)
         digits = _HEX_TABLE[data[starts[active] + k]]
         ok[active[digits == 255]] = False

@@ -297,6 +297,9 @@ def _sparse(column: SparseColumn, num: int, arr: pa.Array) -> tuple[np.ndarray, 
         flat, parents = pc.list_flatten(lists), np.asarray(pc.list_parent_indices(lists))
     else:
         flat, parents = arr, np.arange(n, dtype=np.int64)
+    if pa.types.is_string_view(flat.type) or pa.types.is_binary(flat.type) or \
+            pa.types.is_large_binary(flat.type) or pa.types.is_binary_view(flat.type):
+        flat = pc.cast(flat, pa.large_string())
     valid = np.asarray(flat.is_valid())
     if pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type):
         valid &= np.asarray(pc.fill_null(pc.binary_length(flat), 0)) > 0

@@ -270,8 +270,12 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
                             "integer ids (use mapping hash for strings)")
         return np.remainder(np.asarray(flat, dtype=np.int64), num)
     if kind == "hex":
+        if pa.types.is_integer(flat.type):  # already parsed (recframe data convert)
+            value = np.asarray(pc.cast(flat, pa.int64()), dtype=np.int64).view(np.uint64)
+            return (value % np.uint64(num)).astype(np.int64)
         if not is_str:
-            raise _RowError(0, column.name, f"has type {flat.type}; mapping hex needs strings")
+            raise _RowError(0, column.name, f"has type {flat.type}; mapping hex needs strings "
+                            "(or integers: the parsed ids)")
         value, ok = parse_hex(*_string_bytes(flat))
         if not ok.all():
             i = int(np.flatnonzero(~ok)[0])
@@ -517,7 +521,8 @@ class TabularDataset(IterableDataset):
             cache = (url, pq.ParquetFile(self._open(url)))
             self._local.pq = cache
         g0 = int(self._rg_starts[f][group])
-        table = cache[1].read_row_group(group, columns=self._needed)
+        # one thread per row group: these workers already run several at a time
+        table = cache[1].read_row_group(group, columns=self._needed, use_threads=False)
         table = table.slice(lo - g0, hi - lo)
         with self._lock:
             self.bytes_read += self._rg_bytes[f][group]
@@ -914,6 +919,25 @@ def criteo_tsv(
     return TabularDataset(paths, schema, format="tsv", labelled=labelled, **kwargs)
 
 
+def _parse_hex_columns(table: pa.Table, schema: FeatureSchema) -> pa.Table:
+    """Single-valued ``hex`` id columns as int64 (the parsed ids' 64 bits): the reader
+    takes an integer ``hex`` column as already parsed, and skips the text parse."""
+    for col in schema.sparse:
+        if col.mapping.kind != "hex" or col.delimiter is not None:
+            continue
+        arr = table.column(col.name).combine_chunks()
+        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+            continue
+        valid = np.asarray(pc.fill_null(pc.binary_length(arr), 0)) > 0
+        value = np.zeros(len(arr), dtype=np.uint64)
+        if valid.any():
+            parsed, _ = parse_hex(*_string_bytes(arr.filter(pa.array(valid))))
+            value[valid] = parsed
+        ids = pa.array(value.view(np.int64), pa.int64(), mask=~valid)
+        table = table.set_column(table.schema.get_field_index(col.name), col.name, ids)
+    return table
+
+
 def convert_to_parquet(
     source: TabularDataset,
     output_dir: str,
@@ -925,7 +949,8 @@ def convert_to_parquet(
 ) -> list[str]:
     """Write the CSV/TSV rows of ``source`` (one rank: all of them) to Parquet parts
     ``part-00000.parquet ...`` under ``output_dir`` (any fsspec path), raw (the schema's
-    transforms and id mappings apply when the Parquet files are read), with the schema
+    transforms and id mappings apply when the Parquet files are read; ``hex`` ids are
+    stored parsed, as int64, so reading skips the text parse), with the schema
     as ``schema.yaml`` beside them (not a data file: readers skip it). Every block is
     decoded on the way, so bad input fails here, naming its line. Returns the parts."""
     import fsspec
@@ -957,6 +982,7 @@ def convert_to_parquet(
 
     try:
         for table in source.raw_tables():
+            table = _parse_hex_columns(table, source.schema)
             a = 0
             while a < table.num_rows:
                 if writer is None:

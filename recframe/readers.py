@@ -837,6 +837,12 @@ class TabularDataset(IterableDataset):
         """Resume at ``state`` (this rank's own, same world size; see `resplit` for
         another world size)."""
         self._check_state(state)
+        missing = [k for k in ("plan", "part", "offset") if k not in state]
+        if missing:
+            raise ValueError(
+                f"load_state_dict: the state lacks {missing} (keys: {sorted(state)}): it is "
+                "not a TabularDataset position (e.g. one saved by CriteoTSVDataset, the "
+                "reader `recframe train --data criteo` used before); start the data afresh")
         if state.get("world_size") != self.world_size:
             raise ValueError(
                 f"load_state_dict: state has world_size={state.get('world_size')!r} but this "

@@ -479,3 +479,7 @@ def test_state_from_other_files_is_refused(tmp_path) -> None:
     next(iter(ds))
     with pytest.raises(ValueError, match="files"):
         criteo_tsv(b, batch_size=4).load_state_dict(ds.state_dict())
+    old = CriteoTSVDataset(a, batch_size=4)
+    next(iter(old))
+    with pytest.raises(ValueError, match="not a TabularDataset position"):
+        criteo_tsv(a, batch_size=4).load_state_dict(old.state_dict())

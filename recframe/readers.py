@@ -433,9 +433,14 @@ class TabularDataset(IterableDataset):
 
         self._rows, self._rg_starts, self._rg_bytes = [], [], []
         for url in self.files:
-            pf = pq.ParquetFile(self._open(url))
-            meta = pf.metadata
-            names = set(pf.schema_arrow.names)
+            source = self._open(url)
+            try:
+                pf = pq.ParquetFile(source)
+                meta, names = pf.metadata, set(pf.schema_arrow.names)
+                pf.close()
+            finally:
+                if not isinstance(source, str):
+                    source.close()
             missing = [c for c in self._needed if c not in names]
             if missing:
                 raise DataError(f"{url}: missing column(s) {missing}; the file has "

@@ -71,17 +71,16 @@ def mix64(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _byte_view(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[
-    np.ndarray, np.ndarray, int
-]:
-    order_len = int(lengths.max()) if lengths.size else 0
-    return starts.astype(np.int64), lengths.astype(np.int64), order_len
+def _byte_view(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(int64 starts, int64 lengths, the longest length)."""
+    longest = int(lengths.max()) if lengths.size else 0
+    return starts.astype(np.int64), lengths.astype(np.int64), longest
 
 
 def fnv1a64(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """64-bit FNV-1a of the byte strings ``data[starts[i] : starts[i] + lengths[i]]``,
     vectorised over the strings (one numpy pass per byte position)."""
-    starts, lengths, longest = _byte_view(data, starts, lengths)
+    starts, lengths, longest = _byte_view(starts, lengths)
     h = np.full(starts.shape, FNV_OFFSET, dtype=_U64)
     prime = _U64(FNV_PRIME)
     with np.errstate(over="ignore"):
@@ -119,7 +118,7 @@ def parse_hex(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tupl
 ]:
     """(uint64 values, bool ok) of hexadecimal byte strings; not ok: empty, longer
     than 16 digits, or a non-hex character."""
-    starts, lengths, longest = _byte_view(data, starts, lengths)
+    starts, lengths, longest = _byte_view(starts, lengths)
     ok = (lengths > 0) & (lengths <= 16)
     value = np.zeros(starts.shape, dtype=_U64)
     shortest = int(lengths.min()) if lengths.size else 0

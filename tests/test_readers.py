@@ -308,6 +308,17 @@ def test_two_ranks_split_unequal_files_exactly(tmp_path, fmt) -> None:
             assert r.bytes_read <= 0.5 * sum(groups) + max(groups)
 
 
+def test_compressed_files_go_whole_to_ranks(tmp_path) -> None:
+    lines = criteo_lines(300, seed=9)
+    files = [write(tmp_path / f"p{i}.tsv.gz", lines[i * 100:(i + 1) * 100]) for i in range(3)]
+    shares = [criteo_tsv(files, batch_size=32, rank=r, world_size=2, drop_last=False)
+              for r in range(2)]
+    got = [rows_of(list(ds)) for ds in shares]
+    assert sorted(got[0] + got[1]) == sorted(rows_of(list(criteo_tsv(files, batch_size=32))))
+    assert {len(g) for g in got} == {100, 200}  # whole files: one rank has two of three
+    assert all(p.end is None for ds in shares for p in ds.default_plan())
+
+
 def _to_parquet(path: Path, lines: list[str], row_group_size: int) -> str:
     cols = list(zip(*[line.split("\t") for line in lines]))
     names = FeatureSchema.criteo().columns

@@ -300,19 +300,28 @@ def _sparse(column: SparseColumn, num: int, arr: pa.Array) -> tuple[np.ndarray, 
         lists = pc.split_pattern(arr, column.delimiter)
         flat, parents = pc.list_flatten(lists), np.asarray(pc.list_parent_indices(lists))
     else:
-        flat, parents = arr, np.arange(n, dtype=np.int64)
+        flat, parents = arr, None  # single-valued: each id's row is its index
+    single = parents is None
     if pa.types.is_string_view(flat.type) or pa.types.is_binary(flat.type) or \
             pa.types.is_large_binary(flat.type) or pa.types.is_binary_view(flat.type):
         flat = pc.cast(flat, pa.large_string())
-    valid = np.asarray(flat.is_valid())
-    if pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type):
-        valid &= np.asarray(pc.fill_null(pc.binary_length(flat), 0)) > 0
-    if not valid.all():
-        keep = pa.array(valid)
-        flat, parents = flat.filter(keep), parents[valid]
+    is_str = pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)
+    if is_str:
+        valid = np.asarray(pc.fill_null(pc.binary_length(flat), 0)) > 0
+    elif flat.null_count:
+        valid = np.asarray(flat.is_valid())
+    else:
+        valid = None  # no missing id
+    if valid is not None and not valid.all():
+        flat = flat.filter(pa.array(valid))
+        parents = np.flatnonzero(valid) if parents is None else parents[valid]
+    elif parents is None:
+        parents = np.arange(n, dtype=np.int64)
     rows = _ids(column, num, flat, parents)
-    lengths = np.bincount(parents, minlength=n).astype(np.int32)
-    return rows, lengths
+    if single:  # one id or none per row
+        lengths = np.ones(n, np.int32) if valid is None else valid.astype(np.int32)
+        return rows, lengths
+    return rows, np.bincount(parents, minlength=n).astype(np.int32)
 
 
 def decode_table(

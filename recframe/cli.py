@@ -1,9 +1,10 @@
 """The ``recframe`` command line.
 
-``recframe train`` trains a model of the zoo on synthetic or Criteo TSV data with every
+``recframe train`` trains a model of the zoo on synthetic data, Criteo TSV, or Parquet /
+CSV / TSV files under a feature schema (``--data parquet --schema schema.yaml``) with every
 `TrainingArguments` field as a flag (``--train_steps 100``) or from ``--config
 file.yaml``; its defaults train DLRM on synthetic data in about a minute on 2 cores and
-print the final evaluation.
+print the final evaluation. ``recframe data convert`` writes CSV/TSV data as Parquet parts.
 
 ``recframe ckpt list PATH`` lists the checkpoints of an output_dir (local path or any
 fsspec URL) and the leftovers of interrupted saves; ``recframe ckpt inspect PATH``

@@ -93,8 +93,8 @@ def write_data(cfg: argparse.Namespace, root: str) -> tuple[list[str], str]:
                 f.write("\t".join([str(int(rng.random() < 0.25))] + ints + cats) + "\n")
         files.append(path)
     pq_dir = os.path.join(root, "parquet")
-    # row groups of ~1/64 of the data (at least 1024 rows): a rank's span edge shares one
-    group = min(65_536, max(1024, cfg.rows // 64))
+    # row groups of ~1/32 of the data (1024 to 65536 rows): a rank's span edge shares one
+    group = min(65_536, max(1024, cfg.rows // 32))
     convert_to_parquet(criteo_tsv(files, num_workers=0), pq_dir,
                        rows_per_file=cfg.rows // 4 + 1, row_group_size=group, progress=False)
     return files, pq_dir

@@ -1,9 +1,10 @@
 """The ``recframe`` command line.
 
-``recframe train`` trains a model of the zoo on synthetic or Criteo TSV data with every
+``recframe train`` trains a model of the zoo on synthetic data, Criteo TSV, or Parquet /
+CSV / TSV files under a feature schema (``--data parquet --schema schema.yaml``) with every
 `TrainingArguments` field as a flag (``--train_steps 100``) or from ``--config
 file.yaml``; its defaults train DLRM on synthetic data in about a minute on 2 cores and
-print the final evaluation.
+print the final evaluation. ``recframe data convert`` writes CSV/TSV data as Parquet parts.
 
 ``recframe ckpt list PATH`` lists the checkpoints of an output_dir (local path or any
 fsspec URL) and the leftovers of interrupted saves; ``recframe ckpt inspect PATH``
@@ -37,10 +38,19 @@ def _train_parser(sub: Any) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="dlrm", choices=["dlrm", "deepfm"], help="model of the zoo")
     g.add_argument(
-        "--data", default="synthetic", choices=["synthetic", "criteo"], help="training data"
+        "--data", default="synthetic", choices=["synthetic", "criteo", "parquet", "csv", "tsv"],
+        help="training data: synthetic, Criteo TSV files, or Parquet / CSV / TSV files "
+        "under --schema",
     )
-    g.add_argument("--train_path", default=None, help="Criteo TSV file(s) or glob (any fsspec)")
-    g.add_argument("--eval_path", default=None, help="Criteo TSV file(s) for evaluation")
+    g.add_argument("--train_path", default=None,
+                   help="training file(s), glob or directory (any fsspec path)")
+    g.add_argument("--eval_path", default=None, help="evaluation file(s), glob or directory")
+    g.add_argument("--schema", default=None,
+                   help="feature schema YAML/JSON (needed by --data parquet/csv/tsv; its "
+                   "tables size the model, so --num_embeddings/--embedding_dim do not apply)")
+    g.add_argument("--header", action="store_true", help="CSV/TSV files start with a header")
+    g.add_argument("--data_workers", type=int, default=2,
+                   help="background decoding threads per reader (0: decode inline)")
     g.add_argument("--batch_size", type=int, default=512, help="samples per micro-batch")
     g.add_argument(
         "--num_train_batches", type=int, default=400, help="synthetic training batches per epoch"
@@ -70,24 +80,35 @@ def _train_parser(sub: Any) -> None:
     p.set_defaults(func=_cmd_train)
 
 
-def _build_data(ns: argparse.Namespace, seed: int) -> tuple[Any, Any]:
+def _data_schema(ns: argparse.Namespace) -> Any:
+    """The feature schema of the file data, or None for synthetic data."""
+    from recframe.schema import FeatureSchema
+
+    if ns.data == "synthetic":
+        return None
+    if ns.data == "criteo":
+        return FeatureSchema.criteo(ns.num_embeddings, ns.embedding_dim)
+    if not ns.schema:
+        raise SystemExit(f"recframe train --data {ns.data} needs --schema schema.yaml")
+    return FeatureSchema.from_file(ns.schema)
+
+
+def _build_data(ns: argparse.Namespace, seed: int, schema: Any = None) -> tuple[Any, Any]:
     """Training and evaluation data; under torchrun each rank reads its own part."""
     from recframe import distributed
-    from recframe.data import CriteoTSVDataset, SyntheticCriteo
+    from recframe.data import SyntheticCriteo
 
     ranks = dict(rank=distributed.get_rank(), world_size=distributed.get_world_size())
-    if ns.data == "criteo":
+    if ns.data != "synthetic":
+        from recframe.readers import TabularDataset
+
         if not ns.train_path:
-            raise SystemExit("recframe train --data criteo needs --train_path PATH")
-        train = CriteoTSVDataset(
-            ns.train_path, batch_size=ns.batch_size, num_embeddings=ns.num_embeddings, **ranks
-        )
-        evals = (
-            CriteoTSVDataset(ns.eval_path, batch_size=ns.batch_size,
-                             num_embeddings=ns.num_embeddings, **ranks)
-            if ns.eval_path
-            else None
-        )
+            raise SystemExit(f"recframe train --data {ns.data} needs --train_path PATH")
+        fmt = "tsv" if ns.data == "criteo" else ns.data
+        common = dict(format=fmt, batch_size=ns.batch_size, header=ns.header,
+                      num_workers=ns.data_workers, **ranks)
+        train = TabularDataset(ns.train_path, schema, **common)
+        evals = TabularDataset(ns.eval_path, schema, **common) if ns.eval_path else None
         return train, evals
     common = dict(batch_size=ns.batch_size, num_embeddings=ns.num_embeddings, **ranks)
     train = SyntheticCriteo(num_batches=ns.num_train_batches, seed=seed, **common)
@@ -135,11 +156,15 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     from recframe.trainer import Trainer
 
     args = arguments_from_namespace(ns)
-    train_data, eval_data = _build_data(ns, args.seed)
+    schema = _data_schema(ns)
+    train_data, eval_data = _build_data(ns, args.seed, schema)
     torch.manual_seed(args.seed)
-    model = build_model(
-        ns.model, num_embeddings=ns.num_embeddings, embedding_dim=ns.embedding_dim
-    )
+    if schema is not None:  # the tables come from the schema the data is read with
+        model = build_model(ns.model, schema=schema)
+    else:
+        model = build_model(
+            ns.model, num_embeddings=ns.num_embeddings, embedding_dim=ns.embedding_dim
+        )
     model, sparse_opt = _sparse_side(model, ns, device_kind(args.device))
     dense_opt = torch.optim.Adam(dense_parameters(model), lr=ns.lr)
     trainer = Trainer(
@@ -163,6 +188,57 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
         distributed.barrier()
         dist.destroy_process_group()
+    return 0
+
+
+# --- recframe data ------------------------------------------------------------------
+
+
+def _data_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "data", help="convert CSV/TSV data to Parquet",
+        description="Data tools: `recframe data convert` writes CSV/TSV (Criteo TSV, or any "
+        "CSV/TSV under --schema) as Parquet parts, so later epochs read columnar data.",
+    )
+    data_sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    c = data_sub.add_parser(
+        "convert", help="CSV/TSV files to Parquet parts",
+        description="Read INPUT (files, globs or directories; .gz and other compressions "
+        "inferred) under the schema (--criteo or --schema) and write raw Parquet parts "
+        "part-NNNNN.parquet plus schema.yaml to OUTPUT. Bad input fails naming the line.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    c.add_argument("input", nargs="+", metavar="INPUT", help="CSV/TSV files, globs, dirs")
+    c.add_argument("--output", required=True, help="output directory (any fsspec path)")
+    group = c.add_mutually_exclusive_group(required=True)
+    group.add_argument("--criteo", action="store_true", help="Criteo TSV (the preset schema)")
+    group.add_argument("--schema", help="feature schema YAML/JSON")
+    c.add_argument("--format", default="tsv", choices=["csv", "tsv"], help="input format")
+    c.add_argument("--header", action="store_true", help="input files start with a header")
+    c.add_argument("--unlabelled", action="store_true",
+                   help="input files lack the label/weight columns (Criteo's test.txt)")
+    c.add_argument("--rows_per_file", type=int, default=1_000_000, help="rows per part")
+    c.add_argument("--row_group_size", type=int, default=65_536, help="rows per row group")
+    c.add_argument("--no_progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=_cmd_data_convert)
+    p.set_defaults(func=lambda ns: _ckpt_help(p))
+
+
+def _cmd_data_convert(ns: argparse.Namespace) -> int:
+    from recframe.readers import DataError, TabularDataset, convert_to_parquet
+    from recframe.schema import FeatureSchema
+
+    schema = FeatureSchema.criteo() if ns.criteo else FeatureSchema.from_file(ns.schema)
+    try:
+        source = TabularDataset(ns.input, schema, format="tsv" if ns.criteo else ns.format,
+                                header=ns.header, labelled=not ns.unlabelled, num_workers=0)
+        parts = convert_to_parquet(source, ns.output, rows_per_file=ns.rows_per_file,
+                                   row_group_size=ns.row_group_size,
+                                   progress=not ns.no_progress)
+    except (DataError, FileNotFoundError, FileExistsError) as e:
+        print(f"recframe: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(parts)} Parquet part(s) and schema.yaml to {ns.output}", flush=True)
     return 0
 
 
@@ -614,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log_level", default="INFO", help="python logging level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)
+    _data_parser(sub)
     _ckpt_parser(sub)
     return parser
 

@@ -32,6 +32,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recframe.data import DEFAULT_CAT_NAMES
 from recframe.metrics import add_predictions
+from recframe.schema import FeatureSchema
 
 DeviceLike = Union[torch.device, str, None]
 
@@ -85,6 +86,43 @@ def build_ebc(
         for feature, size in zip(features, sizes)
     ]
     return EmbeddingBagCollection(tables=tables, device=_device(device))
+
+
+def build_ebc_from_schema(
+    schema: FeatureSchema, device: DeviceLike = None
+) -> EmbeddingBagCollection:
+    """The schema's tables (sum pooling), each looked up by the sparse columns that name
+    it: a table shared by several features is one table."""
+    if not isinstance(schema, FeatureSchema):
+        raise ValueError(f"schema must be a FeatureSchema, got {type(schema).__name__}")
+    for t in schema.tables:
+        if not t.name.isidentifier() or hasattr(nn.ModuleDict, t.name):
+            raise ValueError(f"schema: table name {t.name!r} cannot name a module (an "
+                             "identifier that is no nn.ModuleDict attribute, e.g. t_"
+                             f"{t.name}); rename it in the schema's tables")
+    tables = [
+        EmbeddingBagConfig(
+            name=t.name,
+            embedding_dim=t.embedding_dim,
+            num_embeddings=t.num_embeddings,
+            feature_names=[c.name for c in schema.sparse if c.table == t.name],
+        )
+        for t in schema.tables
+    ]
+    return EmbeddingBagCollection(tables=tables, device=_device(device))
+
+
+def _schema_overrides(owner: str, schema: Optional[FeatureSchema], **given: Any) -> None:
+    """With a schema, the table arguments come from it: refuse conflicting ones."""
+    if schema is None:
+        return
+    if not isinstance(schema, FeatureSchema):
+        raise ValueError(f"{owner}: schema must be a FeatureSchema, got {type(schema).__name__}")
+    if not schema.dense:
+        raise ValueError(f"{owner}: the schema has no dense column; {owner} needs at least one")
+    set_ = sorted(k for k, v in given.items() if v is not None)
+    if set_:
+        raise ValueError(f"{owner}: {set_} come from the schema; do not pass them with schema=")
 
 
 EMBEDDING_BACKENDS = ("auto", "torchrec", "nn")
@@ -255,9 +293,20 @@ def _device(device: DeviceLike) -> Optional[torch.device]:
     return None if device is None else torch.device(device)
 
 
-def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _loss(logits: torch.Tensor, labels: torch.Tensor,
+          weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean BCE; with per-sample ``weights`` (a schema's weight column) the weighted mean
+    ``sum(w * bce) / sum(w)``."""
+    if labels.dim() != 1:
+        raise ValueError(f"the models predict one label per sample; got labels of shape "
+                         f"{tuple(labels.shape)} (a schema with several label columns)")
     add_predictions(logits, labels)
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    if weights is None:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    w = weights.float()
+    per_sample = F.binary_cross_entropy_with_logits(logits.float(), labels.float(),
+                                                    reduction="none")
+    return (per_sample * w).sum() / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
 
 
 class DLRM(nn.Module):
@@ -267,21 +316,36 @@ class DLRM(nn.Module):
     ``embedding_dim`` because the bottom MLP output joins the embeddings in the dot
     interaction. ``over_arch`` must end in 1 (one logit per sample).
     ``embedding_backend``: see the module docstring (``"nn"`` for XLA).
+    ``schema``: a `FeatureSchema` giving the tables (shared tables included), the
+    sparse features and ``num_dense``; then leave ``num_embeddings``, ``embedding_dim``,
+    ``num_dense`` and ``sparse_features`` out.
     """
 
     def __init__(
         self,
-        num_embeddings: Union[int, Sequence[int]] = 10_000,
-        embedding_dim: int = 16,
-        num_dense: int = 13,
-        sparse_features: Sequence[str] = tuple(DEFAULT_CAT_NAMES),
+        num_embeddings: Union[int, Sequence[int], None] = None,
+        embedding_dim: Optional[int] = None,
+        num_dense: Optional[int] = None,
+        sparse_features: Optional[Sequence[str]] = None,
         dense_arch: Optional[Sequence[int]] = None,
         over_arch: Sequence[int] = (128, 1),
         device: DeviceLike = None,
         embedding_backend: str = "auto",
+        schema: Optional[FeatureSchema] = None,
     ) -> None:
         super().__init__()
         owner = "DLRM"
+        _schema_overrides(owner, schema, num_embeddings=num_embeddings,
+                          embedding_dim=embedding_dim, num_dense=num_dense,
+                          sparse_features=sparse_features)
+        if schema is not None:
+            embedding_dim, num_dense = schema.embedding_dim, len(schema.dense)
+            sparse_features = schema.feature_names
+        num_embeddings = 10_000 if num_embeddings is None else num_embeddings
+        embedding_dim = 16 if embedding_dim is None else embedding_dim
+        num_dense = 13 if num_dense is None else num_dense
+        sparse_features = DEFAULT_CAT_NAMES if sparse_features is None else sparse_features
+        self.schema = schema
         embedding_dim = _positive_int(owner, "embedding_dim", embedding_dim)
         self.num_dense = _positive_int(owner, "num_dense", num_dense)
         dense_sizes = _layer_sizes(
@@ -297,7 +361,8 @@ class DLRM(nn.Module):
             raise ValueError(f"DLRM: over_arch must end with 1 (one logit), got {over_sizes}")
         self.sparse_features = list(sparse_features)
         self.embedding_dim = embedding_dim
-        ebc = build_ebc(sparse_features, num_embeddings, embedding_dim, device, owner)
+        ebc = (build_ebc_from_schema(schema, device) if schema is not None else
+               build_ebc(sparse_features, num_embeddings, embedding_dim, device, owner))
         self.model = TorchrecDLRM(
             embedding_bag_collection=ebc,
             dense_in_features=self.num_dense,
@@ -321,7 +386,7 @@ class DLRM(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Mean binary cross-entropy over the batch."""
-        return _loss(self.predict(batch), batch.labels)
+        return _loss(self.predict(batch), batch.labels, getattr(batch, "weights", None))
 
 
 class DeepFM(nn.Module):
@@ -333,27 +398,40 @@ class DeepFM(nn.Module):
     torchrec's ``SimpleDeepFMNN``, whose last layer is a sigmoid (probabilities, not
     the logits BCE-with-logits and AUC need). Unlike the paper there is no per-id
     first-order weight (it would need width-1 tables); the deep part covers it.
-    ``embedding_backend`` as in `DLRM`.
+    ``embedding_backend`` and ``schema`` as in `DLRM`.
     """
 
     def __init__(
         self,
-        num_embeddings: Union[int, Sequence[int]] = 10_000,
-        embedding_dim: int = 16,
-        num_dense: int = 13,
-        sparse_features: Sequence[str] = tuple(DEFAULT_CAT_NAMES),
+        num_embeddings: Union[int, Sequence[int], None] = None,
+        embedding_dim: Optional[int] = None,
+        num_dense: Optional[int] = None,
+        sparse_features: Optional[Sequence[str]] = None,
         deep_arch: Sequence[int] = (256, 128),
         device: DeviceLike = None,
         embedding_backend: str = "auto",
+        schema: Optional[FeatureSchema] = None,
     ) -> None:
         super().__init__()
         owner = "DeepFM"
+        _schema_overrides(owner, schema, num_embeddings=num_embeddings,
+                          embedding_dim=embedding_dim, num_dense=num_dense,
+                          sparse_features=sparse_features)
+        if schema is not None:
+            embedding_dim, num_dense = schema.embedding_dim, len(schema.dense)
+            sparse_features = schema.feature_names
+        num_embeddings = 10_000 if num_embeddings is None else num_embeddings
+        embedding_dim = 16 if embedding_dim is None else embedding_dim
+        num_dense = 13 if num_dense is None else num_dense
+        sparse_features = DEFAULT_CAT_NAMES if sparse_features is None else sparse_features
+        self.schema = schema
         embedding_dim = _positive_int(owner, "embedding_dim", embedding_dim)
         self.num_dense = _positive_int(owner, "num_dense", num_dense)
         hidden = _layer_sizes(owner, "deep_arch", deep_arch)
         self.sparse_features = list(sparse_features)
         self.embedding_dim = embedding_dim
-        ebc = build_ebc(sparse_features, num_embeddings, embedding_dim, device, owner)
+        ebc = (build_ebc_from_schema(schema, device) if schema is not None else
+               build_ebc(sparse_features, num_embeddings, embedding_dim, device, owner))
         self.embedding_backend = resolve_embedding_backend(embedding_backend, device)
         self.ebc = EmbeddingBagTables.from_ebc(ebc) if self.embedding_backend == "nn" else ebc
         dev = _device(device)
@@ -379,7 +457,7 @@ class DeepFM(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Mean binary cross-entropy over the batch."""
-        return _loss(self.predict(batch), batch.labels)
+        return _loss(self.predict(batch), batch.labels, getattr(batch, "weights", None))
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"dlrm": DLRM, "deepfm": DeepFM}

@@ -1,0 +1,248 @@
+"""Input throughput: today's Criteo TSV reader, the pyarrow TSV reader, the Parquet reader,
+and the fused DLRM trainer's step rate, at one batch size, side by side.
+
+The data: ``--rows`` Criteo-format lines (label, 13 counts with empty and negative
+fields, 26 hex ids with empty ones) in ``--files`` TSV files, converted once (untimed)
+to Parquet with ``recframe data convert``'s `convert_to_parquet`. Variants, interleaved
+round by round (the order rotates) with the CPU other processes used recorded:
+
+* ``old_tsv``: `recframe.data.CriteoTSVDataset`, one pass (rows/s);
+* ``new_tsv``: `recframe.readers.criteo_tsv` (``--workers`` decoding threads), one pass;
+* ``parquet``: `recframe.readers.TabularDataset` over the Parquet parts, one pass;
+* ``train_memory``: the `Trainer` on the fused path (`shard_model`, DLRM built from the
+  Criteo schema) over batches decoded beforehand and held in memory: the step rate
+  with no input cost (what training on pre-generated synthetic data runs at);
+* ``train_parquet`` / ``train_tsv``: the same `Trainer` reading the Parquet / TSV
+  files through the readers (real-data training).
+
+Goals: new_tsv >= 10x old_tsv, parquet >= 20x old_tsv, both >= 2x train_memory, and
+train_parquet / train_memory >= 0.95. Also reported: the bytes each of 2 ranks reads
+(goal <= 0.55 of the dataset), from readers built for rank 0 and 1 of 2.
+
+    .venv/bin/python benchmarks/input_throughput.py            # ~ a few minutes
+    .venv/bin/python benchmarks/input_throughput.py --quick    # smoke run, ~30 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import _common as common  # noqa: E402
+
+GOALS = {"new_tsv/old_tsv": 10.0, "parquet/old_tsv": 20.0, "new_tsv/train_memory": 2.0,
+         "parquet/train_memory": 2.0, "train_parquet/train_memory": 0.95,
+         "train_tsv/train_memory": 0.95}
+DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                            "input_throughput.json")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--rows", type=int, default=400_000, help="Criteo lines in the data set")
+    p.add_argument("--files", type=int, default=4, help="TSV files (unequal sizes)")
+    p.add_argument("--batch_size", type=int, default=2048)
+    p.add_argument("--num_embeddings", type=int, default=100_000, help="rows per table")
+    p.add_argument("--embedding_dim", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2, help="decoding threads of the readers")
+    p.add_argument("--train_steps", type=int, default=60, help="updates per training round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 20k rows, 1 round, 8 updates, small tables")
+    p.add_argument("--json", default=DEFAULT_JSON, help="where to write the JSON report")
+    cfg = p.parse_args(argv)
+    if cfg.quick:
+        cfg.rows, cfg.rounds, cfg.train_steps, cfg.num_embeddings = 20_000, 1, 8, 10_000
+    return cfg
+
+
+def write_data(cfg: argparse.Namespace, root: str) -> tuple[list[str], str]:
+    """Criteo TSV files of unequal sizes, and their Parquet conversion."""
+    from recframe.readers import convert_to_parquet, criteo_tsv
+
+    rng = random.Random(0)
+    weights = [i + 1 for i in range(cfg.files)]
+    counts = [cfg.rows * w // sum(weights) for w in weights]
+    counts[-1] += cfg.rows - sum(counts)
+    tsv_dir = os.path.join(root, "tsv")
+    os.makedirs(tsv_dir)
+    files = []
+    for i, n in enumerate(counts):
+        path = os.path.join(tsv_dir, f"day_{i}")
+        with open(path, "w") as f:
+            for _ in range(n):
+                ints = [("" if rng.random() < 0.2 else str(int(rng.expovariate(0.01)) - 2))
+                        for _ in range(13)]
+                cats = [("" if rng.random() < 0.1 else f"{rng.getrandbits(32):08x}")
+                        for _ in range(26)]
+                f.write("\t".join([str(int(rng.random() < 0.25))] + ints + cats) + "\n")
+        files.append(path)
+    pq_dir = os.path.join(root, "parquet")
+    # row groups of ~1/32 of the data (1024 to 65536 rows): a rank's span edge shares one
+    group = min(65_536, max(1024, cfg.rows // 32))
+    convert_to_parquet(criteo_tsv(files, num_workers=0), pq_dir,
+                       rows_per_file=cfg.rows // 4 + 1, row_group_size=group, progress=False)
+    return files, pq_dir
+
+
+def one_pass(dataset: Any) -> int:
+    return sum(b.labels.shape[0] for b in dataset)
+
+
+class TrainLoop:
+    """A fused-path `Trainer` (checkpoints off) run ``train_steps`` updates per round."""
+
+    def __init__(self, cfg: argparse.Namespace, data: Any, out_dir: str) -> None:
+        from recframe import Trainer, TrainingArguments
+        from recframe.models import DLRM
+        from recframe.optim import dense_parameters
+        from recframe.optim.fused import shard_model
+        from recframe.schema import FeatureSchema
+
+        torch.manual_seed(0)
+        schema = FeatureSchema.criteo(cfg.num_embeddings, cfg.embedding_dim)
+        model = DLRM(schema=schema)
+        dmp, sparse = shard_model(model, optimizer="rowwise_adagrad", lr=0.05)
+        args = TrainingArguments(output_dir=out_dir, report_to="none", disable_tqdm=True,
+                                 log_steps=10**9, save_steps=None, save_on_sigterm=False,
+                                 dataloader_prefetch=2)
+        self.trainer = Trainer(model=dmp, args=args, train_dataset=data,
+                               dense_optimizers=(torch.optim.Adam(dense_parameters(dmp)), None),
+                               sparse_optimizer=sparse)
+        self.trainer.checkpoint_manager.step = lambda *a, **k: None  # no checkpoints
+        self.steps = cfg.train_steps
+
+    def run(self, _round: int) -> int:
+        t = self.trainer
+        before = t.state.samples_seen
+        t.train(train_steps=t.global_step + self.steps)
+        return t.state.samples_seen - before
+
+
+def bytes_per_rank(cfg: argparse.Namespace, files: list[str], pq_dir: str) -> dict[str, Any]:
+    from recframe.readers import TabularDataset, criteo_tsv
+    from recframe.schema import FeatureSchema
+
+    out: dict[str, Any] = {}
+    tsv_total = sum(os.path.getsize(f) for f in files)
+    shares = []
+    for rank in range(2):
+        ds = criteo_tsv(files, batch_size=cfg.batch_size, rank=rank, world_size=2,
+                        num_workers=cfg.workers)
+        one_pass(ds)
+        shares.append(ds.bytes_read / tsv_total)
+    out["tsv"] = shares
+    shares = []
+    for rank in range(2):
+        ds = TabularDataset(pq_dir, FeatureSchema.criteo(cfg.num_embeddings), rank=rank,
+                            world_size=2, batch_size=cfg.batch_size, num_workers=cfg.workers)
+        total = sum(sum(g) for g in ds._rg_bytes)
+        one_pass(ds)
+        shares.append(ds.bytes_read / total)
+    out["parquet"] = shares
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    torch.set_num_threads(cfg.threads)
+    from recframe.data import CriteoTSVDataset
+    from recframe.distributed import init_default_group
+    from recframe.readers import TabularDataset, criteo_tsv
+    from recframe.schema import FeatureSchema
+
+    started = time.perf_counter()
+    root = tempfile.mkdtemp(prefix="recframe-input-")
+    try:
+        files, pq_dir = write_data(cfg, root)
+        print(f"data: {cfg.rows} rows, {sum(os.path.getsize(f) for f in files) / 1e6:.1f} MB "
+              f"TSV in {len(files)} files", flush=True)
+        n, b, w = cfg.num_embeddings, cfg.batch_size, cfg.workers
+        schema = FeatureSchema.criteo(n, cfg.embedding_dim)
+        memory = list(TabularDataset(pq_dir, schema, batch_size=b, drop_last=True))
+        init_default_group()  # a gloo group of one (what shard_model uses)
+        loops = {
+            "train_memory": TrainLoop(cfg, memory, os.path.join(root, "m")),
+            "train_parquet": TrainLoop(cfg, TabularDataset(
+                pq_dir, schema, batch_size=b, num_workers=w, drop_last=True),
+                os.path.join(root, "p")),
+            "train_tsv": TrainLoop(cfg, criteo_tsv(files, num_embeddings=n, batch_size=b,
+                                                   num_workers=w, drop_last=True),
+                                   os.path.join(root, "t")),
+        }
+        variants = {
+            "old_tsv": lambda r: one_pass(CriteoTSVDataset(files, batch_size=b,
+                                                           num_embeddings=n)),
+            "new_tsv": lambda r: one_pass(criteo_tsv(files, batch_size=b, num_embeddings=n,
+                                                     num_workers=w)),
+            "parquet": lambda r: one_pass(TabularDataset(pq_dir, schema, batch_size=b,
+                                                         num_workers=w)),
+            **{name: loop.run for name, loop in loops.items()},
+        }
+        for loop in loops.values():  # warm-up (first steps build fbgemm kernels)
+            loop.trainer.train(train_steps=loop.trainer.global_step + 2)
+
+        def show(this_round: list[common.RoundResult]) -> None:
+            cells = "  ".join(f"{x.variant}={x.samples_per_sec:,.0f}/s" for x in this_round)
+            print(f"round {this_round[0].round}: {cells}  {common.round_load(this_round)}",
+                  flush=True)
+
+        results = common.run_interleaved(variants, cfg.rounds, on_round=show)
+        shares = bytes_per_rank(cfg, files, pq_dir)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    rates = {name: common.summarize([x.samples_per_sec for x in common.per_variant(
+        results, name)]) for name in variants}
+    ratios = {}
+    for key, goal in GOALS.items():
+        num, den = key.split("/")
+        per_round = common.round_ratios(results, num, den)
+        median = common.summarize(per_round)["median"]
+        ratios[key] = {"median": median, "per_round": per_round, "goal": goal,
+                       "meets_goal": None if median is None else median >= goal}
+    print(common.format_table(
+        ["variant", "samples/s (median)"],
+        [[k, f"{v['median']:,.0f}"] for k, v in rates.items()]))
+    print(common.format_table(
+        ["ratio", "median", "goal", "met"],
+        [[k, f"{v['median']:.2f}", v["goal"], v["meets_goal"]] for k, v in ratios.items()]))
+    print(f"bytes read per rank of 2 (share of the data set): TSV "
+          f"{[round(s, 3) for s in shares['tsv']]}, Parquet "
+          f"{[round(s, 3) for s in shares['parquet']]} (goal <= 0.55)")
+    payload = {
+        "benchmark": "input_throughput",
+        "timestamp": common.timestamp(),
+        "wall_seconds": time.perf_counter() - started,
+        "machine": common.machine_info(),
+        "torch": common.torch_info(),
+        "packages": common.package_versions(["torch", "torchrec", "pyarrow", "numpy"]),
+        "config": vars(cfg),
+        "rates": rates,
+        "ratios": ratios,
+        "bytes_per_rank_of_2": shares,
+        "rounds": [x.to_dict() for x in results],
+    }
+    path = common.write_json(cfg.json, payload)
+    print(f"wrote {path} ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

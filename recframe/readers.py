@@ -1,0 +1,1029 @@
+"""Columnar readers on pyarrow: Parquet and CSV/TSV files decoded under a `FeatureSchema`.
+
+`TabularDataset` yields `torchrec.datasets.utils.Batch` objects (a `WeightedBatch` when
+the schema has a weight column): dense ``[B, D]`` float32, labels ``[B]`` float32 and a
+`KeyedJaggedTensor` keyed by the schema's sparse columns, decoded with pyarrow and numpy
+over whole blocks (no per-row Python), in background threads.
+
+Per-rank shards: the files are laid end to end (uncompressed CSV/TSV in bytes, Parquet
+in rows) and rank ``r`` of ``N`` reads the span ``[r/N, (r+1)/N)`` of the total: CSV
+lines are owned by the span holding their first byte (a reader starts after the first
+newline before its span and stops after the line crossing its end), Parquet rows by
+index (a row group straddling two spans is read by both, each keeping its rows).
+Compressed files (``.gz``, ``.bz2``...) cannot be split: each goes whole to the rank
+whose span holds its middle.
+
+Positions: ``state_dict()`` right after a batch names the plan part and the offset
+(byte offset of the next line, in the decompressed stream for a compressed file, or the
+next row of a Parquet file) after that batch, so resume is exact even though decoding
+runs ahead. `resplit` merges the positions of all ranks of a run and re-splits the data
+they had left over another world size.
+
+Errors name the file, the line (or the Parquet row group and row) and the column.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import IterableDataset
+
+from recframe.data import _check_int, _check_rank, _make_batch
+from recframe.schema import FeatureSchema, SparseColumn, fnv1a64, mix64, parse_hex
+
+PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
+TEXT_EXTENSIONS = (".csv", ".tsv", ".txt", ".data")
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+FORMATS = ("parquet", "csv", "tsv")
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file, the row and the column."""
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class WeightedBatch:
+    """A torchrec-style batch with per-sample ``weights`` (the schema's weight column)."""
+
+    dense_features: torch.Tensor
+    sparse_features: Any
+    labels: torch.Tensor
+    weights: torch.Tensor
+
+    def to(self, device: Any, non_blocking: bool = False) -> WeightedBatch:
+        return WeightedBatch(
+            self.dense_features.to(device=device, non_blocking=non_blocking),
+            self.sparse_features.to(device=device, non_blocking=non_blocking),
+            self.labels.to(device=device, non_blocking=non_blocking),
+            self.weights.to(device=device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> WeightedBatch:
+        return WeightedBatch(self.dense_features.pin_memory(),
+                             self.sparse_features.pin_memory(), self.labels.pin_memory(),
+                             self.weights.pin_memory())
+
+    def record_stream(self, stream: Any) -> None:
+        for t in (self.dense_features, self.sparse_features, self.labels, self.weights):
+            t.record_stream(stream)
+
+
+# --------------------------------------------------------------------------- file lists
+
+
+def _basename(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def is_data_file(name: str, fmt: str) -> bool:
+    """Whether a file found in a directory is data of ``fmt``: hidden and ``_``-names
+    (``_SUCCESS``) never are; Parquet needs a Parquet extension; CSV/TSV a text extension
+    (optionally compressed) or no extension at all (Criteo's ``day_0``)."""
+    base = _basename(name)
+    if base.startswith((".", "_")):
+        return False
+    lower = base.lower()
+    if fmt == "parquet":
+        return lower.endswith(PARQUET_EXTENSIONS)
+    for comp in COMPRESSIONS:
+        if lower.endswith(comp):
+            lower = lower[: -len(comp)]
+            break
+    return "." not in lower or lower.endswith(TEXT_EXTENSIONS)
+
+
+def list_files(paths: Union[str, Sequence[str]], fmt: str) -> list[str]:
+    """Full fsspec URLs of the files named by ``paths`` (files, globs, directories);
+    globs and directories keep only data files of ``fmt`` (see `is_data_file`)."""
+    import fsspec
+
+    if isinstance(paths, str):
+        paths = [paths]
+    if not isinstance(paths, (list, tuple)) or not paths:
+        raise ValueError(f"paths must be a path, glob or non-empty list of them, got {paths!r}")
+    urls: list[str] = []
+    for pattern in paths:
+        fs, path = fsspec.core.url_to_fs(str(pattern))
+        if any(c in path for c in "*?["):
+            found = sorted(n for n, i in fs.glob(path, detail=True).items()
+                           if i.get("type") != "directory" and is_data_file(n, fmt))
+        elif fs.isdir(path):
+            found = sorted(i["name"] for i in fs.ls(path, detail=True)
+                           if i.get("type") != "directory" and is_data_file(i["name"], fmt))
+        elif fs.exists(path):
+            found = [path]
+        else:
+            found = []
+        if not found:
+            raise FileNotFoundError(f"no {fmt} data file matches {pattern!r}")
+        for name in found:
+            url = fs.unstrip_protocol(name)
+            if url not in urls:
+                urls.append(url)
+    return urls
+
+
+def _compression(url: str) -> Optional[str]:
+    from fsspec.utils import infer_compression
+
+    return infer_compression(url)
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows of one file a rank reads: ``[start, end)`` in bytes (CSV: the lines that
+    start there; a compressed file: decompressed offsets, ``end`` None = to its end) or
+    in rows (Parquet)."""
+
+    file: int
+    start: int
+    end: Optional[int]
+
+    def to_list(self) -> list[Any]:
+        return [self.file, self.start, self.end]
+
+
+def split_spans(
+    items: Sequence[tuple[Part, int, bool]], world_size: int, rank: int
+) -> list[Part]:
+    """Rank ``rank``'s share of ``items`` (part, weight, splittable) laid end to end:
+    the span ``[rank/N, (rank+1)/N)`` of the total weight; a part that cannot be split
+    goes whole to the rank whose span holds its middle."""
+    total = sum(w for _, w, _ in items)
+    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+    out: list[Part] = []
+    c = 0
+    for part, w, splittable in items:
+        if not splittable:
+            middle_rank = min(world_size - 1, ((2 * c + w) * world_size) // max(1, 2 * total))
+            if middle_rank == rank:
+                out.append(part)
+        else:
+            a, b = max(lo, c), min(hi, c + w)
+            if a < b:
+                out.append(Part(part.file, part.start + (a - c), part.start + (b - c)))
+        c += w
+    return out
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class _Chunk:
+    """Decoded rows of one part: numpy arrays ready to be cut into batches."""
+
+    part: int
+    ends: np.ndarray  # position after each row
+    labels: np.ndarray
+    weights: Optional[np.ndarray]
+    dense: np.ndarray
+    values: list[np.ndarray]
+    lengths: list[np.ndarray]
+    offsets: list[np.ndarray] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.offsets = [np.concatenate(([0], np.cumsum(n, dtype=np.int64)))
+                        for n in self.lengths]
+
+    def __len__(self) -> int:
+        return int(self.ends.shape[0])
+
+
+class _RowError(Exception):
+    def __init__(self, row: int, column: str, message: str) -> None:
+        super().__init__(message)
+        self.row, self.column, self.message = row, column, message
+
+
+def _first_bad(values: Sequence[Any], convert: Callable[[Any], Any]) -> tuple[int, Any]:
+    """(index, value) of the first value ``convert`` rejects (error path only)."""
+    for i, v in enumerate(values):
+        try:
+            convert(v)
+        except (TypeError, ValueError, OverflowError):
+            return i, v
+    return -1, None
+
+
+def _float_column(arr: pa.Array, name: str, fill: Optional[float]) -> np.ndarray:
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        try:
+            arr = pc.cast(arr, pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            row, value = _first_bad(arr.to_pylist(), lambda v: None if v is None else float(v))
+            raise _RowError(row, name, f"{value!r} is not a number") from None
+    elif not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)
+              or pa.types.is_boolean(arr.type) or pa.types.is_null(arr.type)):
+        raise _RowError(0, name, f"has type {arr.type}, expected numbers")
+    if arr.null_count:
+        if fill is None:
+            row = int(np.flatnonzero(~np.asarray(arr.is_valid()))[0])
+            raise _RowError(row, name, "is empty")
+        arr = arr.fill_null(fill)
+    return np.asarray(pc.cast(arr, pa.float64()), dtype=np.float64)
+
+
+def _string_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data bytes, starts, lengths) of a null-free string array."""
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = pc.cast(arr, pa.large_string())
+    dtype = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=dtype)[arr.offset: arr.offset + len(arr) + 1]
+    data = (np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None
+            else np.zeros(0, dtype=np.uint8))
+    return data, offsets[:-1].astype(np.int64), np.diff(offsets).astype(np.int64)
+
+
+def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) -> np.ndarray:
+    """Table rows of the (null-free) raw ids ``flat``; ``parents``: each id's row."""
+    kind = column.mapping.kind
+    is_str = pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)
+    if kind == "modulo":
+        if is_str:
+            try:
+                flat = pc.cast(flat, pa.int64())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                i, v = _first_bad(flat.to_pylist(), int)
+                raise _RowError(int(parents[i]), column.name,
+                                f"id {v!r} is not an integer (mapping modulo)") from None
+        elif not pa.types.is_integer(flat.type):
+            raise _RowError(0, column.name, f"has type {flat.type}; mapping modulo needs "
+                            "integer ids (use mapping hash for strings)")
+        return np.remainder(np.asarray(flat, dtype=np.int64), num)
+    if kind == "hex":
+        if pa.types.is_integer(flat.type):  # already parsed (recframe data convert)
+            value = np.asarray(pc.cast(flat, pa.int64()), dtype=np.int64).view(np.uint64)
+            return (value % np.uint64(num)).astype(np.int64)
+        if not is_str:
+            raise _RowError(0, column.name, f"has type {flat.type}; mapping hex needs strings "
+                            "(or integers: the parsed ids)")
+        value, ok = parse_hex(*_string_bytes(flat))
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise _RowError(int(parents[i]), column.name,
+                            f"id {flat[i].as_py()!r} is not a hexadecimal id of 1-16 digits")
+        return (value % np.uint64(num)).astype(np.int64)
+    if not is_str:  # hash: integers hash by their decimal text
+        flat = pc.cast(flat, pa.string())
+    h = mix64(fnv1a64(*_string_bytes(flat)) ^ np.uint64(column.mapping.salt))
+    return (h % np.uint64(num)).astype(np.int64)
+
+
+def _sparse(column: SparseColumn, num: int, arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, lengths [n] int32) of one sparse column."""
+    n = len(arr)
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        flat, parents = pc.list_flatten(arr), np.asarray(pc.list_parent_indices(arr))
+    elif column.delimiter is not None:
+        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+            raise _RowError(0, column.name, f"has type {arr.type}; a delimited column "
+                            "needs strings")
+        lists = pc.split_pattern(arr, column.delimiter)
+        flat, parents = pc.list_flatten(lists), np.asarray(pc.list_parent_indices(lists))
+    else:
+        flat, parents = arr, None  # single-valued: each id's row is its index
+    single = parents is None
+    if pa.types.is_string_view(flat.type) or pa.types.is_binary(flat.type) or \
+            pa.types.is_large_binary(flat.type) or pa.types.is_binary_view(flat.type):
+        flat = pc.cast(flat, pa.large_string())
+    is_str = pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)
+    if is_str:
+        valid = np.asarray(pc.fill_null(pc.binary_length(flat), 0)) > 0
+    elif flat.null_count:
+        valid = np.asarray(flat.is_valid())
+    else:
+        valid = None  # no missing id
+    if valid is not None and not valid.all():
+        flat = flat.filter(pa.array(valid))
+        parents = np.flatnonzero(valid) if parents is None else parents[valid]
+    elif parents is None:
+        parents = np.arange(n, dtype=np.int64)
+    rows = _ids(column, num, flat, parents)
+    if single:  # one id or none per row
+        lengths = np.ones(n, np.int32) if valid is None else valid.astype(np.int32)
+        return rows, lengths
+    return rows, np.bincount(parents, minlength=n).astype(np.int32)
+
+
+def decode_table(
+    table: pa.Table, schema: FeatureSchema, labelled: bool, part: int, ends: np.ndarray
+) -> _Chunk:
+    """Decode an Arrow table under ``schema`` (raises `_RowError` on bad input)."""
+    def col(name: str) -> pa.Array:
+        return table.column(name).combine_chunks()
+
+    n = table.num_rows
+    if labelled:
+        labels = np.stack([_float_column(col(c), c, None) for c in schema.labels], axis=1)
+        labels = labels[:, 0] if labels.shape[1] == 1 else labels
+        weights = (_float_column(col(schema.weight), schema.weight, None).astype(np.float32)
+                   if schema.weight else None)
+    else:
+        labels, weights = np.zeros(n), None
+    dense = np.empty((n, len(schema.dense)), dtype=np.float32)
+    for j, d in enumerate(schema.dense):
+        x = _float_column(col(d.name), d.name, d.fill)
+        if d.transform == "log1p":
+            x = np.log1p(np.maximum(x, 0.0))
+        elif d.transform == "standardize":
+            x = (x - d.mean) / d.std
+        dense[:, j] = x
+    values, lengths = [], []
+    for s in schema.sparse:
+        v, ln = _sparse(s, schema.num_embeddings_of(s), col(s.name))
+        values.append(v)
+        lengths.append(ln)
+    return _Chunk(part, ends, labels.astype(np.float32), weights, dense, values, lengths)
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+class TabularDataset(IterableDataset):
+    """Batches of ``batch_size`` rows from Parquet or CSV/TSV files under ``schema``.
+
+    Args:
+        paths: files, globs or directories on any fsspec filesystem (directories and
+            globs keep only data files of ``format``, see `is_data_file`).
+        schema: the `FeatureSchema` (or a path to its YAML/JSON file).
+        format: ``parquet``, ``csv`` (comma) or ``tsv`` (tab); ``delimiter`` overrides.
+        header: CSV/TSV files start with a header line naming the columns; without
+            one, ``schema.columns`` names them in order.
+        labelled: False for files without the label (and weight) columns, such as
+            Criteo's test files: labels are then zeros.
+        rank, world_size: this rank's share (see the module docstring).
+        num_workers: background decoding threads (0: decode inline).
+        prefetch: decoded blocks kept ready at most (bounds memory together with
+            ``block_size``, the bytes of CSV per block).
+        drop_last: drop the epoch's final partial batch; default: only with several
+            ranks (torchrec's sharded lookups need the same batch size on every rank).
+    """
+
+    def __init__(
+        self,
+        paths: Union[str, Sequence[str]],
+        schema: Union[FeatureSchema, str],
+        *,
+        format: str = "parquet",
+        batch_size: int = 512,
+        header: bool = False,
+        delimiter: Optional[str] = None,
+        labelled: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 2,
+        prefetch: int = 4,
+        block_size: int = 4 << 20,
+        drop_last: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        self.schema = schema if isinstance(schema, FeatureSchema) else FeatureSchema.from_file(
+            schema)
+        self.format = format
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.header = bool(header)
+        self.delimiter = delimiter or ("\t" if format == "tsv" else ",")
+        self.labelled = bool(labelled)
+        self.rank, self.world_size = _check_rank(rank, world_size)
+        self.num_workers = _check_int("num_workers", num_workers, 0)
+        self.prefetch = _check_int("prefetch", prefetch, 1)
+        self.block_size = _check_int("block_size", block_size, 1024)
+        self.drop_last = self.world_size > 1 if drop_last is None else bool(drop_last)
+        self.feature_names = self.schema.feature_names
+        self.dense_names = self.schema.dense_names
+        self.files = list_files(paths, "parquet" if format == "parquet" else "csv")
+        self._names = [_basename(u) for u in self.files]
+        self._needed = self.schema.input_columns(self.labelled)
+        self.bytes_read = 0
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        if format == "parquet":
+            self._init_parquet()
+        else:
+            self._init_text()
+        self._plan = self.default_plan()
+        self._part, self._offset, self._epoch = 0, self._plan[0].start if self._plan else 0, 0
+        self._active: Optional[Iterator[Any]] = None
+
+    # ---------------------------------------------------------------- planning
+    def _items(self) -> list[tuple[Part, int, bool]]:
+        if self.format == "parquet":
+            return [(Part(f, 0, n), n, True) for f, n in enumerate(self._rows)]
+        return [(Part(f, 0, None if self._compressed[f] else size), size,
+                 not self._compressed[f]) for f, size in enumerate(self._sizes)]
+
+    def default_plan(self) -> list[Part]:
+        """This rank's parts of a whole epoch."""
+        return split_spans(self._items(), self.world_size, self.rank)
+
+    def _init_parquet(self) -> None:
+        import pyarrow.parquet as pq
+
+        self._rows, self._rg_starts, self._rg_bytes = [], [], []
+        for url in self.files:
+            source = self._open(url)
+            try:
+                pf = pq.ParquetFile(source)
+                meta, names = pf.metadata, set(pf.schema_arrow.names)
+                pf.close()
+            finally:
+                if not isinstance(source, str):
+                    source.close()
+            missing = [c for c in self._needed if c not in names]
+            if missing:
+                raise DataError(f"{url}: missing column(s) {missing}; the file has "
+                                f"{sorted(names)}")
+            counts = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            sizes = []
+            for i in range(meta.num_row_groups):
+                rg = meta.row_group(i)
+                sizes.append(sum(rg.column(j).total_compressed_size for j in range(rg.num_columns)
+                                 if rg.column(j).path_in_schema.split(".")[0] in self._needed))
+            self._rows.append(sum(counts))
+            self._rg_starts.append(np.concatenate(([0], np.cumsum(counts))).astype(np.int64))
+            self._rg_bytes.append(sizes)
+
+    def _init_text(self) -> None:
+        import fsspec
+
+        self._sizes, self._compressed, self._columns = [], [], []
+        expected = self.schema.columns
+        if not self.header and expected is None:
+            raise ValueError("CSV/TSV files without a header need schema.columns (every "
+                             "column's name, in file order); or pass header=True")
+        if expected is not None and not self.labelled:
+            drop = set(self.schema.labels) | {self.schema.weight}
+            expected = [c for c in expected if c not in drop]
+        for url in self.files:
+            fs, path = fsspec.core.url_to_fs(url)
+            self._sizes.append(int(fs.size(path)))
+            self._compressed.append(_compression(url) is not None)
+            if self.header:
+                with fsspec.open(url, "rb", compression="infer") as f:
+                    first = f.readline().decode("utf-8", "replace").rstrip("\r\n")
+                names = first.split(self.delimiter)
+                missing = [c for c in self._needed if c not in names]
+                if missing:
+                    raise DataError(f"{url}:1: header has no column(s) {missing}; it names "
+                                    f"{names}")
+                self._columns.append(names)
+            else:
+                self._columns.append(list(expected))  # type: ignore[arg-type]
+
+    def _open(self, url: str) -> Any:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url)
+        if type(fs).__name__ == "LocalFileSystem":
+            return path
+        return fs.open(path, "rb")
+
+    # ---------------------------------------------------------------- tasks
+    def _tasks(self, part_index: int, offset: int, raw: bool = False) -> Iterator[
+        Callable[[], Any]
+    ]:
+        """Thunks decoding the rest of part ``part_index`` from ``offset``, in order
+        (``raw``: CSV/TSV blocks as checked Arrow tables instead)."""
+        part = self._plan[part_index]
+        if self.format == "parquet":
+            starts = self._rg_starts[part.file]
+            end = part.end if part.end is not None else int(starts[-1])
+            first = int(np.searchsorted(starts, offset, side="right")) - 1
+            for g in range(max(first, 0), len(starts) - 1):
+                lo, hi = max(offset, int(starts[g])), min(end, int(starts[g + 1]))
+                if lo >= hi:
+                    if int(starts[g]) >= end:
+                        break
+                    continue
+                yield lambda g=g, lo=lo, hi=hi: self._parquet_task(part_index, g, lo, hi)
+        elif self._compressed[part.file]:
+            yield from self._stream_tasks(part_index, offset, raw)
+        else:
+            end = part.end if part.end is not None else self._sizes[part.file]
+            for s in range(offset, end, self.block_size):
+                e = min(end, s + self.block_size)
+                yield lambda s=s, e=e: self._range_task(part_index, s, e, raw)
+
+    def _parquet_task(self, part_index: int, group: int, lo: int, hi: int) -> _Chunk:
+        import pyarrow.parquet as pq
+
+        f = self._plan[part_index].file
+        url = self.files[f]
+        cache = getattr(self._local, "pq", None)
+        if cache is None or cache[0] != url:
+            cache = (url, pq.ParquetFile(self._open(url)))
+            self._local.pq = cache
+        g0 = int(self._rg_starts[f][group])
+        # one thread per row group: these workers already run several at a time
+        table = cache[1].read_row_group(group, columns=self._needed, use_threads=False)
+        table = table.slice(lo - g0, hi - lo)
+        with self._lock:
+            self.bytes_read += self._rg_bytes[f][group]
+        ends = np.arange(lo + 1, hi + 1, dtype=np.int64)
+        try:
+            return decode_table(table, self.schema, self.labelled, part_index, ends)
+        except _RowError as e:
+            raise DataError(f"{url}: row group {group}, row {lo - g0 + e.row} (row {lo + e.row} "
+                            f"of the file): column {e.column!r}: {e.message}") from None
+
+    def _range_task(self, part_index: int, start: int, end: int, raw: bool = False) -> Any:
+        """Lines starting in ``[start, end)`` of an uncompressed file."""
+        import fsspec
+
+        f = self._plan[part_index].file
+        url = self.files[f]
+        with fsspec.open(url, "rb") as h:
+            pos = start
+            if start > 0:
+                h.seek(start - 1)
+                pos = start - 1 + len(h.readline())  # the line crossing start is not ours
+            if pos >= end:
+                return None
+            h.seek(pos)
+            block = h.read(end - pos)
+            if block and not block.endswith(b"\n"):
+                block += h.readline()
+        return (self._text_raw if raw else self._text_chunk)(part_index, pos, block)
+
+    def _stream_tasks(self, part_index: int, offset: int, raw: bool = False) -> Iterator[
+        Callable[[], Any]
+    ]:
+        """Blocks of a compressed file read in order here, decoded by the thunks."""
+        import fsspec
+
+        url = self.files[self._plan[part_index].file]
+        with fsspec.open(url, "rb", compression="infer") as h:
+            if offset:
+                h.seek(offset)
+            pos = offset
+            while True:
+                block = h.read(self.block_size)
+                if not block:
+                    return
+                if not block.endswith(b"\n"):
+                    block += h.readline()
+                run = self._text_raw if raw else self._text_chunk
+                yield lambda pos=pos, block=block, run=run: run(part_index, pos, block)
+                pos += len(block)
+
+    def _text_chunk(self, part_index: int, base: int, block: bytes) -> Optional[_Chunk]:
+        parsed = self._text_table(part_index, base, block)
+        return None if parsed is None else self._decode_text(part_index, *parsed)
+
+    def _decode_text(self, part_index: int, table: pa.Table, row_ends: np.ndarray,
+                     row_starts: np.ndarray) -> _Chunk:
+        try:
+            return decode_table(table, self.schema, self.labelled, part_index, row_ends)
+        except _RowError as e:
+            f = self._plan[part_index].file
+            raise DataError(f"{self.files[f]}:{self._line_number(f, int(row_starts[e.row]))}: "
+                            f"column {e.column!r}: {e.message}") from None
+
+    def _text_table(self, part_index: int, base: int, block: bytes) -> Optional[
+        tuple[pa.Table, np.ndarray, np.ndarray]
+    ]:
+        """The block's rows as an Arrow table with the needed columns (typed for the
+        schema), each row's end and start offsets; None for a block of blank lines."""
+        import pyarrow.csv as pacsv
+
+        f = self._plan[part_index].file
+        url = self.files[f]
+        with self._lock:
+            self.bytes_read += len(block)
+        if base == 0 and self.header:  # the header line
+            cut = block.find(b"\n") + 1 or len(block)
+            block, base = block[cut:], cut
+        buf = np.frombuffer(block, dtype=np.uint8)
+        nl = np.flatnonzero(buf == 10)
+        ends = np.append(nl + 1, len(block)) if len(block) and buf[-1] != 10 else nl + 1
+        starts = np.concatenate(([0], ends[:-1]))
+        content = ends - starts - (buf[ends - 1] == 10)
+        cr = (content > 0) & (buf[np.maximum(starts + content - 1, 0)] == 13)
+        content = content - cr
+        rows = content > 0  # blank lines are skipped (as pyarrow does)
+        if not rows.any():
+            return None
+        names = self._columns[f]
+        types = self._column_types()
+        try:
+            table = pacsv.read_csv(
+                io.BytesIO(block),
+                read_options=pacsv.ReadOptions(column_names=names, use_threads=False,
+                                               block_size=max(len(block), 1 << 20) + 1),
+                parse_options=pacsv.ParseOptions(delimiter=self.delimiter,
+                                                 ignore_empty_lines=True),
+                convert_options=pacsv.ConvertOptions(
+                    column_types=types, include_columns=self._needed, null_values=[""],
+                    strings_can_be_null=True, quoted_strings_can_be_null=True),
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            self._locate_text_error(f, base, block, starts, ends, rows, names, types, e)
+            raise  # pragma: no cover - _locate_text_error always raises
+        row_ends = (base + ends[rows]).astype(np.int64)
+        if table.num_rows != len(row_ends):
+            raise DataError(f"{url}: {table.num_rows} rows parsed from {len(row_ends)} lines "
+                            f"near byte {base}: quoted values holding newlines are not "
+                            "supported")
+        return table, row_ends, (base + starts[rows]).astype(np.int64)
+
+    def _text_raw(self, part_index: int, base: int, block: bytes) -> Optional[pa.Table]:
+        """The block's raw table, checked by decoding it (errors name line and column)."""
+        parsed = self._text_table(part_index, base, block)
+        if parsed is None:
+            return None
+        self._decode_text(part_index, *parsed)
+        return parsed[0]
+
+    def raw_tables(self) -> Iterator[pa.Table]:
+        """This rank's rows of a whole epoch as Arrow tables of the schema's columns, raw
+        (before transforms and id mapping; typed as the reader parses them), each block
+        checked by decoding it: what ``recframe data convert`` writes to Parquet."""
+        if self.format == "parquet":
+            raise ValueError("raw_tables reads CSV/TSV files")
+        self._plan = self.default_plan()
+        for i, part in enumerate(self._plan):
+            for task in self._tasks(i, part.start, raw=True):
+                table = task()
+                if table is not None and table.num_rows:
+                    yield table
+
+    def _column_types(self) -> dict[str, Any]:
+        types: dict[str, Any] = {}
+        for c in self._needed:
+            types[c] = pa.float64()
+        for s in self.schema.sparse:
+            integer = s.mapping.kind == "modulo" and s.delimiter is None
+            types[s.name] = pa.int64() if integer else pa.string()
+        return types
+
+    def _line_number(self, f: int, offset: int) -> int:
+        """1-based line number of the line at byte ``offset`` (error path only)."""
+        import fsspec
+
+        count, done = 0, 0
+        with fsspec.open(self.files[f], "rb", compression="infer") as h:
+            while done < offset:
+                piece = h.read(min(1 << 20, offset - done))
+                if not piece:
+                    break
+                count += piece.count(b"\n")
+                done += len(piece)
+        return count + 1
+
+    def _locate_text_error(self, f: int, base: int, block: bytes, starts: np.ndarray,
+                           ends: np.ndarray, rows: np.ndarray, names: list[str],
+                           types: dict[str, Any], error: Exception) -> None:
+        """Find the line and column pyarrow rejected (error path: Python per line)."""
+        url = self.files[f]
+        for i in np.flatnonzero(rows):
+            line = block[starts[i]:ends[i]].decode("utf-8", "replace").rstrip("\r\n")
+            fields = line.split(self.delimiter)
+            where = f"{url}:{self._line_number(f, base + int(starts[i]))}"
+            if len(fields) != len(names):
+                hint = (" (an unlabelled file, such as Criteo's test.txt, needs labelled=False)"
+                        if self.labelled and len(fields) == len(names) - len(self.schema.labels)
+                        else "")
+                raise DataError(f"{where}: expected {len(names)} columns {names[:4]}..., got "
+                                f"{len(fields)}{hint}")
+            for name, value in zip(names, fields):
+                kind = types.get(name)
+                if value == "" or kind is None or kind == pa.string():
+                    continue
+                try:
+                    float(value) if kind == pa.float64() else int(value)
+                except ValueError:
+                    what = "a number" if kind == pa.float64() else "an integer id"
+                    raise DataError(f"{where}: column {name!r}: {value!r} is not {what}"
+                                    ) from None
+        raise DataError(f"{url} near byte {base}: {error}")
+
+    # ---------------------------------------------------------------- chunks in order
+    def _chunks(self) -> Iterator[_Chunk]:
+        """Decoded chunks from the current position, ``prefetch`` ahead in threads."""
+        def tasks() -> Iterator[Callable[[], Optional[_Chunk]]]:
+            for i in range(self._part, len(self._plan)):
+                offset = self._offset if i == self._part else self._plan[i].start
+                yield from self._tasks(i, offset)
+
+        source = tasks()
+        if self.num_workers == 0:
+            for task in source:
+                chunk = task()
+                if chunk is not None and len(chunk):
+                    yield chunk
+            return
+        pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="recframe-decode")
+        pending: deque[Future] = deque()
+        try:
+            for task in source:
+                pending.append(pool.submit(task))
+                while len(pending) >= self.prefetch:
+                    chunk = pending.popleft().result()
+                    if chunk is not None and len(chunk):
+                        yield chunk
+            while pending:
+                chunk = pending.popleft().result()
+                if chunk is not None and len(chunk):
+                    yield chunk
+        finally:
+            for fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+            close = getattr(source, "close", None)
+            if close:
+                close()
+
+    # ---------------------------------------------------------------- batches
+    def _assemble(self, pieces: list[tuple[_Chunk, int, int]]) -> Any:
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        def cat(arrays: list[np.ndarray]) -> np.ndarray:
+            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+        dense = cat([c.dense[a:b] for c, a, b in pieces])
+        labels = cat([c.labels[a:b] for c, a, b in pieces])
+        lengths, values = [], []
+        for k in range(len(self.feature_names)):
+            lengths += [c.lengths[k][a:b] for c, a, b in pieces]
+            values += [c.values[k][c.offsets[k][a]:c.offsets[k][b]] for c, a, b in pieces]
+        size = len(labels)
+        # built directly: lengths and values agree by construction (make_kjt's check
+        # sums the lengths with torch, which costs more than the whole decode)
+        kjt = KeyedJaggedTensor(keys=self.feature_names, values=torch.from_numpy(cat(values)),
+                                lengths=torch.from_numpy(cat(lengths)), stride=size)
+        dense_t, labels_t = torch.from_numpy(dense), torch.from_numpy(labels)
+        if self.schema.weight and self.labelled:
+            weights = torch.from_numpy(cat([c.weights[a:b] for c, a, b in pieces]))
+            return WeightedBatch(dense_t, kjt, labels_t, weights)
+        return _make_batch(dense_t, kjt, labels_t)
+
+    def _pass(self) -> Iterator[Any]:
+        pieces: list[tuple[_Chunk, int, int]] = []
+        have = 0
+        for chunk in self._chunks():
+            a = 0
+            while a < len(chunk):
+                b = min(len(chunk), a + self.batch_size - have)
+                pieces.append((chunk, a, b))
+                have += b - a
+                a = b
+                if have == self.batch_size:
+                    batch = self._assemble(pieces)
+                    self._part, self._offset = chunk.part, int(chunk.ends[b - 1])
+                    pieces, have = [], 0
+                    yield batch
+        if pieces and not self.drop_last:
+            batch = self._assemble(pieces)
+            self._part, self._offset = len(self._plan), 0
+            yield batch
+
+    def _next_epoch(self) -> None:
+        self._plan = self.default_plan()
+        self._part, self._offset = 0, (self._plan[0].start if self._plan else 0)
+        self._epoch += 1
+
+    def _at_start(self) -> bool:
+        return self._part == 0 and (not self._plan or self._offset == self._plan[0].start)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Batches from the current position to the end of the epoch (a position at the
+        epoch's end starts the next one), as `recframe.data.CriteoTSVDataset`."""
+        self._stop_active()
+        gen = self._iterate()
+        self._active = gen
+        return gen
+
+    def _iterate(self) -> Iterator[Any]:
+        if self._part >= len(self._plan):
+            self._next_epoch()
+        mid_epoch = not self._at_start()
+        yielded = False
+        for batch in self._pass():
+            yielded = True
+            yield batch
+        self._next_epoch()
+        if mid_epoch and not yielded:
+            yield from self._pass()
+            self._next_epoch()
+
+    def _stop_active(self) -> None:
+        gen, self._active = self._active, None
+        if gen is not None:
+            gen.close()  # stops its decoding threads before the position moves
+
+    # ---------------------------------------------------------------- position
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the batches yielded so far: ``part`` and ``offset`` in
+        ``plan`` (this rank's parts, ``[file, start, end]``)."""
+        return {
+            "format": self.format,
+            "files": list(self._names),
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "epoch": self._epoch,
+            "plan": [p.to_list() for p in self._plan],
+            "part": self._part,
+            "offset": self._offset,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume at ``state`` (this rank's own, same world size; see `resplit` for
+        another world size)."""
+        self._check_state(state)
+        missing = [k for k in ("plan", "part", "offset") if k not in state]
+        if missing:
+            raise ValueError(
+                f"load_state_dict: the state lacks {missing} (keys: {sorted(state)}): it is "
+                "not a TabularDataset position (e.g. one saved by CriteoTSVDataset, the "
+                "reader `recframe train --data criteo` used before); start the data afresh")
+        if state.get("world_size") != self.world_size:
+            raise ValueError(
+                f"load_state_dict: state has world_size={state.get('world_size')!r} but this "
+                f"dataset has {self.world_size}; merge every rank's state with "
+                "TabularDataset.resplit to resume at another world size")
+        plan = [Part(int(f), int(s), None if e is None else int(e)) for f, s, e in state["plan"]]
+        if any(p.file >= len(self.files) for p in plan):
+            raise ValueError("load_state_dict: the plan names a file this dataset lacks")
+        part = _check_int("part", state.get("part"), 0)
+        if part > len(plan):
+            raise ValueError(f"load_state_dict: part={part} but the plan has {len(plan)} parts")
+        self._stop_active()
+        self._plan, self._part = plan, part
+        self._offset = _check_int("offset", state.get("offset"), 0)
+        self._epoch = _check_int("epoch", state.get("epoch", 0), 0)
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping):
+            raise ValueError(f"load_state_dict: expected a mapping, got {type(state).__name__}")
+        names = self._names
+        if state.get("files") is not None and list(state["files"]) != names:
+            raise ValueError(f"load_state_dict: state was taken over files {state['files']!r} "
+                             f"but this dataset reads {names!r}")
+        if state.get("format", self.format) != self.format:
+            raise ValueError(f"load_state_dict: state is of format {state.get('format')!r}")
+
+    def resplit(self, states: Sequence[Mapping[str, Any]]) -> None:
+        """Resume from the states of *all* ranks of a run at any world size: the data
+        they had left this epoch is laid end to end (rank order) and re-split over this
+        dataset's world size; the next epoch is split as usual. Exact: every row left is
+        read by exactly one rank."""
+        if not states:
+            raise ValueError("resplit: needs every rank's state")
+        old = int(states[0].get("world_size", len(states)))
+        if len(states) != old or sorted(int(s.get("rank", -1)) for s in states) != list(
+                range(old)):
+            raise ValueError(f"resplit: needs the states of all {old} ranks, one each")
+        epochs = {int(s.get("epoch", 0)) for s in states}
+        items: list[tuple[Part, int, bool]] = []
+        for s in sorted(states, key=lambda s: int(s["rank"])):
+            self._check_state(s)
+            plan = [Part(int(f), int(a), None if e is None else int(e)) for f, a, e in s["plan"]]
+            for i in range(int(s["part"]), len(plan)):
+                p = plan[i]
+                start = int(s["offset"]) if i == int(s["part"]) else p.start
+                if self.format == "parquet" or p.end is not None:
+                    end = p.end if p.end is not None else self._rows[p.file]
+                    if end > start:
+                        items.append((Part(p.file, start, end), end - start, True))
+                else:  # a compressed file's rest: cannot be split
+                    items.append((Part(p.file, start, None), self._sizes[p.file], False))
+        self._stop_active()
+        self._plan = split_spans(items, self.world_size, self.rank)
+        self._part, self._offset = 0, (self._plan[0].start if self._plan else 0)
+        self._epoch = max(epochs)
+        if not items:
+            self._part = len(self._plan)
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (Parquet only: exact from the footers)."""
+        if self.format != "parquet":
+            raise TypeError("a CSV/TSV TabularDataset does not know its length before reading")
+        rows = sum((p.end if p.end is not None else self._rows[p.file]) - p.start
+                   for p in self.default_plan())
+        return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+
+
+def criteo_tsv(
+    paths: Union[str, Sequence[str]],
+    *,
+    num_embeddings: Any = 10_000,
+    embedding_dim: int = 16,
+    labelled: bool = True,
+    **kwargs: Any,
+) -> TabularDataset:
+    """Criteo TSV files (``label``, 13 ints, 26 hex ids; ``labelled=False`` for the
+    39-field test files) under `FeatureSchema.criteo`: the same batches as
+    `recframe.data.CriteoTSVDataset` with one rank, read faster."""
+    schema = FeatureSchema.criteo(num_embeddings, embedding_dim)
+    return TabularDataset(paths, schema, format="tsv", labelled=labelled, **kwargs)
+
+
+def _parse_hex_columns(table: pa.Table, schema: FeatureSchema) -> pa.Table:
+    """Single-valued ``hex`` id columns as int64 (the parsed ids' 64 bits): the reader
+    takes an integer ``hex`` column as already parsed, and skips the text parse."""
+    for col in schema.sparse:
+        if col.mapping.kind != "hex" or col.delimiter is not None:
+            continue
+        arr = table.column(col.name).combine_chunks()
+        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+            continue
+        valid = np.asarray(pc.fill_null(pc.binary_length(arr), 0)) > 0
+        value = np.zeros(len(arr), dtype=np.uint64)
+        if valid.any():
+            parsed, _ = parse_hex(*_string_bytes(arr.filter(pa.array(valid))))
+            value[valid] = parsed
+        ids = pa.array(value.view(np.int64), pa.int64(), mask=~valid)
+        table = table.set_column(table.schema.get_field_index(col.name), col.name, ids)
+    return table
+
+
+def convert_to_parquet(
+    source: TabularDataset,
+    output_dir: str,
+    *,
+    rows_per_file: int = 1_000_000,
+    row_group_size: int = 65_536,
+    compression: str = "zstd",
+    progress: bool = True,
+) -> list[str]:
+    """Write the CSV/TSV rows of ``source`` (one rank: all of them) to Parquet parts
+    ``part-00000.parquet ...`` under ``output_dir`` (any fsspec path), raw (the schema's
+    transforms and id mappings apply when the Parquet files are read; ``hex`` ids are
+    stored parsed, as int64, so reading skips the text parse), with the schema
+    as ``schema.yaml`` beside them (not a data file: readers skip it). Every block is
+    decoded on the way, so bad input fails here, naming its line. Returns the parts."""
+    import fsspec
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    _check_int("rows_per_file", rows_per_file, 1)
+    _check_int("row_group_size", row_group_size, 1)
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    fs.makedirs(root, exist_ok=True)
+    existing = [n for n in fs.ls(root, detail=False) if is_data_file(n, "parquet")]
+    if existing:
+        raise FileExistsError(f"{output_dir} already holds Parquet files ({_basename(existing[0])}"
+                              "...); convert into an empty directory")
+    written: list[str] = []
+    writer: Optional[pq.ParquetWriter] = None
+    handle: Any = None
+    in_file = 0
+    bar = tqdm(total=sum(source._sizes), unit="B", unit_scale=True, disable=not progress,
+               desc="convert")
+    seen = 0
+
+    def close() -> None:
+        nonlocal writer, handle
+        if writer is not None:
+            writer.close()
+            handle.close()
+        writer = handle = None
+
+    try:
+        for table in source.raw_tables():
+            table = _parse_hex_columns(table, source.schema)
+            a = 0
+            while a < table.num_rows:
+                if writer is None:
+                    path = f"{root.rstrip('/')}/part-{len(written):05d}.parquet"
+                    handle = fs.open(path, "wb")
+                    writer = pq.ParquetWriter(handle, table.schema, compression=compression)
+                    written.append(fs.unstrip_protocol(path))
+                    in_file = 0
+                b = min(table.num_rows, a + rows_per_file - in_file)
+                writer.write_table(table.slice(a, b - a), row_group_size=row_group_size)
+                in_file += b - a
+                a = b
+                if in_file >= rows_per_file:
+                    close()
+            bar.update(source.bytes_read - seen)
+            seen = source.bytes_read
+        close()
+    finally:
+        close()
+        bar.close()
+    if not written:
+        raise ValueError(f"convert: no rows in {source.files}")
+    source.schema.save(fs.unstrip_protocol(f"{root.rstrip('/')}/schema.yaml"))
+    return written

@@ -1,0 +1,431 @@
+"""The user's feature schema: which columns are labels, dense and sparse features, which
+embedding table each sparse feature looks up, and how a raw id becomes a table row.
+
+A `FeatureSchema` is a dataclass loaded from YAML/JSON like `TrainingArguments`
+(``FeatureSchema.from_file("schema.yaml")``); the readers decode columns with it and
+the models (`recframe.models.DLRM` / `DeepFM`, ``schema=``) build their tables from it,
+so data and model cannot disagree about names, table sizes or feature order.
+
+Id mapping (`IdMapping`, one per sparse column), the same on every machine and release:
+
+* ``modulo``: the value is an integer id; row = ``id mod num_embeddings`` (Python's
+  modulo: a negative id maps to ``num_embeddings + id % num_embeddings``, never < 0).
+* ``hex``: the value is a hexadecimal string of at most 16 digits (Criteo's ids); row =
+  ``int(value, 16) mod num_embeddings``.
+* ``hash``: the value is a raw string (an integer value is first written in decimal,
+  so ``123`` and ``"123"`` map alike); row = ``mix64(fnv1a64(utf8 bytes) ^ salt) mod
+  num_embeddings`` where ``fnv1a64`` is 64-bit FNV-1a (offset basis
+  ``0xcbf29ce484222325``, prime ``0x100000001b3``) and ``mix64`` is splitmix64's
+  finaliser (``x ^= x >> 30; x *= 0xbf58476d1ce4e5b9; x ^= x >> 27; x *=
+  0x94d049bb133111eb; x ^= x >> 31``, all mod 2**64). `hash_strings` computes it with
+  numpy over whole columns.
+
+`IdMapping` and `FeatureSchema` serialise with ``to_dict`` / ``from_dict`` (plain JSON
+types), so an exported model can record the feature order and id mapping it was
+trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+DENSE_TRANSFORMS = ("none", "log1p", "standardize")
+ID_MAPPINGS = ("modulo", "hex", "hash")
+
+FNV_OFFSET = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+_U64 = np.uint64
+
+
+def _fail(owner: str, message: str) -> ValueError:
+    return ValueError(f"{owner}: {message}")
+
+
+def _from_mapping(cls: type, values: Any, owner: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise _fail(owner, f"expected a mapping of fields, got {values!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise _fail(owner, f"unknown field(s) {unknown}; valid fields: {sorted(names)}")
+    return cls(**dict(values))
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wraps mod 2**64)."""
+    x = x.astype(_U64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> _U64(30)
+        x *= _U64(0xBF58476D1CE4E5B9)
+        x ^= x >> _U64(27)
+        x *= _U64(0x94D049BB133111EB)
+        x ^= x >> _U64(31)
+    return x
+
+
+def _byte_view(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(int64 starts, int64 lengths, the longest length)."""
+    longest = int(lengths.max()) if lengths.size else 0
+    return starts.astype(np.int64), lengths.astype(np.int64), longest
+
+
+def fnv1a64(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """64-bit FNV-1a of the byte strings ``data[starts[i] : starts[i] + lengths[i]]``,
+    vectorised over the strings (one numpy pass per byte position)."""
+    starts, lengths, longest = _byte_view(starts, lengths)
+    h = np.full(starts.shape, FNV_OFFSET, dtype=_U64)
+    prime = _U64(FNV_PRIME)
+    with np.errstate(over="ignore"):
+        for k in range(longest):
+            active = np.flatnonzero(lengths > k)
+            if active.size == h.size:
+                h ^= data[starts + k].astype(_U64)
+                h *= prime
+            else:
+                sub = h[active] ^ data[starts[active] + k].astype(_U64)
+                h[active] = sub * prime
+    return h
+
+
+def hash_strings(strings: Sequence[str], salt: int = 0) -> np.ndarray:
+    """``mix64(fnv1a64(utf8) ^ salt)`` of each string, as uint64 (the ``hash`` mapping
+    before the modulo); for tests and for users checking a mapping by hand."""
+    encoded = [s.encode("utf-8") for s in strings]
+    lengths = np.array([len(b) for b in encoded], dtype=np.int64)
+    starts = np.zeros(len(encoded), dtype=np.int64)
+    if len(encoded) > 1:
+        starts[1:] = np.cumsum(lengths)[:-1]
+    data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    return mix64(fnv1a64(data, starts, lengths) ^ _U64(salt & 0xFFFFFFFFFFFFFFFF))
+
+
+_HEX_TABLE = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate("0123456789abcdef"):
+    _HEX_TABLE[ord(_c)] = _i
+    _HEX_TABLE[ord(_c.upper())] = _i
+
+
+def parse_hex(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[
+    np.ndarray, np.ndarray
+]:
+    """(uint64 values, bool ok) of hexadecimal byte strings; not ok: empty, longer
+    than 16 digits, or a non-hex character."""
+    starts, lengths, longest = _byte_view(starts, lengths)
+    ok = (lengths > 0) & (lengths <= 16)
+    value = np.zeros(starts.shape, dtype=_U64)
+    shortest = int(lengths.min()) if lengths.size else 0
+    for k in range(min(longest, 17)):
+        if k < shortest:  # every string has this digit: whole-array ops
+            digits = _HEX_TABLE[data[starts + k]]
+            ok &= digits != 255
+            value = (value << _U64(4)) | (digits & 15).astype(_U64)
+            continue
+        active = np.flatnonzero(lengths > k)
+        digits = _HEX_TABLE[data[starts[active] + k]]
+        ok[active[digits == 255]] = False
+        value[active] = (value[active] << _U64(4)) | (digits & 15).astype(_U64)
+    return value, ok
+
+
+# --------------------------------------------------------------------------- schema parts
+
+
+@dataclass
+class IdMapping:
+    """How a raw id becomes a row of its table (see the module docstring)."""
+
+    kind: str = "modulo"
+    salt: int = 0
+    """``hash`` only: XORed into the string hash before the final mix (0: none)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ID_MAPPINGS:
+            raise ValueError(f"IdMapping: kind must be one of {ID_MAPPINGS}, got {self.kind!r}")
+        if isinstance(self.salt, bool) or not isinstance(self.salt, int) or self.salt < 0:
+            raise ValueError(f"IdMapping: salt must be an integer >= 0, got {self.salt!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Any) -> IdMapping:
+        if isinstance(values, str):  # the short YAML form: ``mapping: hash``
+            return cls(kind=values)
+        return _from_mapping(cls, values, "IdMapping")
+
+
+@dataclass
+class TableSpec:
+    """One embedding table; several sparse columns may share it."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int = 16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"TableSpec: name must be a non-empty string, got {self.name!r}")
+        for key in ("num_embeddings", "embedding_dim"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"table {self.name!r}: {key} must be an integer >= 1, "
+                                 f"got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DenseColumn:
+    """A dense feature: ``fill`` replaces a missing value, then ``transform`` applies:
+    ``log1p`` is ``log(1 + max(x, 0))`` (negative counts count as 0), ``standardize``
+    is ``(x - mean) / std``."""
+
+    name: str
+    transform: str = "none"
+    mean: float = 0.0
+    std: float = 1.0
+    fill: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"DenseColumn: name must be a non-empty string, got {self.name!r}")
+        if self.transform not in DENSE_TRANSFORMS:
+            raise ValueError(f"dense column {self.name!r}: transform must be one of "
+                             f"{DENSE_TRANSFORMS}, got {self.transform!r}")
+        for key in ("mean", "std", "fill"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"dense column {self.name!r}: {key} must be a number, "
+                                 f"got {value!r}")
+            setattr(self, key, float(value))
+        if self.transform == "standardize" and not self.std > 0:
+            raise ValueError(f"dense column {self.name!r}: standardize needs std > 0, "
+                             f"got {self.std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SparseColumn:
+    """A sparse (categorical) feature: the column ``name`` is the feature (KJT key)
+    looked up in ``table`` (default: a table named like the column). Multi-valued: a
+    list column (Parquet), or a string split at ``delimiter`` (e.g. ``"|"``); empty
+    items and a missing value give fewer ids (an empty bag pools to zeros)."""
+
+    name: str
+    table: Optional[str] = None
+    mapping: IdMapping = field(default_factory=IdMapping)
+    delimiter: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"SparseColumn: name must be a non-empty string, got {self.name!r}")
+        if self.table is None:
+            self.table = self.name
+        if isinstance(self.mapping, (Mapping, str)):
+            self.mapping = IdMapping.from_dict(self.mapping)
+        if not isinstance(self.mapping, IdMapping):
+            raise ValueError(f"sparse column {self.name!r}: mapping must be an IdMapping, "
+                             f"got {self.mapping!r}")
+        if self.delimiter is not None and (not isinstance(self.delimiter, str)
+                                           or not self.delimiter):
+            raise ValueError(f"sparse column {self.name!r}: delimiter must be a non-empty "
+                             f"string, got {self.delimiter!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "table": self.table, "mapping": self.mapping.to_dict(),
+                "delimiter": self.delimiter}
+
+
+def _items(owner: str, cls: type, values: Any) -> list[Any]:
+    if values is None:
+        return []
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise _fail(owner, f"expected a list, got {values!r}")
+    out = []
+    for v in values:
+        if isinstance(v, cls):
+            out.append(v)
+        elif isinstance(v, str) and cls is not TableSpec:
+            out.append(cls(name=v))
+        else:
+            out.append(_from_mapping(cls, v, owner))
+    return out
+
+
+@dataclass
+class FeatureSchema:
+    """Labels, optional sample weight, dense and sparse columns, and tables.
+
+    ``columns``: every column of a CSV/TSV file in order, for files without a header
+    (with a header, the header names them). ``tables`` may be left out for sparse
+    columns whose table is named like them only if ``default_num_embeddings`` is set.
+    A ``labels`` list of one column gives ``labels`` of shape ``[B]``; several give
+    ``[B, k]``.
+    """
+
+    labels: list[str] = field(default_factory=lambda: ["label"])
+    dense: list[DenseColumn] = field(default_factory=list)
+    sparse: list[SparseColumn] = field(default_factory=list)
+    tables: list[TableSpec] = field(default_factory=list)
+    weight: Optional[str] = None
+    columns: Optional[list[str]] = None
+    default_num_embeddings: Optional[int] = None
+    default_embedding_dim: int = 16
+
+    def __post_init__(self) -> None:
+        owner = "FeatureSchema"
+        if isinstance(self.labels, str):
+            self.labels = [self.labels]
+        if not isinstance(self.labels, list) or not all(
+            isinstance(x, str) and x for x in self.labels
+        ):
+            raise _fail(owner, f"labels must be a list of column names, got {self.labels!r}")
+        self.dense = _items(f"{owner}.dense", DenseColumn, self.dense)
+        self.sparse = _items(f"{owner}.sparse", SparseColumn, self.sparse)
+        self.tables = _items(f"{owner}.tables", TableSpec, self.tables)
+        if not self.sparse:
+            raise _fail(owner, "needs at least one sparse column (the models embed them)")
+        if self.weight is not None and (not isinstance(self.weight, str) or not self.weight):
+            raise _fail(owner, f"weight must be a column name, got {self.weight!r}")
+        names = list(self.labels) + [d.name for d in self.dense] + [s.name for s in self.sparse]
+        if self.weight:
+            names.append(self.weight)
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise _fail(owner, f"column(s) {dup} are used more than once")
+        by_name = {t.name: t for t in self.tables}
+        if len(by_name) != len(self.tables):
+            raise _fail(owner, "two tables have the same name")
+        for col in self.sparse:
+            if col.table not in by_name:
+                n = self.default_num_embeddings
+                if n is None:
+                    raise _fail(owner, f"sparse column {col.name!r} uses table {col.table!r}, "
+                                "which is not in tables; add it (name, num_embeddings, "
+                                "embedding_dim) or set default_num_embeddings")
+                spec = TableSpec(col.table, n, self.default_embedding_dim)
+                self.tables.append(spec)
+                by_name[col.table] = spec
+        used = {c.table for c in self.sparse}
+        unused = [t.name for t in self.tables if t.name not in used]
+        if unused:
+            raise _fail(owner, f"table(s) {unused} are used by no sparse column")
+        if self.columns is not None:
+            if not isinstance(self.columns, list) or not all(
+                isinstance(c, str) and c for c in self.columns
+            ):
+                raise _fail(owner, f"columns must be a list of names, got {self.columns!r}")
+            features = self.dense_names + self.feature_names  # labels: absent in test files
+            missing = [n for n in features if n not in self.columns]
+            if missing:
+                raise _fail(owner, f"columns does not list {missing}")
+
+    # --------------------------------------------------------------- derived
+    @property
+    def feature_names(self) -> list[str]:
+        """The KJT keys, in schema order."""
+        return [c.name for c in self.sparse]
+
+    @property
+    def dense_names(self) -> list[str]:
+        return [c.name for c in self.dense]
+
+    def table(self, name: str) -> TableSpec:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def num_embeddings_of(self, column: SparseColumn) -> int:
+        return self.table(column.table).num_embeddings  # type: ignore[arg-type]
+
+    @property
+    def embedding_dim(self) -> int:
+        """The tables' common width (DLRM and DeepFM need one); error if they differ."""
+        dims = sorted({t.embedding_dim for t in self.tables})
+        if len(dims) != 1:
+            raise ValueError(f"FeatureSchema: the tables have widths {dims}; DLRM and DeepFM "
+                             "need one embedding_dim for all tables")
+        return dims[0]
+
+    def input_columns(self, labelled: bool = True) -> list[str]:
+        """Columns a reader needs."""
+        out = list(self.labels) if labelled else []
+        if self.weight and labelled:
+            out.append(self.weight)
+        return out + self.dense_names + self.feature_names
+
+    # --------------------------------------------------------------- (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "labels": list(self.labels),
+            "weight": self.weight,
+            "dense": [d.to_dict() for d in self.dense],
+            "sparse": [s.to_dict() for s in self.sparse],
+            "tables": [t.to_dict() for t in self.tables],
+            "columns": None if self.columns is None else list(self.columns),
+            "default_num_embeddings": self.default_num_embeddings,
+            "default_embedding_dim": self.default_embedding_dim,
+        }
+
+    @classmethod
+    def from_dict(cls, values: Any) -> FeatureSchema:
+        return _from_mapping(cls, values, "FeatureSchema")
+
+    @classmethod
+    def from_file(cls, path: str) -> FeatureSchema:
+        """Load a YAML (.yaml/.yml) or JSON file from any fsspec path."""
+        from recframe.arguments import load_config_file
+
+        try:
+            return cls.from_dict(load_config_file(path))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"schema file {path!r}: {e}") from None
+
+    def save(self, path: str) -> None:
+        """Write the schema as YAML (or JSON for a ``.json`` path) to any fsspec path."""
+        import json
+
+        import fsspec
+        import yaml
+
+        text = (json.dumps(self.to_dict(), indent=2) if str(path).endswith(".json")
+                else yaml.safe_dump(self.to_dict(), sort_keys=False))
+        with fsspec.open(path, "w") as f:
+            f.write(text)
+
+    # --------------------------------------------------------------- presets
+    @classmethod
+    def criteo(
+        cls, num_embeddings: Any = 10_000, embedding_dim: int = 16, labelled: bool = True
+    ) -> FeatureSchema:
+        """Criteo's TSV layout (``label``, ``int_0..12``, ``cat_0..25``; the unlabelled
+        test files lack ``label``): dense ``log1p`` (negative counts count as 0, empty as
+        0), ids hexadecimal ``mod num_embeddings`` (an empty id is an empty bag): the
+        same values as `recframe.data.CriteoTSVDataset`."""
+        from recframe.data import DEFAULT_CAT_NAMES, DEFAULT_INT_NAMES
+
+        sizes = (list(num_embeddings) if isinstance(num_embeddings, (list, tuple))
+                 else [num_embeddings] * 26)
+        if len(sizes) != 26:
+            raise ValueError(f"FeatureSchema.criteo: {len(sizes)} table sizes for 26 features")
+        return cls(
+            labels=["label"],
+            dense=[DenseColumn(n, transform="log1p") for n in DEFAULT_INT_NAMES],
+            sparse=[SparseColumn(n, table=f"t_{n}", mapping=IdMapping("hex"))
+                    for n in DEFAULT_CAT_NAMES],
+            tables=[TableSpec(f"t_{n}", s, embedding_dim)
+                    for n, s in zip(DEFAULT_CAT_NAMES, sizes)],
+            columns=(["label"] if labelled else []) + DEFAULT_INT_NAMES + DEFAULT_CAT_NAMES,
+        )

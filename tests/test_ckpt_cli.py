@@ -16,6 +16,7 @@ from conftest import ToyCTR
 
 from recframe import cli
 from recframe.checkpoint import Saver
+from recframe.checkpoint.manifest import encode_manifest
 
 
 def _saver(out: str, **kw) -> Saver:
@@ -235,8 +236,8 @@ def test_verify_catches_a_manifest_that_lies_about_a_checksum(run_dir, capsys):
         manifest = json.load(f)
     chunk = manifest["tensors"]["dense.mlp.0.weight"]["shards"][0]["chunks"][0]
     chunk["crc32"] ^= 1
-    with open(mpath, "w") as f:
-        json.dump(manifest, f)
+    with open(mpath, "wb") as f:  # sealed again: its own checksum holds, the chunk's lies
+        f.write(encode_manifest(manifest))
     rc, _, err = _run(capsys, "ckpt", "inspect", ckpt, "--verify")
     assert rc == 1 and chunk["file"] in err and "dense.mlp.0.weight" in err
 

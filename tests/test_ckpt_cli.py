@@ -95,15 +95,19 @@ def test_list_text_marks_uncommitted(run_dir, capsys):
     assert "logs" not in row
 
 
-def test_list_corrupt_manifest_is_a_leftover_not_a_crash(run_dir, capsys):
+def test_list_corrupt_manifest_is_listed_corrupt_not_a_crash(run_dir, capsys):
     with open(os.path.join(run_dir, "ckpt_5", "manifest.json"), "w") as f:
         f.write("{ truncated")
     rc, out, _ = _run(capsys, "ckpt", "list", run_dir, "--json")
     assert rc == 0
     report = json.loads(out)
     assert [c["step"] for c in report["checkpoints"]] == [1]
-    bad = [c for c in report["uncommitted"] if c["name"] == "ckpt_5"]
-    assert bad and "unreadable manifest" in bad[0]["reason"]
+    assert not [c for c in report["uncommitted"] if c["name"] == "ckpt_5"]
+    bad = [c for c in report["corrupt"] if c["name"] == "ckpt_5"]
+    assert bad and "corrupt manifest" in bad[0]["reason"] and bad[0]["state"] == "corrupt"
+    rc, out, _ = _run(capsys, "ckpt", "list", run_dir)
+    assert rc == 0 and "1 corrupt" in out
+    assert "CORRUPT" in {line.split()[0]: line for line in out.splitlines()[2:]}["ckpt_5"]
 
 
 def test_list_of_one_checkpoint_dir_and_missing_path(run_dir, tmp_path, capsys):
@@ -119,7 +123,8 @@ def test_list_of_one_checkpoint_dir_and_missing_path(run_dir, tmp_path, capsys):
 def test_list_empty_output_dir(tmp_path, capsys):
     rc, out, _ = _run(capsys, "ckpt", "list", str(tmp_path), "--json")
     assert rc == 0
-    assert json.loads(out) == {"path": str(tmp_path), "checkpoints": [], "uncommitted": []}
+    assert json.loads(out) == {"path": str(tmp_path), "checkpoints": [], "uncommitted": [],
+                               "corrupt": []}
 
 
 # --- inspect ---------------------------------------------------------------------

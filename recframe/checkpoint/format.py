@@ -431,12 +431,14 @@ def open_member(
                 f"{where}: entry {name!r} resolves to {real}, outside the checkpoint's "
                 "output dir; refused"
             )
-        f = storage.open_read(real)
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            f.close()
+        try:
+            st = os.stat(real)
+        except OSError as e:
+            raise StorageError(f"opening {storage.display(path)} failed: {e}") from e
+        if not stat.S_ISREG(st.st_mode):  # before opening: a FIFO's open would block
             raise CheckpointCorruptError(f"{where}: entry {name!r} is not a regular file")
-        size = st.st_size
+        f = storage.open_read(real)
+        size = os.fstat(f.fileno()).st_size
     if size < need:
         f.close()
         raise CheckpointCorruptError(
@@ -592,6 +594,19 @@ class TensorReader:
                 job.staged = buf
 
         _run_threads(check, len(jobs), self.concurrency)
+
+    def check(self, jobs: list[_Job]) -> list[str]:
+        """Like `verify` without keeping anything, and going on past a bad chunk: the
+        problems of every chunk (empty: all intact)."""
+        def one(i: int) -> Optional[str]:
+            job = jobs[i]
+            try:
+                self._read_checked(job, torch.empty(job.box_size, dtype=job.dest.dtype))
+            except (CheckpointCorruptError, StorageError) as e:
+                return str(e)
+            return None
+
+        return [p for p in _run_threads(one, len(jobs), self.concurrency) if p]
 
     def apply(self, jobs: list[_Job]) -> None:
         """Copy verified chunks into their targets (each re-read into scratch and

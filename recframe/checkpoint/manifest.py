@@ -140,7 +140,7 @@ def _raw_depth(raw: bytes) -> int:
     return int(np.cumsum(steps).max())
 
 
-_ESCAPES_RE = re.compile(rb"\\\\.", re.S)
+_ESCAPES_RE = re.compile(rb"\\.", re.S)
 _STRINGS_RE = re.compile(rb'"[^"]*"')
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 

@@ -388,6 +388,16 @@ def _run_threads(fn: Callable[[int], Any], n: int, concurrency: int) -> list[Any
 
 
 # --- reading ---------------------------------------------------------------------
+def _check_member_name(storage: Storage, directory: str, name: Any) -> str:
+    where = storage.display(directory)
+    if not isinstance(name, str) or "/" in name or "\\" in name or "\0" in name \
+            or name in ("", ".", ".."):
+        raise CheckpointCorruptError(
+            f"{where}: entry {str(name)[:80]!r} is not a plain file name inside the checkpoint"
+        )
+    return where
+
+
 def open_member(
     storage: Storage, directory: str, name: str, need: int = 0, sized: bool = True
 ) -> tuple[Any, int]:
@@ -399,12 +409,7 @@ def open_member(
     file shorter than ``need`` bytes (what the manifest says is in it). On an object
     store without ``sized`` the size is not asked for (-1: one request less per
     chunk; a short object gives a short read, which is caught)."""
-    where = storage.display(directory)
-    if not isinstance(name, str) or "/" in name or "\\" in name or "\0" in name \
-            or name in ("", ".", ".."):
-        raise CheckpointCorruptError(
-            f"{where}: entry {str(name)[:80]!r} is not a plain file name inside the checkpoint"
-        )
+    where = _check_member_name(storage, directory, name)
     path = storage.join(directory, name)
     if not storage.is_local:  # no links, no special files: a short read is caught
         f = storage.open_read(path)
@@ -452,6 +457,15 @@ def read_member(storage: Storage, directory: str, name: str, limit: int) -> byte
     """The whole small file ``name`` of a checkpoint (checked as `open_member` does),
     refused when larger than ``limit`` bytes; ``FileNotFoundError`` when absent."""
     path = storage.join(directory, name)
+    if not storage.is_local:  # one object: its size, then one GET
+        _check_member_name(storage, directory, name)
+        size = storage.size(path)  # FileNotFoundError when absent
+        if size > limit:
+            raise CheckpointCorruptError(
+                f"{storage.display(path)} is {size} bytes, more than the {limit} a "
+                f"{name} may have"
+            )
+        return storage.read_bytes(path)
     try:
         f, size = open_member(storage, directory, name)
     except StorageError as e:

@@ -6,9 +6,10 @@ file.yaml``; its defaults train DLRM on synthetic data in about a minute on 2 co
 print the final evaluation.
 
 ``recframe ckpt list PATH`` lists the checkpoints of an output_dir (local path or any
-fsspec URL) and the leftovers of interrupted saves; ``recframe ckpt inspect PATH``
-shows one checkpoint's parts, tensors and files, and ``--verify`` reads every chunk
-back and checks its CRC32 (exit status 1 naming the corrupt file).
+fsspec URL), the leftovers of interrupted saves and the checkpoints whose manifest is
+corrupt; ``recframe ckpt inspect PATH`` shows one checkpoint's parts, tensors and
+files, and ``--verify`` checks what a restore would read (exit status 1 naming the
+corrupt file). The ckpt commands only print what `recframe.checkpoint.inspect` finds.
 """
 
 from __future__ import annotations

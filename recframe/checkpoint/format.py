@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import math
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -517,7 +518,16 @@ class TensorReader:
         self.directory = directory
         self.meta = tensors
         self.concurrency = max(1, concurrency)
-        self._sizes: dict[str, int] = {}
+        self._scratch = threading.local()
+
+    def _scratch_for(self, job: _Job) -> torch.Tensor:
+        """This thread's scratch buffer viewed as ``job``'s chunk box: reused from chunk
+        to chunk (fresh memory would cost a page fault per 4 KiB of every chunk)."""
+        nbytes = job.chunk["nbytes"]
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._scratch.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf[:nbytes].view(job.dest.dtype).reshape(job.box_size)
 
     def __contains__(self, key: str) -> bool:
         return key in self.meta
@@ -602,10 +612,11 @@ class TensorReader:
         written); ``keep``: hold the bytes for `apply` (one read; memory: the chunks)."""
         def check(i: int) -> None:
             job = jobs[i]
-            buf = torch.empty(job.box_size, dtype=job.dest.dtype)
-            self._read_checked(job, buf)
             if keep:
-                job.staged = buf
+                job.staged = torch.empty(job.box_size, dtype=job.dest.dtype)
+                self._read_checked(job, job.staged)
+            else:
+                self._read_checked(job, self._scratch_for(job))
 
         _run_threads(check, len(jobs), self.concurrency)
 
@@ -615,7 +626,7 @@ class TensorReader:
         def one(i: int) -> Optional[str]:
             job = jobs[i]
             try:
-                self._read_checked(job, torch.empty(job.box_size, dtype=job.dest.dtype))
+                self._read_checked(job, self._scratch_for(job))
             except (CheckpointCorruptError, StorageError) as e:
                 return str(e)
             return None
@@ -629,7 +640,7 @@ class TensorReader:
             job = jobs[i]
             buf, job.staged = job.staged, None
             if buf is None:
-                buf = torch.empty(job.box_size, dtype=job.dest.dtype)
+                buf = self._scratch_for(job)
                 self._read_checked(job, buf)
             job.dest.copy_(buf[job.c_slices] if job.c_slices else buf)
 

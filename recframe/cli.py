@@ -7,9 +7,10 @@ file.yaml``; its defaults train DLRM on synthetic data in about a minute on 2 co
 print the final evaluation. ``recframe data convert`` writes CSV/TSV data as Parquet parts.
 
 ``recframe ckpt list PATH`` lists the checkpoints of an output_dir (local path or any
-fsspec URL) and the leftovers of interrupted saves; ``recframe ckpt inspect PATH``
-shows one checkpoint's parts, tensors and files, and ``--verify`` reads every chunk
-back and checks its CRC32 (exit status 1 naming the corrupt file).
+fsspec URL), the leftovers of interrupted saves and the checkpoints whose manifest is
+corrupt; ``recframe ckpt inspect PATH`` shows one checkpoint's parts, tensors and
+files, and ``--verify`` checks what a restore would read (exit status 1 naming the
+corrupt file). The ckpt commands only print what `recframe.checkpoint.inspect` finds.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
-import time
 from typing import Any, Optional
 
 from recframe.arguments import add_arguments, arguments_from_namespace
@@ -243,8 +242,6 @@ def _cmd_data_convert(ns: argparse.Namespace) -> int:
 
 
 # --- recframe ckpt ------------------------------------------------------------------
-_CKPT_DIR_RE = re.compile(r"^ckpt_(\d+)$")
-_STAGING_DIR_RE = re.compile(r"^ckpt_(\d+)\.staging$")
 
 
 class _CkptCommandError(Exception):
@@ -304,37 +301,6 @@ def _open_storage(path: str) -> Any:
         raise _CkptCommandError(f"cannot open {path}: {e}") from e
 
 
-def _manifest_summary(storage: Any, path: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    from recframe.checkpoint.incremental import section
-
-    files = manifest.get("files") or {}
-    created = manifest.get("created_unix")
-    incremental = section(manifest)
-    chain = incremental.get("chain")
-    return {
-        "kind": incremental.get("kind"),
-        "chain": list(chain) if isinstance(chain, list) else None,
-        "changed_rows": incremental.get("changed_rows"),
-        "name": manifest.get("name") or path.rstrip("/").rsplit("/", 1)[-1],
-        "step": manifest.get("step"),
-        "path": storage.display(path),
-        "committed": True,
-        "bytes": sum(int(f.get("size", 0)) for f in files.values()),
-        "files": len(files) + 1,  # the data files and the manifest
-        "world_size": manifest.get("world_size"),
-        "created_unix": created,
-        "created": _iso_time(created),
-        "metrics": dict(manifest.get("metrics") or {}),
-        "recframe_version": manifest.get("recframe_version"),
-    }
-
-
-def _iso_time(unix: Any) -> Optional[str]:
-    if not isinstance(unix, (int, float)):
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(unix))
-
-
 def _human_bytes(n: Optional[int]) -> str:
     if n is None:
         return "-"
@@ -355,47 +321,6 @@ def _metrics_text(metrics: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _scan_output_dir(storage: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(committed checkpoints oldest first, leftovers) under the storage root."""
-    from recframe.checkpoint.saver import read_manifest
-
-    committed: list[dict[str, Any]] = []
-    leftovers: list[dict[str, Any]] = []
-    for name in storage.listdir(storage.root):
-        m = _CKPT_DIR_RE.match(name) or _STAGING_DIR_RE.match(name)
-        if not m:
-            continue
-        path = storage.path(name)
-        reason = None
-        manifest = None
-        if _STAGING_DIR_RE.match(name):
-            reason = "staging directory of an interrupted save"
-        else:
-            try:
-                manifest = read_manifest(storage, path)
-            except Exception as e:  # noqa: BLE001 - a corrupt manifest is reported, not fatal
-                reason = f"unreadable manifest: {e}"
-            else:
-                if manifest is None:
-                    reason = "no manifest.json: never committed"
-        if manifest is not None:
-            committed.append(_manifest_summary(storage, path, manifest))
-            continue
-        sizes = storage.file_sizes(path)
-        leftovers.append({
-            "name": name,
-            "step": int(m.group(1)),
-            "path": storage.display(path),
-            "committed": False,
-            "reason": reason,
-            "bytes": sum(sizes.values()),
-            "files": len(sizes),
-        })
-    committed.sort(key=lambda c: (c["step"] is None, c["step"] or 0, c["name"]))
-    leftovers.sort(key=lambda c: (c["step"], c["name"]))
-    return committed, leftovers
-
-
 def _cmd_ckpt_list(ns: argparse.Namespace) -> int:
     return _run_ckpt(_ckpt_list, ns)
 
@@ -405,45 +330,56 @@ def _cmd_ckpt_inspect(ns: argparse.Namespace) -> int:
 
 
 def _run_ckpt(fn: Any, ns: argparse.Namespace) -> int:
+    import os
+
+    from recframe.checkpoint.format import CheckpointCorruptError
+    from recframe.checkpoint.inspect import CheckpointNotFound
+    from recframe.checkpoint.manifest import CheckpointVersionError
     from recframe.checkpoint.storage import StorageError
 
     try:
-        return int(fn(ns))
-    except (_CkptCommandError, StorageError) as e:
+        status = int(fn(ns))
+        sys.stdout.flush()  # a closed pipe is reported here, inside the try
+        return status
+    except BrokenPipeError:  # ``| head`` closed stdout: stop quietly, as cat would
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes
+        return 141
+    except (_CkptCommandError, CheckpointNotFound, CheckpointCorruptError,
+            CheckpointVersionError, StorageError) as e:
         print(f"recframe: error: {e}", file=sys.stderr)
         return 1
 
 
 def _ckpt_list(ns: argparse.Namespace) -> int:
-    from recframe.checkpoint.saver import read_manifest
+    from recframe.checkpoint import inspect
 
     storage = _open_storage(ns.path)
-    try:
-        own = read_manifest(storage, storage.root)
-    except Exception:  # noqa: BLE001 - then it is not one checkpoint; scan it as a root
-        own = None
+    own, _ = inspect.own_checkpoint(storage)
     if own is not None:  # PATH is itself a checkpoint directory
-        committed, leftovers = [_manifest_summary(storage, storage.root, own)], []
+        found = {"checkpoints": [inspect.summary(storage, storage.root, own)],
+                 "uncommitted": [], "corrupt": []}
     else:
         if not storage.exists(storage.root):
             raise _CkptCommandError(f"{storage.display(storage.root)} does not exist")
-        committed, leftovers = _scan_output_dir(storage)
+        found = inspect.scan(storage)
+    committed, leftovers, corrupt = found["checkpoints"], found["uncommitted"], found["corrupt"]
     if ns.json:
-        print(json.dumps({"path": storage.display(storage.root), "checkpoints": committed,
-                          "uncommitted": leftovers}, indent=2))
+        print(json.dumps({"path": storage.display(storage.root), **found}, indent=2))
         return 0
     print(f"{storage.display(storage.root)}: {len(committed)} committed checkpoint(s)"
-          + (f", {len(leftovers)} uncommitted leftover(s)" if leftovers else ""))
-    if committed or leftovers:
+          + (f", {len(leftovers)} uncommitted leftover(s)" if leftovers else "")
+          + (f", {len(corrupt)} corrupt" if corrupt else ""))
+    if committed or leftovers or corrupt:
         rows = [
             [c["name"], c["step"], "committed", _kind_text(c), _human_bytes(c["bytes"]),
              c["files"], c["world_size"], c["created"] or "-", _metrics_text(c["metrics"])]
             for c in committed
         ]
         rows += [
-            [c["name"], c["step"], "UNCOMMITTED", "-", _human_bytes(c["bytes"]), c["files"],
-             "-", "-", c["reason"]]
-            for c in leftovers
+            [c["name"], c["step"], c["state"].upper(), "-", _human_bytes(c["bytes"]),
+             c["files"], "-", "-", c["reason"]]
+            for c in sorted(leftovers + corrupt, key=lambda c: (c["step"], c["name"]))
         ]
         print(_text_table(
             ["name", "step", "state", "kind", "size", "files", "world", "created", "metrics"],
@@ -468,154 +404,18 @@ def _text_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _resolve_checkpoint(storage: Any, step: Optional[int]) -> tuple[str, dict[str, Any]]:
-    """(directory, manifest) of the checkpoint PATH names."""
-    from recframe.checkpoint.saver import read_manifest
-
-    if step is None:
-        manifest = read_manifest(storage, storage.root)
-        if manifest is not None:
-            return storage.root, manifest
-    if not storage.exists(storage.root):
-        raise _CkptCommandError(f"{storage.display(storage.root)} does not exist")
-    committed, leftovers = _scan_output_dir(storage)
-    if step is not None:
-        for c in committed:
-            if c["step"] == step:
-                path = storage.path(c["name"])
-                return path, read_manifest(storage, path)
-        if any(c["step"] == step for c in leftovers):
-            raise _CkptCommandError(
-                f"ckpt_{step} under {storage.display(storage.root)} is not committed"
-            )
-        raise _CkptCommandError(f"no checkpoint ckpt_{step} under {storage.display(storage.root)}")
-    if not committed:
-        raise _CkptCommandError(
-            f"{storage.display(storage.root)} is neither a checkpoint nor an output_dir "
-            "holding a committed one"
-        )
-    path = storage.path(committed[-1]["name"])
-    return path, read_manifest(storage, path)
-
-
-def _describe_checkpoint(storage: Any, path: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    from recframe.checkpoint.format import tree_tensor_keys
-
-    summary = _manifest_summary(storage, path, manifest)
-    tensors = []
-    stored: dict[str, int] = {}
-    for key, entry in manifest["tensors"].items():
-        chunks = [c for shard in entry.get("shards", []) for c in shard.get("chunks", [])]
-        stored[key] = sum(int(c.get("nbytes", 0)) for c in chunks)
-        tensors.append({
-            "key": key,
-            "dtype": entry.get("dtype"),
-            "shape": list(entry.get("shape", [])),
-            "bytes": stored[key],
-            "shards": len(entry.get("shards", [])),
-            "chunks": len(chunks),
-            "files": sorted({c.get("file") for c in chunks}),
-        })
-    parts = []
-    for part, tree in manifest["parts"].items():
-        if part in ("io_state", "delta") and isinstance(tree, dict):
-            keys = [k for rank_tree in tree.values() for k in tree_tensor_keys(rank_tree)]
-            ranks = sorted(tree, key=lambda r: (not r.isdigit(), int(r) if r.isdigit() else 0, r))
-            entries = [f"rank {r}" for r in ranks]
-        else:
-            keys = tree_tensor_keys(tree)
-            entries = _tree_names(tree)
-        parts.append({
-            "part": part,
-            "tensors": len(keys),
-            "bytes": sum(stored.get(k, 0) for k in keys),
-            "entries": entries,
-        })
-    files = [
-        {"name": name, "rank": entry.get("rank"), "bytes": int(entry.get("size", 0)),
-         "chunks": len(entry.get("crc32") or [])}
-        for name, entry in sorted(manifest["files"].items())
-    ]
-    summary.update(format_version=manifest.get("format_version"), parts=parts,
-                   tensors=tensors, data_files=files)
-    return summary
-
-
-def _tree_names(tree: Any) -> list[str]:
-    """Top-level names of an encoded state tree (a dict's keys)."""
-    if isinstance(tree, dict) and "d" in tree:
-        names = []
-        for key, _value in tree["d"]:
-            names.append(str(key) if not isinstance(key, dict) else json.dumps(key))
-        return names
-    return []
-
-
-def _verify(storage: Any, path: str, manifest: dict[str, Any], threads: int) -> list[str]:
-    """Read every chunk of every data file; returns the problems found (empty: intact)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from recframe.checkpoint.storage import crc32, read_into
-
-    by_file: dict[str, list[tuple[dict[str, Any], str]]] = {}
-    for key, entry in manifest["tensors"].items():
-        for shard in entry.get("shards", []):
-            for chunk in shard.get("chunks", []):
-                by_file.setdefault(chunk.get("file", "?"), []).append((chunk, key))
-    names = sorted(set(manifest["files"]) | set(by_file))
-
-    def check(name: str) -> list[str]:
-        fpath = storage.join(path, name)
-        shown = storage.display(fpath)
-        expected = manifest["files"].get(name)
-        if expected is None:
-            return [f"{shown}: holds chunks of tensors but is not in the manifest's file list"]
-        try:
-            size = storage.size(fpath)
-        except FileNotFoundError:
-            return [f"{shown}: missing"]
-        problems = []
-        if size != int(expected.get("size", -1)):
-            problems.append(f"{shown}: size {size} bytes, the manifest says {expected.get('size')}")
-        chunks = sorted(by_file.get(name, []), key=lambda c: int(c[0]["offset"]))
-        listed = [int(c[0]["crc32"]) for c in chunks]
-        if expected.get("crc32") is not None and sorted(expected["crc32"]) != sorted(listed):
-            problems.append(f"{shown}: the manifest's file and tensor checksums disagree")
-        if not chunks:
-            return problems
-        buf = bytearray(max(int(c[0]["nbytes"]) for c in chunks))
-        with storage.open_read(fpath) as f:
-            for chunk, key in chunks:
-                n = int(chunk["nbytes"])
-                view = memoryview(buf)[:n]
-                rows = chunk.get("rows", ["?", "?"])
-                where = f"tensor {key!r} rows {rows[0]}..{rows[1]} at offset {chunk['offset']}"
-                try:
-                    read_into(f, int(chunk["offset"]), view, shown)
-                except OSError as e:
-                    problems.append(f"{shown}: {where}: {e}")
-                    break
-                if crc32(view) != int(chunk["crc32"]):
-                    problems.append(f"{shown}: checksum mismatch in {where}")
-        return problems
-
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as ex:
-        results = list(ex.map(check, names))
-    return [p for problems in results for p in problems]
-
-
 def _ckpt_inspect(ns: argparse.Namespace) -> int:
-    from recframe.checkpoint.format import CheckpointCorruptError
+    from recframe.checkpoint import inspect
 
     storage = _open_storage(ns.path)
-    try:
-        path, manifest = _resolve_checkpoint(storage, ns.step)
-    except CheckpointCorruptError as e:
-        raise _CkptCommandError(str(e)) from e
-    info = _describe_checkpoint(storage, path, manifest)
+    own, reason = (None, None) if ns.step is not None else inspect.own_checkpoint(storage)
+    if reason is not None:
+        raise _CkptCommandError(reason)
+    path, manifest = (storage.root, own) if own is not None else inspect.find(storage, ns.step)
+    info = inspect.describe(storage, path, manifest)
     problems: Optional[list[str]] = None
     if ns.verify:
-        problems = _verify(storage, path, manifest, ns.threads)
+        problems = inspect.verify(storage, path, manifest, ns.threads)
         info["verify"] = {"ok": not problems, "problems": problems}
     if ns.json:
         print(json.dumps(info, indent=2))

@@ -16,6 +16,7 @@ from conftest import ToyCTR
 
 from recframe import cli
 from recframe.checkpoint import Saver
+from recframe.checkpoint.manifest import encode_manifest
 
 
 def _saver(out: str, **kw) -> Saver:
@@ -94,15 +95,19 @@ def test_list_text_marks_uncommitted(run_dir, capsys):
     assert "logs" not in row
 
 
-def test_list_corrupt_manifest_is_a_leftover_not_a_crash(run_dir, capsys):
+def test_list_corrupt_manifest_is_listed_corrupt_not_a_crash(run_dir, capsys):
     with open(os.path.join(run_dir, "ckpt_5", "manifest.json"), "w") as f:
         f.write("{ truncated")
     rc, out, _ = _run(capsys, "ckpt", "list", run_dir, "--json")
     assert rc == 0
     report = json.loads(out)
     assert [c["step"] for c in report["checkpoints"]] == [1]
-    bad = [c for c in report["uncommitted"] if c["name"] == "ckpt_5"]
-    assert bad and "unreadable manifest" in bad[0]["reason"]
+    assert not [c for c in report["uncommitted"] if c["name"] == "ckpt_5"]
+    bad = [c for c in report["corrupt"] if c["name"] == "ckpt_5"]
+    assert bad and "corrupt manifest" in bad[0]["reason"] and bad[0]["state"] == "corrupt"
+    rc, out, _ = _run(capsys, "ckpt", "list", run_dir)
+    assert rc == 0 and "1 corrupt" in out
+    assert "CORRUPT" in {line.split()[0]: line for line in out.splitlines()[2:]}["ckpt_5"]
 
 
 def test_list_of_one_checkpoint_dir_and_missing_path(run_dir, tmp_path, capsys):
@@ -118,7 +123,8 @@ def test_list_of_one_checkpoint_dir_and_missing_path(run_dir, tmp_path, capsys):
 def test_list_empty_output_dir(tmp_path, capsys):
     rc, out, _ = _run(capsys, "ckpt", "list", str(tmp_path), "--json")
     assert rc == 0
-    assert json.loads(out) == {"path": str(tmp_path), "checkpoints": [], "uncommitted": []}
+    assert json.loads(out) == {"path": str(tmp_path), "checkpoints": [], "uncommitted": [],
+                               "corrupt": []}
 
 
 # --- inspect ---------------------------------------------------------------------
@@ -235,8 +241,8 @@ def test_verify_catches_a_manifest_that_lies_about_a_checksum(run_dir, capsys):
         manifest = json.load(f)
     chunk = manifest["tensors"]["dense.mlp.0.weight"]["shards"][0]["chunks"][0]
     chunk["crc32"] ^= 1
-    with open(mpath, "w") as f:
-        json.dump(manifest, f)
+    with open(mpath, "wb") as f:  # sealed again: its own checksum holds, the chunk's lies
+        f.write(encode_manifest(manifest))
     rc, _, err = _run(capsys, "ckpt", "inspect", ckpt, "--verify")
     assert rc == 1 and chunk["file"] in err and "dense.mlp.0.weight" in err
 
@@ -299,3 +305,116 @@ def test_chunk_checksums_are_zlib_crc32(run_dir):
     assert crc32(blob) == zlib.crc32(blob)
     assert crc32(blob[1000:], 12345) == zlib.crc32(blob[1000:], 12345)
     assert crc32(blob[:0], 7) == 7
+
+
+# --- hostile checkpoints: the CLI trusts names, not claims --------------------------
+def _reseal(ckpt: str, edit) -> None:
+    path = os.path.join(ckpt, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    edit(manifest)
+    with open(path, "wb") as f:
+        f.write(encode_manifest(manifest))
+
+
+def test_list_and_inspect_name_checkpoints_by_their_directories(run_dir, capsys):
+    import shutil
+
+    shutil.copytree(os.path.join(run_dir, "ckpt_5"), os.path.join(run_dir, "ckpt_8"))
+    rc, out, _ = _run(capsys, "ckpt", "list", run_dir, "--json")
+    assert rc == 0
+    assert [(c["name"], c["step"]) for c in json.loads(out)["checkpoints"]] == [
+        ("ckpt_1", 1), ("ckpt_5", 5), ("ckpt_8", 8)]  # ckpt_8's manifest says ckpt_5
+    rc, out, _ = _run(capsys, "ckpt", "inspect", run_dir, "--json")
+    info = json.loads(out)
+    assert info["name"] == "ckpt_8" and info["step"] == 8
+    assert info["path"] == os.path.join(run_dir, "ckpt_8")
+
+
+def test_one_bad_manifest_is_listed_corrupt_and_the_rest_listed(run_dir, capsys):
+    _reseal(os.path.join(run_dir, "ckpt_5"),
+            lambda m: next(iter(m["files"].values())).update(size="a lot"))
+    rc, out, _ = _run(capsys, "ckpt", "list", run_dir, "--json")
+    assert rc == 0
+    report = json.loads(out)
+    assert [c["name"] for c in report["checkpoints"]] == ["ckpt_1"]
+    assert [c["name"] for c in report["corrupt"]] == ["ckpt_5"]
+    assert "size" in report["corrupt"][0]["reason"]
+    rc, _, err = _run(capsys, "ckpt", "inspect", run_dir, "--step", "5")
+    assert rc == 1 and "ckpt_5" in err and "size" in err and "Traceback" not in err
+
+
+def test_verify_never_looks_outside_the_checkpoint(run_dir, capsys, monkeypatch):
+    from recframe.checkpoint.storage import Storage
+
+    ckpt = os.path.join(run_dir, "ckpt_5")
+    touched: list[str] = []
+    for method in ("size", "open_read", "read_bytes", "exists"):
+        original = getattr(Storage, method)
+
+        def spy(self, path, *a, _original=original, **kw):
+            touched.append(path)
+            return _original(self, path, *a, **kw)
+
+        monkeypatch.setattr(Storage, method, spy)
+
+    def to_passwd(m):
+        name = sorted(m["files"])[0]
+        m["files"]["/etc/passwd"] = m["files"].pop(name)
+        for entry in m["tensors"].values():
+            for shard in entry["shards"]:
+                for chunk in shard["chunks"]:
+                    if chunk["file"] == name:
+                        chunk["file"] = "/etc/passwd"
+
+    _reseal(ckpt, to_passwd)
+    rc, _, err = _run(capsys, "ckpt", "inspect", ckpt, "--verify")
+    assert rc == 1 and "/etc/passwd" in err and "not a plain file name" in err
+    assert not [p for p in touched if not p.startswith(run_dir)]
+
+
+def test_verify_refuses_a_data_file_symlinked_out(run_dir, tmp_path, capsys):
+    ckpt = os.path.join(run_dir, "ckpt_5")
+    name = sorted(n for n in os.listdir(ckpt) if n.endswith(".bin"))[0]
+    os.replace(os.path.join(ckpt, name), tmp_path / name)
+    os.symlink(tmp_path / name, os.path.join(ckpt, name))
+    rc, _, err = _run(capsys, "ckpt", "inspect", ckpt, "--verify")
+    assert rc == 1 and name in err and "outside" in err
+
+
+def test_verify_of_a_delta_checks_its_chain_as_restore_does(tmp_path, capsys):
+    from recframe.checkpoint import CheckpointManager
+
+    out = str(tmp_path / "inc")
+    saver = _saver(out)
+    manager = CheckpointManager(saver, save_interval=1, incremental=True)
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            saver.model.emb.weight[step] += 1.0
+        manager.step(step)
+    with open(os.path.join(out, "ckpt_3", "manifest.json")) as f:
+        assert json.load(f)["incremental"]["chain"] == ["ckpt_1", "ckpt_2", "ckpt_3"]
+    rc, _, _ = _run(capsys, "ckpt", "inspect", out, "--verify")
+    assert rc == 0
+    chunk = _chunk_of(os.path.join(out, "ckpt_1"), "sparse.emb.weight")
+    bad = os.path.join(out, "ckpt_1", chunk["file"])
+    _flip_byte(bad, chunk["offset"])  # the base's table: restoring ckpt_3 reads it
+    rc, _, err = _run(capsys, "ckpt", "inspect", out, "--verify")
+    assert rc == 1 and bad in err and "sparse.emb.weight" in err
+    os.remove(os.path.join(out, "ckpt_2", "manifest.json"))  # a missing link
+    rc, _, err = _run(capsys, "ckpt", "inspect", out, "--step", "3", "--verify")
+    assert rc == 1 and "ckpt_2" in err and "missing" in err
+
+
+def test_a_closed_stdout_exits_quietly(run_dir):
+    import subprocess
+    import sys
+
+    code = ("import sys; from recframe import cli; "
+            f"sys.exit(cli.main(['ckpt', 'inspect', {run_dir!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # as `| head` does (before the child writes: it is importing)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import math
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -388,8 +389,127 @@ def _run_threads(fn: Callable[[int], Any], n: int, concurrency: int) -> list[Any
 
 
 # --- reading ---------------------------------------------------------------------
+def _check_member_name(storage: Storage, directory: str, name: Any) -> str:
+    where = storage.display(directory)
+    if not isinstance(name, str) or "/" in name or "\\" in name or "\0" in name \
+            or name in ("", ".", ".."):
+        raise CheckpointCorruptError(
+            f"{where}: entry {str(name)[:80]!r} is not a plain file name inside the checkpoint"
+        )
+    return where
+
+
+def open_member(
+    storage: Storage, directory: str, name: str, need: int = 0, sized: bool = True
+) -> tuple[Any, int]:
+    """Open the file ``name`` of the checkpoint ``directory`` for reading: (binary
+    file, its real size). Refused (`CheckpointCorruptError` naming the checkpoint and
+    the entry): a name that is not a plain file name, a local symlink resolving outside
+    the output dir (the checkpoint's parent; a symlinked-in checkpoint directory may
+    hold its own files), anything but a regular file (``/dev/zero``, a FIFO), and a
+    file shorter than ``need`` bytes (what the manifest says is in it). On an object
+    store without ``sized`` the size is not asked for (-1: one request less per
+    chunk; a short object gives a short read, which is caught)."""
+    where = _check_member_name(storage, directory, name)
+    path = storage.join(directory, name)
+    if not storage.is_local:  # no links, no special files: a short read is caught
+        f = storage.open_read(path)
+        if not sized:
+            return f, -1
+        try:
+            with naming_errors(storage, "reading the size of", path):
+                size = storage.size(path)
+        except FileNotFoundError:
+            f.close()
+            raise StorageError(f"reading {storage.display(path)} failed: not found") from None
+        except BaseException:
+            f.close()
+            raise
+    else:
+        import os
+        import stat
+
+        real = os.path.realpath(path)
+        roots = {os.path.realpath(directory), os.path.realpath(os.path.dirname(
+            os.path.abspath(directory).rstrip(os.sep)))}
+        if not any(real.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+            raise CheckpointCorruptError(
+                f"{where}: entry {name!r} resolves to {real}, outside the checkpoint's "
+                "output dir; refused"
+            )
+        try:
+            st = os.stat(real)
+        except OSError as e:
+            raise StorageError(f"opening {storage.display(path)} failed: {e}") from e
+        if not stat.S_ISREG(st.st_mode):  # before opening: a FIFO's open would block
+            raise CheckpointCorruptError(f"{where}: entry {name!r} is not a regular file")
+        f = storage.open_read(real)
+        size = os.fstat(f.fileno()).st_size
+    if size < need:
+        f.close()
+        raise CheckpointCorruptError(
+            f"{storage.display(path)} is truncated: {size} bytes, the manifest places "
+            f"{need} bytes in it"
+        )
+    return f, size
+
+
+def read_member(storage: Storage, directory: str, name: str, limit: int) -> bytes:
+    """The whole small file ``name`` of a checkpoint (checked as `open_member` does),
+    refused when larger than ``limit`` bytes; ``FileNotFoundError`` when absent."""
+    path = storage.join(directory, name)
+    if not storage.is_local:  # one object: its size, then one GET
+        _check_member_name(storage, directory, name)
+        size = storage.size(path)  # FileNotFoundError when absent
+        if size > limit:
+            raise CheckpointCorruptError(
+                f"{storage.display(path)} is {size} bytes, more than the {limit} a "
+                f"{name} may have"
+            )
+        return storage.read_bytes(path)
+    try:
+        f, size = open_member(storage, directory, name)
+    except StorageError as e:
+        if isinstance(e.__cause__, FileNotFoundError) or "not found" in str(e):
+            raise FileNotFoundError(storage.display(path)) from e
+        raise
+    with f:
+        if size > limit:
+            raise CheckpointCorruptError(
+                f"{storage.display(path)} is {size} bytes, more than the {limit} a "
+                f"{name} may have"
+            )
+        buf = bytearray(size)
+        try:
+            read_into(f, 0, memoryview(buf), storage.display(path))
+        except StorageError as e:
+            raise CheckpointCorruptError(str(e)) from e
+        return bytes(buf)
+
+
+@dataclass
+class _Job:
+    """One chunk's overlap with one target region: what to read and where it goes."""
+
+    key: str
+    chunk: dict[str, Any]
+    box_size: list[int]
+    dest: torch.Tensor  # the target's view the overlap fills
+    c_slices: tuple[slice, ...]  # the overlap inside the chunk's box
+    whole: bool  # the overlap is the whole chunk and dest a contiguous CPU view
+    staged: Optional[torch.Tensor] = None
+
+
 class TensorReader:
-    """Reads tensors of one checkpoint directory, checking every chunk's CRC32."""
+    """Reads tensors of one checkpoint directory, checking every chunk's CRC32.
+
+    Fresh tensors (``read_many`` with None targets) are read straight into their new
+    memory. Live tensors (a model's, an optimizer's) are written only with checked
+    bytes, and only once every chunk they need checked out: `plan` checks shapes and
+    dtypes, `verify` reads each chunk and checks its CRC32 (``keep``: keeping the bytes,
+    one read in all; else into a per-chunk scratch buffer, to be read again), `apply`
+    copies them in (reading each into scratch and checking it again when not kept).
+    """
 
     def __init__(
         self, storage: Storage, directory: str, tensors: dict[str, Any], concurrency: int = 4
@@ -398,15 +518,25 @@ class TensorReader:
         self.directory = directory
         self.meta = tensors
         self.concurrency = max(1, concurrency)
+        self._scratch = threading.local()
+
+    def _scratch_for(self, job: _Job) -> torch.Tensor:
+        """This thread's scratch buffer viewed as ``job``'s chunk box: reused from chunk
+        to chunk (fresh memory would cost a page fault per 4 KiB of every chunk)."""
+        nbytes = job.chunk["nbytes"]
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._scratch.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf[:nbytes].view(job.dest.dtype).reshape(job.box_size)
 
     def __contains__(self, key: str) -> bool:
         return key in self.meta
 
     def shape(self, key: str) -> list[int]:
-        return list(self.meta[key]["shape"])
+        return list(self._entry(key)["shape"])
 
     def dtype(self, key: str) -> torch.dtype:
-        return dtype_from_name(self.meta[key]["dtype"])
+        return dtype_from_name(self._entry(key)["dtype"])
 
     def read(self, key: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The whole tensor ``key`` (into ``out`` when given: same shape and dtype)."""
@@ -414,16 +544,44 @@ class TensorReader:
 
     def read_many(self, targets: dict[str, Any]) -> dict[str, Any]:
         """Fill each target (a tensor, a ShardedTensor, or None to allocate) from the
-        checkpoint; all chunks are read in parallel."""
-        jobs: list[tuple[Any, ...]] = []
+        checkpoint. New tensors are read in place; given targets only after all their
+        chunks verified (`plan`, `verify`, `apply`)."""
         results: dict[str, Any] = {}
+        fresh: dict[str, Any] = {}
+        live: dict[str, Any] = {}
+        for key, out in targets.items():
+            if out is None:
+                entry = self._entry(key)
+                out = fresh[key] = torch.empty(
+                    list(entry["shape"]), dtype=dtype_from_name(entry["dtype"])
+                )
+            else:
+                live[key] = out
+            results[key] = out
+        if fresh:
+            jobs = self.plan(fresh, fresh=True)
+            _run_threads(lambda i: self._fetch(jobs[i], into_dest=True), len(jobs),
+                         self.concurrency)
+        if live:
+            jobs = self.plan(live)
+            self.verify(jobs, keep=not self.storage.is_local)
+            self.apply(jobs)
+        return results
+
+    def _entry(self, key: str) -> dict[str, Any]:
+        try:
+            return self.meta[key]
+        except KeyError:
+            raise KeyError(f"tensor {key!r} is not in the checkpoint") from None
+
+    def plan(self, targets: dict[str, Any], fresh: bool = False) -> list[_Job]:
+        """The chunk jobs filling ``targets``; raises ``ValueError`` naming the tensor
+        when a target's shape or dtype is not the checkpoint's (before reading)."""
+        jobs: list[_Job] = []
         for key, out in targets.items():
             entry = self._entry(key)
             dtype = dtype_from_name(entry["dtype"])
             shape = list(entry["shape"])
-            if out is None:
-                out = torch.empty(shape, dtype=dtype)
-            results[key] = out
             target_shape = list(out.size()) if is_sharded(out) else list(out.shape)
             if target_shape != shape:
                 raise ValueError(
@@ -443,27 +601,64 @@ class TensorReader:
                     )
                 for shard in entry["shards"]:
                     for chunk in shard["chunks"]:
-                        jobs.append((chunk, shard["offsets"], shard["sizes"], local, key, offsets))
-        _run_threads(lambda i: self._read_chunk(*jobs[i]), len(jobs), self.concurrency)
-        return results
+                        job = self._job(chunk, shard["offsets"], shard["sizes"], local, key,
+                                        offsets, fresh)
+                        if job is not None:
+                            jobs.append(job)
+        return jobs
 
-    def _entry(self, key: str) -> dict[str, Any]:
-        try:
-            return self.meta[key]
-        except KeyError:
-            raise KeyError(f"tensor {key!r} is not in the checkpoint") from None
+    def verify(self, jobs: list[_Job], keep: bool) -> None:
+        """Read every job's chunk and check its size and CRC32 (nothing live is
+        written); ``keep``: hold the bytes for `apply` (one read; memory: the chunks)."""
+        def check(i: int) -> None:
+            job = jobs[i]
+            if keep:
+                job.staged = torch.empty(job.box_size, dtype=job.dest.dtype)
+                self._read_checked(job, job.staged)
+            else:
+                self._read_checked(job, self._scratch_for(job))
 
-    def _read_chunk(
+        _run_threads(check, len(jobs), self.concurrency)
+
+    def check(self, jobs: list[_Job]) -> list[str]:
+        """Like `verify` without keeping anything, and going on past a bad chunk: the
+        problems of every chunk (empty: all intact)."""
+        def one(i: int) -> Optional[str]:
+            job = jobs[i]
+            try:
+                self._read_checked(job, self._scratch_for(job))
+            except (CheckpointCorruptError, StorageError) as e:
+                return str(e)
+            return None
+
+        return [p for p in _run_threads(one, len(jobs), self.concurrency) if p]
+
+    def apply(self, jobs: list[_Job]) -> None:
+        """Copy verified chunks into their targets (each re-read into scratch and
+        checked again unless `verify` kept it)."""
+        def place(i: int) -> None:
+            job = jobs[i]
+            buf, job.staged = job.staged, None
+            if buf is None:
+                buf = self._scratch_for(job)
+                self._read_checked(job, buf)
+            job.dest.copy_(buf[job.c_slices] if job.c_slices else buf)
+
+        with torch.no_grad():
+            _run_threads(place, len(jobs), self.concurrency)
+
+    def _job(
         self,
         chunk: dict[str, Any],
         shard_offsets: list[int],
         shard_sizes: list[int],
         target: torch.Tensor,
         key: str,
-        target_offsets: Optional[list[int]] = None,
-    ) -> None:
+        target_offsets: list[int],
+        fresh: bool,
+    ) -> Optional[_Job]:
         ndim = len(shard_sizes)
-        t_off = target_offsets or [0] * ndim
+        t_off = target_offsets
         r0, r1 = chunk["rows"]
         if ndim == 0:
             box_off, box_size = [], []
@@ -476,35 +671,48 @@ class TensorReader:
             for a, s, b, ts in zip(box_off, box_size, t_off, list(target.shape))
         ]
         if any(h <= low for low, h in zip(lo, hi)):
-            return  # no overlap with this target region
-        path = self.storage.join(self.directory, chunk["file"])
-        display = self.storage.display(path)
+            return None  # no overlap with this target region
         covers_chunk = lo == box_off and hi == [a + s for a, s in zip(box_off, box_size)]
         t_slices = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, t_off))
         full_width = ndim == 0 or all(
             lo[d] == t_off[d] and hi[d] == t_off[d] + target.shape[d] for d in range(1, ndim)
         )
         dest = target[t_slices] if ndim else target
-        if covers_chunk and full_width and dest.is_contiguous() and dest.device.type == "cpu":
-            buf = dest
-        else:
-            buf = torch.empty(box_size, dtype=target.dtype)
+        whole = bool(fresh and covers_chunk and full_width and dest.is_contiguous()
+                     and dest.device.type == "cpu")
+        c_slices = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, box_off))
+        return _Job(key, chunk, box_size, dest, c_slices, whole)
+
+    def _fetch(self, job: _Job, into_dest: bool) -> None:
+        """Read a job of a fresh target: straight into it when it covers the chunk."""
+        if into_dest and job.whole:
+            self._read_checked(job, job.dest)
+            return
+        buf = torch.empty(job.box_size, dtype=job.dest.dtype)
+        self._read_checked(job, buf)
+        job.dest.copy_(buf[job.c_slices] if job.c_slices else buf)
+
+    def _read_checked(self, job: _Job, buf: torch.Tensor) -> None:
+        """Fill ``buf`` (the chunk's box) from the file; check its size and CRC32."""
+        chunk, key = job.chunk, job.key
+        path = self.storage.join(self.directory, chunk["file"])
+        display = self.storage.display(path)
         view = _byte_view(buf)
         if view.nbytes != chunk["nbytes"]:
             raise CheckpointCorruptError(
                 f"{display}: chunk of {key!r} should hold {chunk['nbytes']} bytes, the "
                 f"manifest's shapes give {view.nbytes}"
             )
-        with self.storage.open_read(path) as f:
+        f, _size = open_member(self.storage, self.directory, chunk["file"],
+                               chunk["offset"] + chunk["nbytes"], sized=False)
+        with f:
             try:
                 read_into(f, chunk["offset"], view, display)
             except StorageError as e:
                 raise CheckpointCorruptError(str(e)) from e
         if crc32(view) != chunk["crc32"]:
+            r0, r1 = chunk["rows"]
             raise CheckpointCorruptError(
                 f"{display}: checksum mismatch in tensor {key!r} (rows {r0}..{r1}); the file "
                 "is corrupt"
             )
-        if buf is not dest:
-            c_slices = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, box_off))
-            dest.copy_(buf[c_slices] if ndim else buf)

@@ -42,10 +42,10 @@ from recframe.checkpoint.format import (
     CheckpointCorruptError,
     TensorReader,
     decode_tree,
+    dtype_from_name,
     dtype_name,
     encode_tree,
     is_sharded,
-    tree_tensor_keys,
 )
 
 logger = logging.getLogger("recframe.checkpoint")
@@ -232,21 +232,41 @@ def resolve_chain(
     storage: Any, directory: str, manifest: dict[str, Any]
 ) -> list[tuple[str, dict[str, Any]]]:
     """``[(path, manifest)]`` of a delta's chain, base first, itself last; raises
-    `CheckpointCorruptError` naming the first missing or inconsistent link."""
+    `CheckpointCorruptError` naming the first missing or inconsistent link. Every link
+    is a checkpoint of the same output dir (``ckpt_<n>`` next to this one), and the
+    chain ends with this checkpoint's own directory name (never a name it claims)."""
+    from recframe.checkpoint.manifest import CKPT_NAME_RE, ckpt_dir_name
     from recframe.checkpoint.saver import read_manifest
 
     own = section(manifest)
     chain = own.get("chain")
-    name = manifest.get("name")
+    name = ckpt_dir_name(directory)
     where = storage.display(directory)
     if not isinstance(chain, list) or len(chain) < 2 or chain[-1] != name:
-        raise CheckpointCorruptError(f"{where}: malformed incremental chain {chain!r}")
+        raise CheckpointCorruptError(
+            f"{where}: malformed incremental chain {str(chain)[:200]} (it must end with "
+            f"this checkpoint, {name})"
+        )
     parent_dir = posixpath.dirname(directory.rstrip("/"))
+    if storage.is_local:
+        import os
+
+        parent_dir = os.path.dirname(os.path.abspath(directory).rstrip(os.sep))
     links: list[tuple[str, dict[str, Any]]] = []
     for i, link in enumerate(chain[:-1]):
-        path = storage.join(parent_dir, str(link))
+        if not isinstance(link, str) or not CKPT_NAME_RE.match(link):
+            raise CheckpointCorruptError(
+                f"{where}: incremental chain link {str(link)[:80]!r} is not a checkpoint of "
+                "the same output dir (ckpt_<step>); refused"
+            )
+        path = storage.join(parent_dir, link)
         try:
-            found = read_manifest(storage, path, quiet=True)
+            found = read_manifest(storage, path)
+        except CheckpointCorruptError as e:
+            raise CheckpointCorruptError(
+                f"{where} needs {storage.display(path)} (link {i + 1} of {len(chain)} of its "
+                f"chain), which is corrupt: {e}"
+            ) from e
         except OSError as e:
             raise CheckpointCorruptError(
                 f"{where} needs {storage.display(path)} (link {i + 1} of {len(chain)} of its "
@@ -261,12 +281,13 @@ def resolve_chain(
         theirs = section(found)
         expected_kind = FULL if i == 0 else DELTA
         layout = theirs.get("tables")
-        if (theirs.get("kind") != expected_kind or chain_steps(found) != chain[: i + 1]
+        their_chain = theirs.get("chain") if isinstance(theirs.get("chain"), list) else [link]
+        if (theirs.get("kind") != expected_kind or their_chain != chain[: i + 1]
                 or (layout is not None and layout != own.get("tables"))):
             raise CheckpointCorruptError(
                 f"{where} needs {storage.display(path)} (link {i + 1} of {len(chain)} of its "
                 f"chain), but that checkpoint belongs to another chain ({theirs.get('kind')}, "
-                f"chain {chain_steps(found)}); it was overwritten by another run"
+                f"chain {their_chain}); it was overwritten by another run"
             )
         links.append((path, found))
     links.append((directory, manifest))
@@ -274,47 +295,70 @@ def resolve_chain(
 
 
 # --- restoring --------------------------------------------------------------------
-def load_delta(
-    saver: Any, storage: Any, directory: str, manifest: dict[str, Any], conf: dict[str, Any]
-) -> dict[str, Any]:
-    """Load a delta checkpoint: its base, each delta's rows, then its full parts (what
-    `Saver.load_by_config` does for a delta). Returns the manifest."""
-    from recframe.checkpoint.saver import PARTS, _parse_conf
+def plan_chain(
+    saver: Any, txn: Any, storage: Any, directory: str, manifest: dict[str, Any],
+    parts: list[str], strict: bool,
+) -> frozenset[str]:
+    """Plan restoring a delta's tables into the restore transaction ``txn``
+    (`recframe.checkpoint.restore`): its base's table parts (through the same part
+    loaders as any restore), then each delta's rows in chain order. Every delta's rows
+    are read and checked (CRC32, bounds, shapes) before anything live changes. The
+    deltas are read while the base is planned and verified (one thread reading them in
+    order; on an object store ``saver.concurrency`` deltas side by side): a cold restore
+    overlaps their first-byte latencies with the base's transfer. Returns the tracked
+    tensor keys (their values come from the chain, not from the delta's own parts)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    load, exclude, strict = _parse_conf(conf)
-    wanted = [p for p in PARTS if p in load and p not in exclude]
-    live: dict[str, Any] = {}
+    from recframe.checkpoint.restore import plan_parts
+
     links = resolve_chain(storage, directory, manifest)
-    tables = set(section(manifest).get("tables") or {})
-    table_parts = [p for p in ("sparse", "sparse_opt") if p in wanted]
-    if table_parts:
-        base_path, _ = links[0]
-        logger.info("restoring %s: base %s and %d delta(s)", storage.display(directory),
-                    storage.display(base_path), len(links) - 1)
-        _load_chain(saver, storage, links, table_parts, strict)
-        live = _live_tensors(saver, table_parts)
-    reader = TensorReader(storage, directory, manifest["tensors"], saver.concurrency)
-    trees = manifest.get("parts", {})
-    for part in wanted:
-        if part not in trees:
-            if strict and part not in ("sparse_opt", "io_state"):
-                raise CheckpointCorruptError(f"{storage.display(directory)} has no part {part!r}")
-            continue
-        if part == "sparse":
-            saver._load_model_part(reader, trees[part], part, strict, directory,
-                                   skip=frozenset(tables))
-        elif part == "dense":
-            saver._load_model_part(reader, trees[part], part, strict, directory)
-        elif part == "sparse_opt":
-            if saver.sparse_optimizer is not None:
-                saver.sparse_optimizer.load_state_dict(
-                    _decode_opt(saver, reader, trees[part], tables, live)
-                )
-        elif part == "extra":
-            saver._load_extra(reader, trees[part], strict)
-        elif part == "io_state":
-            saver._load_io(reader, trees[part], manifest.get("world_size", 1))
-    return manifest
+    tables = section(manifest).get("tables") or {}
+    tracked = frozenset(tables)
+    table_parts = [p for p in ("sparse", "sparse_opt") if p in parts
+                   and (p == "sparse" or saver.sparse_optimizer is not None)]
+    if not table_parts:
+        return tracked
+    base_path, base_manifest = links[0]
+    logger.info("restoring %s: base %s and %d delta(s)", storage.display(directory),
+                storage.display(base_path), len(links) - 1)
+    layout = _live_tensors(saver, table_parts)  # the local shards' layout (loading keeps it)
+    plans = [_plan_rows(saver, storage, path, m, table_parts, layout) for path, m in links[1:]]
+    parallel = PARALLEL_DELTA_READS and not getattr(storage, "is_local", True)
+    workers = min(len(plans), saver.concurrency) if parallel else 1
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="ckpt-delta") as pool:
+        if parallel:
+            futures = [pool.submit(read) for _, _, read in plans]
+        else:
+            futures = [pool.submit(lambda: [read() for _, _, read in plans])]
+        plan_parts(saver, txn, storage, base_path, base_manifest, table_parts, strict)
+        if parallel:
+            datas = [f.result() for f in futures]
+        else:
+            datas = futures[0].result()
+    # every check, nothing written; a table's optimizer state the optimizer does not
+    # hold yet (created lazily) is the base's, which the base's load installs
+    stand_ins = dict(layout)
+    for _, jobs, _ in plans:
+        for _, key in jobs:
+            entry = base_manifest["tensors"].get(key)
+            if key not in stand_ins and entry is not None:
+                stand_ins[key] = torch.empty(entry["shape"], device="meta",
+                                             dtype=dtype_from_name(entry["dtype"]))
+    _copy_all(plans, datas, stand_ins, dry_run=True)
+
+    def apply() -> None:
+        live = _live_tensors(saver, table_parts)  # (a torch optimizer's load may replace them)
+        # many small copies: one thread (on a shared machine a parallel region waits for
+        # a descheduled worker at every op: measured 50x slower with a busy neighbour)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _copy_all(plans, datas, live)
+        finally:
+            torch.set_num_threads(threads)
+
+    txn.call(apply)
+    return tracked
 
 
 def _live_tensors(saver: Any, parts: Iterable[str]) -> dict[str, Any]:
@@ -348,61 +392,112 @@ def _plan_rows(
     where = storage.display(path)
     jobs: list[tuple[dict[str, Any], str]] = []
     for rank_tree in (manifest.get("parts", {}).get("delta") or {}).values():
-        tables = decode_tree(rank_tree, lambda key: key).get("tables", {})
+        tables = _delta_tables(decode_tree(rank_tree, _Key), where)
         for key, shards in tables.items():
             if not key.startswith(tuple(p + "." for p in parts)):
                 continue
             target = layout.get(key)
             for shard in shards:
+                if target is not None and len(shard["offsets"]) != target.dim():
+                    raise CheckpointCorruptError(
+                        f"{where}: delta rows of {key!r} have {len(shard['offsets'])} dims, "
+                        f"the table has {target.dim()}"
+                    )
                 if target is None or any(_overlap(shard, off, local)
                                          for off, local in _regions(target)):
                     jobs.append((shard, key))
-    needed = {k: None for shard, _ in jobs for k in (shard["rows"], shard["values"])}
-    nbytes = sum(c.get("nbytes", 0) for key in needed
-                 for sh in manifest["tensors"].get(key, {}).get("shards", [])
-                 for c in sh.get("chunks", []))
+    needed = {str(k): None for shard, _ in jobs for k in (shard["rows"], shard["values"])}
+    nbytes = sum(c["nbytes"] for key in needed for sh in manifest["tensors"][key]["shards"]
+                 for c in sh["chunks"])
     if nbytes <= SMALL_DELTA_BYTES:  # each data file in one read, no thread pool
         return where, jobs, lambda: _read_small(storage, path, manifest["tensors"], needed)
     reader = TensorReader(storage, path, manifest["tensors"], saver.concurrency)
     return where, jobs, lambda: reader.read_many(needed)
 
 
+class _Key(str):
+    """A tensor key standing in for its tensor while a tree is decoded."""
+
+    def numpy(self) -> _Key:
+        return self
+
+
+def _delta_tables(tree: Any, where: str) -> dict[str, list[dict[str, Any]]]:
+    """The ``tables`` of one rank's delta tree, checked: per tensor key, shards with
+    ``offsets``/``sizes`` (lists of ints) and ``rows``/``values`` (tensor keys)."""
+    def bad(why: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(f"{where}: malformed delta part: {why}")
+
+    tables = tree.get("tables", {}) if isinstance(tree, dict) else None
+    if not isinstance(tables, dict):
+        raise bad("no dict of tables")
+    for key, shards in tables.items():
+        if not isinstance(key, str) or not isinstance(shards, list):
+            raise bad(f"table {str(key)[:80]!r} is not a list of shards")
+        for shard in shards:
+            if not isinstance(shard, dict):
+                raise bad(f"a shard of {key!r} is not a dict")
+            for field in ("offsets", "sizes"):
+                dims = shard.get(field)
+                if not isinstance(dims, list) or not dims or not all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in dims
+                ):
+                    raise bad(f"a shard of {key!r} has no valid {field}")
+            if len(shard["offsets"]) != len(shard["sizes"]):
+                raise bad(f"a shard of {key!r} has offsets and sizes of different lengths")
+            if not isinstance(shard.get("rows"), _Key) or not isinstance(shard.get("values"),
+                                                                        _Key):
+                raise bad(f"a shard of {key!r} has no rows/values tensors")
+    return tables
+
+
 def _read_small(
     storage: Any, directory: str, meta: dict[str, Any], keys: Iterable[str]
 ) -> dict[str, torch.Tensor]:
     """The (plain, unsharded) tensors ``keys`` of a small delta, reading each data file
-    whole once; every chunk is checked against its size and CRC32 as `TensorReader`
-    does."""
+    once, up to the last byte these tensors need (never more than the manifest says
+    the file holds, nor more than it really holds); every chunk is checked against its
+    size and CRC32 as `TensorReader` does."""
     import numpy as np
 
-    from recframe.checkpoint.format import dtype_from_name
-    from recframe.checkpoint.storage import StorageError, crc32
+    from recframe.checkpoint.format import dtype_from_name, open_member
+    from recframe.checkpoint.storage import StorageError, crc32, read_into
 
-    files: dict[str, memoryview] = {}
-    out: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    ends: dict[str, int] = {}
     for key in keys:
         entry = meta.get(key)
-        if entry is None or len(entry.get("shards", [])) != 1:
+        if entry is None or len(entry["shards"]) != 1:
             raise CheckpointCorruptError(
                 f"{storage.display(directory)}: delta tensor {key!r} is missing or sharded"
             )
-        shape = [int(n) for n in entry["shape"]]
+        entries[key] = entry
+        for chunk in entry["shards"][0]["chunks"]:
+            ends[chunk["file"]] = max(ends.get(chunk["file"], 0),
+                                      chunk["offset"] + chunk["nbytes"])
+    files: dict[str, memoryview] = {}
+    for name, end in ends.items():
+        display = storage.display(storage.join(directory, name))
+        f, _ = open_member(storage, directory, name, end)
+        with f:
+            buf = bytearray(end)  # the manifest's schema bounds end by the file's size
+            try:
+                read_into(f, 0, memoryview(buf), display)
+            except StorageError as e:
+                raise CheckpointCorruptError(str(e)) from e
+        files[name] = memoryview(buf)
+    out: dict[str, torch.Tensor] = {}
+    for key, entry in entries.items():
+        shape = list(entry["shape"])
         tensor = torch.empty(shape, dtype=dtype_from_name(entry["dtype"]))
         out[key] = tensor
         if tensor.numel() == 0:  # a table none of whose rows changed
             continue
         rows = tensor.reshape(shape[0], -1) if shape else tensor.reshape(1, 1)
         for chunk in entry["shards"][0]["chunks"]:
-            name = chunk["file"]
-            path = storage.join(directory, name)
-            display = storage.display(path)
-            if name not in files:
-                try:
-                    files[name] = memoryview(storage.read_bytes(path))
-                except FileNotFoundError:
-                    raise StorageError(f"reading {display} failed: not found") from None
-            offset, nbytes = int(chunk["offset"]), int(chunk["nbytes"])
-            data = files[name][offset: offset + nbytes]
+            display = storage.display(storage.join(directory, chunk["file"]))
+            offset, nbytes = chunk["offset"], chunk["nbytes"]
+            data = files[chunk["file"]][offset: offset + nbytes]
             r0, r1 = chunk["rows"]
             dest = rows[r0:r1]
             if len(data) != nbytes or dest.numel() * dest.element_size() != nbytes:
@@ -420,42 +515,11 @@ def _read_small(
     return out
 
 
-def _load_chain(
-    saver: Any, storage: Any, links: list[tuple[str, dict[str, Any]]], parts: list[str],
-    strict: bool,
+def _copy_all(
+    plans: list[Any], datas: list[dict[str, Any]], live: dict[str, Any], dry_run: bool = False
 ) -> None:
-    """Load the base's table parts and apply every delta's rows in chain order. The
-    deltas are read while the base loads (one thread reading them in order; on an
-    object store ``saver.concurrency`` deltas side by side): a cold restore overlaps
-    their first-byte latencies with the base's transfer."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    layout = _live_tensors(saver, parts)  # the local shards' layout (loading keeps it)
-    plans = [_plan_rows(saver, storage, path, m, parts, layout) for path, m in links[1:]]
-    parallel = PARALLEL_DELTA_READS and not getattr(storage, "is_local", True)
-    workers = min(len(plans), saver.concurrency) if parallel else 1
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="ckpt-delta") as pool:
-        if parallel:
-            futures = [pool.submit(read) for _, _, read in plans]
-        else:
-            futures = [pool.submit(lambda: [read() for _, _, read in plans])]
-        saver.load_by_config(links[0][0], {"load": parts, "strict": strict})
-        if parallel:
-            datas = [f.result() for f in futures]
-        else:
-            datas = futures[0].result()
-    live = _live_tensors(saver, parts)  # (a torch optimizer's load may replace tensors)
-    # many small copies: one thread (on a shared machine a parallel region waits for a
-    # descheduled worker at every op: measured 50x slower with a busy neighbour)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _copy_all(plans, datas, live)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _copy_all(plans: list[Any], datas: list[dict[str, Any]], live: dict[str, Any]) -> None:
+    """Apply every delta's rows to the live tensors in chain order (``dry_run``: check
+    that they would apply, writing nothing)."""
     with torch.no_grad():
         for (where, jobs, _), data in zip(plans, datas):
             for shard, key in jobs:
@@ -466,11 +530,16 @@ def _copy_all(plans: list[Any], datas: list[dict[str, Any]], live: dict[str, Any
                         "not have"
                     )
                 rows, values = data[shard["rows"]], data[shard["values"]]
-                if rows.dim() != 1 or values.shape[0] != rows.shape[0]:
-                    raise CheckpointCorruptError(f"{where}: malformed delta rows of a table")
+                if rows.dim() != 1 or rows.dtype != torch.int64 or values.dim() < 1 \
+                        or values.shape[0] != rows.shape[0]:
+                    raise CheckpointCorruptError(f"{where}: malformed delta rows of {key!r}")
+                if len(shard["offsets"]) != target.dim():
+                    raise CheckpointCorruptError(
+                        f"{where}: delta rows of {key!r} do not have the table's dims"
+                    )
                 for off, local in _regions(target):
                     if _overlap(shard, off, local):
-                        _copy_rows(shard, rows, values, off, local, where)
+                        _copy_rows(shard, rows, values, off, local, where, dry_run)
 
 
 def _overlap(shard: dict[str, Any], off: list[int], local: torch.Tensor) -> bool:
@@ -481,7 +550,7 @@ def _overlap(shard: dict[str, Any], off: list[int], local: torch.Tensor) -> bool
 
 def _copy_rows(
     shard: dict[str, Any], rows: torch.Tensor, values: torch.Tensor, off: list[int],
-    local: torch.Tensor, where: str,
+    local: torch.Tensor, where: str, dry_run: bool = False,
 ) -> None:
     o, s = shard["offsets"], shard["sizes"]
     if rows.numel():
@@ -504,35 +573,9 @@ def _copy_rows(
         hi = min(o[1] + shard["sizes"][1], off[1] + local.shape[1])
         vals = vals[:, lo - o[1]: hi - o[1]]
         dest = local[:, lo - off[1]: hi - off[1]]
-    if vals.shape[1:] != dest.shape[1:]:
+    if vals.shape[1:] != dest.shape[1:] or vals.dim() != dest.dim():
         raise CheckpointCorruptError(
             f"{where}: delta rows of shape {tuple(vals.shape)} do not fit {tuple(dest.shape)}"
         )
-    dest.index_copy_(0, idx, vals.to(dest.device, dest.dtype))
-
-
-def _decode_opt(
-    saver: Any, reader: TensorReader, tree: Any, tables: set[str], live: dict[str, Any]
-) -> Any:
-    """The sparse optimizer state of a delta: tracked tensors are the live ones (their
-    rows were just applied), the others are read (in place where they match)."""
-    if not live:
-        live = _live_tensors(saver, ["sparse_opt"])
-    values: dict[str, Any] = {}
-    targets: dict[str, Any] = {}
-    for key in tree_tensor_keys(tree):
-        if key in tables:
-            if key not in live:
-                raise CheckpointCorruptError(
-                    f"optimizer state {key!r} of the checkpoint is not in the live optimizer"
-                )
-            values[key] = live[key]
-            continue
-        cand = live.get(key)
-        target = None
-        if cand is not None and key in reader:
-            if _size(cand) == reader.shape(key) and cand.dtype == reader.dtype(key):
-                target = cand
-        targets[key] = target
-    values.update(reader.read_many(targets))
-    return decode_tree(tree, lambda key: values[key])
+    if not dry_run:
+        dest.index_copy_(0, idx, vals.to(dest.device, dest.dtype))

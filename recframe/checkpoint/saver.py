@@ -37,14 +37,12 @@ from recframe import distributed
 from recframe.checkpoint.format import (
     DEFAULT_CHUNK_BYTES,
     CheckpointCorruptError,
-    TensorReader,
-    decode_tree,
     encode_tree,
     is_sharded,
     naming_errors,
-    tree_tensor_keys,
     write_tensors,
 )
+from recframe.checkpoint.manifest import FORMAT_NAME, FORMAT_VERSION, encode_manifest
 from recframe.checkpoint.storage import Storage, StorageError
 
 logger = logging.getLogger("recframe.checkpoint")
@@ -52,8 +50,6 @@ logger = logging.getLogger("recframe.checkpoint")
 PARTS = ("sparse", "dense", "sparse_opt", "extra", "io_state")
 MANIFEST = "manifest.json"
 STAGING_SUFFIX = ".staging"
-FORMAT_NAME = "recframe.checkpoint"
-FORMAT_VERSION = 1
 PER_RANK_PARTS = ("io_state", "delta")
 """Parts each rank writes its own tree of (``delta``: an incremental checkpoint's rows)."""
 _CKPT_RE = re.compile(r"^ckpt_(\d+)$")
@@ -344,9 +340,7 @@ class Saver:
                 manifest.update(manifest_extra or {})
                 mpath = self.storage.join(staging, MANIFEST)
                 with naming_errors(self.storage, "writing", mpath):
-                    self.storage.write_bytes_atomic(
-                        mpath, json.dumps(manifest, allow_nan=True).encode()
-                    )
+                    self.storage.write_bytes_atomic(mpath, encode_manifest(manifest))
                 if staging != final:
                     with naming_errors(self.storage, "renaming", staging):
                         self.storage.rename(staging, final)
@@ -576,7 +570,11 @@ class Saver:
         if ckpt_path:
             return ckpt_path
         if ckpt_id is not None:
-            return self.storage.path(ckpt_name(ckpt_id))
+            name = ckpt_name(ckpt_id)
+            if "/" in name or "\\" in name or name.startswith("ckpt_..") or "\0" in name:
+                raise ValueError(f"checkpoint id {ckpt_id!r} is not a checkpoint name of "
+                                 f"{self.storage.display(self.storage.root)}")
+            return self.storage.path(name)
         latest = self.latest_checkpoint()
         if latest is None:
             raise CheckpointError(
@@ -598,7 +596,13 @@ class Saver:
 
     def load_by_config(self, path: str, conf: dict[str, Any]) -> dict[str, Any]:
         """Load the parts ``conf["load"]`` (default all) minus ``conf["exclude"]``;
-        ``conf["strict"]`` (default True) makes missing or unexpected entries an error."""
+        ``conf["strict"]`` (default True) makes missing or unexpected entries an error.
+
+        All or nothing (`recframe.checkpoint.restore`): every byte is checked before it
+        reaches a live tensor, and a corrupt checkpoint leaves the model, optimizers and
+        registered objects as they were."""
+        from recframe.checkpoint import restore
+
         load, exclude, strict = _parse_conf(conf)
         storage = (
             self.storage if _same_root(self.storage, path)
@@ -612,226 +616,40 @@ class Saver:
             )
         if self.row_tracker is not None:
             self.row_tracker.invalidate("a checkpoint was loaded")
-        from recframe.checkpoint import incremental
-
-        if incremental.is_delta(manifest):  # replay its chain: base, then each delta
-            return incremental.load_delta(self, storage, directory, manifest, conf)
-        reader = TensorReader(storage, directory, manifest["tensors"], self.concurrency)
-        trees = manifest.get("parts", {})
         wanted = [p for p in PARTS if p in load and p not in exclude]
-        for part in wanted:
-            if part not in trees:
-                if strict and part not in ("sparse_opt", "io_state"):
-                    raise CheckpointError(f"{storage.display(directory)} has no part {part!r}")
-                continue
-            if part in ("sparse", "dense"):
-                self._load_model_part(reader, trees[part], part, strict, directory)
-            elif part == "sparse_opt":
-                if self.sparse_optimizer is not None:
-                    live = self.sparse_optimizer.state_dict()
-                    if _holds_sharded(live):
-                        loaded = _decode_sharded_optimizer(trees[part], reader, live, directory)
-                    else:
-                        loaded = _decode(trees[part], reader, live, "sparse_opt")
-                    self.sparse_optimizer.load_state_dict(loaded)
-            elif part == "extra":
-                self._load_extra(reader, trees[part], strict)
-            elif part == "io_state":
-                self._load_io(reader, trees[part], manifest.get("world_size", 1))
-        return manifest
-
-    def _load_model_part(
-        self, reader: TensorReader, tree: Any, part: str, strict: bool, directory: str,
-        skip: frozenset[str] = frozenset(),
-    ) -> None:
-        """Read a model part in place into the model's tensors, except the tensor keys
-        in ``skip`` (an incremental chain's tables, written by their deltas)."""
-        sparse, dense = split_model_state(self.model)
-        live = sparse if part == "sparse" else dense
-        saved = decode_tree(tree, lambda key: key)  # {state key: tensor key}
-        missing = sorted(set(live) - set(saved))
-        unexpected = sorted(set(saved) - set(live))
-        if (missing or unexpected) and strict:
-            raise CheckpointError(
-                f"{directory}: part {part!r} does not match the model: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}; pass strict=False to load what matches"
-            )
-        if missing or unexpected:
-            logger.warning(
-                "%s part %r: missing %s, unexpected %s (strict=False)",
-                directory, part, missing[:5], unexpected[:5],
-            )
-        targets = {saved[k]: live[k] for k in live if k in saved and saved[k] not in skip}
-        reader.read_many(targets)  # in place into the model's own tensors
-
-    def _load_extra(self, reader: TensorReader, tree: Any, strict: bool) -> None:
-        extra = _decode(tree, reader)
-        for name, obj in self._extra.items():
-            if name not in extra:
-                logger.warning("checkpoint has no extra state %r; keeping its current value", name)
-                continue
-            loader = getattr(obj, "load_state_dict", None)
-            if callable(loader):
-                loader(extra[name])
-            self._extra_data[name] = extra[name]
-        for name in set(extra) - set(self._extra):
-            self._extra_data[name] = extra[name]
-
-    def _load_io(self, reader: TensorReader, per_rank: dict[str, Any], world: int) -> None:
-        rank = distributed.get_rank()
-        if world != distributed.get_world_size():
-            logger.warning(
-                "checkpoint was saved by %d ranks, this run has %d: dataset positions and "
-                "RNG streams are not restored (data restarts at the current position)",
-                world, distributed.get_world_size(),
-            )
-            return
-        tree = per_rank.get(str(rank))
-        if tree is None:
-            return
-        states = _decode(tree, reader)
-        for name, obj in self._io.items():
-            if name in states:
-                obj.load_state_dict(states[name])
-            else:
-                logger.warning("checkpoint has no io_state %r", name)
+        return restore.restore(self, storage, directory, manifest, wanted, strict)
 
 
 def read_manifest(storage: Storage, path: str, quiet: bool = False) -> Optional[dict[str, Any]]:
-    """Parse ``<path>/manifest.json``; None when absent. A manifest that exists but
-    cannot be parsed is corrupt: an error, or a warning and None when ``quiet``."""
+    """Parse and validate ``<path>/manifest.json`` (`recframe.checkpoint.manifest`);
+    None when absent. A manifest that exists but is not valid makes the checkpoint
+    corrupt: a `CheckpointCorruptError`, or a warning and None when ``quiet``. A
+    manifest of a newer format version is always an error (`CheckpointVersionError`):
+    skipping it would silently restore an older checkpoint."""
+    from recframe.checkpoint.format import read_member
+    from recframe.checkpoint.manifest import MAX_MANIFEST_BYTES, parse_manifest
+
     mpath = storage.join(path, MANIFEST)
     try:
-        raw = storage.read_bytes(mpath)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        if isinstance(e, NotADirectoryError) or isinstance(e.__cause__, NotADirectoryError):
-            return None  # ``path`` is a file: not a checkpoint directory
-        # a storage error (network, permissions) is not "uncommitted": silently skipping
-        # the newest checkpoint would restore an older one, so it is raised even when quiet
-        raise
-    try:
-        manifest = json.loads(raw)
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-            raise ValueError("not a recframe manifest")
-        for key in ("files", "tensors", "parts"):
-            if not isinstance(manifest.get(key), dict):
-                raise ValueError(f"missing {key!r}")
-    except ValueError as e:
-        if quiet:
-            logger.warning("ignoring %s: unreadable manifest (%s)", storage.display(mpath), e)
-            return None
-        raise CheckpointCorruptError(
-            f"{storage.display(mpath)} is not a valid manifest: {e}"
-        ) from e
-    return manifest
-
-
-def _decode(
-    tree: Any, reader: TensorReader, live: Any = None, prefix: Optional[str] = None
-) -> Any:
-    """Decode a saved tree, reading its tensors. With ``live`` (the object's current
-    state tree, encoded under the same ``prefix`` as at save time), tensors whose
-    counterpart exists with the same shape and dtype are read into it in place: this
-    is how sharded optimizer state (torchrec's fused optimizers) is restored."""
-    keys = tree_tensor_keys(tree)
-    targets: dict[str, Any] = dict.fromkeys(keys)
-    if live is not None and prefix is not None:
-        live_map: dict[str, Any] = {}
         try:
-            encode_tree(live, prefix, live_map)
-        except TypeError:
-            live_map = {}
-        for key in keys:
-            cand = live_map.get(key)
-            if cand is None or key not in reader:
-                continue
-            size = list(cand.size()) if is_sharded(cand) else list(cand.shape)
-            if size == reader.shape(key) and cand.dtype == reader.dtype(key):
-                targets[key] = cand
-    tensors = reader.read_many(targets)
-    return decode_tree(tree, lambda key: tensors[key])
-
-
-def _holds_sharded(tree: Any) -> bool:
-    if is_sharded(tree):
-        return True
-    if isinstance(tree, dict):
-        return any(_holds_sharded(v) for v in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return any(_holds_sharded(v) for v in tree)
-    return False
-
-
-class _Saved:
-    """A tensor of the saved tree, read only when used."""
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-
-def _decode_sharded_optimizer(
-    tree: Any, reader: TensorReader, live: dict[str, Any], directory: str
-) -> dict[str, Any]:
-    """The state of an optimizer of sharded tables (torchrec's fused optimizers), for
-    any world size and sharding plan.
-
-    Each rank's optimizer holds state only for the table shards it owns, so the saved
-    tree (rank 0's) does not list every rank's entries; the tensors of all ranks are in
-    the manifest under their tree keys (``sparse_opt.state.<param>.<name>``), each as a
-    global tensor with its shards' boxes. So the live state drives: every sharded live
-    tensor is read in place from the boxes that overlap its local shards (resharding),
-    and the rest (param groups' hyperparameters such as ``lr``, counters) comes from the
-    saved tree."""
-    live_map: dict[str, Any] = {}
-    live_tree = encode_tree(live, "sparse_opt", live_map)
-    sharded = {k: v for k, v in live_map.items() if is_sharded(v)}
-    missing = sorted(k for k in sharded if k not in reader)
-    if missing:
-        raise CheckpointError(
-            f"{directory}: the checkpoint has no sparse optimizer state {missing[:3]} for "
-            "this model's tables (saved with another sparse optimizer or other tables?); "
-            "exclude 'sparse_opt' in the load config to start the optimizer fresh"
-        )
-    reader.read_many(sharded)
-    result = decode_tree(live_tree, lambda key: live_map[key])
-    saved = decode_tree(tree, _Saved)
-
-    def resolve(value: Any) -> Any:
-        if isinstance(value, _Saved):
-            return reader.read(value.key)
-        if isinstance(value, dict):
-            return {k: resolve(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [resolve(v) for v in value]
-        if isinstance(value, tuple):
-            return tuple(resolve(v) for v in value)
-        return value
-
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{directory}: part 'sparse_opt' is not an optimizer state")
-    saved_state = saved.get("state") or {}
-    for param, entries in (result.get("state") or {}).items():
-        theirs = saved_state.get(param) if isinstance(saved_state, dict) else None
-        if not isinstance(entries, dict) or not isinstance(theirs, dict):
-            continue
-        for name, value in entries.items():
-            if not is_sharded(value) and name in theirs:
-                entries[name] = resolve(theirs[name])
-    groups = saved.get("param_groups")
-    if isinstance(groups, list) and groups and isinstance(result.get("param_groups"), list):
-        # every table of recframe's sharded models shares the hyperparameters; a rank's
-        # groups list the parameters it owns, which differ between plans
-        for i, group in enumerate(result["param_groups"]):
-            source = groups[min(i, len(groups) - 1)]
-            group.update({k: resolve(v) for k, v in source.items() if k != "params"})
-    elif "param_groups" in result and groups is None:
-        del result["param_groups"]  # saved without them: keep the live hyperparameters
-    for key, value in saved.items():
-        if key not in ("state", "param_groups"):
-            result[key] = resolve(value)
-    return result
+            raw = read_member(storage, path, MANIFEST, MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            return None
+        except CheckpointCorruptError:
+            raise
+        except OSError as e:
+            if isinstance(e, NotADirectoryError) or isinstance(e.__cause__, NotADirectoryError):
+                return None  # ``path`` is a file: not a checkpoint directory
+            # a storage error (network, permissions) is not "uncommitted": silently
+            # skipping the newest checkpoint would restore an older one, so it is raised
+            # even when quiet
+            raise
+        return parse_manifest(raw, storage.display(mpath))
+    except CheckpointCorruptError as e:
+        if quiet:
+            logger.warning("ignoring %s: %s", storage.display(path), e)
+            return None
+        raise
 
 
 def _parse_conf(conf: Any) -> tuple[set[str], set[str], bool]:

@@ -1,0 +1,454 @@
+"""Restoring a checkpoint, all or nothing, through one table of part loaders.
+
+`PART_LOADERS` maps each checkpoint part to its loader; full and delta restores
+(`recframe.checkpoint.incremental`) use the same table. A restore runs in three
+phases, so that a corrupt or hostile checkpoint leaves the model, the optimizers and
+every registered object exactly as they were:
+
+1. *plan*: every part's tree is decoded and checked (model and optimizer-state shapes
+   against the live ones), tensors that become new objects (a dense optimizer's state,
+   an LR scheduler's, io_state) are read into fresh memory with their CRC32 checked,
+   and the copies into live tensors and the ``load_state_dict`` calls are queued;
+2. *verify*: every chunk a queued copy needs is read and its CRC32 checked, nothing
+   live is written. With ``keep`` (`STAGE_IN_MEMORY`, default on object stores) the
+   bytes are kept for phase 3: one read of each chunk, extra host memory of the live
+   tensors' size. Without (default on local disks) each chunk goes through a scratch
+   buffer: extra memory ``concurrency`` x one chunk (``chunk_bytes``, 64 MiB by
+   default), each chunk read twice (the second time from the page cache);
+3. *apply*: the chunks are copied into the live tensors (re-read ones are checked
+   again before the copy: no unchecked byte ever reaches a live tensor) and the queued
+   calls run in order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from recframe.checkpoint.format import (
+    CheckpointCorruptError,
+    TensorReader,
+    decode_tree,
+    encode_tree,
+    is_sharded,
+    tree_tensor_keys,
+)
+
+STAGE_IN_MEMORY: Optional[bool] = None
+"""Keep the verified bytes of live tensors in memory between verify and apply (True),
+or re-read each chunk into scratch (False); None: keep on object stores (a second
+download costs more than the memory), re-read on local filesystems (no extra memory
+beyond one chunk per reader thread)."""
+
+
+class Transaction:
+    """The queued copies into live tensors and calls of one restore (phases 2, 3)."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[Optional[TensorReader], Any]] = []
+
+    def copy(self, reader: TensorReader, targets: dict[str, Any]) -> None:
+        """Queue filling the live ``targets`` from ``reader`` (shapes checked now)."""
+        if targets:
+            self._steps.append((reader, reader.plan(targets)))
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Queue ``fn`` (a ``load_state_dict``...) after the copies queued so far."""
+        self._steps.append((None, fn))
+
+    def verify(self, keep: bool) -> None:
+        for reader, jobs in self._steps:
+            if reader is not None:
+                reader.verify(jobs, keep)
+
+    def apply(self) -> None:
+        for reader, step in self._steps:
+            if reader is not None:
+                reader.apply(step)
+            else:
+                step()
+
+
+@dataclass
+class PartContext:
+    """What a part loader needs: the saver, the checkpoint's reader, the transaction."""
+
+    saver: Any
+    txn: Transaction
+    reader: TensorReader
+    where: str
+    manifest: dict[str, Any]
+    strict: bool
+    tracked: frozenset[str] = frozenset()
+    """Tensor keys whose values a delta chain supplies (not read from this checkpoint)."""
+
+
+class _Key(str):
+    """A tensor key standing in for its tensor while a tree is decoded."""
+
+    def numpy(self) -> _Key:
+        return self
+
+
+def _corrupt(ctx: PartContext, part: str, why: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(f"{ctx.where}: part {part!r} {why}")
+
+
+# --- the part loaders ------------------------------------------------------------
+def _model_part(part: str) -> Callable[[PartContext, Any], None]:
+    def load(ctx: PartContext, tree: Any) -> None:
+        from recframe.checkpoint.saver import CheckpointError, logger, split_model_state
+
+        sparse, dense = split_model_state(ctx.saver.model)
+        live = sparse if part == "sparse" else dense
+        saved = decode_tree(tree, _Key)  # {state key: tensor key}
+        if not isinstance(saved, dict) or not all(isinstance(v, _Key) for v in saved.values()):
+            raise _corrupt(ctx, part, "is not a model state (a dict of tensors)")
+        missing = sorted(set(live) - set(saved))
+        unexpected = sorted(str(k) for k in set(saved) - set(live))
+        if (missing or unexpected) and ctx.strict:
+            raise CheckpointError(
+                f"{ctx.where}: part {part!r} does not match the model: missing "
+                f"{missing[:5]}, unexpected {unexpected[:5]}; pass strict=False to load what "
+                "matches"
+            )
+        if missing or unexpected:
+            logger.warning("%s part %r: missing %s, unexpected %s (strict=False)",
+                           ctx.where, part, missing[:5], unexpected[:5])
+        ctx.txn.copy(ctx.reader, {
+            str(saved[k]): live[k] for k in live if k in saved and saved[k] not in ctx.tracked
+        })
+
+    return load
+
+
+def _sparse_opt(ctx: PartContext, tree: Any) -> None:
+    opt = ctx.saver.sparse_optimizer
+    if opt is None:
+        return
+    live = opt.state_dict()
+    if ctx.tracked:
+        _plan_state(ctx, tree, live, "sparse_opt", opt, tracked=ctx.tracked)
+    elif _holds_sharded(live):
+        _plan_sharded_optimizer(ctx, tree, live, opt)
+    else:
+        _plan_state(ctx, tree, live, "sparse_opt", opt)
+
+
+def _extra(ctx: PartContext, tree: Any) -> None:
+    from recframe.checkpoint.saver import logger
+
+    saver = ctx.saver
+    extra = _read_fresh(ctx, tree)
+    if not isinstance(extra, dict):
+        raise _corrupt(ctx, "extra", "is not a dict of named states")
+    for name, obj in saver._extra.items():
+        if name in extra and isinstance(obj, torch.optim.Optimizer):
+            _check_param_shapes(ctx, obj, extra[name], f"extra {name!r}")
+
+    def apply() -> None:
+        for name, obj in saver._extra.items():
+            if name not in extra:
+                logger.warning("checkpoint has no extra state %r; keeping its current value",
+                               name)
+                continue
+            loader = getattr(obj, "load_state_dict", None)
+            if callable(loader):
+                loader(extra[name])
+            saver._extra_data[name] = extra[name]
+        for name in set(extra) - set(saver._extra):
+            saver._extra_data[name] = extra[name]
+
+    ctx.txn.call(apply)
+
+
+def _io_state(ctx: PartContext, per_rank: Any) -> None:
+    from recframe import distributed
+    from recframe.checkpoint.saver import logger
+
+    world = ctx.manifest.get("world_size", 1)
+    if world != distributed.get_world_size():
+        logger.warning(
+            "checkpoint was saved by %d ranks, this run has %d: dataset positions and "
+            "RNG streams are not restored (data restarts at the current position)",
+            world, distributed.get_world_size(),
+        )
+        return
+    tree = per_rank.get(str(distributed.get_rank()))
+    if tree is None:
+        return
+    states = _read_fresh(ctx, tree)
+    if not isinstance(states, dict):
+        raise _corrupt(ctx, "io_state", "is not a dict of named states")
+    saver = ctx.saver
+
+    def apply() -> None:
+        for name, obj in saver._io.items():
+            if name in states:
+                obj.load_state_dict(states[name])
+            else:
+                logger.warning("checkpoint has no io_state %r", name)
+
+    ctx.txn.call(apply)
+
+
+PART_LOADERS: dict[str, Callable[[PartContext, Any], None]] = {
+    "sparse": _model_part("sparse"),
+    "dense": _model_part("dense"),
+    "sparse_opt": _sparse_opt,
+    "extra": _extra,
+    "io_state": _io_state,
+}
+"""Each checkpoint part's loader: it plans (reads fresh tensors, checks shapes, queues
+copies and calls on ``ctx.txn``); nothing live changes until the transaction applies."""
+
+
+# --- restoring ------------------------------------------------------------------------
+def plan_parts(
+    saver: Any, txn: Transaction, storage: Any, directory: str, manifest: dict[str, Any],
+    parts: list[str], strict: bool, tracked: frozenset[str] = frozenset(),
+) -> None:
+    """Plan loading ``parts`` of one checkpoint into ``txn`` (through `PART_LOADERS`)."""
+    from recframe.checkpoint.saver import CheckpointError
+
+    reader = TensorReader(storage, directory, manifest["tensors"], saver.concurrency)
+    ctx = PartContext(saver, txn, reader, storage.display(directory), manifest, strict, tracked)
+    trees = manifest["parts"]
+    for part in parts:
+        if part not in trees:
+            if strict and part not in ("sparse_opt", "io_state"):
+                raise CheckpointError(f"{ctx.where} has no part {part!r}")
+            continue
+        PART_LOADERS[part](ctx, trees[part])
+
+
+def restore(
+    saver: Any, storage: Any, directory: str, manifest: dict[str, Any], parts: list[str],
+    strict: bool,
+) -> dict[str, Any]:
+    """Load ``parts`` of a checkpoint (a delta: with its chain) all or nothing."""
+    from recframe.checkpoint import incremental
+
+    txn = Transaction()
+    tracked: frozenset[str] = frozenset()
+    if incremental.is_delta(manifest):
+        tracked = incremental.plan_chain(saver, txn, storage, directory, manifest, parts,
+                                         strict)
+    plan_parts(saver, txn, storage, directory, manifest, parts, strict, tracked)
+    keep = STAGE_IN_MEMORY if STAGE_IN_MEMORY is not None else not storage.is_local
+    txn.verify(keep)
+    txn.apply()
+    return manifest
+
+
+# --- state trees with live counterparts ------------------------------------------------
+def _read_fresh(ctx: PartContext, tree: Any) -> Any:
+    """Decode ``tree`` with its tensors read into new memory (checked now)."""
+    values = ctx.reader.read_many(dict.fromkeys(tree_tensor_keys(tree)))
+    return decode_tree(tree, values.__getitem__)
+
+
+def _size(value: Any) -> list[int]:
+    return list(value.size()) if is_sharded(value) else list(value.shape)
+
+
+def _plan_state(
+    ctx: PartContext, tree: Any, live: Any, prefix: str, opt: Any,
+    tracked: frozenset[str] = frozenset(),
+) -> None:
+    """An optimizer's state: tensors with a live counterpart of the same shape and dtype
+    are copied into it (how the state of fused/sharded optimizers is restored), the
+    rest read fresh; a counterpart of another shape is a mismatch (``ValueError``), as
+    for model tensors. ``tracked``: keys whose live tensors a delta chain filled."""
+    reader = ctx.reader
+    live_map: dict[str, Any] = {}
+    try:
+        encode_tree(live, prefix, live_map)
+    except TypeError:
+        live_map = {}
+    keys = tree_tensor_keys(tree)
+    in_place: dict[str, Any] = {}
+    fresh: list[str] = []
+    for key in keys:
+        if key in tracked:  # the base's load creates it (resolve_chain checked layouts)
+            continue
+        cand = live_map.get(key)
+        if isinstance(cand, torch.Tensor) or is_sharded(cand):
+            shape = reader.shape(key)
+            if _size(cand) != shape and math.prod(shape) > 1 and math.prod(_size(cand)) > 1:
+                raise ValueError(
+                    f"{ctx.where}: optimizer state {key!r} has shape {shape}, the live "
+                    f"optimizer's has {_size(cand)}; the model does not match the checkpoint "
+                    "(exclude 'sparse_opt' in the load config to start the optimizer fresh)"
+                )
+            if _size(cand) == shape and cand.dtype == reader.dtype(key):
+                in_place[key] = cand
+                continue
+        fresh.append(key)
+    values: dict[str, Any] = reader.read_many(dict.fromkeys(fresh))
+    _check_param_shapes(ctx, opt, decode_tree(tree, _Key), prefix,
+                        shapes={k: torch.Size(reader.shape(k)) for k in keys if k in reader})
+    ctx.txn.copy(reader, in_place)
+    values.update(in_place)
+
+    def apply() -> None:
+        if tracked:
+            now: dict[str, Any] = {}
+            encode_tree(opt.state_dict(), prefix, now)  # after the chain was applied
+            lost = [k for k in keys if k in tracked and k not in now]
+            if lost:
+                raise CheckpointCorruptError(
+                    f"{ctx.where}: optimizer state {lost[:3]} of the checkpoint is not in "
+                    "the live optimizer after its chain was applied"
+                )
+            values.update({k: now[k] for k in keys if k in tracked})
+        opt.load_state_dict(decode_tree(tree, values.__getitem__))
+
+    ctx.txn.call(apply)
+
+
+def _check_param_shapes(
+    ctx: PartContext, opt: Any, saved: Any, what: str,
+    shapes: Optional[dict[str, torch.Size]] = None,
+) -> None:
+    """A torch optimizer's saved per-parameter state must fit today's parameters: a
+    state tensor with a parameter's number of dims must have its shape (Adam's moments,
+    Adagrad's sums...), else the next step fails far from the cause."""
+    if not isinstance(opt, torch.optim.Optimizer) or not isinstance(saved, dict):
+        return
+    state = saved.get("state")
+    if not isinstance(state, dict):
+        return
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for index, entries in state.items():
+        if not isinstance(index, int) or not 0 <= index < len(params) \
+                or not isinstance(entries, dict):
+            continue
+        param = params[index]
+        for name, value in entries.items():
+            if isinstance(value, _Key):
+                shape = (shapes or {}).get(str(value))
+                if shape is None and str(value) in ctx.reader:
+                    shape = torch.Size(ctx.reader.shape(str(value)))
+            elif isinstance(value, torch.Tensor):
+                shape = value.shape
+            else:
+                continue
+            if shape is not None and len(shape) == param.dim() and param.dim() > 0 \
+                    and shape != param.shape:
+                raise ValueError(
+                    f"{ctx.where}: {what} state {name!r} of parameter {index} has shape "
+                    f"{list(shape)}, the parameter has {list(param.shape)}; the model does "
+                    "not match the checkpoint"
+                )
+
+
+def _holds_sharded(tree: Any) -> bool:
+    if is_sharded(tree):
+        return True
+    if isinstance(tree, dict):
+        return any(_holds_sharded(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(_holds_sharded(v) for v in tree)
+    return False
+
+
+class _Saved:
+    """A tensor of the saved tree, read only when used."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def numpy(self) -> _Saved:
+        return self
+
+
+def _plan_sharded_optimizer(ctx: PartContext, tree: Any, live: dict[str, Any], opt: Any) -> None:
+    """The state of an optimizer of sharded tables (torchrec's fused optimizers), for
+    any world size and sharding plan.
+
+    Each rank's optimizer holds state only for the table shards it owns, so the saved
+    tree (rank 0's) does not list every rank's entries; the tensors of all ranks are in
+    the manifest under their tree keys (``sparse_opt.state.<param>.<name>``), each as a
+    global tensor with its shards' boxes. So the live state drives: every sharded live
+    tensor is filled from the boxes that overlap its local shards (resharding), and the
+    rest (param groups' hyperparameters such as ``lr``, counters) comes from the saved
+    tree."""
+    from recframe.checkpoint.saver import CheckpointError
+
+    reader = ctx.reader
+    live_map: dict[str, Any] = {}
+    live_tree = encode_tree(live, "sparse_opt", live_map)
+    sharded = {k: v for k, v in live_map.items() if is_sharded(v)}
+    missing = sorted(k for k in sharded if k not in reader)
+    if missing:
+        raise CheckpointError(
+            f"{ctx.where}: the checkpoint has no sparse optimizer state {missing[:3]} for "
+            "this model's tables (saved with another sparse optimizer or other tables?); "
+            "exclude 'sparse_opt' in the load config to start the optimizer fresh"
+        )
+    saved = decode_tree(tree, _Saved)
+    if not isinstance(saved, dict):
+        raise _corrupt(ctx, "sparse_opt", "is not an optimizer state")
+    needed: set[str] = set()
+
+    def collect(value: Any) -> Any:
+        if isinstance(value, _Saved):
+            needed.add(value.key)
+        elif isinstance(value, dict):
+            for v in value.values():
+                collect(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                collect(v)
+        return value
+
+    _merge_sharded(decode_tree(live_tree, live_map.__getitem__), saved, collect)
+    values = reader.read_many(dict.fromkeys(needed))
+    ctx.txn.copy(reader, sharded)
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, _Saved):
+            return values[value.key]
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(resolve(v) for v in value)
+        return value
+
+    def apply() -> None:
+        result = decode_tree(live_tree, live_map.__getitem__)
+        _merge_sharded(result, saved, resolve)
+        opt.load_state_dict(result)
+
+    ctx.txn.call(apply)
+
+
+def _merge_sharded(result: dict[str, Any], saved: dict[str, Any], resolve: Any) -> None:
+    saved_state = saved.get("state") or {}
+    for param, entries in (result.get("state") or {}).items():
+        theirs = saved_state.get(param) if isinstance(saved_state, dict) else None
+        if not isinstance(entries, dict) or not isinstance(theirs, dict):
+            continue
+        for name, value in entries.items():
+            if not is_sharded(value) and name in theirs:
+                entries[name] = resolve(theirs[name])
+    groups = saved.get("param_groups")
+    if isinstance(groups, list) and groups and isinstance(result.get("param_groups"), list):
+        # every table of recframe's sharded models shares the hyperparameters; a rank's
+        # groups list the parameters it owns, which differ between plans
+        for i, group in enumerate(result["param_groups"]):
+            source = groups[min(i, len(groups) - 1)]
+            if isinstance(source, dict):
+                group.update({k: resolve(v) for k, v in source.items() if k != "params"})
+    elif "param_groups" in result and groups is None:
+        del result["param_groups"]  # saved without them: keep the live hyperparameters
+    for key, value in saved.items():
+        if key not in ("state", "param_groups"):
+            result[key] = resolve(value)

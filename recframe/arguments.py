@@ -99,6 +99,12 @@ class TrainingArguments:
     checkpoint (plus the full dense state); see docs/checkpoints.md."""
     full_checkpoint_every: int = 10
     """With ``incremental_checkpoints``: every this many saves is a full checkpoint."""
+    metric_for_scheduler: str = "loss"
+    """Evaluation metric a metric-driven LR scheduler (``ReduceLROnPlateau``) steps on,
+    once per evaluation during training; the default is the eval loss."""
+    resume_training: bool = False
+    """Continue a run that a hook stopped early (``control.should_stop``). The stop is
+    checkpointed: without this flag (or a larger train_steps) a restart trains nothing."""
 
     def __post_init__(self) -> None:
         _check_str(self, "output_dir", nonempty=True)
@@ -135,6 +141,8 @@ class TrainingArguments:
         _check_int(self, "dist_sync_steps", minimum=1)
         _check_bool(self, "incremental_checkpoints")
         _check_int(self, "full_checkpoint_every", minimum=1)
+        _check_str(self, "metric_for_scheduler", nonempty=True)
+        _check_bool(self, "resume_training")
 
     # --- derived values -----------------------------------------------------------
     @property

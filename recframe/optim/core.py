@@ -17,6 +17,7 @@ into the next even when an override forgets ``zero_grad``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Iterable
@@ -284,13 +285,35 @@ class OptimizerView:
             self.optimizer.load_state_dict(state)
 
 
+def steps_on_metric(scheduler: Any) -> bool:
+    """Whether ``scheduler.step`` takes a metric: ``ReduceLROnPlateau``, or any scheduler
+    whose ``step`` has a required positional parameter."""
+    if scheduler is None:
+        return False
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return True
+    step = getattr(scheduler, "step", None)
+    if not callable(step):
+        return False
+    try:
+        params = inspect.signature(step).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind in positional and p.default is inspect.Parameter.empty for p in params)
+
+
 class SchedulerView:
-    """``self.dense_lr_scheduler`` inside ``_train_step``: steps once per update."""
+    """``self.dense_lr_scheduler`` inside ``_train_step``: steps once per update.
+
+    A metric-driven scheduler (`steps_on_metric`: ``ReduceLROnPlateau``) is stepped by
+    the trainer once per evaluation instead; ``step()`` here is then a no-op."""
 
     def __init__(self, scheduler: Any, window: AccumulationWindow) -> None:
         self.scheduler = scheduler
         self.window = window
         self.stepped = False
+        self.on_metric = steps_on_metric(scheduler)
 
     def __getattr__(self, item: str) -> Any:
         scheduler = self.__dict__.get("scheduler")
@@ -302,7 +325,7 @@ class SchedulerView:
         return self.scheduler is not None
 
     def step(self, *args: Any, **kwargs: Any) -> None:
-        if self.scheduler is None or not self.window.is_boundary or self.stepped:
+        if self.scheduler is None or self.on_metric or not self.window.is_boundary or self.stepped:
             return
         self.stepped = True
         self.scheduler.step(*args, **kwargs)

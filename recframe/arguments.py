@@ -105,6 +105,9 @@ class TrainingArguments:
     resume_training: bool = False
     """Continue a run that a hook stopped early (``control.should_stop``). The stop is
     checkpointed: without this flag (or a larger train_steps) a restart trains nothing."""
+    keep_freed_memory: bool = True
+    """Linux/glibc: keep freed host memory in the heap (mallopt), so each update reuses
+    warm pages instead of page-faulting fresh ones; see recframe/allocator.py."""
 
     def __post_init__(self) -> None:
         _check_str(self, "output_dir", nonempty=True)
@@ -143,6 +146,7 @@ class TrainingArguments:
         _check_int(self, "full_checkpoint_every", minimum=1)
         _check_str(self, "metric_for_scheduler", nonempty=True)
         _check_bool(self, "resume_training")
+        _check_bool(self, "keep_freed_memory")
 
     # --- derived values -----------------------------------------------------------
     @property

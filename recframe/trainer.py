@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from recframe import distributed
+from recframe.allocator import keep_freed_memory
 from recframe.arguments import TrainingArguments
 from recframe.checkpoint import CheckpointManager, Saver
 from recframe.data import batch_size_of
@@ -86,6 +87,8 @@ class Trainer:
                 "use (optimizer, None) when there is no scheduler"
             )
         self.args = args
+        if args.keep_freed_memory:
+            keep_freed_memory()  # every update reuses warm pages (recframe/allocator.py)
         set_seed(args.seed)
         self.device: Device = resolve_device(args.device)
         self.model = self.device.prepare_model(model)

@@ -50,6 +50,7 @@ def test_recframe_defaults():
     assert args.full_checkpoint_every == 10
     assert args.metric_for_scheduler == "loss"
     assert args.resume_training is False
+    assert args.keep_freed_memory is True
 
 
 # --- validation -----------------------------------------------------------------------
@@ -85,6 +86,7 @@ BAD_VALUES = {
     "full_checkpoint_every": [0, -1, 2.0, True, None, "10"],
     "metric_for_scheduler": ["", "  ", None, 3],
     "resume_training": [1, "yes", None],
+    "keep_freed_memory": [1, "no", None],
 }
 
 
@@ -352,6 +354,7 @@ CLI_VALUES = {
     "full_checkpoint_every": ("4", 4),
     "metric_for_scheduler": ("auc", "auc"),
     "resume_training": ("true", True),
+    "keep_freed_memory": ("false", False),
 }
 
 

@@ -233,9 +233,10 @@ class Trainer:
             self.restore()
             goal = {"steps": steps} if steps is not None else {"epochs": self.args.train_epoch}
             if self._may_train(goal):
-                if self.dense_lr_scheduler.on_metric and (
+                if self.dense_lr_scheduler.on_metric and "plateau-train" not in self._warned and (
                     self.eval_dataset is None or self.args.eval_interval_steps is None
                 ):
+                    self._warned.add("plateau-train")
                     logger.warning(
                         "%s steps once per evaluation, and train() evaluates only every "
                         "eval_interval_steps (unset, or no eval_dataset): its learning rate "

@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -250,3 +252,32 @@ def test_an_interval_evaluation_at_a_round_end_is_not_run_twice(tmp_path):
     trainer, _ = build(tmp_path / "run", [rec], eval_interval_steps=2)
     trainer.train_and_evaluate(epochs=2, train_steps=2)
     assert rec.evaluated_at == [2, 4]
+
+
+CRASHING_RUN = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import test_stopping as t
+from recframe import Hook
+
+class Die(Hook):
+    def after_save(self, trainer, path):
+        if trainer.global_step == 2:
+            os._exit(17)  # the process dies right after the round's (interval) checkpoint
+
+trainer, _ = t.build({out!r}, [Die()], save_steps=2)
+trainer.train_and_evaluate(epochs=3, train_steps=2)
+"""
+
+
+def test_a_process_killed_after_a_rounds_checkpoint_evaluates_that_round_on_resume(tmp_path):
+    out = str(tmp_path / "run")
+    code = CRASHING_RUN.format(tests=os.path.dirname(os.path.abspath(__file__)), out=out)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 17, done.stderr[-2000:]
+
+    rec = Recorder()
+    trainer, model = build(out, [rec], save_steps=2)
+    trainer.train_and_evaluate(epochs=3, train_steps=2)
+    assert rec.evaluated_at == [2, 4, 6]
+    assert model.seen == [2, 3, 4, 5]

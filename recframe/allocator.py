@@ -6,8 +6,9 @@ serves blocks above its mmap threshold (128 KiB, raised on the fly up to 32 MiB)
 fresh ``mmap`` pages and returns the top of the heap to the kernel once more than the
 trim threshold is free there. Either way the next update touches brand-new pages: a
 minor page fault and a zeroed 4 KiB page each. Measured on a 2-core machine with the
-DLRM of ``benchmarks/trainer_overhead.py`` (batch 2048): 600-3000 faults per update
-with the defaults, about 0 with the settings below, for the same work.
+DLRM of ``benchmarks/trainer_overhead.py`` (batch 2048, six rounds of 8 updates in one
+process): 550-5200 faults per update with the defaults, 0-130 with the settings
+below, for the same work.
 
 `keep_freed_memory` sets them once per process (``mallopt``): blocks up to 1 GiB come
 from the heap and the heap is never trimmed. The process keeps its peak footprint (a

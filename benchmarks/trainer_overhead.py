@@ -4,24 +4,34 @@ Both sides train the same model (`recframe.models.DLRM`: torchrec's DLRM over an
 `EmbeddingBagCollection`) from the same initial weights, on the same pre-generated
 `SyntheticCriteo` batches in the same order, with the optimizers the CLI uses (Adam
 over the dense parameters, Adagrad over the tables) and the same torch thread count.
+They must end bit-identical (checked; the script exits 1 otherwise).
 
 * ``hand``: ``for batch: zero_grad both; loss = model(batch); backward; step both``.
-* ``recframe``: ``Trainer(report_to="none", disable_tqdm=True, log_steps=10**9)`` with
-  its default ``_train_step``; each round is one ``trainer.train(train_steps=...)``
-  call over that round's batches, timed as a whole (so the per-call set-up is paid
-  too).
+* ``recframe``: a `Trainer` with its default ``_train_step`` and its default hooks
+  (`LoggerHook` every 100 updates, `TensorBoardHook`, `ProgressBarHook` drawing to a
+  non-terminal as in a batch job; ``--default_hooks false``: none); each round is one
+  ``trainer.train(train_steps=...)`` call over that round's batches, timed from the
+  first update's ``before_step`` to the last one's ``after_step`` (the per-call set-up
+  and final checkpoint are reported apart).
 * ``recframe_accum`` (informational): ``gradient_accumulation_steps=k`` over micro-
   batches of ``batch_size / k`` samples: the same samples per update as ``hand``,
   whose big batches are exactly the concatenation of those micro-batches.
 
+Two comparisons, each with its ratio: a DLRM-sized step (``--batch_size``, default
+2048) and a small step of about 10 ms (``--small_batch_size`` 256 over tables of
+``--small_num_embeddings`` 1000 rows; its hand loop's ms/update is printed). Both
+loops run in one process, so the host allocator settings that the Trainer makes
+(``keep_freed_memory``, recframe/allocator.py) hold for the hand loop too; the
+per-update page faults of each side are reported.
+
 Rounds are interleaved (the order rotates every round); before each one the script
 waits (up to ``--quiet_wait`` s) for other processes to go quiet, and each records the
-CPU other processes used meanwhile, its own CPU time and its page faults. The headline
+CPU other processes used meanwhile, its own CPU time and its page faults. A headline
 is the median of the per-round ratios recframe/hand over the rounds without a busy
-neighbour (goal: >= 0.98; "inconclusive" with fewer than 5 such rounds). A second,
+neighbour (goal: >= 0.98; "inconclusive" with fewer than 5 such rounds). A third,
 tiny-model comparison isolates the loop's own cost per update in microseconds.
 
-    .venv/bin/python benchmarks/trainer_overhead.py            # ~2 min on 2 idle cores
+    .venv/bin/python benchmarks/trainer_overhead.py            # a few min on 2 idle cores
     .venv/bin/python benchmarks/trainer_overhead.py --rounds 30 --steps 50
 """
 
@@ -69,6 +79,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="distinct pre-generated batches, cycled through by the rounds")
     p.add_argument("--accum", type=int, default=4,
                    help="gradient_accumulation_steps of the informational variant (1: skip it)")
+    p.add_argument("--small_batch_size", type=int, default=256,
+                   help="samples per update of the small-step comparison (~10 ms per update "
+                   "on 2 idle cores; 0: skip it)")
+    p.add_argument("--small_num_embeddings", type=int, default=1000,
+                   help="rows per table of the small-step comparison (the tables' dense "
+                   "Adagrad update dominates a small batch's step)")
+    p.add_argument("--small_steps", type=int, default=150,
+                   help="optimizer updates per round of the small-step comparison")
+    p.add_argument("--small_rounds", type=int, default=15,
+                   help="interleaved rounds of the small-step comparison")
+    p.add_argument("--default_hooks", type=_bool, default=True,
+                   help="run the Trainer with its default hooks (logger every 100 updates, "
+                   "TensorBoard, progress bar to a non-terminal); false: none of them")
+    p.add_argument("--keep_freed_memory", type=_bool, default=True,
+                   help="TrainingArguments.keep_freed_memory (both loops share the process, "
+                   "so its allocator settings apply to the hand loop too)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--tiny_rounds", type=int, default=10,
                    help="rounds of the tiny-model loop-overhead comparison (0: skip it)")
@@ -83,15 +109,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=DEFAULT_JSON, help="where to write the JSON report")
     ns = p.parse_args(argv)
-    for name in ("rounds", "steps", "batch_size", "num_embeddings", "pool", "accum", "threads",
-                 "tiny_steps", "embedding_dim"):
+    for name in ("rounds", "steps", "batch_size", "num_embeddings", "small_num_embeddings",
+                 "pool", "accum", "threads", "tiny_steps", "embedding_dim"):
         if getattr(ns, name) < 1:
             p.error(f"--{name} must be >= 1")
-    if ns.warmup < 0 or ns.tiny_rounds < 0 or ns.quiet_wait < 0:
-        p.error("--warmup, --tiny_rounds and --quiet_wait must be >= 0")
+    if ns.warmup < 0 or ns.tiny_rounds < 0 or ns.quiet_wait < 0 or ns.small_batch_size < 0:
+        p.error("--warmup, --tiny_rounds, --quiet_wait and --small_batch_size must be >= 0")
+    if ns.small_steps < 1 or ns.small_rounds < 1:
+        p.error("--small_steps and --small_rounds must be >= 1")
     if ns.batch_size % ns.accum:
         p.error(f"--batch_size ({ns.batch_size}) must be divisible by --accum ({ns.accum})")
     return ns
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def small_config(cfg: argparse.Namespace) -> argparse.Namespace:
+    """The small-step comparison: the same DLRM with ``--small_batch_size`` samples per
+    update (about 10 ms), no accumulation variant."""
+    values = dict(vars(cfg), batch_size=cfg.small_batch_size, steps=cfg.small_steps,
+                  num_embeddings=cfg.small_num_embeddings,
+                  rounds=cfg.small_rounds, accum=1, warmup=max(cfg.warmup, 20))
+    return argparse.Namespace(**values)
 
 
 # --- data ------------------------------------------------------------------------
@@ -220,21 +266,30 @@ class RecframeLoop:
     """
 
     def __init__(self, model: nn.Module, dense: Any, sparse: Any, accum: int,
-                 output_dir: str) -> None:
+                 output_dir: str, default_hooks: bool = True,
+                 keep_freed_memory: bool = True) -> None:
         from recframe import Trainer, TrainingArguments
+        from recframe.hooks import ProgressBarHook
 
         args = TrainingArguments(
             output_dir=output_dir,
             gradient_accumulation_steps=accum,
-            report_to="none",
-            disable_tqdm=True,
-            log_steps=10**9,
+            # the default hooks: logger (every 100 updates), TensorBoard, progress bar
+            report_to="tensorboard" if default_hooks else "none",
+            disable_tqdm=True,  # the bar is added below, drawing to a non-terminal
+            log_steps=100 if default_hooks else 10**9,
             save_steps=None,
             seed=0,
+            keep_freed_memory=keep_freed_memory,
         )
         self.start, self.end = _clock_hooks()
+        hooks = [self.start, self.end]
+        if default_hooks:
+            # the built-in bar as in a job whose stderr goes to a log file
+            self._devnull = open(os.devnull, "w")  # noqa: SIM115 - lives with the trainer
+            hooks.append(ProgressBarHook(file=self._devnull))
         self.trainer = Trainer(model=model, args=args, dense_optimizers=(dense, None),
-                               sparse_optimizer=sparse, hooks=[self.start, self.end])
+                               sparse_optimizer=sparse, hooks=hooks)
         self.accum = accum
 
     def run(self, batches: list[Any], updates: int) -> common.Timed:
@@ -285,9 +340,10 @@ def run_dlrm(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
         return (model, *make_optimizers(model, cfg))
 
     hand = HandLoop(*fresh())
-    rec = RecframeLoop(*fresh(), accum=1, output_dir=os.path.join(out_dir, "k1"))
-    rec_acc = (RecframeLoop(*fresh(), accum=k, output_dir=os.path.join(out_dir, f"k{k}"))
-               if k > 1 else None)
+    options = {"default_hooks": cfg.default_hooks, "keep_freed_memory": cfg.keep_freed_memory}
+    rec = RecframeLoop(*fresh(), accum=1, output_dir=os.path.join(out_dir, "k1"), **options)
+    rec_acc = (RecframeLoop(*fresh(), accum=k, output_dir=os.path.join(out_dir, f"k{k}"),
+                            **options) if k > 1 else None)
 
     def micro_of(indices: list[int]) -> list[Any]:
         return [micro[i * k + m] for i in indices for m in range(k)]
@@ -319,8 +375,11 @@ def run_dlrm(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
     results = common.run_interleaved(variants, cfg.rounds, on_round=show,
                                      quiet_wait=cfg.quiet_wait)
 
+    same = param_diff(hand.model, rec.trainer.model)
     checks = {
-        "param_diff_recframe_vs_hand": param_diff(hand.model, rec.trainer.model),
+        "param_diff_recframe_vs_hand": same,
+        # same model, data, optimizers and order: the weights must end bit-identical
+        "bit_identical": same["max_abs"] == 0.0,
         "recframe_global_step": rec.trainer.global_step,
         "hand_updates": cfg.warmup + cfg.rounds * cfg.steps,
     }
@@ -443,7 +502,9 @@ def run_tiny(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
         return (model, *make_optimizers(model, cfg))
 
     hand = TinyHand(*fresh())
-    rec = RecframeLoop(*fresh(), accum=1, output_dir=os.path.join(out_dir, "tiny"))
+    rec = RecframeLoop(*fresh(), accum=1, output_dir=os.path.join(out_dir, "tiny"),
+                       default_hooks=cfg.default_hooks,
+                       keep_freed_memory=cfg.keep_freed_memory)
     hand.run(batches[:50])
     rec.run(batches[:50], 50)
     variants = {
@@ -499,9 +560,9 @@ def verdict_ratio(summary: dict[str, Any]) -> tuple[float | None, str]:
     if busy:
         return ratio, f"median over the {n_clean} rounds without a busy neighbour"
     return ratio, f"median over all {n_clean} rounds"
-def print_report(cfg: argparse.Namespace, dlrm: dict[str, Any],
-                 tiny: dict[str, Any] | None) -> None:
-    summary = dlrm["summary"]
+def print_comparison(cfg: argparse.Namespace, result: dict[str, Any], title: str) -> None:
+    """The table, per-round ratios, verdict and same-work check of one comparison."""
+    summary = result["summary"]
     block = summary["all"]
     k = cfg.accum
     labels = {
@@ -526,7 +587,7 @@ def print_report(cfg: argparse.Namespace, dlrm: dict[str, Any],
             None if faults is None else round(faults / cfg.steps),
         ])
     print()
-    print(f"DLRM, {cfg.num_embeddings:,} rows x {cfg.embedding_dim} x 26 tables, "
+    print(f"{title}: DLRM, {cfg.num_embeddings:,} rows x {cfg.embedding_dim} x 26 tables, "
           f"{cfg.rounds} interleaved rounds x {cfg.steps} updates, {cfg.threads} threads:")
     print(common.format_table(
         ["variant", "samples/s", "ms/update", "cpu-ms/update", "vs hand",
@@ -549,32 +610,44 @@ def print_report(cfg: argparse.Namespace, dlrm: dict[str, Any],
         print("no round saw a busy neighbour process")
     headline, basis = verdict_ratio(summary)
     if headline is None:
-        print(f"recframe/hand: INCONCLUSIVE: only {basis}; rerun on a quieter machine "
-              "(more --rounds, or a larger --quiet_wait)")
+        print(f"{title} recframe/hand: INCONCLUSIVE: only {basis}; rerun on a quieter machine "
+              "(more rounds, or a larger --quiet_wait)")
     else:
         verdict = "meets" if headline >= GOAL else "MISSES"
-        print(f"recframe/hand = {headline:.3f} ({basis}): {verdict} the goal of >= {GOAL}")
-    checks = dlrm["checks"]
+        print(f"{title} recframe/hand = {headline:.3f} ({basis}): {verdict} the goal of "
+              f">= {GOAL}")
+    checks = result["checks"]
     same = checks["param_diff_recframe_vs_hand"]
-    line = (f"same work: weights recframe vs hand: max |diff| {same['max_abs']:.3g}, "
-            f"relative L2 {same['relative_l2']:.3g}")
+    line = ("same work: weights recframe vs hand " + (
+        "bit-identical" if checks["bit_identical"] else
+        f"NOT bit-identical (max |diff| {same['max_abs']:.3g}, "
+        f"relative L2 {same['relative_l2']:.3g})"))
     acc = checks.get("param_diff_recframe_accum_vs_hand")
     if acc is not None:
         line += (f"; k={k} vs hand (float rounding, grown over the run): max |diff| "
                  f"{acc['max_abs']:.3g}, relative L2 {acc['relative_l2']:.3g}")
     print(line)
-    if tiny is not None:
-        us = tiny["us_per_update"]
-        oh = tiny["overhead_us_per_update"]
-        ref = summary["clean"] or block
-        step_ms = ref["hand"]["ms_per_update"]
-        share = oh["median"] / (1e3 * step_ms) if step_ms else float("nan")
-        print(f"loop overhead (tiny model, {cfg.tiny_rounds} rounds x {cfg.tiny_steps} "
-              f"updates): hand {us['hand']['median']:.0f} us/update, recframe "
-              f"{us['recframe']['median']:.0f} us/update -> +{oh['median']:.0f} us/update "
-              f"(IQR {oh['q1']:.0f}..{oh['q3']:.0f}) = {100 * share:.2f}% of a DLRM update")
-        if "profile_top" in tiny:
-            print(tiny["profile_top"])
+
+
+def print_tiny(cfg: argparse.Namespace, tiny: dict[str, Any], step_ms: float | None) -> None:
+    us = tiny["us_per_update"]
+    oh = tiny["overhead_us_per_update"]
+    share = oh["median"] / (1e3 * step_ms) if step_ms else float("nan")
+    print(f"\nloop overhead (tiny model, {cfg.tiny_rounds} rounds x {cfg.tiny_steps} "
+          f"updates): hand {us['hand']['median']:.0f} us/update, recframe "
+          f"{us['recframe']['median']:.0f} us/update -> +{oh['median']:.0f} us/update "
+          f"(IQR {oh['q1']:.0f}..{oh['q3']:.0f}) = {100 * share:.2f}% of a DLRM update")
+    if "profile_top" in tiny:
+        print(tiny["profile_top"])
+
+
+def verdict_of(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    ratio, basis = verdict_ratio(result["summary"])
+    return {"ratio": ratio, "basis": basis, "goal": GOAL,
+            "meets_goal": None if ratio is None else ratio >= GOAL,
+            "bit_identical": result["checks"]["bit_identical"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -588,17 +661,33 @@ def main(argv: list[str] | None = None) -> int:
           f"(threads={torch.get_num_threads()})", flush=True)
     started = time.perf_counter()
     out_dir = tempfile.mkdtemp(prefix="recframe-bench-")
+    small_cfg = small_config(cfg) if cfg.small_batch_size else None
     try:
+        print(f"DLRM-sized step (batch {cfg.batch_size}):", flush=True)
         dlrm = run_dlrm(cfg, out_dir)
+        small = None
+        if small_cfg is not None:
+            print(f"small step (batch {small_cfg.batch_size}):", flush=True)
+            small = run_dlrm(small_cfg, os.path.join(out_dir, "small"))
         tiny = run_tiny(cfg, out_dir) if cfg.tiny_rounds else None
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
-    print_report(cfg, dlrm, tiny)
-    headline, basis = verdict_ratio(dlrm["summary"])
+    print_comparison(cfg, dlrm, "DLRM-sized step")
+    if small is not None:
+        print_comparison(small_cfg, small, "small step")
+    if tiny is not None:
+        ref = dlrm["summary"]["clean"] or dlrm["summary"]["all"]
+        print_tiny(cfg, tiny, ref["hand"]["ms_per_update"])
+    verdicts = {"dlrm": verdict_of(dlrm), "small": verdict_of(small)}
+    print()
+    for name, v in verdicts.items():
+        if v is not None:
+            ratio = "inconclusive" if v["ratio"] is None else f"{v['ratio']:.3f}"
+            print(f"ratio {name}: {ratio}  (bit-identical: {v['bit_identical']})")
     payload = {
         "benchmark": "trainer_overhead",
-        "verdict": {"ratio": headline, "basis": basis, "goal": GOAL,
-                    "meets_goal": None if headline is None else headline >= GOAL},
+        "verdict": verdicts["dlrm"],
+        "verdicts": verdicts,
         "timestamp": common.timestamp(),
         "wall_seconds": time.perf_counter() - started,
         "machine": common.machine_info(),
@@ -609,10 +698,14 @@ def main(argv: list[str] | None = None) -> int:
         "load_at_start": start_load,
         "goal_ratio": GOAL,
         "dlrm": dlrm,
+        "small": small,
         "tiny": tiny,
     }
     path = common.write_json(cfg.json, payload)
     print(f"wrote {path} ({time.perf_counter() - started:.0f} s)")
+    if not all(v["bit_identical"] for v in verdicts.values() if v is not None):
+        print("ERROR: recframe and the hand loop did not end bit-identical", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -105,6 +105,15 @@ class TrainingArguments:
     checkpoint (plus the full dense state); see docs/checkpoints.md."""
     full_checkpoint_every: int = 10
     """With ``incremental_checkpoints``: every this many saves is a full checkpoint."""
+    metric_for_scheduler: str = "loss"
+    """Evaluation metric a metric-driven LR scheduler (``ReduceLROnPlateau``) steps on,
+    once per evaluation during training; the default is the eval loss."""
+    resume_training: bool = False
+    """Continue a run that a hook stopped early (``control.should_stop``). The stop is
+    checkpointed: without this flag (or a larger train_steps) a restart trains nothing."""
+    keep_freed_memory: bool = True
+    """Linux/glibc: keep freed host memory in the heap (mallopt), so each update reuses
+    warm pages instead of page-faulting fresh ones; see recframe/allocator.py."""
 
     def __post_init__(self) -> None:
         _check_str(self, "output_dir", nonempty=True)
@@ -142,6 +151,9 @@ class TrainingArguments:
         _check_int(self, "dist_sync_steps", minimum=1)
         _check_bool(self, "incremental_checkpoints")
         _check_int(self, "full_checkpoint_every", minimum=1)
+        _check_str(self, "metric_for_scheduler", nonempty=True)
+        _check_bool(self, "resume_training")
+        _check_bool(self, "keep_freed_memory")
 
     # --- derived values -----------------------------------------------------------
     @property

@@ -23,6 +23,16 @@ class TrainerState:
     skipped_updates: int = 0
     last_eval: dict[str, float] = field(default_factory=dict)
     best_metric: Optional[float] = None
+    evaluated_step: Optional[int] = None
+    """``global_step`` of the last evaluation run as part of training (an interval or a
+    ``train_and_evaluate`` round): a resumed run redoes a round's evaluation that its
+    checkpoint does not hold, and never one that it does."""
+    stopped: bool = False
+    """A hook stopped training early (``control.should_stop``; a SIGTERM preemption does
+    not count). Checkpointed, so a restarted run does not train again unless asked to."""
+    stop_target: Optional[dict[str, int]] = None
+    """The target of the call that stopped: ``{"steps": n}`` or ``{"epochs": n}``; a
+    later call continues only with a larger target (or ``resume_training``)."""
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

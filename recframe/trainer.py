@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from recframe import distributed
+from recframe.allocator import keep_freed_memory
 from recframe.arguments import TrainingArguments
 from recframe.checkpoint import CheckpointManager, Saver
 from recframe.data import batch_size_of
@@ -86,6 +87,8 @@ class Trainer:
                 "use (optimizer, None) when there is no scheduler"
             )
         self.args = args
+        if args.keep_freed_memory:
+            keep_freed_memory()  # every update reuses warm pages (recframe/allocator.py)
         set_seed(args.seed)
         self.device: Device = resolve_device(args.device)
         self.model = self.device.prepare_model(model)
@@ -114,6 +117,14 @@ class Trainer:
         )
         self.sparse_optimizer = OptimizerView(sparse_optimizer, self.window, step_fn, name="sparse")
         self.dense_lr_scheduler = SchedulerView(scheduler, self.window)
+        if self.dense_lr_scheduler.on_metric and eval_dataset is None:
+            raise ValueError(
+                f"the scheduler {type(scheduler).__name__} steps on an evaluation metric "
+                f"(TrainingArguments.metric_for_scheduler={args.metric_for_scheduler!r}), but "
+                "Trainer got no eval_dataset: pass eval_dataset=... and evaluate during "
+                "training (eval_interval_steps, or train_and_evaluate), or use a scheduler "
+                "that steps every update"
+            )
 
         self.hooks = HookRegistry()
         self.hooks.add(LoggerHook(args.log_steps))
@@ -132,6 +143,7 @@ class Trainer:
         self.train_data = TrainData(
             lambda: self.train_dataset, self.device, args.dataloader_prefetch, args.seed
         )
+        self._target: Optional[dict[str, int]] = None  # the running call's target
         self.saver, self.checkpoint_manager = self._build_checkpointing()
 
     def _build_checkpointing(self) -> tuple[Saver, CheckpointManager]:
@@ -227,10 +239,22 @@ class Trainer:
             raise ValueError(f"train(train_steps={steps!r}) is invalid: must be an integer >= 1")
         with self._outermost():
             self.restore()
-            if steps is not None:
-                self._train_until(max_steps=steps)
-            else:
-                self._train_until(max_epochs=self.args.train_epoch)
+            goal = {"steps": steps} if steps is not None else {"epochs": self.args.train_epoch}
+            if self._may_train(goal):
+                if self.dense_lr_scheduler.on_metric and "plateau-train" not in self._warned and (
+                    self.eval_dataset is None or self.args.eval_interval_steps is None
+                ):
+                    self._warned.add("plateau-train")
+                    logger.warning(
+                        "%s steps once per evaluation, and train() evaluates only every "
+                        "eval_interval_steps (unset, or no eval_dataset): its learning rate "
+                        "will not change; set eval_interval_steps or use train_and_evaluate",
+                        type(self.dense_lr_scheduler.scheduler).__name__,
+                    )
+                if steps is not None:
+                    self._train_until(max_steps=steps)
+                else:
+                    self._train_until(max_epochs=self.args.train_epoch)
         return self.state.state_dict()
 
     def evaluate(self, eval_steps: Optional[int] = None) -> dict[str, float]:
@@ -239,7 +263,7 @@ class Trainer:
         with self._outermost():
             if self._depth == 1:
                 self.restore()
-            return self._evaluate(eval_steps)
+            return self._evaluate(eval_steps, in_training=False)
 
     def train_and_evaluate(
         self,
@@ -248,26 +272,49 @@ class Trainer:
         eval_steps: Optional[int] = None,
     ) -> dict[str, float]:
         """``epochs`` rounds of (train one epoch, or ``train_steps`` more updates;
-        then evaluate). Rounds finished before a resume are not redone."""
+        then evaluate); returns the last evaluation's results.
+
+        A round's evaluation runs before its final checkpoint, so that checkpoint holds
+        what the evaluation decided (hook state, a stop, the plateau scheduler). Resumed,
+        rounds finished before are not redone, and a round whose checkpoint predates
+        its evaluation (an interval save at the round's last step, then a crash) is
+        evaluated then. A hook's ``control.should_stop`` (e.g. `EarlyStoppingHook` in
+        a round's evaluation) ends the call; a SIGTERM ends it without evaluating."""
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"train_and_evaluate(epochs={epochs!r}): must be an integer >= 1")
-        results: dict[str, float] = {}
+        if train_steps is not None and (isinstance(train_steps, bool)
+                                        or not isinstance(train_steps, int) or train_steps < 1):
+            raise ValueError(
+                f"train_and_evaluate(train_steps={train_steps!r}): must be an integer >= 1"
+            )
+        goal = {"steps": epochs * train_steps} if train_steps is not None else {"epochs": epochs}
+        results: Optional[dict[str, float]] = None
         with self._outermost():
             self.restore()
+            if not self._may_train(goal):
+                return self._results_now(eval_steps)
+            state = self.state
             for r in range(epochs):
                 if train_steps is not None:
-                    done = self.state.global_step >= (r + 1) * train_steps
-                    if not done:
-                        self._train_until(max_steps=(r + 1) * train_steps)
+                    target: dict[str, int] = {"max_steps": (r + 1) * train_steps}
+                    reached = state.global_step >= (r + 1) * train_steps
+                    at_round_end = state.global_step == (r + 1) * train_steps
                 else:
-                    done = self.state.epoch >= r + 1
-                    if not done:
-                        self._train_until(max_epochs=r + 1)
+                    target = {"max_epochs": r + 1}
+                    reached = state.epoch >= r + 1
+                    at_round_end = state.epoch == r + 1 and state.epoch_batches == 0
+                if not reached:
+                    results = self._train_until(**target, evaluate=True, eval_steps=eval_steps)
+                    if self.checkpoint_manager.preemption_requested:
+                        return dict(state.last_eval)  # preempted: the rest after a restart
+                elif at_round_end and state.evaluated_step != state.global_step:
+                    # resumed from this round's checkpoint, taken before its evaluation
+                    results = self._round_evaluation(eval_steps)
+                    self._note_stop()
                 if self.control.should_stop:
-                    results = self._evaluate(eval_steps)
                     break
-                if not done or r == epochs - 1:
-                    results = self._evaluate(eval_steps)
+            if results is None:  # every round was done before this call
+                results = self._results_now(eval_steps)
         return results
 
     # --- the step -----------------------------------------------------------------
@@ -308,9 +355,51 @@ class Trainer:
         done_in_epoch = -(-self.state.epoch_batches // self.args.gradient_accumulation_steps)
         return self.state.global_step + per_epoch * (max_epochs - self.state.epoch) - done_in_epoch
 
+    def _may_train(self, goal: dict[str, int]) -> bool:
+        """Whether a public call with target ``goal`` trains: not when a hook stopped
+        this run before (``state.stopped``, checkpointed), unless ``goal`` is larger
+        than the stopped call's target or ``args.resume_training`` is set."""
+        state = self.state
+        if state.stopped:
+            before = state.stop_target or {}
+            (unit, value), = goal.items()
+            larger = unit in before and value > before[unit]
+            if not (larger or self.args.resume_training):
+                if self.is_main_process:
+                    logger.warning(
+                        "this run was stopped early by a hook at step %d (target %s), and "
+                        "the stop is checkpointed: not training again. To continue, ask "
+                        "for a larger target or set TrainingArguments.resume_training=True",
+                        state.global_step, _target_text(before),
+                    )
+                return False
+            if self.is_main_process:
+                logger.info(
+                    "continuing a run stopped early at step %d (%s)", state.global_step,
+                    "resume_training" if not larger else f"target {_target_text(goal)} > "
+                    f"{_target_text(before)}",
+                )
+            state.stopped, state.stop_target = False, None
+        self._target = dict(goal)
+        return True
+
+    def _note_stop(self) -> None:
+        """Record in the state (so in the next checkpoint) that a hook stopped training;
+        a SIGTERM preemption is not a stop: the restarted job must go on."""
+        if (self.control.should_stop and not self.state.stopped
+                and not self.checkpoint_manager.preemption_requested):
+            self.state.stopped = True
+            self.state.stop_target = None if self._target is None else dict(self._target)
+
     def _train_until(
-        self, max_steps: Optional[int] = None, max_epochs: Optional[int] = None
-    ) -> None:
+        self,
+        max_steps: Optional[int] = None,
+        max_epochs: Optional[int] = None,
+        evaluate: bool = False,
+        eval_steps: Optional[int] = None,
+    ) -> Optional[dict[str, float]]:
+        """Train to the target; with ``evaluate``, evaluate (a round of
+        `train_and_evaluate`) before the final checkpoint and return the results."""
         if self.train_dataset is None:
             raise ValueError("Trainer.train needs Trainer(train_dataset=...): none was given")
         self.state.max_steps = self._estimate_max_steps(max_steps, max_epochs)
@@ -328,6 +417,9 @@ class Trainer:
                 if not self._train_epoch(max_steps):
                     break
             self.hooks.fire(Event.AFTER_TRAIN, self)
+            results = None
+            if evaluate and not self.checkpoint_manager.preemption_requested:
+                results = self._round_evaluation(eval_steps)
             self._save_checkpoint(final=True)
             failed = False
         finally:
@@ -338,6 +430,7 @@ class Trainer:
                 if not failed:
                     raise
                 logger.exception("a background checkpoint save failed too")
+        return results
 
     def _train_epoch(self, max_steps: Optional[int]) -> bool:
         """Train (the rest of) one pass; returns False when the data ran dry."""
@@ -387,6 +480,8 @@ class Trainer:
             if max_steps is not None and self.state.global_step >= max_steps:
                 break
             self.hooks.fire(Event.BEFORE_STEP, self)
+            if self.control.should_stop:  # a before_step hook stops before this update
+                break
             self.window.reset(self.state.global_step + 1)
             self.dense_optimizer.new_window()
             self.sparse_optimizer.new_window()
@@ -472,13 +567,45 @@ class Trainer:
         self.control.reset_step_flags()
 
     def _save_checkpoint(self, final: bool) -> None:
+        self._note_stop()
         path = self.checkpoint_manager.step(
             self.state.global_step, force=final or self.control.should_save
         )
         if path:
             self.hooks.fire(Event.AFTER_SAVE, self, path)
 
-    def _evaluate(self, eval_steps: Optional[int]) -> dict[str, float]:
+    def _round_evaluation(self, eval_steps: Optional[int]) -> dict[str, float]:
+        """The evaluation of a round's end: not repeated when this step was already
+        evaluated during training (hooks and schedulers see each model once)."""
+        if self.state.evaluated_step == self.state.global_step and self.state.last_eval:
+            return dict(self.state.last_eval)
+        return self._evaluate(eval_steps)
+
+    def _results_now(self, eval_steps: Optional[int]) -> dict[str, float]:
+        """Results for a call that trains nothing: those of this step's evaluation during
+        training, else a fresh evaluation outside training."""
+        if self.state.evaluated_step == self.state.global_step and self.state.last_eval:
+            return dict(self.state.last_eval)
+        return self._evaluate(eval_steps, in_training=False)
+
+    def _step_metric_scheduler(self, results: dict[str, float]) -> None:
+        """Step a metric-driven scheduler (``ReduceLROnPlateau``) on this evaluation's
+        ``args.metric_for_scheduler``."""
+        view = self.dense_lr_scheduler
+        if not view.on_metric:
+            return
+        name = self.args.metric_for_scheduler
+        if name not in results:
+            raise ValueError(
+                f"TrainingArguments.metric_for_scheduler={name!r} is not among the evaluation "
+                f"metrics {sorted(results)}; set it to one of them "
+                f"({type(view.scheduler).__name__} steps on it after each evaluation)"
+            )
+        view.scheduler.step(float(results[name]))
+
+    def _evaluate(self, eval_steps: Optional[int], in_training: bool = True) -> dict[str, float]:
+        """Evaluate; ``in_training``: an evaluation that is part of training (interval or
+        round), which steps a metric-driven scheduler and is recorded in the state."""
         if eval_steps is None:
             eval_steps = self.args.eval_steps  # None: the whole eval dataset
         if self.eval_dataset is None:
@@ -516,6 +643,9 @@ class Trainer:
         self.state.last_eval = dict(results)
         if is_stateful(dataset) and self._eval_start_state is not None:
             dataset.load_state_dict(self._eval_start_state)  # type: ignore[attr-defined]
+        if in_training:
+            self.state.evaluated_step = self.state.global_step
+            self._step_metric_scheduler(results)
         self.hooks.fire(Event.AFTER_EVALUATE, self, results)
         self.model.train(was_training)
         return results
@@ -537,3 +667,7 @@ def _no_sync(model: nn.Module) -> Any:
         current = inner
     no_sync = getattr(model, "no_sync", None)
     return no_sync() if callable(no_sync) else contextlib.nullcontext()
+
+
+def _target_text(target: dict[str, int]) -> str:
+    return ", ".join(f"{value} {unit}" for unit, value in target.items()) or "unknown"

@@ -49,6 +49,9 @@ def test_recframe_defaults():
     assert args.dist_sync_steps == 16
     assert args.incremental_checkpoints is False
     assert args.full_checkpoint_every == 10
+    assert args.metric_for_scheduler == "loss"
+    assert args.resume_training is False
+    assert args.keep_freed_memory is True
 
 
 # --- validation -----------------------------------------------------------------------
@@ -83,6 +86,9 @@ BAD_VALUES = {
     "dist_sync_steps": [0, -1, 1.5, None, True],
     "incremental_checkpoints": [1, "yes", None],
     "full_checkpoint_every": [0, -1, 2.0, True, None, "10"],
+    "metric_for_scheduler": ["", "  ", None, 3],
+    "resume_training": [1, "yes", None],
+    "keep_freed_memory": [1, "no", None],
 }
 
 
@@ -349,6 +355,9 @@ CLI_VALUES = {
     "dist_sync_steps": ("4", 4),
     "incremental_checkpoints": ("true", True),
     "full_checkpoint_every": ("4", 4),
+    "metric_for_scheduler": ("auc", "auc"),
+    "resume_training": ("true", True),
+    "keep_freed_memory": ("false", False),
 }
 
 

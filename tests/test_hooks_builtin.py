@@ -249,14 +249,27 @@ def test_progress_bar_without_tty(tmp_path):
     assert hook.bar.total == 25
     run_steps(registry, trainer, [1.0] * 20 + [2.0] * 5)
     assert hook.bar.n == 25
-    assert len(calls) == 2  # the loss is read every postfix_steps updates, not every step
+    assert len(calls) == 0  # no redraw due (a non-tty redraws every 30 s): no loss read
     registry.fire(Event.AFTER_TRAIN, trainer)
     assert hook.bar is None
-    assert len(calls) == 3  # plus the partial window when closing
+    assert len(calls) == 1  # the final postfix, when closing
     out = stream.getvalue()
     assert "25/25" in out
-    assert "loss=2.0000" in out
+    assert "loss=1.2000" in out
     registry.fire(Event.END, trainer)  # closing twice is harmless
+
+
+def test_progress_bar_reads_the_loss_only_when_it_redraws(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=25)
+    hook = ProgressBarHook(postfix_steps=10, file=io.StringIO())
+    calls = []
+    real_mean = hook._meter.mean_loss
+    hook._meter.mean_loss = lambda: calls.append(1) or real_mean()
+    registry = HookRegistry([hook])
+    registry.fire(Event.BEFORE_TRAIN, trainer)
+    hook.bar.mininterval = 0  # a redraw is due at every update (a fast terminal)
+    run_steps(registry, trainer, [1.0] * 20 + [2.0] * 5)
+    assert len(calls) == 2  # every postfix_steps updates, not every update
 
 
 def test_progress_bar_unknown_total_resume_and_disabled(tmp_path, capsys):

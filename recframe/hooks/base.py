@@ -114,14 +114,34 @@ def _named_error(hook: Hook, event: Event, error: Exception) -> HookError:
     return named
 
 
+_EVENTS = tuple(Event)
+
+
+def _overrides(hook: Hook, event: Event) -> bool:
+    """Whether ``hook`` does something on ``event`` (not `Hook`'s no-op)."""
+    method = getattr(hook, event.value, None)
+    return getattr(method, "__func__", method) is not getattr(Hook, event.value)
+
+
 class HookRegistry:
-    """Holds hooks in priority order and dispatches events to them."""
+    """Holds hooks in priority order and dispatches events to them.
+
+    Each event is dispatched only to the hooks that override it (a table rebuilt when
+    hooks are added or removed): an update pays for the hooks that act on it, not for
+    every registered hook's no-ops.
+    """
 
     def __init__(self, hooks: Optional[Iterable[Hook]] = None) -> None:
         self._hooks: list[Hook] = []
         self._ended = False
+        self._dispatch: dict[Event, tuple[Hook, ...]] = {}
         if hooks:
             self.add_all(hooks)
+
+    def _rebuild(self) -> None:
+        self._dispatch = {
+            event: tuple(h for h in self._hooks if _overrides(h, event)) for event in _EVENTS
+        }
 
     def add(self, hook: Hook) -> None:
         if not isinstance(hook, Hook):
@@ -132,6 +152,7 @@ class HookRegistry:
         self._hooks.append(hook)
         # stable sort: equal priorities keep the order they were added in
         self._hooks.sort(key=lambda h: h.priority)
+        self._rebuild()
 
     def add_all(self, hooks: Iterable[Hook]) -> None:
         for hook in hooks:
@@ -139,6 +160,7 @@ class HookRegistry:
 
     def remove(self, hook: Hook) -> None:
         self._hooks.remove(hook)
+        self._rebuild()
 
     def __iter__(self) -> Iterator[Hook]:
         return iter(list(self._hooks))
@@ -155,13 +177,14 @@ class HookRegistry:
         ``end`` is the clean-up event: every hook gets it even when an earlier one
         raised, and the first failure is raised afterwards.
         """
-        event = Event(event)
+        if type(event) is not Event:
+            event = Event(event)
         if event is Event.END:
             if self._ended:
                 return
             self._ended = True
         first_error: Optional[HookError] = None
-        for hook in list(self._hooks):
+        for hook in self._dispatch.get(event, ()):
             try:
                 getattr(hook, event.value)(trainer, *args)
             except Exception as e:  # noqa: BLE001 - re-raised with the hook's name

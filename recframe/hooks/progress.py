@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import TYPE_CHECKING, Any, Optional, TextIO
 
 from tqdm import tqdm
@@ -21,8 +22,9 @@ class ProgressBarHook(Hook):
     """Shows a progress bar of optimizer updates with the recent mean loss.
 
     Args:
-        postfix_steps: updates between refreshes of the loss postfix; reading the
-            loss syncs the device, so it is not done on every update.
+        postfix_steps: at least this many updates between refreshes of the loss
+            postfix. Reading the loss syncs the device, so it is read only when the bar
+            is about to redraw (tqdm's ``mininterval``): never between two redraws.
         file: stream of the bar; ``None`` means ``sys.stderr`` when training starts.
 
     The bar's total is ``state.max_steps`` (unknown when ``None``) and it starts at
@@ -75,11 +77,20 @@ class ProgressBarHook(Hook):
         if self.bar is None:
             return
         self._meter.add(metrics)
+        if self._meter.steps >= self.postfix_steps and self._redraw_due():
+            self._refresh_postfix()  # drawn by the update below
         step = int(trainer.state.global_step)
         if step > self.bar.n:
             self.bar.update(step - self.bar.n)
-        if self._meter.steps >= self.postfix_steps:
-            self._refresh_postfix()
+
+    def _redraw_due(self) -> bool:
+        """Whether tqdm will redraw at its next update (its ``mininterval`` passed)."""
+        bar = self.bar
+        last = getattr(bar, "last_print_t", None)
+        interval = getattr(bar, "mininterval", None)
+        if last is None or interval is None:
+            return True
+        return time.time() - last >= interval
 
     def _refresh_postfix(self) -> None:
         assert self.bar is not None

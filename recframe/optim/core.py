@@ -27,6 +27,7 @@ either way), then trains like one big batch, because:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Iterable
@@ -482,9 +483,30 @@ class OptimizerView:
             self.optimizer.load_state_dict(state)
 
 
+def steps_on_metric(scheduler: Any) -> bool:
+    """Whether ``scheduler.step`` takes a metric: ``ReduceLROnPlateau``, or any scheduler
+    whose ``step`` has a required positional parameter."""
+    if scheduler is None:
+        return False
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return True
+    step = getattr(scheduler, "step", None)
+    if not callable(step):
+        return False
+    try:
+        params = inspect.signature(step).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind in positional and p.default is inspect.Parameter.empty for p in params)
+
+
 class SchedulerView:
     """``self.dense_lr_scheduler`` inside ``_train_step``: steps once per update (on the
-    window's last micro-batch; called on an earlier one only, when the window ends)."""
+    window's last micro-batch; called on an earlier one only, when the window ends).
+
+    A metric-driven scheduler (`steps_on_metric`: ``ReduceLROnPlateau``) is stepped by
+    the trainer once per evaluation instead; ``step()`` here is then a no-op."""
 
     def __init__(self, scheduler: Any, window: AccumulationWindow) -> None:
         self.scheduler = scheduler
@@ -492,6 +514,7 @@ class SchedulerView:
         self.requested: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None
         self.done = False
         window.schedulers.append(self)
+        self.on_metric = steps_on_metric(scheduler)
 
     def __getattr__(self, item: str) -> Any:
         scheduler = self.__dict__.get("scheduler")
@@ -507,7 +530,7 @@ class SchedulerView:
         return self.done
 
     def step(self, *args: Any, **kwargs: Any) -> None:
-        if self.scheduler is None or self.done:
+        if self.scheduler is None or self.on_metric or self.done:
             return
         self.requested = (args, kwargs)
         if self.window.is_boundary:

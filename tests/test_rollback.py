@@ -91,3 +91,21 @@ def test_a_file_url_of_the_output_dir_is_the_same_dir(tmp_path, url):
     assert manager.restore() == 2  # not a silent fresh start somewhere else
     assert manager.saver.storage.root == out
     manager.close()
+
+
+def test_a_rollback_on_an_object_store_copies_aside_then_uncommits(tmp_path):
+    out = f"memory://rollback-{os.getpid()}-{id(tmp_path)}/run"
+    _run(out, range(1, 4))
+    model = make_model(1)
+    manager = CheckpointManager(Saver(model, output_dir=out, max_keep=10), save_interval=1)
+    assert manager.restore(global_step=1) == 1
+    set_weights(model, 20.0)
+    manager.step(2)
+    assert steps_of(manager) == [1, 2]
+    assert weight_in(manager.saver, 2) == 20.0
+    storage = manager.saver.storage
+    (label,) = storage.listdir(storage.path("abandoned"))
+    aside = Saver(make_model(), output_dir=storage.path("abandoned", label))
+    assert [c.step for c in aside.list_checkpoints()] == [2, 3]
+    assert weight_in(aside, 3) == 3.0
+    manager.close()

@@ -10,15 +10,15 @@ in-flight staging directory. A holder is *gone* (its lock is taken over) when
 - it ran on this host and its pid no longer exists (a SIGKILLed job restarted on the
   same machine takes over at once, without waiting for the lease).
 
-Local and NFS-like paths: the check-and-take runs under an ``flock`` of
-``.recframe-writer.lock.guard`` (POSIX locks on NFS), so two starters never both take
-a stale lock. Object stores (no flock, no rename): the lock object is created with a
-conditional write (``If-None-Match``: fsspec's ``pipe_file(mode="create")``) where the
-store supports it, else with a check-then-write; taking over an expired lease is a
-plain overwrite followed by a read-back (two jobs starting within the same second
-may both pass it there). Every manifest also names the writer's ``run_id``, and the
-writer re-reads the lock right before each commit, so a writer that lost its lease
-never commits over the new holder.
+Local and NFS-like paths: the check-and-take runs under an ``flock`` of the output
+dir (or of ``.recframe-writer.lock.guard`` where a directory cannot be flocked, as on
+NFS), so two starters never both take a stale lock. Object stores (no flock, no
+rename): the lock object is created with a conditional write (``If-None-Match``:
+fsspec's ``pipe_file(mode="create")``) where the store supports it, else with a
+check-then-write; taking over an expired lease is a plain overwrite followed by a
+read-back (two jobs starting within the same second may both pass it there). Every
+manifest also names the writer's ``run_id``, and the writer re-reads the lock right
+before each commit, so a writer that lost its lease never commits over the new holder.
 
 Under torchrun only rank 0 takes the lock (see `CheckpointManager`); every rank learns
 the result, so a refused job stops on every rank.
@@ -261,16 +261,24 @@ class WriterLock:
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
-        """Serialise check-and-take between processes (local/NFS paths: ``flock``)."""
+        """Serialise check-and-take between processes on local/NFS paths: an ``flock``
+        of the output dir itself (nothing extra in it), or, where a directory cannot be
+        flocked (NFS emulates flock with POSIX locks, which need a file), of
+        ``.recframe-writer.lock.guard``."""
         if not self.storage.is_local:
             yield
             return
         import fcntl
 
         self.storage.makedirs(self.storage.root)
-        fd = os.open(self.path + ".guard", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.storage.root, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            fd = os.open(self.path + ".guard", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
             yield
         finally:
             os.close(fd)  # closing drops the flock

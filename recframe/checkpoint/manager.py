@@ -132,6 +132,7 @@ class CheckpointManager:
         self._last_saved_time = time.monotonic()
         self._previous_handler: Any = None
         self._rolled_back_to: Optional[int] = None
+        self._locked = False
         self.save_on_sigterm = save_on_sigterm
         _check_output_dir(saver)
         self.lock = WriterLock(saver.storage, lease_secs)
@@ -158,6 +159,7 @@ class CheckpointManager:
     def _acquire(self) -> None:
         """Rank 0 takes the output dir's writer lock and renews it while the run lives;
         every rank learns whether it could (a refused job stops on every rank)."""
+        self._locked = True  # on every rank (only rank 0 holds the file)
         error: Optional[BaseException] = None
         if distributed.is_main_process() and not self.lock.held:
             try:
@@ -276,6 +278,7 @@ class CheckpointManager:
             self.wait()
         finally:
             self.lock.release()
+            self._locked = False
             if self._previous_handler is not None:
                 try:
                     signal.signal(signal.SIGTERM, self._previous_handler)
@@ -408,7 +411,7 @@ class CheckpointManager:
     def start(self) -> None:
         """Training starts: hold the writer lock (again, after `close`) and install the
         SIGTERM handler (``save_on_sigterm``)."""
-        if not self.lock.held:
+        if not self._locked:  # the same on every rank: _acquire is a collective
             self._acquire()
         self.preemption_requested = False
         self._sigterm_seen = False

@@ -369,14 +369,29 @@ class CheckpointManager:
         than the restored one into ``abandoned/`` so they are never mixed with this
         run's saves nor restored later in its place."""
         step, self._rolled_back_to = self._rolled_back_to, None
-        if step is None or not distributed.is_main_process():
+        if step is None:  # the same on every rank (restore is collective)
             return
-        newer = [c for c in self.saver.owned(self.saver.list_checkpoints()) if c.step > step]
-        known = {c.step for c in newer}
-        newer += [c for c in self._unreadable_newer(step) if c.step not in known]
-        if newer:
-            label = f"from_ckpt_{step}-{time.strftime('%Y%m%dT%H%M%S')}-{self.lock.run_id[:8]}"
-            self.saver.move_aside(newer, label)
+        error: Optional[BaseException] = None
+        if distributed.is_main_process():
+            try:
+                newer = [c for c in self.saver.owned(self.saver.list_checkpoints())
+                         if c.step > step]
+                known = {c.step for c in newer}
+                newer += [c for c in self._unreadable_newer(step) if c.step not in known]
+                if newer:
+                    label = (f"from_ckpt_{step}-{time.strftime('%Y%m%dT%H%M%S')}-"
+                             f"{self.lock.run_id[:8]}")
+                    self.saver.move_aside(newer, label)
+            except Exception as e:  # noqa: BLE001 - raised below, on every rank
+                error = e
+        # the other ranks check "already committed?" only once rank 0 moved them aside
+        (ok,) = distributed.broadcast_ints([0 if error else 1])
+        if error is not None or not ok:
+            self._rolled_back_to = step  # retried at the next save
+            raise CheckpointError(
+                f"could not move the checkpoints newer than ckpt_{step} aside (rank 0: "
+                f"{error or 'see its log'}); not saving into a mixed timeline"
+            ) from error
 
     def _unreadable_newer(self, step: int) -> list[CheckpointInfo]:
         """``ckpt_<n>`` directories newer than ``step`` whose manifest exists but does

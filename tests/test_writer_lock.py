@@ -154,3 +154,12 @@ def test_object_store_lock_is_a_conditional_write(tmp_path):
     assert steps_of(manager) == [1]
     manager.close()
     assert not storage.exists(other.path)
+
+
+def test_a_job_that_exits_without_close_frees_the_dir(tmp_path):
+    out = str(tmp_path)
+    code = ("import sys; from recframe.checkpoint.lock import WriterLock; "
+            "from recframe.checkpoint.storage import Storage; "
+            "WriterLock(Storage(sys.argv[1])).acquire()")
+    subprocess.run([sys.executable, "-c", code, out], check=True)
+    assert not os.path.exists(os.path.join(out, LOCK_NAME))  # released at exit

@@ -26,6 +26,7 @@ the result, so a refused job stops on every rank.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -85,6 +86,8 @@ class WriterLock:
         self._thread: Optional[threading.Thread] = None
         self.lost: Optional[str] = None
         """Why the lease was lost (another job took it over), or None."""
+        self._at_exit = False
+        self._owner_pid = os.getpid()
 
     # --- the record -----------------------------------------------------------------
     def _record(self) -> bytes:
@@ -168,7 +171,10 @@ class WriterLock:
         if not self.held:
             with _HOLDS_LOCK:
                 _PROCESS_HOLDS[self.run_id] = _PROCESS_HOLDS.get(self.run_id, 0) + 1
-        self.held, self.lost = True, None
+            if not self._at_exit:  # a clean exit frees the dir at once (not after a lease)
+                atexit.register(self.release)
+                self._at_exit = True
+        self.held, self.lost, self._owner_pid = True, None, os.getpid()
 
     def _write(self, create: bool) -> None:
         data = self._record()
@@ -240,8 +246,8 @@ class WriterLock:
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
-        if not self.held:
-            return
+        if not self.held or os.getpid() != self._owner_pid:
+            return  # (a forked child never releases its parent's lock)
         self.held = False
         with _HOLDS_LOCK:
             left = _PROCESS_HOLDS.get(self.run_id, 1) - 1

@@ -339,6 +339,18 @@ def exactness_warning(dataset: Any) -> Optional[str]:
             "(a list, a torch DataLoader) or one with state_dict()/load_state_dict() "
             "(torchdata's StatefulDataLoader, recframe.data's datasets); see docs/resume.md"
         )
+    if (_is_torch_loader(dataset) and dataset.num_workers > 0 and dataset.persistent_workers
+            and isinstance(dataset.dataset, torch.utils.data.IterableDataset)):
+        inner = type(dataset.dataset).__name__
+        return (
+            f"train_dataset is a {name}(num_workers={dataset.num_workers}, "
+            f"persistent_workers=True) over the IterableDataset {inner}: its iteration state "
+            "lives in the workers' copies and carries over from one epoch to the next, and "
+            "a resumed run starts fresh workers whose copies start over, so a resume in a "
+            "later epoch may read other samples than an uninterrupted run. Use "
+            "persistent_workers=False, num_workers=0 with state_dict()/load_state_dict(), "
+            "or torchdata's StatefulDataLoader; see docs/resume.md"
+        )
     if _is_torch_loader(dataset):
         sampler = _unreplayable(dataset.batch_sampler if dataset.batch_sampler is not None
                                 else dataset.sampler)

@@ -488,23 +488,36 @@ class Trainer:
             self.dense_lr_scheduler.new_window()
             step_metrics: dict[str, Any] = {}
             samples = 0
-            for index in range(k):
-                item = feed.take()
-                size = index + 1 if item.is_last else k
-                samples += batch_size_of(item.batch)
-                self._run_micro_batch(item.batch, index, size, step_metrics)
-                self.state.epoch_batches += 1
-                feed.trained(item)
-                if item.is_last:
-                    end_of_data = True
-                    break
+            start = (self.state.epoch_batches, self.state.micro_step, feed.position,
+                     feed.loader_rng)
+            try:
+                for index in range(k):
+                    item = feed.take()
+                    size = index + 1 if item.is_last else k
+                    samples += batch_size_of(item.batch)
+                    self._run_micro_batch(item.batch, index, size, step_metrics)
+                    self.state.epoch_batches += 1
+                    feed.trained(item)
+                    if item.is_last:
+                        end_of_data = True
+                        break
+                # the optimizers' and scheduler's steps requested in _train_step run here
+                skipped = self.window.update()
+            except BaseException:
+                # a window that failed before its update (an error, Ctrl-C) counts for
+                # nothing: the next train() call trains it again from its first
+                # micro-batch, without its gradients
+                (self.state.epoch_batches, self.state.micro_step, feed.position,
+                 feed.loader_rng) = start
+                self.window.drop()
+                raise
             if end_of_data:
                 # close the pass before the update's checkpoint, so a resume starts the
                 # next pass
                 self.state.epoch += 1
                 self.state.epoch_batches = 0
                 feed.end_pass()
-            self._finish_update(step_metrics, samples)
+            self._finish_update(step_metrics, samples, skipped)
         if end_of_data:
             self.hooks.fire(Event.AFTER_EPOCH, self)
         return True
@@ -538,9 +551,7 @@ class Trainer:
                 step_metrics[key] = value.detach() if isinstance(value, torch.Tensor) else value
         step_metrics.update(pop_global_metrics())
 
-    def _finish_update(self, step_metrics: dict[str, Any], samples: int) -> None:
-        # the optimizers' and scheduler's steps requested in _train_step run here, once
-        skipped = self.window.update()
+    def _finish_update(self, step_metrics: dict[str, Any], samples: int, skipped: bool) -> None:
         self.state.global_step += 1
         self.state.samples_seen += samples
         loss = self.window.mean_loss()

@@ -160,13 +160,10 @@ def _concat(parts):
     return ids, offsets, torch.cat([p[2] for p in parts])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "batch_size_of takes the first tensor's length (the flat ids: 27 and 30) for the "
-    "number of samples (8 and 8): two equal micro-batches are weighed 27/57 and 30/57 "
-    "instead of 1/2; needs a way to name the samples (labels) or a fallback to 1/k when "
-    "the batch's tensors disagree on their first dimension"))
 def test_equal_micro_batches_of_flat_embedding_bag_input_weigh_equally(tmp_path):
-    micro = [_bags(8, 1), _bags(8, 2)]
+    """(ids, offsets, labels) of nn.EmbeddingBag: the samples are the offsets/labels,
+    not the flat ids (before the fix: weighed 27/43 and 16/43 instead of 1/2)."""
+    micro = [_bags(8, 1), _bags(8, 3)]
     assert len(micro[0][0]) != len(micro[1][0])  # same samples, other id counts
 
     def train(batches, k):
@@ -232,3 +229,12 @@ def test_a_failed_window_leaves_no_deferred_lookup_on_the_fused_back_end(tmp_pat
             dist.destroy_process_group()
     for key in straight:
         assert torch.equal(straight[key], retried[key]), key
+
+
+def test_batch_size_of_counts_samples_in_common_containers():
+    from recframe.data import batch_size_of
+
+    ids, offsets, labels = torch.arange(27), torch.arange(8), torch.zeros(8)
+    assert batch_size_of((ids, offsets, labels)) == 8
+    assert batch_size_of({"ids": ids, "label": labels}) == 8
+    assert batch_size_of([{"x": torch.ones(3)} for _ in range(5)]) == 5  # kept apart

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -32,7 +33,10 @@ logger = logging.getLogger(__name__)
 _END = object()
 
 
-class StreamItem(NamedTuple):
+@dataclass(frozen=True)
+class StreamItem:
+    """One batch of a `BatchStream`, with where the dataset stands after it."""
+
     batch: Any
     position: Optional[dict[str, Any]]
     """The dataset's ``state_dict()`` right after this batch (None if not stateful)."""

@@ -22,6 +22,7 @@ never deleted and never mixed with the new run's saves.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import re
 import signal
@@ -287,7 +288,7 @@ class CheckpointManager:
                 self._previous_handler = None
 
     # --- retention ----------------------------------------------------------------
-    def apply_retention(self, protect: Optional[set[int]] = None) -> list[str]:
+    def apply_retention(self, protect: Optional[set[int]] = None) -> builtins.list[str]:
         """Delete this run's committed checkpoints the keep policy does not keep (nor
         the steps in ``protect``); checkpoints linked in from elsewhere are left alone."""
         if not distributed.is_main_process():
@@ -295,7 +296,7 @@ class CheckpointManager:
         found = self.saver.owned(self.saver.list_checkpoints())
         return self.saver.delete(self.keep_policy.deletable(found, protect))
 
-    def list(self) -> list[CheckpointInfo]:
+    def list(self) -> builtins.list[CheckpointInfo]:
         return self.saver.list_checkpoints()
 
     # --- restoring ----------------------------------------------------------------
@@ -393,7 +394,7 @@ class CheckpointManager:
                 f"{error or 'see its log'}); not saving into a mixed timeline"
             ) from error
 
-    def _unreadable_newer(self, step: int) -> list[CheckpointInfo]:
+    def _unreadable_newer(self, step: int) -> builtins.list[CheckpointInfo]:
         """``ckpt_<n>`` directories newer than ``step`` whose manifest exists but does
         not parse (listing skips them): part of the abandoned timeline too."""
         out = []
@@ -408,7 +409,7 @@ class CheckpointManager:
                 out.append(CheckpointInfo(n, path, {}))
         return out
 
-    def load_model_bank(self, entries: list[Any]) -> None:
+    def load_model_bank(self, entries: builtins.list[Any]) -> None:
         """Warm-start from other runs: each entry is a path or ``{"path", "load",
         "exclude", "strict"}``; ``load`` defaults to the model only (sparse, dense),
         never another run's optimizer or step."""

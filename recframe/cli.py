@@ -126,6 +126,10 @@ def _sparse_side(model: Any, ns: argparse.Namespace, device: str) -> tuple[Any, 
         log.info("--device xla: fbgemm's fused tables do not run on XLA; the tables "
                  "train with --sparse_backend sparse_grad (dense gradients on XLA)")
         backend = "sparse_grad"
+    if backend == "fused" and getattr(model, "dynamic", None) is not None:
+        log.info("dynamic tables reset rows' optimizer state, which fbgemm's fused kernels "
+                 "do not expose: the tables train with --sparse_backend sparse_grad")
+        backend = "sparse_grad"
     if backend == "fused":
         from recframe.optim.fused import shard_model
 
@@ -175,6 +179,10 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         dense_optimizers=(dense_opt, None),
         sparse_optimizer=sparse_opt,
     )
+    if getattr(model, "dynamic", None) is not None:
+        from recframe.hooks import DynamicEmbeddingHook
+
+        trainer.add_hook(DynamicEmbeddingHook())
     trainer.train()
     if eval_data is not None:
         results = trainer.evaluate()  # every rank: the metrics cover all ranks' samples

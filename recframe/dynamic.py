@@ -100,7 +100,10 @@ class DynamicIdMap(nn.Module):
         """The last step whose ids were committed."""
         self.register_buffer("totals", torch.zeros(2, **i64))
         """(ids admitted, rows evicted) since the start."""
-        self._pending: list[torch.Tensor] = []
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        odd = [m | 1 for m in (_MIX[1], -7046029254386353131, 0x2545F4914F6CDD1D)]
+        self._sketch_mults = torch.tensor(odd[:SKETCH_DEPTH], device=device).view(-1, 1)
+        self._sketch_offsets = (torch.arange(SKETCH_DEPTH, device=device) * width).view(-1, 1)
 
     # --- lookup -------------------------------------------------------------------
     def check_ids(self, ids: torch.Tensor, feature: str) -> None:
@@ -110,7 +113,10 @@ class DynamicIdMap(nn.Module):
                             "schema's dynamic mapping (ids int64, or hash for strings)")
 
     def fallback_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.remainder(_hash(ids, 0), self.fallback)
+        """The hashed fallback row of each id (multiply-shift: cheap, every lookup)."""
+        if self.fallback == 1:
+            return torch.zeros_like(ids)
+        return torch.remainder((ids * _MIX[0]) >> 24, self.fallback)
 
     def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(hit, slot) of each id: whether it has a row, and its slot (row - fallback)."""
@@ -127,8 +133,9 @@ class DynamicIdMap(nn.Module):
                     f"dynamic table {self.table!r}: {MAX_PENDING} training lookups without "
                     "a step boundary; add recframe.hooks.DynamicEmbeddingHook() to the "
                     "Trainer (or call recframe.dynamic.end_step after each update)")
-            self._pending.append(ids.detach())
         hit, slot = self.find(ids)
+        if record and ids.numel():
+            self._pending.append((ids.detach(), hit, slot))
         return torch.where(hit, slot + self.fallback, self.fallback_rows(ids))
 
     # --- the step boundary --------------------------------------------------------
@@ -147,18 +154,17 @@ class DynamicIdMap(nn.Module):
         empty = torch.zeros(0, dtype=torch.int64, device=self.ids.device)
         pending, self._pending = self._pending, []
         self.step.fill_(step)
-        if pending:
-            uniq, cnt = torch.unique(torch.cat(pending), return_counts=True)
-        else:
-            uniq, cnt = empty, empty
-        hit, slot = self.find(uniq)
-        seen = slot[hit]
-        self.counts.index_add_(0, seen, cnt[hit])
-        self.last_seen.index_fill_(0, seen, step)
+        uniq, cnt = empty, empty
+        if pending:  # the lookups' own hits: the map did not change since
+            ids, hit, slot = (torch.cat(x) for x in zip(*pending))
+            seen = slot[hit]
+            self.counts.index_add_(0, seen, torch.ones_like(seen))
+            self.last_seen.index_fill_(0, seen, step)
+            uniq, cnt = torch.unique(ids[~hit], return_counts=True)
         evicted = empty
         if step % self.spec.eviction_interval == 0:
             evicted = self._evict(step)
-        admitted, fallback = self._admit(uniq[~hit], cnt[~hit], step)
+        admitted, fallback = self._admit(uniq, cnt, step)
         if admitted.numel() or evicted.numel():
             self._reindex()
         self.totals[0] += admitted.numel()
@@ -202,18 +208,20 @@ class DynamicIdMap(nn.Module):
             admit = torch.ones_like(ids, dtype=torch.bool)
             score = cnt
         else:
-            width = self.sketch.shape[1]
-            est = None
-            for d in range(SKETCH_DEPTH):
-                cols = torch.remainder(_hash(ids, d + 1), width)
-                row = self.sketch[d]
-                row.index_add_(0, cols, cnt.to(row.dtype))
-                value = row[cols].long()
-                est = value if est is None else torch.minimum(est, value)
+            depth, width = self.sketch.shape
+            x = ids * _MIX[0]  # mix once, then one multiply-shift per sketch row
+            x = x ^ ((x >> 31) & 0x1FFFFFFFF)
+            cols = torch.remainder((x.unsqueeze(0) * self._sketch_mults) >> 16, width)
+            cols += self._sketch_offsets
+            flat = self.sketch.view(-1)
+            flat.index_add_(0, cols.view(-1), cnt.to(flat.dtype).repeat(depth))
+            est = flat[cols].min(dim=0).values.long()
             admit = est >= spec.min_count
             score = est
-        cand, ccnt, score = ids[admit], cnt[admit], score[admit]
         free = (~self.used).nonzero().squeeze(1)
+        if free.numel() == 0:  # full: the counts wait in the sketch for an eviction
+            return empty, empty
+        cand, ccnt, score = ids[admit], cnt[admit], score[admit]
         if cand.numel() > free.numel():  # the most frequent first; ties: the smaller id
             order = torch.argsort(cand)
             order = order[torch.sort(score[order], descending=True, stable=True).indices]
@@ -287,7 +295,8 @@ class DynamicIdRemapper(nn.Module):
         return KeyedJaggedTensor(
             keys=keys, values=torch.cat(parts) if parts else features.values(),
             lengths=features.lengths(), weights=features.weights_or_none(),
-            stride=features.stride(),
+            stride=features.stride(), length_per_key=features.length_per_key(),
+            offset_per_key=features.offset_per_key(),
         )
 
 
@@ -337,26 +346,36 @@ def reset_rows(weight: torch.Tensor, optimizer: Any, admitted: torch.Tensor,
             value.index_fill_(0, rows, init if key == "sum" and value.dim() == 2 else 0.0)
 
 
-def end_step(model: nn.Module, step: int, optimizer: Any = None, tracker: Any = None
-             ) -> dict[str, int]:
-    """Commit every dynamic table of ``model`` at step ``step`` (after the optimizer
-    update): admission, eviction, row and optimizer-state resets, and incremental
-    checkpoint marks (``tracker``: a `RowTracker`). Call it once per optimizer step in
-    a loop of your own; the Trainer's `DynamicEmbeddingHook` does. Returns the rows in
-    use per table."""
+def dynamic_targets(model: nn.Module) -> list[tuple[DynamicIdMap, str, nn.Parameter]]:
+    """(map, table state key, table weight) of every dynamic table of ``model``."""
     params = table_parameters(model)
-    used = {}
+    out = []
     for remapper in remappers(model):
         for table, m in remapper.maps.items():
             if table not in params:
                 raise ValueError(f"dynamic table {table!r}: the model has no embedding table "
                                  "of that name (embedding_bags.<table>.weight)")
-            key, weight = params[table]
-            admitted, fallback, evicted = m.end_step(step)
+            out.append((m, *params[table]))
+    return out
+
+
+def end_step(model: nn.Module, step: int, optimizer: Any = None, tracker: Any = None,
+             targets: Optional[list[tuple[DynamicIdMap, str, nn.Parameter]]] = None
+             ) -> dict[str, int]:
+    """Commit every dynamic table of ``model`` at step ``step`` (after the optimizer
+    update): admission, eviction, row and optimizer-state resets, and incremental
+    checkpoint marks (``tracker``: a `RowTracker`). Call it once per optimizer step in
+    a loop of your own; the Trainer's `DynamicEmbeddingHook` does. ``targets``:
+    `dynamic_targets` of the model, resolved once by a caller that calls every step.
+    Returns the rows in use per table."""
+    used = {}
+    for m, key, weight in dynamic_targets(model) if targets is None else targets:
+        admitted, fallback, evicted = m.end_step(step)
+        if admitted.numel() or evicted.numel():
             reset_rows(weight, optimizer, admitted, fallback, evicted)
             if tracker is not None and key in getattr(tracker, "bits", {}):
                 tracker.mark(key, torch.cat([admitted, evicted]))
-            used[table] = m.rows_used
+        used[m.table] = m.rows_used
     return used
 
 

@@ -26,10 +26,16 @@ class DynamicEmbeddingHook(Hook):
 
     priority = -90  # right after the update, before hooks that read the metrics
 
-    def before_train(self, trainer: Trainer) -> None:
-        from recframe.dynamic import remappers
+    def __init__(self) -> None:
+        self._targets: Any = None
+        self._model: Any = None
 
-        if not remappers(trainer.unwrapped_model):
+    def before_train(self, trainer: Trainer) -> None:
+        from recframe.dynamic import dynamic_targets
+
+        self._model = trainer.unwrapped_model
+        self._targets = dynamic_targets(self._model)  # resolved once, used every step
+        if not self._targets:
             return
         opt = trainer.sparse_optimizer.optimizer
         if type(opt).__name__ == "FusedSparseOptimizer":
@@ -42,11 +48,13 @@ class DynamicEmbeddingHook(Hook):
     def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         from recframe.dynamic import end_step
 
+        model = trainer.unwrapped_model
         used = end_step(
-            trainer.unwrapped_model,
+            model,
             trainer.state.global_step,
             trainer.sparse_optimizer.optimizer,
             getattr(trainer.checkpoint_manager, "tracker", None),
+            self._targets if model is self._model else None,
         )
         for table, n in used.items():
             metrics[f"dynamic/{table}/rows_used"] = n

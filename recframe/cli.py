@@ -546,6 +546,12 @@ def _describe_checkpoint(storage: Any, path: str, manifest: dict[str, Any]) -> d
     ]
     summary.update(format_version=manifest.get("format_version"), parts=parts,
                    tensors=tensors, data_files=files)
+    if any(".maps." in k for k in manifest["tensors"]):  # dynamic tables: rows used
+        from recframe.checkpoint.format import TensorReader
+        from recframe.dynamic import dynamic_summary
+
+        summary["dynamic_tables"] = dynamic_summary(
+            TensorReader(storage, path, manifest["tensors"]))
     return summary
 
 
@@ -661,6 +667,10 @@ def _print_inspect(info: dict[str, Any]) -> None:
         changed = info.get("changed_rows") or {}
         print(f"changed     {sum(changed.values())} rows in {len(changed)} table(s)")
     print(f"metrics     {_metrics_text(info['metrics'])}")
+    for table, d in (info.get("dynamic_tables") or {}).items():
+        print(f"dynamic     {table}: {d['rows_used']}/{d['dynamic_rows']} rows used (budget "
+              f"{d.get('budget', '?')} with fallback), admitted {d.get('admitted', '?')}, "
+              f"evicted {d.get('evicted', '?')}")
     print("\nparts")
     print(_text_table(
         ["part", "tensors", "size", "entries"],

@@ -379,18 +379,26 @@ def end_step(model: nn.Module, step: int, optimizer: Any = None, tracker: Any = 
     return used
 
 
-def dynamic_summary(state: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """Rows used / budget per dynamic table from a model state dict (``...maps.<table>.
-    used`` keys): for ``recframe ckpt inspect``."""
+def dynamic_summary(reader: Any) -> dict[str, dict[str, int]]:
+    """Rows used / budget per dynamic table of a checkpoint (``reader``: its
+    `recframe.checkpoint.format.TensorReader`), from the map's ``...maps.<table>.used``
+    and ``totals`` tensors and the table's rows: for ``recframe ckpt inspect``."""
     out: dict[str, dict[str, int]] = {}
-    for key, value in state.items():
+    keys = list(reader.meta)
+    for key in keys:
         parts = key.split(".")
-        if len(parts) >= 3 and parts[-3] == "maps" and parts[-1] == "used" \
-                and isinstance(value, torch.Tensor):
-            fallback_key = key[: -len("used")] + "totals"
-            out[parts[-2]] = {"rows_used": int(value.sum()), "capacity": int(value.numel())}
-            totals = state.get(fallback_key)
-            if isinstance(totals, torch.Tensor) and totals.numel() == 2:
-                out[parts[-2]].update(admitted=int(totals[0]), evicted=int(totals[1]))
+        if len(parts) < 3 or parts[-3] != "maps" or parts[-1] != "used":
+            continue
+        table = parts[-2]
+        used = reader.read(key)
+        row = {"rows_used": int(used.sum()), "dynamic_rows": int(used.numel())}
+        weights = [k for k in keys if k.endswith(f"embedding_bags.{table}.weight")]
+        if len(weights) == 1:
+            row["budget"] = int(reader.shape(weights[0])[0])
+            row["fallback_rows"] = row["budget"] - row["dynamic_rows"]
+        totals_key = key[: -len("used")] + "totals"
+        if totals_key in reader:
+            totals = reader.read(totals_key)
+            row.update(admitted=int(totals[0]), evicted=int(totals[1]))
+        out[table] = row
     return out
-

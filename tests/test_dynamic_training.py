@@ -200,8 +200,11 @@ def test_recframe_train_with_a_dynamic_table(tmp_path, capsys) -> None:
     assert "final eval" in out
     assert cli.main(["ckpt", "inspect", str(tmp_path / "run"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    keys = [t["key"] for t in info["tensors"]]
-    assert any("dynamic.maps.user.used" in k for k in keys)
+    table = info["dynamic_tables"]["user"]
+    assert table["budget"] == 64 and table["fallback_rows"] == 4
+    assert 0 < table["rows_used"] <= 60 and table["admitted"] >= table["rows_used"]
+    assert cli.main(["ckpt", "inspect", str(tmp_path / "run")]) == 0
+    assert f"user: {table['rows_used']}/60 rows used" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("k", [1, 3])

@@ -190,3 +190,23 @@ def test_reader_names_a_float_column_for_int64_ids(tmp_path) -> None:
                    tmp_path / "p.parquet")
     with pytest.raises(DataError, match="'user'.*dynamic ids int64 need integer ids"):
         next(iter(TabularDataset(str(tmp_path), schema, batch_size=1)))
+
+
+@pytest.mark.parametrize("model_name, backend", [("dlrm", "nn"), ("deepfm", "torchrec")])
+def test_models_map_ids_on_both_embedding_backends(model_name, backend) -> None:
+    from torchrec.datasets.utils import Batch
+
+    from recframe.dynamic import end_step
+    from recframe.models import build_model
+
+    model = build_model(model_name, schema=_schema(20, fallback_rows=2),
+                        embedding_backend=backend)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        ["user", "item"], torch.tensor([10**15, 10**15 + 1, 3, 4]), torch.tensor([1, 1, 1, 1]))
+    batch = Batch(dense_features=torch.randn(2, 1), sparse_features=kjt,
+                  labels=torch.tensor([1.0, 0.0]))
+    model(batch).backward()
+    assert end_step(model, 1) == {"user": 2}
+    rows = model.dynamic.maps["user"].lookup(torch.tensor([10**15, 10**15 + 1]), False)
+    assert rows.ge(2).all()
+    model(batch)  # the admitted rows are looked up (and stay within the table)

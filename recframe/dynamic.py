@@ -156,7 +156,8 @@ class DynamicIdMap(nn.Module):
         self.step.fill_(step)
         uniq, cnt = empty, empty
         if pending:  # the lookups' own hits: the map did not change since
-            ids, hit, slot = (torch.cat(x) for x in zip(*pending))
+            ids, hit, slot = (pending[0] if len(pending) == 1
+                              else (torch.cat(x) for x in zip(*pending)))
             seen = slot[hit]
             self.counts.index_add_(0, seen, torch.ones_like(seen))
             self.last_seen.index_fill_(0, seen, step)
@@ -165,10 +166,11 @@ class DynamicIdMap(nn.Module):
         if step % self.spec.eviction_interval == 0:
             evicted = self._evict(step)
         admitted, fallback = self._admit(uniq, cnt, step)
-        if admitted.numel() or evicted.numel():
-            self._reindex()
-        self.totals[0] += admitted.numel()
-        self.totals[1] += evicted.numel()
+        if not (admitted.numel() or evicted.numel()):
+            return empty, empty, empty
+        self._reindex()
+        self.totals.add_(torch.tensor([admitted.numel(), evicted.numel()],
+                                      device=self.totals.device))
         return admitted + self.fallback, fallback, evicted + self.fallback
 
     def _evict(self, step: int) -> torch.Tensor:

@@ -102,8 +102,13 @@ class DynamicIdMap(nn.Module):
         """(ids admitted, rows evicted) since the start."""
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         odd = [m | 1 for m in (_MIX[1], -7046029254386353131, 0x2545F4914F6CDD1D)]
-        self._sketch_mults = torch.tensor(odd[:SKETCH_DEPTH], device=device).view(-1, 1)
-        self._sketch_offsets = (torch.arange(SKETCH_DEPTH, device=device) * width).view(-1, 1)
+        # constants, moved with the module by .to(device); not part of the state dict
+        self.register_buffer("_sketch_mults",
+                             torch.tensor(odd[:SKETCH_DEPTH], device=device).view(-1, 1),
+                             persistent=False)
+        self.register_buffer("_sketch_offsets",
+                             (torch.arange(SKETCH_DEPTH, device=device) * width).view(-1, 1),
+                             persistent=False)
 
     # --- lookup -------------------------------------------------------------------
     def check_ids(self, ids: torch.Tensor, feature: str) -> None:
@@ -244,7 +249,7 @@ class DynamicIdMap(nn.Module):
 
     def map_bytes_per_row(self) -> float:
         """Bytes of map state per row of the budget (buffers / num_embeddings)."""
-        total = sum(b.numel() * b.element_size() for b in self.buffers())
+        total = sum(b.numel() * b.element_size() for b in self.state_dict().values())
         return total / self.num_embeddings
 
     def extra_repr(self) -> str:

@@ -210,3 +210,13 @@ def test_models_map_ids_on_both_embedding_backends(model_name, backend) -> None:
     rows = model.dynamic.maps["user"].lookup(torch.tensor([10**15, 10**15 + 1]), False)
     assert rows.ge(2).all()
     model(batch)  # the admitted rows are looked up (and stay within the table)
+
+
+def test_sketch_counts_fade_at_each_eviction_pass() -> None:
+    slow = _map(100, min_count=2, eviction="lru", eviction_interval=10, sketch_width=4096)
+    fast = _map(100, min_count=2, eviction="lru", eviction_interval=1, sketch_width=4096)
+    for step in (1, 2):
+        _see(slow, [42], step)
+        _see(fast, [42], step)
+    assert slow.rows_used == 1  # two sightings within an eviction interval
+    assert fast.rows_used == 0  # the first sighting was halved away before the second

@@ -126,10 +126,6 @@ def _sparse_side(model: Any, ns: argparse.Namespace, device: str) -> tuple[Any, 
         log.info("--device xla: fbgemm's fused tables do not run on XLA; the tables "
                  "train with --sparse_backend sparse_grad (dense gradients on XLA)")
         backend = "sparse_grad"
-    if backend == "fused" and getattr(model, "dynamic", None) is not None:
-        log.info("dynamic tables reset rows' optimizer state, which fbgemm's fused kernels "
-                 "do not expose: the tables train with --sparse_backend sparse_grad")
-        backend = "sparse_grad"
     if backend == "fused":
         from recframe.optim.fused import shard_model
 
@@ -169,6 +165,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         model = build_model(
             ns.model, num_embeddings=ns.num_embeddings, embedding_dim=ns.embedding_dim
         )
+    dynamic = getattr(model, "dynamic", None) is not None  # before sharding wraps it
     model, sparse_opt = _sparse_side(model, ns, device_kind(args.device))
     dense_opt = torch.optim.Adam(dense_parameters(model), lr=ns.lr)
     trainer = Trainer(
@@ -179,7 +176,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         dense_optimizers=(dense_opt, None),
         sparse_optimizer=sparse_opt,
     )
-    if getattr(model, "dynamic", None) is not None:
+    if dynamic:
         from recframe.hooks import DynamicEmbeddingHook
 
         trainer.add_hook(DynamicEmbeddingHook())

@@ -28,6 +28,13 @@ until then (a warm start), an evicted row is zeroed, and the optimizer state of 
 reset (`reset_rows`). These writes happen outside the optimizer, so the hook marks the
 rows in the incremental-checkpoint `RowTracker`: a delta carries them.
 
+**Sparse back ends and ranks.** recframe's row-wise sparse optimizers (tables with
+``sparse=True`` gradients) and torchrec's fused sharded tables (`shard_model`): a
+sharded table's rows and its fused optimizer state are reset in each rank's local
+shards (views of the live kernels' storage). The map is replicated on every rank: at
+the step boundary the ranks all-gather their queued ids, so every rank makes the same
+admissions and evictions.
+
 **Checkpoints.** The map is the module's buffers (ids, in-use flags, counts, last-seen
 steps, the sorted index, the sketch, the step and admission/eviction totals): part of
 the model's state dict, saved with the dense part, in full, in every checkpoint (a delta
@@ -50,6 +57,12 @@ _MIX = [-4658895280553007687, -7723592293110705685]  # splitmix64's multipliers 
 SKETCH_DEPTH = 2
 MAX_PENDING = 4096
 """Training lookups a table queues at most between two step boundaries."""
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _hash(ids: torch.Tensor, seed: int) -> torch.Tensor:
@@ -160,6 +173,12 @@ class DynamicIdMap(nn.Module):
         pending, self._pending = self._pending, []
         self.step.fill_(step)
         uniq, cnt = empty, empty
+        if _world_size() > 1:  # a replicated map: every rank commits every rank's ids
+            from recframe.distributed import all_gather_cat
+
+            local = torch.cat([p[0] for p in pending]) if pending else empty
+            ids = all_gather_cat(local)
+            pending = [(ids, *self.find(ids))] if ids.numel() else []
         if pending:  # the lookups' own hits: the map did not change since
             ids, hit, slot = (pending[0] if len(pending) == 1
                               else (torch.cat(x) for x in zip(*pending)))
@@ -321,12 +340,62 @@ def table_parameters(model: nn.Module) -> dict[str, tuple[str, nn.Parameter]]:
     return found
 
 
+def _shard_rows(shard: Any, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(which of ``rows`` the local shard holds, their local row indices, its first
+    column, its column count)."""
+    offsets, sizes = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+    r0, n = int(offsets[0]), int(sizes[0])
+    c0, nc = (int(offsets[1]), int(sizes[1])) if len(offsets) > 1 else (0, 0)
+    inside = (rows >= r0) & (rows < r0 + n)
+    return inside, rows[inside] - r0, c0, nc
+
+
 @torch.no_grad()
-def reset_rows(weight: torch.Tensor, optimizer: Any, admitted: torch.Tensor,
-               fallback: torch.Tensor, evicted: torch.Tensor) -> None:
+def _reset_sharded(weight: Any, optimizer: Any, key: Optional[str], admitted: torch.Tensor,
+                   fallback: torch.Tensor, evicted: torch.Tensor) -> None:
+    """`reset_rows` for a torchrec-sharded table (its `ShardedTensor`) and the fused
+    optimizer's state: each rank writes the rows of its local shards; the fallback
+    rows' values reach the ranks holding admitted rows by one all-reduce."""
+    dim = int(weight.size(1))
+    shards = weight.local_shards()
+    device = shards[0].tensor.device if shards else torch.device("cpu")
+    fb = torch.zeros(fallback.numel(), dim, dtype=weight.dtype, device=device)
+    for shard in shards:
+        inside, local, c0, nc = _shard_rows(shard, fallback.to(device))
+        fb[inside, c0:c0 + nc] = shard.tensor[local]
+    if _world_size() > 1:
+        import torch.distributed as dist
+
+        from recframe.distributed import collective_device
+
+        moved = fb.to(collective_device())
+        dist.all_reduce(moved)  # each value comes from the one rank holding it
+        fb = moved.to(device)
+    for shard in shards:
+        inside, local, c0, nc = _shard_rows(shard, evicted.to(device))
+        shard.tensor[local] = 0
+        inside, local, c0, nc = _shard_rows(shard, admitted.to(device))
+        shard.tensor[local] = fb[inside, c0:c0 + nc].to(shard.tensor.dtype)
+    state = optimizer.state_dict()["state"].get(key, {}) if optimizer is not None else {}
+    rows = torch.cat([admitted, evicted])
+    for value in state.values():  # e.g. "user.momentum1": views of the live state
+        for shard in getattr(value, "local_shards", lambda: [])():
+            inside, local, _, _ = _shard_rows(shard, rows.to(shard.tensor.device))
+            shard.tensor[local] = 0
+
+
+@torch.no_grad()
+def reset_rows(weight: Any, optimizer: Any, admitted: torch.Tensor,
+               fallback: torch.Tensor, evicted: torch.Tensor, key: Optional[str] = None
+               ) -> None:
     """Admitted rows start from their fallback row, evicted rows are zeroed, and the
     optimizer's per-row state of both is reset (``initial_accumulator_value`` for
-    Adagrad's sum, else zeros). Per-table scalars (Adam's step) are left alone."""
+    Adagrad's sum, else zeros). Per-table scalars (Adam's step) are left alone. A
+    torchrec-sharded table (``weight`` a `ShardedTensor`, ``optimizer`` the fused one,
+    ``key`` the table's state key) is reset shard by shard."""
+    if hasattr(weight, "local_shards"):
+        _reset_sharded(weight, optimizer, key, admitted, fallback, evicted)
+        return
     if evicted.numel():
         weight.index_fill_(0, evicted, 0.0)
     if admitted.numel():
@@ -334,12 +403,6 @@ def reset_rows(weight: torch.Tensor, optimizer: Any, admitted: torch.Tensor,
     rows = torch.cat([admitted, evicted])
     if optimizer is None or rows.numel() == 0:
         return
-    if type(optimizer).__name__ == "FusedSparseOptimizer":
-        raise ValueError(
-            "dynamic tables: the fused (torchrec sharded) optimizer keeps its state inside "
-            "fbgemm's kernels, which recframe cannot reset per row; train dynamic tables "
-            "with recframe's row-wise sparse optimizers (recframe.optim.sparse)"
-        )
     state = getattr(optimizer, "state", {}).get(weight)
     if not state:
         return
@@ -353,16 +416,26 @@ def reset_rows(weight: torch.Tensor, optimizer: Any, admitted: torch.Tensor,
             value.index_fill_(0, rows, init if key == "sum" and value.dim() == 2 else 0.0)
 
 
-def dynamic_targets(model: nn.Module) -> list[tuple[DynamicIdMap, str, nn.Parameter]]:
-    """(map, table state key, table weight) of every dynamic table of ``model``."""
+def dynamic_targets(model: nn.Module) -> list[tuple[DynamicIdMap, str, Any]]:
+    """(map, table state key, table weight) of every dynamic table of ``model``; the
+    weight of a torchrec-sharded table is its `ShardedTensor` (views of the live
+    shards)."""
+    found = remappers(model)
+    if not found:
+        return []
     params = table_parameters(model)
+    state = model.state_dict()
     out = []
-    for remapper in remappers(model):
+    for remapper in found:
         for table, m in remapper.maps.items():
-            if table not in params:
+            keys = [k for k in state if k.endswith(f"embedding_bags.{table}.weight")]
+            if len(keys) == 1 and hasattr(state[keys[0]], "local_shards"):
+                out.append((m, keys[0], state[keys[0]]))  # sharded: reset shard by shard
+            elif table in params:
+                out.append((m, *params[table]))
+            else:
                 raise ValueError(f"dynamic table {table!r}: the model has no embedding table "
                                  "of that name (embedding_bags.<table>.weight)")
-            out.append((m, *params[table]))
     return out
 
 
@@ -379,7 +452,7 @@ def end_step(model: nn.Module, step: int, optimizer: Any = None, tracker: Any = 
     for m, key, weight in dynamic_targets(model) if targets is None else targets:
         admitted, fallback, evicted = m.end_step(step)
         if admitted.numel() or evicted.numel():
-            reset_rows(weight, optimizer, admitted, fallback, evicted)
+            reset_rows(weight, optimizer, admitted, fallback, evicted, key)
             if tracker is not None and key in getattr(tracker, "bits", {}):
                 tracker.mark(key, torch.cat([admitted, evicted]))
         used[m.table] = m.rows_used

@@ -86,9 +86,11 @@ def _assert_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_accumulation_one_mapping_per_window(tmp_path) -> None:
+@pytest.mark.parametrize("backend", ["sparse_grad", "fused"])
+def test_accumulation_one_mapping_per_window(tmp_path, backend) -> None:
     """An id first seen in a window's first micro-batch keeps its fallback row in the
-    second (admitted at the boundary), so k=2 on (b1, b2) is one update on b1 + b2."""
+    second (admitted at the boundary), so k=2 on (b1, b2) is one update on b1 + b2
+    (both sparse back ends: recframe's SparseAdagrad, torchrec's fused one)."""
     schema = _schema(min_count=1)
     b1, b2 = _batches(2, seed=3)
     shared = b1.sparse_features.values()[0]  # user id of b1's first sample, also in b2
@@ -100,9 +102,25 @@ def test_accumulation_one_mapping_per_window(tmp_path) -> None:
                   torch.cat([b1.dense_features, b2.dense_features]),
                   torch.cat([b1.labels, b2.labels]))
     split, whole = _model(schema), _model(schema)
-    _trainer(split, tmp_path / "a", [b1, b2], k=2, steps=1, opt=SparseAdagrad).train()
-    _trainer(whole, tmp_path / "b", [both], k=1, steps=1, opt=SparseAdagrad).train()
-    a, b = split.state_dict(), whole.state_dict()
+    if backend == "fused":
+        from recframe.optim.fused import shard_model
+
+        def run(model, out, data, k):
+            dmp, sparse = shard_model(model, optimizer="rowwise_adagrad", lr=0.05)
+            Trainer(dmp, TrainingArguments(output_dir=str(out), train_steps=1,
+                                           gradient_accumulation_steps=k, **QUIET),
+                    train_dataset=data, hooks=[DynamicEmbeddingHook()],
+                    dense_optimizers=(torch.optim.Adam(dense_parameters(dmp), lr=0.01), None),
+                    sparse_optimizer=sparse).train()
+            return {k: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v)
+                    for k, v in dmp.state_dict().items()}
+
+        a = run(split, tmp_path / "a", [b1, b2], 2)
+        b = run(whole, tmp_path / "b", [both], 1)
+    else:
+        _trainer(split, tmp_path / "a", [b1, b2], k=2, steps=1, opt=SparseAdagrad).train()
+        _trainer(whole, tmp_path / "b", [both], k=1, steps=1, opt=SparseAdagrad).train()
+        a, b = split.state_dict(), whole.state_dict()
     for key in a:
         if a[key].is_floating_point():
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -178,7 +196,8 @@ def test_incremental_delta_carries_the_map_and_changed_rows(tmp_path) -> None:
     _assert_equal(_state(model), _state(restored))
 
 
-def test_recframe_train_with_a_dynamic_table(tmp_path, capsys) -> None:
+@pytest.mark.parametrize("backend", ["fused", "sparse_grad"])
+def test_recframe_train_with_a_dynamic_table(tmp_path, capsys, backend) -> None:
     g = torch.Generator().manual_seed(0)
     n = 256
     users = (torch.randint(0, 500, (n,), generator=g) * 7919 + 10**13).tolist()
@@ -194,7 +213,8 @@ def test_recframe_train_with_a_dynamic_table(tmp_path, capsys) -> None:
                      "--train_path", str(tmp_path), "--eval_path", str(tmp_path),
                      "--batch_size", "32", "--train_steps", "6", "--output_dir",
                      str(tmp_path / "run"), "--data_workers", "0", "--disable_tqdm", "true",
-                     "--report_to", "none", "--log_steps", "1000"])
+                     "--report_to", "none", "--log_steps", "1000",
+                     "--sparse_backend", backend])
     assert code == 0
     out = capsys.readouterr().out
     assert "final eval" in out
@@ -214,3 +234,55 @@ def test_admitted_rows_train(tmp_path, k) -> None:
     _trainer(model, tmp_path, data, k=k, steps=6).train()
     m = model.dynamic.maps["user"]
     assert m.rows_used > 0 and int(m.step) == 6
+
+
+def test_fused_sharded_back_end_resets_rows_and_resumes(tmp_path) -> None:
+    """torchrec's fused back end (shard_model, one gloo process): admitted rows start
+    from their fallback row, evicted rows are zero, their fused optimizer state is
+    reset, and a resume is bit-identical."""
+    from recframe.optim.fused import shard_model
+
+    def build(out, steps, seed=0, **kw):
+        model = _model(_schema(eviction="ttl", ttl=2, eviction_interval=1), seed)
+        for m in model.modules():
+            if isinstance(m, nn.EmbeddingBag):
+                m.sparse = False
+        dmp, sparse = shard_model(model, optimizer="rowwise_adagrad", lr=0.05)
+        trainer = Trainer(
+            dmp, TrainingArguments(output_dir=str(out), train_steps=steps, **QUIET, **kw),
+            train_dataset=_batches(8), hooks=[DynamicEmbeddingHook()],
+            dense_optimizers=(torch.optim.Adam(dense_parameters(dmp), lr=0.01), None),
+            sparse_optimizer=sparse)
+        return model, dmp, sparse, trainer
+
+    model, dmp, sparse, trainer = build(tmp_path / "a", 8)
+    m = model.dynamic.maps["user"]
+    evicted: set[int] = set()
+    evict = m._evict
+
+    def spy(step):
+        slots = evict(step)
+        evicted.update(slots.tolist())
+        return slots
+
+    m._evict = spy
+    trainer.train()
+    assert m.totals[1] > 0 and m.rows_used > 0
+    key = next(k for k in dmp.state_dict() if k.endswith("embedding_bags.user.weight"))
+    weight = dmp.state_dict()[key].local_shards()[0].tensor
+    free = sorted(evicted & set((~m.used).nonzero().squeeze(1).tolist()))
+    free = torch.tensor(free, dtype=torch.int64) + m.fallback
+    assert free.numel() and weight[free].eq(0).all()  # evicted, not admitted again
+    momentum = sparse.state_dict()["state"][key]["user.momentum1"].local_shards()[0].tensor
+    assert momentum[free].eq(0).all()
+
+    _, _, _, first = build(tmp_path / "b", 4, save_steps=2)
+    first.train()
+    resumed_model, resumed, _, second = build(tmp_path / "b", 8, seed=1)
+    second.train()
+    a, b = dmp.state_dict(), resumed.state_dict()
+    for k in a:
+        x, y = a[k], b[k]
+        if hasattr(x, "local_shards"):
+            x, y = x.local_shards()[0].tensor, y.local_shards()[0].tensor
+        assert torch.equal(x, y), k

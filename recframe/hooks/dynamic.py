@@ -7,7 +7,9 @@ of a gradient-accumulation window, so every micro-batch of a window saw one mapp
 it calls `recframe.dynamic.end_step`: count the window's ids, evict every
 ``eviction_interval`` steps (the schema's setting per table), admit, reset the rows
 that changed owner and their optimizer state, and mark them for incremental
-checkpoints. It adds ``dynamic/<table>/rows_used`` to the step's metrics.
+checkpoints. It adds ``dynamic/<table>/rows_used`` to the step's metrics. Works with
+both sparse back ends (recframe's row-wise optimizers; torchrec's fused sharded tables,
+reset shard by shard) and on several ranks (the map is replicated).
 """
 
 from __future__ import annotations
@@ -35,15 +37,6 @@ class DynamicEmbeddingHook(Hook):
 
         self._model = trainer.unwrapped_model
         self._targets = dynamic_targets(self._model)  # resolved once, used every step
-        if not self._targets:
-            return
-        opt = trainer.sparse_optimizer.optimizer
-        if type(opt).__name__ == "FusedSparseOptimizer":
-            raise ValueError(
-                "dynamic tables need recframe's row-wise sparse optimizers "
-                "(recframe.optim.sparse): a fused torchrec optimizer keeps per-row state "
-                "inside fbgemm's kernels, which cannot be reset when a row changes owner"
-            )
 
     def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         from recframe.dynamic import end_step

@@ -286,3 +286,37 @@ def test_fused_sharded_back_end_resets_rows_and_resumes(tmp_path) -> None:
         if hasattr(x, "local_shards"):
             x, y = x.local_shards()[0].tensor, y.local_shards()[0].tensor
         assert torch.equal(x, y), k
+
+
+def test_fused_incremental_delta_carries_the_rows_that_changed_owner(tmp_path) -> None:
+    from recframe.optim.fused import shard_model
+
+    def build(seed):
+        model = _model(_schema(eviction="ttl", ttl=2, eviction_interval=1), seed)
+        dmp, sparse = shard_model(model, optimizer="rowwise_adagrad", lr=0.05)
+        trainer = Trainer(
+            dmp, TrainingArguments(output_dir=str(tmp_path), train_steps=6, save_steps=1,
+                                   incremental_checkpoints=True, full_checkpoint_every=100,
+                                   **QUIET),
+            train_dataset=_batches(6), hooks=[DynamicEmbeddingHook()],
+            dense_optimizers=(torch.optim.Adam(dense_parameters(dmp), lr=0.01), None),
+            sparse_optimizer=sparse)
+        return model, dmp, sparse, trainer
+
+    model, dmp, sparse, trainer = build(0)
+    trainer.train()
+    assert json.loads((tmp_path / "ckpt_6" / "manifest.json").read_text())[
+        "incremental"]["kind"] == "delta"
+    assert model.dynamic.maps["user"].totals[1] > 0
+    _, dmp2, sparse2, trainer2 = build(3)
+    trainer2.restore()
+
+    def local(state):
+        return {k: (v.local_shards()[0].tensor if hasattr(v, "local_shards") else v)
+                for k, v in state.items() if isinstance(v, torch.Tensor)
+                or hasattr(v, "local_shards")}
+
+    _assert_equal(local(dmp.state_dict()), local(dmp2.state_dict()))
+    key = next(k for k in sparse.state_dict()["state"] if k.endswith("user.weight"))
+    _assert_equal(local(sparse.state_dict()["state"][key]),
+                  local(sparse2.state_dict()["state"][key]))

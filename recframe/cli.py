@@ -164,6 +164,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         model = build_model(
             ns.model, num_embeddings=ns.num_embeddings, embedding_dim=ns.embedding_dim
         )
+    dynamic = getattr(model, "dynamic", None) is not None  # before sharding wraps it
     model, sparse_opt = _sparse_side(model, ns, device_kind(args.device))
     dense_opt = torch.optim.Adam(dense_parameters(model), lr=ns.lr)
     trainer = Trainer(
@@ -174,6 +175,10 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         dense_optimizers=(dense_opt, None),
         sparse_optimizer=sparse_opt,
     )
+    if dynamic:
+        from recframe.hooks import DynamicEmbeddingHook
+
+        trainer.add_hook(DynamicEmbeddingHook())
     trainer.train()
     if eval_data is not None:
         results = trainer.evaluate()  # every rank: the metrics cover all ranks' samples
@@ -453,6 +458,10 @@ def _print_inspect(info: dict[str, Any]) -> None:
         changed = info.get("changed_rows") or {}
         print(f"changed     {sum(changed.values())} rows in {len(changed)} table(s)")
     print(f"metrics     {_metrics_text(info['metrics'])}")
+    for table, d in (info.get("dynamic_tables") or {}).items():
+        print(f"dynamic     {table}: {d['rows_used']}/{d['dynamic_rows']} rows used (budget "
+              f"{d.get('budget', '?')} with fallback), admitted {d.get('admitted', '?')}, "
+              f"evicted {d.get('evicted', '?')}")
     print("\nparts")
     print(_text_table(
         ["part", "tensors", "size", "entries"],

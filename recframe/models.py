@@ -293,6 +293,22 @@ def _device(device: DeviceLike) -> Optional[torch.device]:
     return None if device is None else torch.device(device)
 
 
+def dynamic_remapper(schema: Optional[FeatureSchema], device: DeviceLike = None
+                     ) -> Optional[nn.Module]:
+    """The id->row maps of the schema's dynamic tables (`recframe.dynamic`), or None."""
+    if schema is None or not schema.dynamic_tables():
+        return None
+    from recframe.dynamic import DynamicIdRemapper
+
+    return DynamicIdRemapper(schema, _device(device))
+
+
+def _sparse_input(model: nn.Module, batch: Batch) -> Any:
+    """The batch's sparse features, dynamic-table ids mapped to rows."""
+    dynamic = getattr(model, "dynamic", None)
+    return batch.sparse_features if dynamic is None else dynamic(batch.sparse_features)
+
+
 def _loss(logits: torch.Tensor, labels: torch.Tensor,
           weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean BCE; with per-sample ``weights`` (a schema's weight column) the weighted mean
@@ -373,6 +389,7 @@ class DLRM(nn.Module):
         self.embedding_backend = resolve_embedding_backend(embedding_backend, device)
         if self.embedding_backend == "nn":  # same tables, same place, same initial values
             self.model.sparse_arch.embedding_bag_collection = EmbeddingBagTables.from_ebc(ebc)
+        self.dynamic = dynamic_remapper(schema, device)
 
     @property
     def ebc(self) -> nn.Module:
@@ -382,7 +399,7 @@ class DLRM(nn.Module):
 
     def predict(self, batch: Batch) -> torch.Tensor:
         """Logits ``[B]`` (no sigmoid)."""
-        return self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
+        return self.model(batch.dense_features, _sparse_input(self, batch)).squeeze(-1)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Mean binary cross-entropy over the batch."""
@@ -434,6 +451,7 @@ class DeepFM(nn.Module):
                build_ebc(sparse_features, num_embeddings, embedding_dim, device, owner))
         self.embedding_backend = resolve_embedding_backend(embedding_backend, device)
         self.ebc = EmbeddingBagTables.from_ebc(ebc) if self.embedding_backend == "nn" else ebc
+        self.dynamic = dynamic_remapper(schema, device)
         dev = _device(device)
         self.dense_linear = nn.Linear(self.num_dense, 1, device=dev)
         self.dense_proj = nn.Linear(self.num_dense, embedding_dim, device=dev)
@@ -447,7 +465,7 @@ class DeepFM(nn.Module):
 
     def predict(self, batch: Batch) -> torch.Tensor:
         """Logits ``[B]`` (no sigmoid)."""
-        pooled = self.ebc(batch.sparse_features).to_dict()
+        pooled = self.ebc(_sparse_input(self, batch)).to_dict()
         fields = [self.dense_proj(batch.dense_features)]
         fields += [pooled[name] for name in self.sparse_features]
         stacked = torch.stack(fields, dim=1)  # [B, F + 1, D]

@@ -196,17 +196,16 @@ def _resolve_checkpoint(model: nn.Module, checkpoint: str) -> tuple[Any, str]:
 def load_checkpoint(model: nn.Module, checkpoint: str) -> dict[str, Any]:
     """Load the model part of ``checkpoint`` into ``model``; an error names the
     checkpoint and what does not match (model, schema)."""
-    from recframe.checkpoint import CheckpointError
+    from recframe.checkpoint import CheckpointCorruptError, CheckpointError, StorageError
 
     saver, path = _resolve_checkpoint(model, checkpoint)
     try:
         return saver.load(ckpt_path=path, load_conf={"load": ["sparse", "dense"]})
+    except (CheckpointCorruptError, StorageError, OSError):
+        raise  # a damaged or unreadable checkpoint: its own message names the file
     except CheckpointError as e:
-        if "does not match" in str(e) or "is not a committed" in str(e) or "no committed" in \
-                str(e):
-            raise ValueError(f"export: checkpoint {path}: {e}; build the model with the "
-                             "model name, schema and sizes it was trained with") from None
-        raise
+        raise ValueError(f"export: checkpoint {path}: {e}; build the model with the "
+                         "model name, schema and sizes it was trained with") from None
     except (RuntimeError, ValueError) as e:
         raise ValueError(
             f"export: checkpoint {path} does not match the {type(model).__name__} built from "
@@ -404,11 +403,22 @@ def _metadata(schema: FeatureSchema, model: str, model_kwargs: Any, quantize: st
 
 
 def _save(program: Any, meta: dict[str, Any], output: str) -> int:
+    """Write the artifact beside ``output`` and rename it over: a reader (or a crash)
+    never sees half a file, and an existing artifact stays whole until then."""
     import fsspec
 
-    with fsspec.open(output, "wb") as f:
-        torch.export.save(program, f, extra_files={METADATA: json.dumps(meta, indent=1)})
     fs, path = fsspec.core.url_to_fs(output)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with fs.open(tmp, "wb") as f:
+            torch.export.save(program, f, extra_files={METADATA: json.dumps(meta, indent=1)})
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
     return int(fs.size(path))
 
 
@@ -541,12 +551,6 @@ def apply_checkpoint(artifact: str, checkpoint: str, output: Optional[str] = Non
                       "incremental": (manifest.get("incremental") or {}).get("kind", "full")}
     meta["created"] = time.time()
     target = output or artifact
-    tmp = target if output else f"{artifact}.tmp-{os.getpid()}"
-    nbytes = _save(program, meta, tmp)
-    if not output:  # replace in place only once the new file is whole
-        import fsspec
-
-        fs, src = fsspec.core.url_to_fs(tmp)
-        fs.mv(src, fsspec.core.url_to_fs(artifact)[1])
+    nbytes = _save(program, meta, target)  # in place: renamed over the old file when whole
     return ExportInfo(target, nbytes, manifest.get("step"), meta["quantize"],
                       time.perf_counter() - start, changed)

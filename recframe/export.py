@@ -7,8 +7,8 @@ probabilities out) and writes ``torch.export``'s program with
 ``torch.export.save``: a zip holding the graph, the weights (embedding tables fp32, or
 row-wise int8/int4 via torchrec's ``quantize_embeddings``) and ``recframe.json``, the
 metadata (format, source checkpoint and step, the schema with its feature order and
-id mapping, the inputs' layout). Loading needs torch and, for quantised tables,
-fbgemm's ops (``import fbgemm_gpu``), never recframe::
+id mapping, the inputs' layout). Loading needs torch and fbgemm's ops (``import
+fbgemm_gpu``: the tables' kernel), never recframe::
 
     extra = {"recframe.json": ""}
     program = torch.export.load("model.pt2", extra_files=extra)
@@ -214,13 +214,14 @@ def load_checkpoint(model: nn.Module, checkpoint: str) -> dict[str, Any]:
 
 
 def _quantize(module: ServingModule, quantize: str) -> None:
-    if quantize == "fp32":
-        return
+    """Swap the tables for torchrec's inference collection: fbgemm's batched kernel
+    looks up every table in one call (fp32 too: the same values as the training
+    tables, and a graph a third the size of the per-table one)."""
     from torchrec.inference.modules import quantize_embeddings
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
     from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 
-    dtype = {"int8": torch.qint8, "int4": torch.quint4x2}[quantize]
+    dtype = {"fp32": torch.float, "int8": torch.qint8, "int4": torch.quint4x2}[quantize]
     # CPU rows unpadded (the default 16-byte alignment would double an int8 row of 16)
     quant_prep_customize_row_alignment(module, [EmbeddingBagCollection], 1)
     quantize_embeddings(module, dtype=dtype, inplace=True)
@@ -444,8 +445,7 @@ def load_artifact(artifact: str) -> tuple[Any, dict[str, Any]]:
     import fsspec
 
     meta = read_metadata(artifact)
-    if meta["quantize"] != "fp32":
-        import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+    import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm: the tables' kernel)
     with fsspec.open(artifact, "rb") as f:
         program = torch.export.load(f)
     return program, meta
@@ -513,6 +513,37 @@ def inputs_from_features(
             torch.tensor(lengths, dtype=torch.int64).reshape(len(features), -1))
 
 
+def _copy_changed_rows(old: torch.Tensor, new: torch.Tensor) -> int:
+    """Copy the rows of ``new`` that differ into ``old`` (in place); their number."""
+    diff = (old != new).any(dim=1).nonzero().squeeze(1)
+    if diff.numel():
+        old.index_copy_(0, diff, new.index_select(0, diff))
+    return int(diff.numel())
+
+
+def _packed_tables(module: nn.Module, name: str, old: torch.Tensor,
+                   new: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``[(table, old rows, new rows)]``: byte views ``[rows, row bytes]`` of each table
+    inside fbgemm's packed weights buffer ``name`` (empty for any other tensor)."""
+    owner_name, _, attr = name.rpartition(".")
+    if old.dim() != 1 or old.dtype != torch.uint8 or attr not in ("weights_host", "weights_dev"):
+        return []
+    owner: Any = module
+    for part in owner_name.split("."):
+        owner = owner[int(part)] if isinstance(owner, (list, tuple)) else getattr(owner, part)
+    out = []
+    specs = owner.embedding_specs
+    for i, (weights, _) in enumerate(owner.split_embedding_weights()):
+        base = int(owner.weights_offsets[i])
+        rows, stride = weights.shape[0], weights.stride(0)
+        if base + rows * stride > old.numel():
+            raise ValueError(f"apply_checkpoint: the packed tables of {name} do not fit")
+        view = (rows, stride)
+        out.append((str(specs[i][0]), old.as_strided(view, (stride, 1), base),
+                    new.as_strided(view, (stride, 1), base)))
+    return out
+
+
 def apply_checkpoint(artifact: str, checkpoint: str, output: Optional[str] = None) -> ExportInfo:
     """Refresh ``artifact`` (written to ``output``, default in place) with the weights of
     ``checkpoint`` (e.g. the newest incremental one) without tracing the graph: the
@@ -538,12 +569,14 @@ def apply_checkpoint(artifact: str, checkpoint: str, output: Optional[str] = Non
                     f"apply_checkpoint: tensor {key!r} is {tuple(old.shape)} {old.dtype} in "
                     f"{artifact} but {tuple(new.shape)} {new.dtype} in the checkpoint's "
                     "model: re-export instead")
-            if old.dim() >= 1 and old.shape[0] > 0:
-                diff = (old != new).reshape(old.shape[0], -1).any(dim=1).nonzero().squeeze(1)
-                if diff.numel():
-                    old.index_copy_(0, diff, new.index_select(0, diff))
-                if "embedding" in name or "weights" in name:
-                    changed[name] = int(diff.numel())
+            packed = _packed_tables(module, name, old, new)
+            if packed:  # fbgemm's buffer of all tables: row by row within each table
+                for table, old_rows, new_rows in packed:
+                    changed[table] = _copy_changed_rows(old_rows, new_rows)
+                if not torch.equal(old, new):  # the bytes between tables (alignment)
+                    old.copy_(new)
+            elif old.dim() == 2 and "embedding_bags" in name:  # an fp32 table
+                changed[name] = _copy_changed_rows(old, new)
             elif not torch.equal(old, new):
                 old.copy_(new)
     meta["source"] = {"checkpoint": str(checkpoint), "name": manifest.get("name"),

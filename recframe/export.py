@@ -359,12 +359,19 @@ def _trace(module: ServingModule, schema: FeatureSchema) -> Any:
 
     batch = Dim("batch", min=1, max=1 << 20)
     ids = Dim("ids", min=0, max=1 << 40)
-    with torch.no_grad():
-        return torch.export.export(
-            module, _example(schema),
-            dynamic_shapes={"dense": {0: batch}, "values": {0: ids}, "lengths": {1: batch}},
-            strict=False,
-        )
+    # torch.fx's one-time notice about is_fx_tracing is addressed to library authors
+    noisy = logging.getLogger("torch.fx._symbolic_trace")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad():
+            return torch.export.export(
+                module, _example(schema),
+                dynamic_shapes={"dense": {0: batch}, "values": {0: ids}, "lengths": {1: batch}},
+                strict=False,
+            )
+    finally:
+        noisy.setLevel(level)
 
 
 def _metadata(schema: FeatureSchema, model: str, model_kwargs: Any, quantize: str,

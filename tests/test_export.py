@@ -252,3 +252,17 @@ def test_cli_export_and_apply_delta(trained, tmp_path, capsys):
     code = main(["export", str(trained["run"]), str(tmp_path / "y.pt2"), "--model", "deepfm"])
     assert code == 2
     assert "does not match" in capsys.readouterr().err
+
+
+def test_int4_tables_run_on_fbgemm_cpu_kernels(trained, tmp_path):
+    info = ex.export(str(trained["run"] / "ckpt_8"), str(tmp_path / "m4.pt2"), model="dlrm",
+                     model_kwargs=KWARGS, quantize="int4", num_embeddings=ROWS,
+                     embedding_dim=DIM)
+    assert info.bytes < trained[(8, "int8")].bytes
+    program, meta = ex.load_artifact(info.path)
+    assert meta["quantize"] == "int4"
+    batches = list(_data(2, 256, 7))
+    with torch.no_grad():
+        got = torch.cat([program.module()(*x) for x in _inputs(batches)])
+        want = torch.cat([trained["model"].predict(b) for b in batches])
+    assert float((got - want).abs().max()) < 1e-2

@@ -490,6 +490,63 @@ def _print_inspect(info: dict[str, Any]) -> None:
                 print(f"  {problem}")
 
 
+# --- recframe export -----------------------------------------------------------------
+
+
+def _export_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "export", help="export a checkpoint as a serving artifact (one file)",
+        description="Export CHECKPOINT (an output_dir: its latest checkpoint; or a ckpt_<step> "
+        "directory; any fsspec path, full or incremental, any world size) to OUTPUT, one "
+        "file holding the torch.export graph, its weights (tables fp32 or row-wise int8/int4) "
+        "and the schema; load it with torch.export.load, no recframe needed (docs/serving.md). "
+        "With --apply-delta CHECKPOINT ARTIFACT: write a newer checkpoint's changed rows "
+        "into ARTIFACT without re-exporting the graph.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="output_dir or ckpt_<step> directory")
+    p.add_argument("output", help="artifact file to write (with --apply-delta: to update)")
+    p.add_argument("--apply-delta", dest="apply_delta", action="store_true",
+                   help="update the existing artifact OUTPUT with CHECKPOINT's weights")
+    p.add_argument("--to", default=None,
+                   help="--apply-delta: write the updated artifact here instead of in place")
+    p.add_argument("--model", default="dlrm", choices=["dlrm", "deepfm"],
+                   help="the model the checkpoint was trained as")
+    p.add_argument("--schema", default=None,
+                   help="feature schema YAML/JSON it was trained with (default: synthetic data's)")
+    p.add_argument("--num_embeddings", type=int, default=10_000,
+                   help="rows per table (without --schema)")
+    p.add_argument("--embedding_dim", type=int, default=16, help="table width (without --schema)")
+    p.add_argument("--model_kwargs", default=None,
+                   help='other model arguments as JSON, e.g. \'{"dense_arch": [128, 16]}\'')
+    p.add_argument("--quantize", default="fp32", choices=["fp32", "int8", "int4"],
+                   help="embedding tables: fp32, or row-wise int8 / int4 (fbgemm CPU kernels)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(ns: argparse.Namespace) -> int:
+    from recframe import export as serving
+
+    if ns.apply_delta:
+        info = serving.apply_checkpoint(ns.output, ns.checkpoint, output=ns.to)
+        rows = sum((info.changed_rows or {}).values())
+        what = f"updated to step {info.step} ({rows} changed rows)"
+    else:
+        try:
+            kwargs = json.loads(ns.model_kwargs) if ns.model_kwargs else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--model_kwargs is not JSON: {e}") from None
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise ValueError(f"--model_kwargs must be a JSON object, got {ns.model_kwargs!r}")
+        info = serving.export(ns.checkpoint, ns.output, model=ns.model, schema=ns.schema,
+                              model_kwargs=kwargs, quantize=ns.quantize,
+                              num_embeddings=ns.num_embeddings, embedding_dim=ns.embedding_dim)
+        what = f"exported step {info.step}"
+    print(f"{info.path}: {info.bytes / 2**20:.2f} MiB ({info.quantize}), {what} in "
+          f"{info.seconds:.1f} s", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recframe",
@@ -501,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _data_parser(sub)
     _ckpt_parser(sub)
+    _export_parser(sub)
     return parser
 
 

@@ -325,6 +325,38 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor,
     return (per_sample * w).sum() / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
 
 
+def check_batch(model: nn.Module, batch: Any) -> None:
+    """Refuse a batch the model cannot read, naming the tensor or feature: dense
+    features must be floating ``[B, num_dense]``, the sparse features must hold every
+    feature the model embeds (extra keys are refused by the tables themselves)."""
+    owner = type(model).__name__
+    dense = getattr(batch, "dense_features", None)
+    sparse = getattr(batch, "sparse_features", None)
+    if not isinstance(dense, torch.Tensor):
+        raise ValueError(f"{owner}: batch.dense_features must be a tensor, got "
+                         f"{type(dense).__name__}")
+    if not dense.is_floating_point():
+        raise ValueError(f"{owner}: batch.dense_features must be floating point, got "
+                         f"{dense.dtype}")
+    if dense.dim() != 2 or dense.shape[1] != model.num_dense:  # type: ignore[operator]
+        raise ValueError(f"{owner}: batch.dense_features must be [B, {model.num_dense}], "
+                         f"got {tuple(dense.shape)}")
+    keys = getattr(sparse, "keys", None)
+    if not callable(keys):
+        raise ValueError(f"{owner}: batch.sparse_features must be a KeyedJaggedTensor, got "
+                         f"{type(sparse).__name__}")
+    present = set(keys())
+    missing = [f for f in model.sparse_features if f not in present]  # type: ignore[union-attr]
+    if missing:
+        raise ValueError(f"{owner}: batch.sparse_features has no feature(s) {missing}; the "
+                         f"model embeds {model.sparse_features}")
+    if isinstance(sparse, KeyedJaggedTensor):
+        values = sparse.values()
+        if values.is_floating_point() or values.dtype == torch.bool:
+            raise ValueError(f"{owner}: batch.sparse_features values must be integer ids, "
+                             f"got {values.dtype}")
+
+
 class DLRM(nn.Module):
     """DLRM (torchrec's `DLRM`: bottom MLP, pairwise dot interactions, top MLP).
 
@@ -397,13 +429,18 @@ class DLRM(nn.Module):
         sees one module at one path)."""
         return self.model.sparse_arch.embedding_bag_collection
 
-    def predict(self, batch: Batch) -> torch.Tensor:
+    def logits(self, batch: Batch) -> torch.Tensor:
         """Logits ``[B]`` (no sigmoid)."""
+        check_batch(self, batch)
         return self.model(batch.dense_features, _sparse_input(self, batch)).squeeze(-1)
+
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """Click probabilities ``[B]`` (``sigmoid(logits)``); no labels needed."""
+        return torch.sigmoid(self.logits(batch).float())
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Mean binary cross-entropy over the batch."""
-        return _loss(self.predict(batch), batch.labels, getattr(batch, "weights", None))
+        return _loss(self.logits(batch), batch.labels, getattr(batch, "weights", None))
 
 
 class DeepFM(nn.Module):
@@ -463,8 +500,9 @@ class DeepFM(nn.Module):
         layers.append(nn.Linear(width, 1, device=dev))
         self.deep = nn.Sequential(*layers)
 
-    def predict(self, batch: Batch) -> torch.Tensor:
+    def logits(self, batch: Batch) -> torch.Tensor:
         """Logits ``[B]`` (no sigmoid)."""
+        check_batch(self, batch)
         pooled = self.ebc(_sparse_input(self, batch)).to_dict()
         fields = [self.dense_proj(batch.dense_features)]
         fields += [pooled[name] for name in self.sparse_features]
@@ -473,9 +511,13 @@ class DeepFM(nn.Module):
         deep = self.deep(stacked.flatten(1)).squeeze(-1)
         return self.dense_linear(batch.dense_features).squeeze(-1) + fm + deep
 
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """Click probabilities ``[B]`` (``sigmoid(logits)``); no labels needed."""
+        return torch.sigmoid(self.logits(batch).float())
+
     def forward(self, batch: Batch) -> torch.Tensor:
         """Mean binary cross-entropy over the batch."""
-        return _loss(self.predict(batch), batch.labels, getattr(batch, "weights", None))
+        return _loss(self.logits(batch), batch.labels, getattr(batch, "weights", None))
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"dlrm": DLRM, "deepfm": DeepFM}

@@ -42,6 +42,7 @@ from recframe.optim import (
 )
 from recframe.optim.sparse import default_sparse_optimizer, warn_if_dense_optimizer_holds_tables
 from recframe.pipeline import BatchStream, TrainData, is_stateful
+from recframe.predict import Predictions, predict_dataset
 from recframe.state import TrainerControl, TrainerState
 
 logger = logging.getLogger("recframe")
@@ -316,6 +317,22 @@ class Trainer:
             if results is None:  # every round was done before this call
                 results = self._results_now(eval_steps)
         return results
+
+    def predict(
+        self, dataset: Optional[Iterable[Any]] = None, output: Optional[str] = None,
+        max_batches: Optional[int] = None,
+    ) -> Predictions:
+        """Probabilities over ``dataset`` (default: ``eval_dataset``), with its labels when
+        it has them, gathered on rank 0 under torchrun; ``output`` streams them to a
+        Parquet / TSV file instead (`recframe.predict.predict_dataset`). Restores the
+        latest checkpoint first, as `evaluate` does."""
+        dataset = self.eval_dataset if dataset is None else dataset
+        if dataset is None:
+            raise ValueError("Trainer.predict needs a dataset (or Trainer(eval_dataset=...))")
+        with self._outermost():
+            if self._depth == 1:
+                self.restore()
+            return predict_dataset(self.model, dataset, self.device, output, max_batches)
 
     # --- the step -----------------------------------------------------------------
     def _train_step(self, data: Any, epoch: int, metrics: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from recframe import distributed
 from recframe.allocator import keep_freed_memory
 from recframe.arguments import TrainingArguments
 from recframe.checkpoint import CheckpointManager, Saver
+from recframe.console import default_logging
 from recframe.data import batch_size_of
 from recframe.device import Device, RNGState, resolve_device, set_seed
 from recframe.hooks import (
@@ -87,6 +88,7 @@ class Trainer:
                 "use (optimizer, None) when there is no scheduler"
             )
         self.args = args
+        default_logging()  # recframe's progress at INFO unless the user set up logging
         if args.keep_freed_memory:
             keep_freed_memory()  # every update reuses warm pages (recframe/allocator.py)
         set_seed(args.seed)

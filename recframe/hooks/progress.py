@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Optional, TextIO
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from recframe.hooks.base import Hook
 from recframe.hooks.logger import IntervalMeter
@@ -30,7 +33,10 @@ class ProgressBarHook(Hook):
     The bar's total is ``state.max_steps`` (unknown when ``None``) and it starts at
     ``state.global_step`` on resume. Hidden on non-main processes and when
     ``trainer.args.disable_tqdm`` is set. When the stream is not a terminal the bar
-    redraws at most every 30 s instead of continuously.
+    redraws at most every 30 s instead of continuously. While the bar is shown, log
+    lines to the console go through ``tqdm.write`` (tqdm's logging redirect), so they
+    print above the bar instead of into it. The postfix shows the same loss and
+    samples/s as the `LoggerHook` line (evaluation time left out of both).
     """
 
     priority = 100
@@ -48,6 +54,7 @@ class ProgressBarHook(Hook):
         self.file = file
         self.bar: Optional[Any] = None
         self._meter = IntervalMeter()
+        self._redirect: Optional[contextlib.ExitStack] = None
 
     def before_train(self, trainer: Trainer) -> None:
         self._close()
@@ -68,6 +75,13 @@ class ProgressBarHook(Hook):
             leave=True,
         )
         self._meter.reset()
+        # the loggers that print to the console (tqdm would give one without a handler
+        # a second, unformatted one)
+        loggers = [lg for lg in (logging.getLogger(), logging.getLogger("recframe"))
+                   if lg.handlers]
+        self._redirect = contextlib.ExitStack()
+        if loggers:
+            self._redirect.enter_context(logging_redirect_tqdm(loggers))
 
     def before_epoch(self, trainer: Trainer) -> None:
         if self.bar is not None:
@@ -94,10 +108,19 @@ class ProgressBarHook(Hook):
 
     def _refresh_postfix(self) -> None:
         assert self.bar is not None
+        postfix = {}
         loss = self._meter.mean_loss()
         if loss is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            postfix["loss"] = f"{loss:.4f}"
+        postfix["samples/s"] = f"{self._meter.samples_per_sec():.1f}"
+        self.bar.set_postfix(postfix, refresh=False)
         self._meter.reset()
+
+    def before_evaluate(self, trainer: Trainer) -> None:
+        self._meter.pause()
+
+    def after_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self._meter.resume()
 
     def _close(self) -> None:
         if self.bar is not None:
@@ -105,6 +128,9 @@ class ProgressBarHook(Hook):
                 self._refresh_postfix()
             self.bar.close()
             self.bar = None
+        if self._redirect is not None:
+            self._redirect.close()
+            self._redirect = None
 
     def after_train(self, trainer: Trainer) -> None:
         self._close()

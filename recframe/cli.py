@@ -57,7 +57,8 @@ def _train_parser(sub: Any) -> None:
     g.add_argument("--num_eval_batches", type=int, default=20, help="synthetic eval batches")
     g.add_argument("--num_embeddings", type=int, default=10_000, help="rows per table")
     g.add_argument("--embedding_dim", type=int, default=16, help="embedding width")
-    g.add_argument("--lr", type=float, default=1e-3, help="dense (Adam) learning rate")
+    g.add_argument("--lr", dest="learning_rate", type=float, default=argparse.SUPPRESS,
+                   help="the same as --learning_rate (the dense optimizer's learning rate)")
     g.add_argument("--sparse_lr", type=float, default=0.05, help="sparse optimizer learning rate")
     g.add_argument(
         "--sparse_backend", default="fused", choices=["fused", "sparse_grad"],
@@ -76,7 +77,23 @@ def _train_parser(sub: Any) -> None:
         "mixed: tables alternately table_wise and row_wise)",
     )
     add_arguments(p.add_argument_group("training arguments"))
+    _add_log_level(p, default=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
+
+
+def _add_log_level(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``--log_level``, accepted before or after the subcommand."""
+    parser.add_argument("--log_level", default=default, type=_log_level, metavar="LEVEL",
+                        help="level of recframe's log: DEBUG, INFO, WARNING, ERROR")
+
+
+def _log_level(text: str) -> str:
+    level = str(text).upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise argparse.ArgumentTypeError(
+            f"unknown log level {text!r}; use DEBUG, INFO, WARNING or ERROR"
+        )
+    return level
 
 
 def _data_schema(ns: argparse.Namespace) -> Any:
@@ -88,11 +105,13 @@ def _data_schema(ns: argparse.Namespace) -> Any:
     if ns.data == "criteo":
         return FeatureSchema.criteo(ns.num_embeddings, ns.embedding_dim)
     if not ns.schema:
-        raise SystemExit(f"recframe train --data {ns.data} needs --schema schema.yaml")
+        raise ValueError(f"recframe train --data {ns.data} needs --schema schema.yaml")
     return FeatureSchema.from_file(ns.schema)
 
 
-def _build_data(ns: argparse.Namespace, seed: int, schema: Any = None) -> tuple[Any, Any]:
+def _build_data(
+    ns: argparse.Namespace, seed: int, schema: Any = None, workers: Optional[int] = None
+) -> tuple[Any, Any]:
     """Training and evaluation data; under torchrun each rank reads its own part."""
     from recframe import distributed
     from recframe.data import SyntheticCriteo
@@ -102,10 +121,14 @@ def _build_data(ns: argparse.Namespace, seed: int, schema: Any = None) -> tuple[
         from recframe.readers import TabularDataset
 
         if not ns.train_path:
-            raise SystemExit(f"recframe train --data {ns.data} needs --train_path PATH")
+            raise ValueError(
+                f"recframe train --data {ns.data} needs --train_path PATH (the training "
+                "files: a file, glob or directory)"
+            )
         fmt = "tsv" if ns.data == "criteo" else ns.data
+        workers = ns.data_workers if workers is None else workers
         common = dict(format=fmt, batch_size=ns.batch_size, header=ns.header,
-                      num_workers=ns.data_workers, **ranks)
+                      num_workers=workers, **ranks)
         train = TabularDataset(ns.train_path, schema, **common)
         evals = TabularDataset(ns.eval_path, schema, **common) if ns.eval_path else None
         return train, evals
@@ -151,12 +174,12 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
     from recframe.device import device_kind
     from recframe.models import build_model
-    from recframe.optim import dense_parameters
     from recframe.trainer import Trainer
 
     args = arguments_from_namespace(ns)
+    _check_output_dir(args.output_dir)
     schema = _data_schema(ns)
-    train_data, eval_data = _build_data(ns, args.seed, schema)
+    train_data, eval_data = _build_data(ns, args.seed, schema, args.dataloader_num_workers)
     torch.manual_seed(args.seed)
     if schema is not None:  # the tables come from the schema the data is read with
         model = build_model(ns.model, schema=schema)
@@ -165,13 +188,11 @@ def _cmd_train(ns: argparse.Namespace) -> int:
             ns.model, num_embeddings=ns.num_embeddings, embedding_dim=ns.embedding_dim
         )
     model, sparse_opt = _sparse_side(model, ns, device_kind(args.device))
-    dense_opt = torch.optim.Adam(dense_parameters(model), lr=ns.lr)
-    trainer = Trainer(
+    trainer = Trainer(  # the dense optimizer and schedule: from the training arguments
         model=model,
         args=args,
         train_dataset=train_data,
         eval_dataset=eval_data,
-        dense_optimizers=(dense_opt, None),
         sparse_optimizer=sparse_opt,
     )
     trainer.train()
@@ -188,6 +209,32 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         distributed.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _check_output_dir(url: str) -> None:
+    """A remote output_dir must be reachable before any work: a missing credential or
+    bucket is one line naming the URL and the fix, not a traceback after the model is
+    built."""
+    if "://" not in url or url.startswith(("file://", "memory://")):
+        return
+    from recframe.checkpoint.storage import Storage
+
+    try:
+        storage = Storage(url)
+        storage.listdir(storage.root)
+    except ImportError as e:
+        raise ValueError(f"--output_dir {url}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - botocore/gcsfs raise their own classes
+        text = str(e)
+        hint = ""
+        if "credential" in text.lower():
+            hint = (" (no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
+                    "AWS_PROFILE, plus FSSPEC_S3_ENDPOINT_URL for a non-AWS store)")
+        raise OutputDirError(f"cannot use --output_dir {url}{hint}: {text}") from e
+
+
+class OutputDirError(Exception):
+    """The output_dir cannot be used (exit status 1)."""
 
 
 # --- recframe data ------------------------------------------------------------------
@@ -362,6 +409,11 @@ def _ckpt_list(ns: argparse.Namespace) -> int:
     else:
         if not storage.exists(storage.root):
             raise _CkptCommandError(f"{storage.display(storage.root)} does not exist")
+        if storage.fs.isfile(storage.root):
+            raise _CkptCommandError(
+                f"{storage.display(storage.root)} is a file; pass an output_dir (the "
+                "directory of ckpt_<step> checkpoints) or one checkpoint directory"
+            )
         found = inspect.scan(storage)
     committed, leftovers, corrupt = found["checkpoints"], found["uncommitted"], found["corrupt"]
     if ns.json:
@@ -481,13 +533,20 @@ def _print_inspect(info: dict[str, Any]) -> None:
                 print(f"  {problem}")
 
 
+def _version() -> str:
+    from recframe import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recframe",
         description="recframe: train recommendation models (dense + sparse optimizers, "
         "gradient accumulation, hooks, crash-proof checkpoints).",
     )
-    parser.add_argument("--log_level", default="INFO", help="python logging level")
+    parser.add_argument("--version", action="version", version=f"recframe {_version()}")
+    _add_log_level(parser, default="INFO")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)
     _data_parser(sub)
@@ -516,6 +575,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:
         print(f"recframe: error: {e}", file=sys.stderr)
         return 2
+    except OutputDirError as e:
+        print(f"recframe: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+import torch
 from conftest import ToyCTR, make_batches
 
 from recframe import Trainer, TrainingArguments
@@ -123,3 +125,218 @@ def test_progress_bar_routes_log_lines_through_tqdm_and_shows_samples_per_sec(tm
         root.removeHandler(handler)
     assert replaced and replaced[0] is False  # tqdm's handler stood in during training
     assert "samples/s=" in stream.getvalue()
+
+
+# --- item 3: clear errors instead of tracebacks; no silent no-ops -----------------------
+def _args(tmp_path, **kw) -> TrainingArguments:
+    base = dict(output_dir=str(tmp_path / "out"), disable_tqdm=True, report_to="none",
+                log_steps=100)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+class RenamedCTR(ToyCTR):
+    """The same network under other parameter names: another model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = self.emb
+        del self.emb
+
+    def forward(self, batch):
+        self.emb = self.table
+        try:
+            return super().forward(batch)
+        finally:
+            del self.emb
+
+
+@pytest.mark.parametrize("other", [lambda: ToyCTR(num_embeddings=32), RenamedCTR],
+                         ids=["shape", "names"])
+def test_resuming_another_models_checkpoint_names_tensors_and_the_fix(tmp_path, other):
+    from recframe.trainer import CheckpointMismatchError
+
+    data = make_batches(4, 8, num_embeddings=32)
+    Trainer(ToyCTR(), _args(tmp_path, train_steps=2), train_dataset=data).train()
+    trainer = Trainer(other(), _args(tmp_path, train_steps=4), train_dataset=data)
+    with pytest.raises(CheckpointMismatchError) as info:
+        trainer.train()
+    text = str(info.value)
+    assert "overwrite_output_dir" in text and "emb" in text and str(tmp_path / "out") in text
+    # the fix it names works: a fresh start that deletes the old checkpoints
+    fresh = Trainer(other(), _args(tmp_path, train_steps=1, overwrite_output_dir=True),
+                    train_dataset=data)
+    fresh.train()
+    assert fresh.global_step == 1
+    assert [c.step for c in fresh.saver.list_checkpoints()] == [1]
+
+
+def test_cli_resume_mismatch_is_a_one_line_usage_error(tmp_path, capsys):
+    from recframe import cli
+
+    tiny = ["--batch_size", "8", "--num_embeddings", "20", "--embedding_dim", "4",
+            "--num_train_batches", "2", "--num_eval_batches", "1", "--disable_tqdm", "true",
+            "--report_to", "none", "--output_dir", str(tmp_path / "o"), "--train_steps", "1"]
+    assert cli.main(["train", *tiny]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", *tiny, "--embedding_dim", "8", "--train_steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite_output_dir" in err[0], err
+
+
+def test_log_level_after_the_subcommand(capsys):
+    from recframe import cli
+
+    ns = cli.build_parser().parse_args(["train", "--log_level", "debug"])
+    assert ns.log_level == "DEBUG"
+    assert cli.build_parser().parse_args(["--log_level", "error", "train"]).log_level == "ERROR"
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["train", "--log_level", "loud"])
+    assert info.value.code == 2
+    assert "unknown log level 'loud'" in capsys.readouterr().err
+
+
+def test_version_flag(capsys):
+    from recframe import __version__, cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"recframe {__version__}"
+
+
+def test_train_steps_below_the_resumed_step_warns(tmp_path, caplog):
+    Trainer(ToyCTR(), _args(tmp_path, train_steps=3), train_dataset=make_batches(4, 8)).train()
+    caplog.clear()
+    trainer = Trainer(ToyCTR(), _args(tmp_path, train_steps=2), train_dataset=make_batches(4, 8))
+    trainer.train()
+    assert trainer.global_step == 3
+    assert any("train_steps=2 is below the step 3" in r.getMessage() for r in caplog.records)
+
+
+def test_eval_interval_without_eval_data_warns(tmp_path, caplog):
+    Trainer(ToyCTR(), _args(tmp_path, eval_interval_steps=2), train_dataset=make_batches(2, 8))
+    assert any("eval_interval_steps=2 does nothing" in r.getMessage() for r in caplog.records)
+
+
+def test_keep_best_metric_nobody_computes_warns_once(tmp_path, caplog):
+    trainer = Trainer(ToyCTR(), _args(tmp_path, train_steps=2, eval_interval_steps=1,
+                                      keep_best_metric="gauc_typo"),
+                      train_dataset=make_batches(2, 8), eval_dataset=make_batches(1, 8))
+    trainer.train()
+    hits = [r for r in caplog.records if "keep_best_metric='gauc_typo'" in r.getMessage()]
+    assert len(hits) == 1 and "auc" in hits[0].getMessage()
+
+
+def test_ckpt_list_on_a_file_is_an_error(tmp_path, capsys):
+    from recframe import cli
+
+    path = tmp_path / "notes.txt"
+    path.write_text("x")
+    assert cli.main(["ckpt", "list", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0] and str(path) in err[0]
+
+
+def test_s3_output_dir_without_credentials_is_one_line(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("s3fs")
+    from recframe import cli
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_PROFILE", "FSSPEC_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    import fsspec
+
+    fsspec.config.conf.pop("s3", None)
+    fsspec.filesystem("s3").clear_instance_cache()
+    code = cli.main(["train", "--output_dir", "s3://recframe-no-such-bucket/run"])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "AWS_ACCESS_KEY_ID" in err[0] and "s3://recframe-no-such" in err[0]
+
+
+# --- item 5: Hugging Face names ----------------------------------------------------------
+def test_learning_rate_and_weight_decay_reach_the_default_optimizer(tmp_path):
+    trainer = Trainer(ToyCTR(), _args(tmp_path, learning_rate=0.05, weight_decay=0.1),
+                      train_dataset=make_batches(2, 8))
+    opt = trainer.dense_optimizer.optimizer
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.param_groups[0]["lr"] == 0.05 and opt.param_groups[0]["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant_with_warmup"])
+def test_lr_scheduler_type_with_warmup(tmp_path, kind):
+    from recframe.optim.schedules import lr_factor
+
+    seen = []
+
+    class Spy(LoggerHook):
+        def after_step(self, trainer, metrics):
+            seen.append(float(metrics["lr"]))
+
+    trainer = Trainer(ToyCTR(), _args(tmp_path, train_steps=6, lr_scheduler_type=kind,
+                                      warmup_ratio=0.34, learning_rate=0.1),
+                      train_dataset=make_batches(6, 8), hooks=[Spy()])
+    trainer.train()
+    # the lr after update s is the factor of update s (warm-up: ceil(6 * 0.34) = 3 updates)
+    expected = [0.1 * lr_factor(kind, s, 3, 6) for s in range(1, 7)]
+    assert seen == pytest.approx(expected)
+    assert seen[0] < seen[1] < seen[2]  # warming up
+    if kind != "constant_with_warmup":
+        assert seen[-1] == pytest.approx(0.0)
+
+
+def test_decaying_schedule_without_a_length_names_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="train_steps"):
+        Trainer(ToyCTR(), _args(tmp_path, lr_scheduler_type="linear"),
+                train_dataset=iter(make_batches(2, 8)))
+
+
+def test_resume_from_checkpoint_true_and_path(tmp_path):
+    with pytest.raises(ValueError, match="no committed checkpoint"):
+        Trainer(ToyCTR(), _args(tmp_path, resume_from_checkpoint=True),
+                train_dataset=make_batches(2, 8)).train()
+    Trainer(ToyCTR(), _args(tmp_path, train_steps=4, save_steps=2),
+            train_dataset=make_batches(4, 8)).train()
+    older = str(tmp_path / "out" / "ckpt_2")
+    trainer = Trainer(ToyCTR(), _args(tmp_path, train_steps=4, resume_from_checkpoint=older),
+                      train_dataset=make_batches(4, 8))
+    assert trainer.restore() == 2 and trainer.global_step == 2
+    latest = Trainer(ToyCTR(), _args(tmp_path, train_steps=4, resume_from_checkpoint=True),
+                     train_dataset=make_batches(4, 8))
+    assert latest.restore() == 4
+
+
+def test_compute_metrics_adds_custom_eval_metrics(tmp_path):
+    def compute_metrics(p):
+        assert p.predictions.shape == p.label_ids.shape == (16,)
+        return {"pos_rate": float(p.label_ids.mean())}
+
+    batches = make_batches(2, 8)
+    trainer = Trainer(ToyCTR(), _args(tmp_path), eval_dataset=batches,
+                      compute_metrics=compute_metrics)
+    results = trainer.evaluate()
+    labels = torch.cat([b["label"] for b in batches])
+    assert results["pos_rate"] == pytest.approx(float(labels.mean()))
+    assert "auc" in results
+
+
+def test_load_best_model_at_end(tmp_path):
+    batches = make_batches(8, 8)
+    trainer = Trainer(ToyCTR(), _args(tmp_path, train_steps=6, save_steps=1, max_to_keep=1,
+                                      eval_interval_steps=1, load_best_model_at_end=True,
+                                      learning_rate=0.3),
+                      train_dataset=batches, eval_dataset=batches[:2])
+    losses = []
+
+    class Spy(LoggerHook):
+        def after_evaluate(self, trainer, metrics):
+            losses.append(metrics["loss"])
+
+    trainer.add_hook(Spy())
+    trainer.train()
+    assert trainer.args.keep_best_metric == "loss"
+    assert trainer.evaluate()["loss"] == pytest.approx(min(losses))

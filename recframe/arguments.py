@@ -304,13 +304,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+CONFIG_SECTIONS = ("model", "data")
+"""Sections of a ``recframe train --config`` file beside the training arguments: the
+keyword arguments of the user's model and data factories (see `config_sections`)."""
+
+
+def config_sections(path: Optional[str]) -> dict[str, dict[str, Any]]:
+    """The ``model:`` and ``data:`` mappings of a config file (empty when absent)."""
+    values = load_config_file(path) if path else {}
+    sections: dict[str, dict[str, Any]] = {}
+    for name in CONFIG_SECTIONS:
+        section = values.get(name) or {}
+        if not isinstance(section, dict):
+            raise ValueError(
+                f"config file {path!r}: {name!r} must be a mapping of the {name} factory's "
+                f"keyword arguments (and optionally factory: pkg.module:function)"
+            )
+        sections[name] = dict(section)
+    return sections
+
+
 def arguments_from_namespace(ns: argparse.Namespace) -> TrainingArguments:
-    """Merge ``--config`` file values with the flags given explicitly (flags win)."""
+    """Merge ``--config`` file values with the flags given explicitly (flags win); the
+    file's ``model:``/``data:`` sections are the factories' (`config_sections`)."""
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     values: dict[str, Any] = {}
     config = getattr(ns, "config", None)
     if config:
         values.update(load_config_file(config))
+        for name in CONFIG_SECTIONS:
+            values.pop(name, None)
     values.update({k: v for k, v in vars(ns).items() if k in names})
     return TrainingArguments.from_dict(values)
 
@@ -444,4 +467,7 @@ def _field_docs() -> dict[str, str]:
     return docs
 
 
-__all__ = ["TrainingArguments", "add_arguments", "arguments_from_namespace", "load_config_file"]
+__all__ = [
+    "CONFIG_SECTIONS", "TrainingArguments", "add_arguments", "arguments_from_namespace",
+    "config_sections", "load_config_file",
+]

@@ -35,11 +35,18 @@ def _train_parser(sub: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="dlrm", choices=["dlrm", "deepfm"], help="model of the zoo")
     g.add_argument(
-        "--data", default="synthetic", choices=["synthetic", "criteo", "parquet", "csv", "tsv"],
-        help="training data: synthetic, Criteo TSV files, or Parquet / CSV / TSV files "
-        "under --schema",
+        "--model", default=None, type=_model_choice, metavar="{dlrm,deepfm,PKG.MODULE:FN}",
+        help="model of the zoo (default dlrm), or your own: the import path of a factory "
+        "fn(args, **model_section) -> nn.Module, called with the TrainingArguments and the "
+        "config file's model: section",
+    )
+    g.add_argument(
+        "--data", default=None, type=_data_choice,
+        metavar="{synthetic,criteo,parquet,csv,tsv,PKG.MODULE:FN}",
+        help="training data (default synthetic): synthetic, Criteo TSV files, Parquet / CSV / "
+        "TSV files under --schema, or your own: the import path of a factory "
+        "fn(args, **data_section) returning the train dataset or (train, eval)",
     )
     g.add_argument("--train_path", default=None,
                    help="training file(s), glob or directory (any fsspec path)")
@@ -79,6 +86,96 @@ def _train_parser(sub: Any) -> None:
     add_arguments(p.add_argument_group("training arguments"))
     _add_log_level(p, default=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
+
+
+MODELS = ("dlrm", "deepfm")
+DATA = ("synthetic", "criteo", "parquet", "csv", "tsv")
+
+
+def _model_choice(text: str) -> str:
+    if text in MODELS or _is_import_path(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a model of the zoo ({', '.join(MODELS)}) nor an import path "
+        "pkg.module:factory"
+    )
+
+
+def _data_choice(text: str) -> str:
+    if text in DATA or _is_import_path(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither built-in data ({', '.join(DATA)}) nor an import path "
+        "pkg.module:factory"
+    )
+
+
+def _is_import_path(text: str) -> bool:
+    module, sep, attr = text.partition(":")
+    return bool(sep) and all(p.isidentifier() for p in module.split(".")) and all(
+        p.isidentifier() for p in attr.split(".")
+    )
+
+
+def _load_factory(spec: str, what: str) -> Any:
+    """The callable at ``pkg.module:attr``; errors name the flag and the path."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(
+            f"--{what} {spec}: cannot import {module_name!r} ({e}); is its package on "
+            "PYTHONPATH or installed?"
+        ) from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"--{what} {spec}: {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"--{what} {spec}: {attr!r} is not callable")
+    return obj
+
+
+def _call_factory(spec: str, what: str, args: Any, kwargs: dict[str, Any]) -> Any:
+    factory = _load_factory(spec, what)
+    try:
+        return factory(args, **kwargs)
+    except TypeError as e:
+        import inspect
+
+        try:
+            inspect.signature(factory).bind(args, **kwargs)
+        except TypeError as bad:  # the call itself does not fit: say which section to fix
+            raise ValueError(
+                f"--{what} {spec}: the {what}: section {sorted(kwargs)} does not fit "
+                f"{getattr(factory, '__name__', spec)}{inspect.signature(factory)}: {bad}"
+            ) from e
+        raise
+
+
+def _resolve_factories(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Fill ``ns.model``/``ns.data`` (flag, else the section's ``factory``, else the
+    default) and return the config file's sections without their ``factory`` keys."""
+    from recframe.arguments import config_sections
+
+    sections = config_sections(getattr(ns, "config", None))
+    for name, default, check in (("model", "dlrm", _model_choice),
+                                 ("data", "synthetic", _data_choice)):
+        from_file = sections[name].pop("factory", None)
+        if getattr(ns, name) is None:
+            try:
+                setattr(ns, name, check(str(from_file)) if from_file else default)
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"config file {ns.config!r}: {name}.factory: {e}") from e
+        if sections[name] and not _is_import_path(getattr(ns, name)):
+            raise ValueError(
+                f"config file {ns.config!r} has a {name}: section, but --{name} "
+                f"{getattr(ns, name)} is built in and takes no arguments; name your factory "
+                f"(--{name} pkg.module:fn, or {name}.factory in the file)"
+            )
+    return sections
 
 
 def _add_log_level(parser: argparse.ArgumentParser, default: Any) -> None:
@@ -149,7 +246,10 @@ def _sparse_side(model: Any, ns: argparse.Namespace, device: str) -> tuple[Any, 
                  "train with --sparse_backend sparse_grad (dense gradients on XLA)")
         backend = "sparse_grad"
     if backend == "fused":
-        from recframe.optim.fused import shard_model
+        from recframe.optim.fused import _embedding_collections, shard_model
+
+        if _is_import_path(ns.model) and not _embedding_collections(model):
+            return model, None  # no torchrec tables: the Trainer's sparse default
 
         return shard_model(
             model, optimizer=ns.sparse_optimizer, lr=ns.sparse_lr, sharding=ns.sharding
@@ -177,11 +277,23 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     from recframe.trainer import Trainer
 
     args = arguments_from_namespace(ns)
+    sections = _resolve_factories(ns)
     _check_output_dir(args.output_dir)
-    schema = _data_schema(ns)
-    train_data, eval_data = _build_data(ns, args.seed, schema, args.dataloader_num_workers)
+    if _is_import_path(ns.data):
+        schema = None
+        made = _call_factory(ns.data, "data", args, sections["data"])
+        train_data, eval_data = made if isinstance(made, tuple) and len(made) == 2 else (
+            made, None)
+    else:
+        schema = _data_schema(ns)
+        train_data, eval_data = _build_data(ns, args.seed, schema, args.dataloader_num_workers)
     torch.manual_seed(args.seed)
-    if schema is not None:  # the tables come from the schema the data is read with
+    if _is_import_path(ns.model):
+        model = _call_factory(ns.model, "model", args, sections["model"])
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"--model {ns.model} returned {type(model).__name__}, not an "
+                             "nn.Module whose forward(batch) returns the loss")
+    elif schema is not None:  # the tables come from the schema the data is read with
         model = build_model(ns.model, schema=schema)
     else:
         model = build_model(

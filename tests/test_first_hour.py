@@ -340,3 +340,87 @@ def test_load_best_model_at_end(tmp_path):
     trainer.train()
     assert trainer.args.keep_best_metric == "loss"
     assert trainer.evaluate()["loss"] == pytest.approx(min(losses))
+
+
+# --- item 4: the user's own model and data on the CLI ------------------------------------
+USER_PKG = '''
+import torch
+from torch import nn
+
+from recframe.metrics import add_predictions
+
+SEEN = {}
+
+
+class Net(nn.Module):
+    def __init__(self, hidden):
+        super().__init__()
+        self.emb = nn.EmbeddingBag(64, 4, mode="sum", sparse=True)
+        self.mlp = nn.Sequential(nn.Linear(7, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, batch):
+        x = torch.cat([self.emb(batch["ids"]), batch["dense"]], dim=1)
+        logits = self.mlp(x).squeeze(1)
+        add_predictions(logits, batch["label"])
+        return nn.functional.binary_cross_entropy_with_logits(logits, batch["label"])
+
+
+def build_model(args, hidden=8):
+    SEEN["model"] = (args.train_steps, hidden)
+    return Net(hidden)
+
+
+def build_data(args, n=4, batch_size=8):
+    from conftest import make_batches
+
+    SEEN["data"] = (args.seed, n, batch_size)
+    return make_batches(n, batch_size), make_batches(1, batch_size, seed=1)
+'''
+
+
+def test_cli_trains_the_users_model_and_data_from_a_config_file(tmp_path, monkeypatch, capsys):
+    from recframe import cli
+
+    (tmp_path / "team_pkg_fh.py").write_text(USER_PKG)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "job.yaml"
+    config.write_text(textwrap.dedent(f"""
+        output_dir: {tmp_path / "run"}
+        train_steps: 3
+        seed: 7
+        disable_tqdm: true
+        report_to: none
+        model:
+          factory: team_pkg_fh:build_model
+          hidden: 5
+        data:
+          n: 3
+          batch_size: 4
+    """))
+    code = cli.main(["train", "--config", str(config), "--data", "team_pkg_fh:build_data"])
+    assert code == 0, capsys.readouterr().err
+    import team_pkg_fh
+
+    assert team_pkg_fh.SEEN == {"model": (3, 5), "data": (7, 3, 4)}
+    assert "final eval" in capsys.readouterr().out
+    assert (tmp_path / "run" / "ckpt_3").is_dir()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", "team_pkg_fh:nope"], "has no 'nope'"),
+    (["--model", "no_such_pkg_fh:build"], "cannot import 'no_such_pkg_fh'"),
+    (["--model", "team_pkg_fh:build_model", "--data", "team_pkg_fh:build_data",
+      "--config", "BAD"], "does not fit"),
+])
+def test_cli_factory_errors_are_one_line(tmp_path, monkeypatch, capsys, argv, needle):
+    from recframe import cli
+
+    (tmp_path / "team_pkg_fh.py").write_text(USER_PKG)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  width: 3\n")
+    argv = [str(bad) if a == "BAD" else a for a in argv]
+    code = cli.main(["train", "--output_dir", str(tmp_path / "o"), *argv])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err

@@ -424,3 +424,21 @@ def test_cli_factory_errors_are_one_line(tmp_path, monkeypatch, capsys, argv, ne
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+# --- item 8: recframe's models without torchrec -----------------------------------------
+def test_models_without_torchrec_name_the_install_command():
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["torchrec"] = None  # as if it were not installed
+        import recframe  # the core imports without torchrec
+        try:
+            import recframe.models
+        except ImportError as e:
+            print(e)
+        else:
+            raise SystemExit("imported")
+    """)
+    proc = _run(["-c", script])
+    assert proc.returncode == 0, proc.stderr
+    assert "pip install --no-deps -r requirements/torchrec.txt" in proc.stdout

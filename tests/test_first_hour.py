@@ -442,3 +442,39 @@ def test_models_without_torchrec_name_the_install_command():
     proc = _run(["-c", script])
     assert proc.returncode == 0, proc.stderr
     assert "pip install --no-deps -r requirements/torchrec.txt" in proc.stdout
+
+
+def test_criteo_bar_gets_a_total(tmp_path):
+    """Criteo TSV (no len()): the bar's total comes from the reader's position."""
+    import io
+    import random
+
+    from recframe.hooks import ProgressBarHook
+    from recframe.readers import criteo_tsv
+
+    rng = random.Random(0)
+    path = tmp_path / "day_0.tsv"
+    with open(path, "w") as f:
+        for _ in range(160):
+            cols = [str(rng.randint(0, 1))] + [str(rng.randint(0, 9)) for _ in range(13)]
+            f.write("\t".join(cols + [f"{rng.getrandbits(32):08x}" for _ in range(26)]) + "\n")
+    data = criteo_tsv(str(path), num_embeddings=50, embedding_dim=4, batch_size=16,
+                      num_workers=0)
+    from recframe.models import build_model
+
+    model = build_model("dlrm", num_embeddings=50, embedding_dim=4)
+    bar = ProgressBarHook(file=io.StringIO())
+    totals = []
+
+    class Spy(LoggerHook):
+        def after_step(self, trainer, metrics):
+            totals.append(bar.bar.total)
+
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to="none", train_epoch=2,
+                             log_steps=100)
+    trainer = Trainer(model, args, train_dataset=data, hooks=[bar, Spy()])
+    trainer.train()
+    assert trainer.global_step == 20
+    assert all(t is not None for t in totals)
+    assert totals[-1] == 20 and totals[10] == 20  # exact once a pass is complete
+    assert all(abs(t - 20) <= 2 for t in totals)  # close during the first pass

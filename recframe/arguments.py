@@ -77,7 +77,8 @@ class TrainingArguments:
     disable_tqdm: bool = False
     """Hide the progress bar."""
     eval_interval_steps: Optional[int] = None
-    """During ``train`` evaluate every this many updates (needs an eval dataset)."""
+    """During ``train`` evaluate every this many updates (needs an eval dataset); what
+    Hugging Face calls eval_steps."""
     nonfinite_loss: str = "raise"
     """On a NaN/inf loss: raise (naming the step) or skip that update (skip also drops an
     update whose loss is finite but whose gradients are not)."""
@@ -121,7 +122,8 @@ class TrainingArguments:
     # --- Hugging Face Trainer names -----------------------------------------------
     resume_from_checkpoint: Optional[Union[bool, str]] = None
     """None: resume from output_dir's latest checkpoint when there is one (RecIS); true:
-    the same, but an error when there is none; a path: that checkpoint directory."""
+    the same, but an error when there is none; false: start fresh, an error when
+    output_dir holds checkpoints; a path: that checkpoint directory."""
     overwrite_output_dir: bool = False
     """Start fresh: delete output_dir's checkpoints (and leftovers of interrupted saves)
     instead of resuming from them."""

@@ -289,6 +289,15 @@ class Trainer:
         if args.overwrite_output_dir:
             self._clear_output_dir()
             return 0
+        if target is False:  # start fresh; never silently on top of another run's steps
+            found = manager.saver.list_checkpoints()
+            if found:
+                raise ValueError(
+                    f"TrainingArguments.resume_from_checkpoint=False, but {args.output_dir} "
+                    f"holds checkpoints ({found[-1].name}): pass overwrite_output_dir=True "
+                    "to delete them, or use another output_dir"
+                )
+            return 0
         try:
             if isinstance(target, str):
                 return self._resume_from_path(target)

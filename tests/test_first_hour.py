@@ -308,6 +308,9 @@ def test_resume_from_checkpoint_true_and_path(tmp_path):
     latest = Trainer(ToyCTR(), _args(tmp_path, train_steps=4, resume_from_checkpoint=True),
                      train_dataset=make_batches(4, 8))
     assert latest.restore() == 4
+    with pytest.raises(ValueError, match="overwrite_output_dir"):
+        Trainer(ToyCTR(), _args(tmp_path, resume_from_checkpoint=False),
+                train_dataset=make_batches(4, 8)).restore()
 
 
 def test_compute_metrics_adds_custom_eval_metrics(tmp_path):

@@ -1,4 +1,5 @@
-# recframe: `make demo` trains DLRM on built-in data, `make test` runs every test.
+# recframe: `make demo` trains DLRM on built-in data and exports it for serving,
+# `make test` runs every test.
 # Both set up .venv first when needed; set-up is idempotent and near-instant
 # once done (a stamp file records the requirement files it was built from).
 PYTHON ?= python3
@@ -21,6 +22,7 @@ $(STAMP): $(REQS)
 
 demo: setup
 	$(BIN)/recframe train --output_dir output/demo
+	$(BIN)/recframe export output/demo output/demo/model-int8.pt2 --quantize int8
 
 test: setup
 	$(BIN)/python -m ruff check recframe tests benchmarks

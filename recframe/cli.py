@@ -299,6 +299,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         model = build_model(
             ns.model, num_embeddings=ns.num_embeddings, embedding_dim=ns.embedding_dim
         )
+    dynamic = getattr(model, "dynamic", None) is not None  # before sharding wraps it
     model, sparse_opt = _sparse_side(model, ns, device_kind(args.device))
     trainer = Trainer(  # the dense optimizer and schedule: from the training arguments
         model=model,
@@ -307,6 +308,10 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         eval_dataset=eval_data,
         sparse_optimizer=sparse_opt,
     )
+    if dynamic:
+        from recframe.hooks import DynamicEmbeddingHook
+
+        trainer.add_hook(DynamicEmbeddingHook())
     trainer.train()
     if eval_data is not None:
         results = trainer.evaluate()  # every rank: the metrics cover all ranks' samples
@@ -617,6 +622,10 @@ def _print_inspect(info: dict[str, Any]) -> None:
         changed = info.get("changed_rows") or {}
         print(f"changed     {sum(changed.values())} rows in {len(changed)} table(s)")
     print(f"metrics     {_metrics_text(info['metrics'])}")
+    for table, d in (info.get("dynamic_tables") or {}).items():
+        print(f"dynamic     {table}: {d['rows_used']}/{d['dynamic_rows']} rows used (budget "
+              f"{d.get('budget', '?')} with fallback), admitted {d.get('admitted', '?')}, "
+              f"evicted {d.get('evicted', '?')}")
     print("\nparts")
     print(_text_table(
         ["part", "tensors", "size", "entries"],
@@ -645,6 +654,63 @@ def _print_inspect(info: dict[str, Any]) -> None:
                 print(f"  {problem}")
 
 
+# --- recframe export -----------------------------------------------------------------
+
+
+def _export_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "export", help="export a checkpoint as a serving artifact (one file)",
+        description="Export CHECKPOINT (an output_dir: its latest checkpoint; or a ckpt_<step> "
+        "directory; any fsspec path, full or incremental, any world size) to OUTPUT, one "
+        "file holding the torch.export graph, its weights (tables fp32 or row-wise int8/int4) "
+        "and the schema; load it with torch.export.load, no recframe needed (docs/serving.md). "
+        "With --apply-delta CHECKPOINT ARTIFACT: write a newer checkpoint's changed rows "
+        "into ARTIFACT without re-exporting the graph.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="output_dir or ckpt_<step> directory")
+    p.add_argument("output", help="artifact file to write (with --apply-delta: to update)")
+    p.add_argument("--apply-delta", dest="apply_delta", action="store_true",
+                   help="update the existing artifact OUTPUT with CHECKPOINT's weights")
+    p.add_argument("--to", default=None,
+                   help="--apply-delta: write the updated artifact here instead of in place")
+    p.add_argument("--model", default="dlrm", choices=["dlrm", "deepfm"],
+                   help="the model the checkpoint was trained as")
+    p.add_argument("--schema", default=None,
+                   help="feature schema YAML/JSON it was trained with (default: synthetic data's)")
+    p.add_argument("--num_embeddings", type=int, default=10_000,
+                   help="rows per table (without --schema)")
+    p.add_argument("--embedding_dim", type=int, default=16, help="table width (without --schema)")
+    p.add_argument("--model_kwargs", default=None,
+                   help='other model arguments as JSON, e.g. \'{"dense_arch": [128, 16]}\'')
+    p.add_argument("--quantize", default="fp32", choices=["fp32", "int8", "int4"],
+                   help="embedding tables: fp32, or row-wise int8 / int4 (fbgemm CPU kernels)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(ns: argparse.Namespace) -> int:
+    from recframe import export as serving
+
+    if ns.apply_delta:
+        info = serving.apply_checkpoint(ns.output, ns.checkpoint, output=ns.to)
+        rows = sum((info.changed_rows or {}).values())
+        what = f"updated to step {info.step} ({rows} changed rows)"
+    else:
+        try:
+            kwargs = json.loads(ns.model_kwargs) if ns.model_kwargs else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--model_kwargs is not JSON: {e}") from None
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise ValueError(f"--model_kwargs must be a JSON object, got {ns.model_kwargs!r}")
+        info = serving.export(ns.checkpoint, ns.output, model=ns.model, schema=ns.schema,
+                              model_kwargs=kwargs, quantize=ns.quantize,
+                              num_embeddings=ns.num_embeddings, embedding_dim=ns.embedding_dim)
+        what = f"exported step {info.step}"
+    print(f"{info.path}: {info.bytes / 2**20:.2f} MiB ({info.quantize}), {what} in "
+          f"{info.seconds:.1f} s", flush=True)
+    return 0
+
+
 def _version() -> str:
     from recframe import __version__
 
@@ -663,6 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _data_parser(sub)
     _ckpt_parser(sub)
+    _export_parser(sub)
     return parser
 
 

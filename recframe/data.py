@@ -57,8 +57,10 @@ def batch_size_of(batch: Any) -> int:
 
     `Batch` (or anything with ``labels``) -> ``labels.shape[0]``; a tensor -> its first
     dimension; a `KeyedJaggedTensor` -> its stride; an object with ``batch_size`` (an
-    int or a ``torch.Size``) -> that; a dict -> its ``"labels"`` entry if any, else the
-    first value with a size; a list/tuple -> its first element with a size.
+    int or a ``torch.Size``) -> that; a dict -> its ``"labels"`` (or ``"label"``) entry
+    if any, else the first value with a size; a list of dicts -> its length (one dict a
+    sample); a list/tuple -> the size most of its elements share (a tie: the first
+    element's), so EmbeddingBag's flat ``(ids, offsets, labels)`` counts samples, not ids.
     Raises ValueError when no size can be found.
     """
     size = _find_batch_size(batch)
@@ -75,21 +77,25 @@ def _find_batch_size(obj: Any) -> Optional[int]:
     if isinstance(obj, torch.Tensor):
         return int(obj.shape[0]) if obj.dim() > 0 else None
     if isinstance(obj, Mapping):
-        if "labels" in obj:
-            found = _find_batch_size(obj["labels"])
-            if found is not None:
-                return found
+        for key in ("labels", "label"):
+            if key in obj:
+                found = _find_batch_size(obj[key])
+                if found is not None:
+                    return found
         for value in obj.values():
             found = _find_batch_size(value)
             if found is not None:
                 return found
         return None
     if isinstance(obj, (list, tuple)):
-        for value in obj:
-            found = _find_batch_size(value)
-            if found is not None:
-                return found
-        return None
+        if obj and all(isinstance(v, Mapping) for v in obj):
+            return len(obj)  # a list of samples (a collate_fn that keeps them apart)
+        sizes = [s for s in map(_find_batch_size, obj) if s is not None]
+        if not sizes:
+            return None
+        # elements that disagree: EmbeddingBag's flat ids beside per-sample offsets and
+        # labels; the size most elements share wins (a tie: the first element's)
+        return max(sizes, key=sizes.count)
     labels = getattr(obj, "labels", None)
     if labels is not None and not callable(labels):
         found = _find_batch_size(labels)

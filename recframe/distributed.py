@@ -119,6 +119,17 @@ def all_reduce_max_int(value: int) -> int:
     return int(t.item())
 
 
+def all_reduce_max_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise max over ranks of ``tensor`` (same shape everywhere), on the
+    tensor's own device (the collective runs where the backend needs it: a rank
+    without a GPU tensor of its own still takes part under nccl)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    moved = tensor.detach().to(collective_device()).clone()
+    dist.all_reduce(moved, op=dist.ReduceOp.MAX)
+    return moved.to(tensor.device)
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (small JSON-like metadata), in rank order."""
     if not is_initialized() or dist.get_world_size() == 1:

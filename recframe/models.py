@@ -301,6 +301,22 @@ def _device(device: DeviceLike) -> Optional[torch.device]:
     return None if device is None else torch.device(device)
 
 
+def dynamic_remapper(schema: Optional[FeatureSchema], device: DeviceLike = None
+                     ) -> Optional[nn.Module]:
+    """The id->row maps of the schema's dynamic tables (`recframe.dynamic`), or None."""
+    if schema is None or not schema.dynamic_tables():
+        return None
+    from recframe.dynamic import DynamicIdRemapper
+
+    return DynamicIdRemapper(schema, _device(device))
+
+
+def _sparse_input(model: nn.Module, batch: Batch) -> Any:
+    """The batch's sparse features, dynamic-table ids mapped to rows."""
+    dynamic = getattr(model, "dynamic", None)
+    return batch.sparse_features if dynamic is None else dynamic(batch.sparse_features)
+
+
 def _loss(logits: torch.Tensor, labels: torch.Tensor,
           weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean BCE; with per-sample ``weights`` (a schema's weight column) the weighted mean
@@ -315,6 +331,38 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor,
     per_sample = F.binary_cross_entropy_with_logits(logits.float(), labels.float(),
                                                     reduction="none")
     return (per_sample * w).sum() / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def check_batch(model: nn.Module, batch: Any) -> None:
+    """Refuse a batch the model cannot read, naming the tensor or feature: dense
+    features must be floating ``[B, num_dense]``, the sparse features must hold every
+    feature the model embeds (extra keys are refused by the tables themselves)."""
+    owner = type(model).__name__
+    dense = getattr(batch, "dense_features", None)
+    sparse = getattr(batch, "sparse_features", None)
+    if not isinstance(dense, torch.Tensor):
+        raise ValueError(f"{owner}: batch.dense_features must be a tensor, got "
+                         f"{type(dense).__name__}")
+    if not dense.is_floating_point():
+        raise ValueError(f"{owner}: batch.dense_features must be floating point, got "
+                         f"{dense.dtype}")
+    if dense.dim() != 2 or dense.shape[1] != model.num_dense:  # type: ignore[operator]
+        raise ValueError(f"{owner}: batch.dense_features must be [B, {model.num_dense}], "
+                         f"got {tuple(dense.shape)}")
+    keys = getattr(sparse, "keys", None)
+    if not callable(keys):
+        raise ValueError(f"{owner}: batch.sparse_features must be a KeyedJaggedTensor, got "
+                         f"{type(sparse).__name__}")
+    present = set(keys())
+    missing = [f for f in model.sparse_features if f not in present]  # type: ignore[union-attr]
+    if missing:
+        raise ValueError(f"{owner}: batch.sparse_features has no feature(s) {missing}; the "
+                         f"model embeds {model.sparse_features}")
+    if isinstance(sparse, KeyedJaggedTensor):
+        values = sparse.values()
+        if values.is_floating_point() or values.dtype == torch.bool:
+            raise ValueError(f"{owner}: batch.sparse_features values must be integer ids, "
+                             f"got {values.dtype}")
 
 
 class DLRM(nn.Module):
@@ -381,6 +429,7 @@ class DLRM(nn.Module):
         self.embedding_backend = resolve_embedding_backend(embedding_backend, device)
         if self.embedding_backend == "nn":  # same tables, same place, same initial values
             self.model.sparse_arch.embedding_bag_collection = EmbeddingBagTables.from_ebc(ebc)
+        self.dynamic = dynamic_remapper(schema, device)
 
     @property
     def ebc(self) -> nn.Module:
@@ -388,13 +437,18 @@ class DLRM(nn.Module):
         sees one module at one path)."""
         return self.model.sparse_arch.embedding_bag_collection
 
-    def predict(self, batch: Batch) -> torch.Tensor:
+    def logits(self, batch: Batch) -> torch.Tensor:
         """Logits ``[B]`` (no sigmoid)."""
-        return self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
+        check_batch(self, batch)
+        return self.model(batch.dense_features, _sparse_input(self, batch)).squeeze(-1)
+
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """Click probabilities ``[B]`` (``sigmoid(logits)``); no labels needed."""
+        return torch.sigmoid(self.logits(batch).float())
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Mean binary cross-entropy over the batch."""
-        return _loss(self.predict(batch), batch.labels, getattr(batch, "weights", None))
+        return _loss(self.logits(batch), batch.labels, getattr(batch, "weights", None))
 
 
 class DeepFM(nn.Module):
@@ -442,6 +496,7 @@ class DeepFM(nn.Module):
                build_ebc(sparse_features, num_embeddings, embedding_dim, device, owner))
         self.embedding_backend = resolve_embedding_backend(embedding_backend, device)
         self.ebc = EmbeddingBagTables.from_ebc(ebc) if self.embedding_backend == "nn" else ebc
+        self.dynamic = dynamic_remapper(schema, device)
         dev = _device(device)
         self.dense_linear = nn.Linear(self.num_dense, 1, device=dev)
         self.dense_proj = nn.Linear(self.num_dense, embedding_dim, device=dev)
@@ -453,9 +508,10 @@ class DeepFM(nn.Module):
         layers.append(nn.Linear(width, 1, device=dev))
         self.deep = nn.Sequential(*layers)
 
-    def predict(self, batch: Batch) -> torch.Tensor:
+    def logits(self, batch: Batch) -> torch.Tensor:
         """Logits ``[B]`` (no sigmoid)."""
-        pooled = self.ebc(batch.sparse_features).to_dict()
+        check_batch(self, batch)
+        pooled = self.ebc(_sparse_input(self, batch)).to_dict()
         fields = [self.dense_proj(batch.dense_features)]
         fields += [pooled[name] for name in self.sparse_features]
         stacked = torch.stack(fields, dim=1)  # [B, F + 1, D]
@@ -463,9 +519,13 @@ class DeepFM(nn.Module):
         deep = self.deep(stacked.flatten(1)).squeeze(-1)
         return self.dense_linear(batch.dense_features).squeeze(-1) + fm + deep
 
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """Click probabilities ``[B]`` (``sigmoid(logits)``); no labels needed."""
+        return torch.sigmoid(self.logits(batch).float())
+
     def forward(self, batch: Batch) -> torch.Tensor:
         """Mean binary cross-entropy over the batch."""
-        return _loss(self.predict(batch), batch.labels, getattr(batch, "weights", None))
+        return _loss(self.logits(batch), batch.labels, getattr(batch, "weights", None))
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"dlrm": DLRM, "deepfm": DeepFM}

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -32,7 +33,10 @@ logger = logging.getLogger(__name__)
 _END = object()
 
 
-class StreamItem(NamedTuple):
+@dataclass(frozen=True)
+class StreamItem:
+    """One batch of a `BatchStream`, with where the dataset stands after it."""
+
     batch: Any
     position: Optional[dict[str, Any]]
     """The dataset's ``state_dict()`` right after this batch (None if not stateful)."""
@@ -338,6 +342,18 @@ def exactness_warning(dataset: Any) -> Optional[str]:
             "iterator starts (samples trained twice or never). Pass a re-iterable dataset "
             "(a list, a torch DataLoader) or one with state_dict()/load_state_dict() "
             "(torchdata's StatefulDataLoader, recframe.data's datasets); see docs/resume.md"
+        )
+    if (_is_torch_loader(dataset) and dataset.num_workers > 0 and dataset.persistent_workers
+            and isinstance(dataset.dataset, torch.utils.data.IterableDataset)):
+        inner = type(dataset.dataset).__name__
+        return (
+            f"train_dataset is a {name}(num_workers={dataset.num_workers}, "
+            f"persistent_workers=True) over the IterableDataset {inner}: its iteration state "
+            "lives in the workers' copies and carries over from one epoch to the next, and "
+            "a resumed run starts fresh workers whose copies start over, so a resume in a "
+            "later epoch may read other samples than an uninterrupted run. Use "
+            "persistent_workers=False, num_workers=0 with state_dict()/load_state_dict(), "
+            "or torchdata's StatefulDataLoader; see docs/resume.md"
         )
     if _is_torch_loader(dataset):
         sampler = _unreplayable(dataset.batch_sampler if dataset.batch_sampler is not None

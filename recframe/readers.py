@@ -282,9 +282,25 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
             raise _RowError(int(parents[i]), column.name,
                             f"id {flat[i].as_py()!r} is not a hexadecimal id of 1-16 digits")
         return (value % np.uint64(num)).astype(np.int64)
+    dynamic = column.mapping.dynamic
+    if dynamic is not None and dynamic.ids == "int64":  # raw ids; the model maps them
+        if is_str:
+            try:
+                flat = pc.cast(flat, pa.int64())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                i, v = _first_bad(flat.to_pylist(), int)
+                raise _RowError(int(parents[i]), column.name,
+                                f"id {v!r} is not an integer (dynamic ids int64)") from None
+        elif not pa.types.is_integer(flat.type):
+            raise _RowError(0, column.name, f"has type {flat.type}; dynamic ids int64 need "
+                            "integer ids (use dynamic ids hash for strings)")
+        return np.asarray(flat, dtype=np.int64)
+    salt = dynamic.salt if dynamic is not None else column.mapping.salt
     if not is_str:  # hash: integers hash by their decimal text
         flat = pc.cast(flat, pa.string())
-    h = mix64(fnv1a64(*_string_bytes(flat)) ^ np.uint64(column.mapping.salt))
+    h = mix64(fnv1a64(*_string_bytes(flat)) ^ np.uint64(salt))
+    if dynamic is not None:  # the 64-bit hash is the id (as int64)
+        return h.view(np.int64)
     return (h % np.uint64(num)).astype(np.int64)
 
 
@@ -673,7 +689,8 @@ class TabularDataset(IterableDataset):
         for c in self._needed:
             types[c] = pa.float64()
         for s in self.schema.sparse:
-            integer = s.mapping.kind == "modulo" and s.delimiter is None
+            integer = s.delimiter is None and (s.mapping.kind == "modulo" or (
+                s.mapping.dynamic is not None and s.mapping.dynamic.ids == "int64"))
             types[s.name] = pa.int64() if integer else pa.string()
         return types
 

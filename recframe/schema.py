@@ -12,6 +12,10 @@ Id mapping (`IdMapping`, one per sparse column), the same on every machine and r
   modulo: a negative id maps to ``num_embeddings + id % num_embeddings``, never < 0).
 * ``hex``: the value is a hexadecimal string of at most 16 digits (Criteo's ids); row =
   ``int(value, 16) mod num_embeddings``.
+* ``dynamic``: a dynamic table (`recframe.dynamic`): the reader yields the raw id as
+  int64 (``ids: int64``) or the 64-bit string hash below (``ids: hash``) and the model
+  maps it to a row with an id->row map that admits and evicts ids under a row budget
+  (the table's ``num_embeddings``); settings in `DynamicSpec`.
 * ``hash``: the value is a raw string (an integer value is first written in decimal,
   so ``123`` and ``"123"`` map alike); row = ``mix64(fnv1a64(utf8 bytes) ^ salt) mod
   num_embeddings`` where ``fnv1a64`` is 64-bit FNV-1a (offset basis
@@ -35,7 +39,9 @@ from typing import Any, Optional
 import numpy as np
 
 DENSE_TRANSFORMS = ("none", "log1p", "standardize")
-ID_MAPPINGS = ("modulo", "hex", "hash")
+ID_MAPPINGS = ("modulo", "hex", "hash", "dynamic")
+DYNAMIC_IDS = ("int64", "hash")
+EVICTION_POLICIES = ("lfu", "lru", "ttl")
 
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
@@ -138,6 +144,81 @@ def parse_hex(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tupl
 # --------------------------------------------------------------------------- schema parts
 
 
+def _int_at_least(owner: str, name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{owner}: {name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+@dataclass
+class DynamicSpec:
+    """A dynamic table's admission and eviction (`recframe.dynamic` has the semantics).
+
+    The row budget is the table's ``num_embeddings``: rows ``[0, fallback_rows)`` are a
+    small hashed fallback table for ids not (yet) admitted, the rest hold one admitted
+    id each. Admission: an id gets its own row once it was seen ``min_count`` times
+    (counted in a count-min sketch), or, with ``probability`` set, with that chance per
+    occurrence (deterministic: a hash of id and step). Eviction every
+    ``eviction_interval`` steps: ``lfu`` / ``lru`` free the least frequently / least
+    recently seen rows until ``evict_fraction`` of the rows are free; ``ttl`` frees
+    rows not seen for ``ttl`` steps.
+    """
+
+    ids: str = "int64"
+    """``int64``: integer ids as they are; ``hash``: strings by the schema's stable hash."""
+    salt: int = 0
+    fallback_rows: int = 1
+    min_count: int = 1
+    probability: Optional[float] = None
+    eviction: str = "lfu"
+    eviction_interval: int = 100
+    evict_fraction: float = 0.1
+    ttl: Optional[int] = None
+    sketch_width: Optional[int] = None
+    """Counters per row of the admission sketch (default: 2 x the dynamic rows)."""
+
+    def check(self, owner: str) -> None:
+        """Validate the settings; errors start with ``owner`` (the feature)."""
+        if self.ids not in DYNAMIC_IDS:
+            raise ValueError(f"{owner}: dynamic ids must be one of {DYNAMIC_IDS}, "
+                             f"got {self.ids!r}")
+        _int_at_least(owner, "dynamic salt", self.salt, 0)
+        _int_at_least(owner, "fallback_rows", self.fallback_rows, 1)
+        _int_at_least(owner, "min_count", self.min_count, 1)
+        if self.probability is not None:
+            p = self.probability
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+                raise ValueError(f"{owner}: probability must be in (0, 1], got {p!r}")
+            self.probability = float(p)
+            if self.min_count != 1:
+                raise ValueError(f"{owner}: give min_count or probability, not both")
+        if self.eviction not in EVICTION_POLICIES:
+            raise ValueError(f"{owner}: eviction must be one of {EVICTION_POLICIES}, "
+                             f"got {self.eviction!r}")
+        _int_at_least(owner, "eviction_interval", self.eviction_interval, 1)
+        f = self.evict_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
+            raise ValueError(f"{owner}: evict_fraction must be in (0, 1) (1 would evict every "
+                             f"row at each eviction), got {f!r}")
+        self.evict_fraction = float(f)
+        if self.eviction == "ttl":
+            if self.ttl is None:
+                raise ValueError(f"{owner}: eviction ttl needs ttl (steps a row may go unseen)")
+            _int_at_least(owner, "ttl (0 would evict every row at each eviction)",
+                          self.ttl, 1)
+        elif self.ttl is not None:
+            raise ValueError(f"{owner}: ttl is for eviction ttl, not {self.eviction!r}")
+        if self.sketch_width is not None:
+            _int_at_least(owner, "sketch_width", self.sketch_width, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Any) -> DynamicSpec:
+        return _from_mapping(cls, values, "DynamicSpec")
+
+
 @dataclass
 class IdMapping:
     """How a raw id becomes a row of its table (see the module docstring)."""
@@ -145,15 +226,32 @@ class IdMapping:
     kind: str = "modulo"
     salt: int = 0
     """``hash`` only: XORed into the string hash before the final mix (0: none)."""
+    dynamic: Optional[DynamicSpec] = None
+    """``dynamic`` only: admission and eviction (defaults when left out)."""
 
     def __post_init__(self) -> None:
         if self.kind not in ID_MAPPINGS:
             raise ValueError(f"IdMapping: kind must be one of {ID_MAPPINGS}, got {self.kind!r}")
         if isinstance(self.salt, bool) or not isinstance(self.salt, int) or self.salt < 0:
             raise ValueError(f"IdMapping: salt must be an integer >= 0, got {self.salt!r}")
+        if isinstance(self.dynamic, Mapping):
+            self.dynamic = DynamicSpec.from_dict(self.dynamic)
+        if self.kind == "dynamic":
+            if self.dynamic is None:
+                self.dynamic = DynamicSpec()
+            if not isinstance(self.dynamic, DynamicSpec):
+                raise ValueError(f"IdMapping: dynamic must be a DynamicSpec, got "
+                                 f"{self.dynamic!r}")
+            self.dynamic.check("IdMapping")
+        elif self.dynamic is not None:
+            raise ValueError(f"IdMapping: dynamic settings need kind 'dynamic', not "
+                             f"{self.kind!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out: dict[str, Any] = {"kind": self.kind, "salt": self.salt}
+        if self.dynamic is not None:
+            out["dynamic"] = self.dynamic.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, values: Any) -> IdMapping:
@@ -233,7 +331,10 @@ class SparseColumn:
         if self.table is None:
             self.table = self.name
         if isinstance(self.mapping, (Mapping, str)):
-            self.mapping = IdMapping.from_dict(self.mapping)
+            try:
+                self.mapping = IdMapping.from_dict(self.mapping)
+            except ValueError as e:
+                raise ValueError(f"sparse column {self.name!r}: {e}") from None
         if not isinstance(self.mapping, IdMapping):
             raise ValueError(f"sparse column {self.name!r}: mapping must be an IdMapping, "
                              f"got {self.mapping!r}")
@@ -317,6 +418,7 @@ class FeatureSchema:
                 spec = TableSpec(col.table, n, self.default_embedding_dim)
                 self.tables.append(spec)
                 by_name[col.table] = spec
+        self._check_dynamic(by_name)
         used = {c.table for c in self.sparse}
         unused = [t.name for t in self.tables if t.name not in used]
         if unused:
@@ -330,6 +432,33 @@ class FeatureSchema:
             missing = [n for n in features if n not in self.columns]
             if missing:
                 raise _fail(owner, f"columns does not list {missing}")
+
+    def _check_dynamic(self, by_name: dict[str, TableSpec]) -> None:
+        """A dynamic table: one spec for all its columns, a budget above the fallback."""
+        specs: dict[str, tuple[str, DynamicSpec]] = {}
+        for col in self.sparse:
+            spec = col.mapping.dynamic
+            first = specs.get(col.table)  # type: ignore[arg-type]
+            if first is None and spec is not None:
+                first = specs.setdefault(col.table, (col.name, spec))  # type: ignore[arg-type]
+            if first is None:
+                continue
+            if spec != first[1]:
+                raise _fail("FeatureSchema", f"sparse columns {first[0]!r} and {col.name!r} "
+                            f"share table {col.table!r}: a dynamic table needs the same "
+                            "dynamic mapping on every column that uses it")
+            spec.check(f"sparse column {col.name!r}")
+            budget = by_name[col.table].num_embeddings  # type: ignore[index]
+            if budget <= spec.fallback_rows:
+                raise _fail("FeatureSchema", f"sparse column {col.name!r}: table "
+                            f"{col.table!r} has a row budget (num_embeddings) of {budget}, "
+                            f"not above fallback_rows={spec.fallback_rows}; raise "
+                            "num_embeddings or lower fallback_rows")
+
+    def dynamic_tables(self) -> dict[str, DynamicSpec]:
+        """Table name -> `DynamicSpec` of the schema's dynamic tables."""
+        return {c.table: c.mapping.dynamic for c in self.sparse  # type: ignore[misc]
+                if c.mapping.dynamic is not None}
 
     # --------------------------------------------------------------- derived
     @property

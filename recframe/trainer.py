@@ -44,6 +44,7 @@ from recframe.optim import (
 from recframe.optim.schedules import build_scheduler
 from recframe.optim.sparse import default_sparse_optimizer, warn_if_dense_optimizer_holds_tables
 from recframe.pipeline import BatchStream, TrainData, is_stateful
+from recframe.predict import Predictions, predict_dataset
 from recframe.state import TrainerControl, TrainerState
 
 logger = logging.getLogger("recframe")
@@ -461,6 +462,22 @@ class Trainer:
                 results = self._results_now(eval_steps)
         return results
 
+    def predict(
+        self, dataset: Optional[Iterable[Any]] = None, output: Optional[str] = None,
+        max_batches: Optional[int] = None,
+    ) -> Predictions:
+        """Probabilities over ``dataset`` (default: ``eval_dataset``), with its labels when
+        it has them, gathered on rank 0 under torchrun; ``output`` streams them to a
+        Parquet / TSV file instead (`recframe.predict.predict_dataset`). Restores the
+        latest checkpoint first, as `evaluate` does."""
+        dataset = self.eval_dataset if dataset is None else dataset
+        if dataset is None:
+            raise ValueError("Trainer.predict needs a dataset (or Trainer(eval_dataset=...))")
+        with self._outermost():
+            if self._depth == 1:
+                self.restore()
+            return predict_dataset(self.model, dataset, self.device, output, max_batches)
+
     # --- the step -----------------------------------------------------------------
     def _train_step(self, data: Any, epoch: int, metrics: dict[str, Any]) -> None:
         """One micro-batch, written as RecIS documents it. Override freely, in any call
@@ -632,23 +649,36 @@ class Trainer:
             self.dense_lr_scheduler.new_window()
             step_metrics: dict[str, Any] = {}
             samples = 0
-            for index in range(k):
-                item = feed.take()
-                size = index + 1 if item.is_last else k
-                samples += batch_size_of(item.batch)
-                self._run_micro_batch(item.batch, index, size, step_metrics)
-                self.state.epoch_batches += 1
-                feed.trained(item)
-                if item.is_last:
-                    end_of_data = True
-                    break
+            start = (self.state.epoch_batches, self.state.micro_step, feed.position,
+                     feed.loader_rng)
+            try:
+                for index in range(k):
+                    item = feed.take()
+                    size = index + 1 if item.is_last else k
+                    samples += batch_size_of(item.batch)
+                    self._run_micro_batch(item.batch, index, size, step_metrics)
+                    self.state.epoch_batches += 1
+                    feed.trained(item)
+                    if item.is_last:
+                        end_of_data = True
+                        break
+                # the optimizers' and scheduler's steps requested in _train_step run here
+                skipped = self.window.update()
+            except BaseException:
+                # a window that failed before its update (an error, Ctrl-C) counts for
+                # nothing: the next train() call trains it again from its first
+                # micro-batch, without its gradients
+                (self.state.epoch_batches, self.state.micro_step, feed.position,
+                 feed.loader_rng) = start
+                self.window.drop()
+                raise
             if end_of_data:
                 # close the pass before the update's checkpoint, so a resume starts the
                 # next pass
                 self.state.epoch += 1
                 self.state.epoch_batches = 0
                 feed.end_pass()
-            self._finish_update(step_metrics, samples)
+            self._finish_update(step_metrics, samples, skipped)
         if end_of_data:
             self.hooks.fire(Event.AFTER_EPOCH, self)
         return True
@@ -682,9 +712,7 @@ class Trainer:
                 step_metrics[key] = value.detach() if isinstance(value, torch.Tensor) else value
         step_metrics.update(pop_global_metrics())
 
-    def _finish_update(self, step_metrics: dict[str, Any], samples: int) -> None:
-        # the optimizers' and scheduler's steps requested in _train_step run here, once
-        skipped = self.window.update()
+    def _finish_update(self, step_metrics: dict[str, Any], samples: int, skipped: bool) -> None:
         self.state.global_step += 1
         self.state.samples_seen += samples
         loss = self.window.mean_loss()

@@ -39,7 +39,7 @@ def test_fork_snapshot_writes_the_state_at_save_time(tmp_path, monkeypatch):
     model = make_model()
     manager = CheckpointManager(Saver(model, output_dir=str(tmp_path / "out"), max_keep=10),
                                 save_interval=1, async_save=True)
-    assert manager._can_fork(manager.saver.collect_state())
+    assert manager.writer.can_fork(manager.saver.collect_state())
     set_weights(model, 1.0)
     manager.step(1)  # returns at once: the child waits on the gate
     assert steps_of(manager) == []
@@ -72,10 +72,10 @@ def test_fork_writer_error_surfaces_at_the_next_save(tmp_path, monkeypatch):
 def test_fork_is_not_used_for_device_or_remote_state(tmp_path):
     manager = CheckpointManager(Saver(make_model(), output_dir="memory://forkless/run"),
                                 save_interval=1, async_save=True)
-    assert not manager._can_fork(manager.saver.collect_state())
+    assert not manager.writer.can_fork(manager.saver.collect_state())
     local = CheckpointManager(Saver(make_model(), output_dir=str(tmp_path)), async_save=True)
-    local.fork_snapshot = False
-    assert not local._can_fork(local.saver.collect_state())
+    local.writer.fork = False
+    assert not local.writer.can_fork(local.saver.collect_state())
     assert torch.get_num_threads() >= 1
 
 
@@ -117,14 +117,14 @@ def test_after_a_forked_save_the_state_is_backed_by_huge_pages(tmp_path):
     expected = weight.detach().clone()
     address = -(-weight.data_ptr() // HUGE_PAGE) * HUGE_PAGE
     manager = CheckpointManager(Saver(model, output_dir=str(tmp_path)), async_save=True)
-    assert manager._can_fork(manager.saver.collect_state())
-    manager.huge_pages = False
+    assert manager.writer.can_fork(manager.saver.collect_state())
+    manager.writer.huge_pages = False
     manager.save(1)
     manager.wait()
     before = _huge_bytes_at(address)
     if before:
         pytest.skip("the table is in huge pages already (THP 'always')")
-    manager.huge_pages = True
+    manager.writer.huge_pages = True
     manager.save(2)
     manager.wait()
     manager.close()

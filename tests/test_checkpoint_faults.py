@@ -710,6 +710,7 @@ def test_random_sigkill_during_saves_never_breaks_restore(tmp_path, monkeypatch,
             assert fresh.saver.uncommitted() == []  # the manager removed the leftovers
             assert fresh.manager.restore() == steps[-1]
             assert fresh.problems(steps[-1]) == []
+            fresh.manager.close()  # release the output dir's writer lock for the next worker
             latest = steps[-1]
     finally:
         job_proc.close()

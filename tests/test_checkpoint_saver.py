@@ -43,11 +43,13 @@ def fs_of(url: str):
 
 
 def entries(url: str) -> list[str]:
-    """Names directly under ``url`` (empty when it does not exist)."""
+    """Names directly under ``url`` (empty when it does not exist), without the writer
+    lock's files (``.recframe-writer.lock*``)."""
     fs, root = fs_of(url)
     if not fs.exists(root):
         return []
-    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+    names = (posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+    return sorted(n for n in names if not n.startswith(".recframe-writer.lock"))
 
 
 def files_in(url: str) -> dict[str, int]:

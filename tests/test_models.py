@@ -59,7 +59,8 @@ def test_loss_is_bce_of_predict_and_predictions_are_collected(name: str) -> None
     model = _small(name)
     batch = _batch()
     with torch.no_grad():
-        logits = model.predict(batch)
+        logits = model.logits(batch)
+        assert torch.allclose(model.predict(batch), torch.sigmoid(logits))
         assert logits.shape == (32,)
         expected = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
         with collect_predictions() as collector:

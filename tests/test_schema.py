@@ -172,7 +172,7 @@ def test_models_build_their_tables_from_the_schema(name) -> None:
     loss = model(batch)
     loss.backward()
     # the weighted mean: zero-weight samples do not count
-    logits = model.predict(batch).detach()
+    logits = model.logits(batch).detach()
     per = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels,
                                                                reduction="none")
     assert torch.allclose(loss.detach(), (per * batch.weights).sum() / batch.weights.sum())

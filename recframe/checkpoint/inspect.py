@@ -202,6 +202,11 @@ def describe(storage: Storage, path: str, manifest: dict[str, Any]) -> dict[str,
     ]
     info.update(format_version=manifest.get("format_version", 1), parts=parts,
                 tensors=tensors, data_files=files)
+    if any(".maps." in k for k in manifest["tensors"]):  # dynamic tables: rows used
+        from recframe.dynamic import dynamic_summary
+
+        info["dynamic_tables"] = dynamic_summary(
+            TensorReader(storage, path, manifest["tensors"]))
     return info
 
 

@@ -1,21 +1,30 @@
-"""`CheckpointManager`: when to save, what to keep, what to restore.
+"""`CheckpointManager`: ties the checkpoint pieces together for a training loop.
 
-- ``step()`` saves every ``save_interval`` optimizer updates (and/or every
-  ``save_interval_secs``), on demand (``force``), and when SIGTERM asked for it;
-- retention keeps the ``max_keep`` newest committed checkpoints plus the best ones by
-  an eval metric, is rebuilt from storage (never from memory), never touches the
-  checkpoint being written nor, until a newer one is committed, the one restored from;
-  a failed delete is logged;
-- ``restore()`` loads the newest committed checkpoint that reads back intact (a corrupt
-  one is skipped with a warning) and returns its step, 0 when there is none;
-- ``async_save`` writes in a background thread after a host snapshot: at most one save
-  in flight, a background error is raised at the next save or at ``wait()``.
+Each decision lives in one place; open the module that owns it:
+
+- *when to save* (interval, wall time, SIGTERM, the multi-rank agreement):
+  `recframe.checkpoint.policies.SaveDecisionPolicy`;
+- *what to keep* (max_keep, keep-best, incremental chains, the checkpoint restored
+  from): `recframe.checkpoint.policies.KeepPolicy`;
+- *how it is written* (now, or in the background: thread or copy-on-write fork with
+  huge pages): `recframe.checkpoint.async_writer`;
+- *who may write* the output dir (one job, a lease naming it):
+  `recframe.checkpoint.lock`;
+- writing, reading, deleting and moving checkpoints: `recframe.checkpoint.saver.Saver`.
+
+``restore()`` loads the newest committed checkpoint that reads back intact (a corrupt
+one is skipped with a warning) and returns its step, 0 when there is none. Resuming
+from a checkpoint older than the newest (``restore(global_step=N)``, or a fallback
+past corrupt ones) starts a new timeline: at the run's first save the newer
+checkpoints are moved aside into ``<output_dir>/abandoned/`` (`Saver.move_aside`),
+never deleted and never mixed with the new run's saves.
 """
 
 from __future__ import annotations
 
+import builtins
 import logging
-import os
+import re
 import signal
 import threading
 import time
@@ -25,28 +34,37 @@ from typing import Any, Optional
 import torch
 
 from recframe import distributed
-from recframe.checkpoint.format import (
-    CheckpointCorruptError,
-    encode_tree,
-    is_sharded,
-    snapshot_state,
+from recframe.checkpoint.async_writer import AsyncWriter, SyncWriter
+from recframe.checkpoint.format import CheckpointCorruptError
+from recframe.checkpoint.incremental import plan_save
+from recframe.checkpoint.lock import DEFAULT_LEASE_SECS, WriterLock, WriterLockError
+from recframe.checkpoint.policies import (
+    AnyOf,
+    BestN,
+    FullEvery,
+    IntervalPolicy,
+    KeepPolicy,
+    LatestN,
+    SaveContext,
+    SaveDecisionPolicy,
 )
-from recframe.checkpoint.hugepages import collapse, huge_page_ranges
-from recframe.checkpoint.incremental import keep_closure, plan_save
-from recframe.checkpoint.policies import AnyOf, BestN, FullEvery, IntervalPolicy, LatestN
 from recframe.checkpoint.saver import (
+    MANIFEST,
     CheckpointError,
     CheckpointInfo,
     Saver,
     ckpt_name,
 )
-from recframe.checkpoint.storage import StorageError
+from recframe.checkpoint.storage import StorageError, _has_directories
 
 logger = logging.getLogger("recframe.checkpoint")
 
+_CKPT_DIR_RE = re.compile(r"^ckpt_\d+(\.staging)?$")
+
 
 class CheckpointManager:
-    """Saves on an interval, keeps ``max_keep`` (and the best), restores the latest.
+    """Saves when the save policy says so, keeps what the keep policy keeps, restores
+    the latest; the one writer of its output dir.
 
     Args:
         saver: the `Saver` that writes and reads checkpoints.
@@ -55,13 +73,23 @@ class CheckpointManager:
         max_keep: committed checkpoints kept (default: ``saver.max_keep``).
         keep_best_metric / keep_best_mode: also keep the best checkpoint by this eval
             metric (recorded in each manifest at save time).
-        async_save: write in a background thread after a host snapshot.
+        async_save: write in the background (`AsyncWriter`) after a host snapshot.
         save_on_sigterm: on SIGTERM, request a save at the next step (see
             ``preemption_requested``); the trainer then stops.
+        agree_every: with several ranks, every this many steps they agree (one
+            all-reduce) on the decisions that may differ between them: a time-based
+            save, a SIGTERM.
         incremental: write delta checkpoints (only the embedding-table rows changed since
             the previous checkpoint; see `recframe.checkpoint.incremental`).
         full_checkpoint_every: with ``incremental``, every this many saves is a full one
             (`FullEvery`).
+        lease_secs: the writer lock's lease (`recframe.checkpoint.lock`): a job that
+            died without releasing it blocks another host for at most this long.
+
+    Raises:
+        WriterLockError: another live job writes ``output_dir`` (the error names it).
+        CheckpointError: ``output_dir`` is a checkpoint directory, or its bucket is
+            missing.
     """
 
     def __init__(
@@ -77,12 +105,16 @@ class CheckpointManager:
         agree_every: int = 16,
         incremental: bool = False,
         full_checkpoint_every: int = 10,
+        lease_secs: float = DEFAULT_LEASE_SECS,
     ) -> None:
         self.saver = saver
-        self.agree_every = max(1, int(agree_every))
-        """Several ranks: every this many steps they agree (one all-reduce) on the
-        decisions that may differ between them: a time-based save, a SIGTERM."""
-        self._sigterm_seen = False
+        self.save_policy = SaveDecisionPolicy(
+            IntervalPolicy(save_interval, save_interval_secs), agree_every, save_on_sigterm
+        )
+        keep = LatestN(max_keep if max_keep is not None else saver.max_keep)
+        self.keep_policy = KeepPolicy(
+            AnyOf(keep, BestN(keep_best_metric, keep_best_mode)) if keep_best_metric else keep
+        )
         self.full_policy = FullEvery(full_checkpoint_every)
         self.tracker: Any = None
         """The `RowTracker` of incremental checkpoints (None: every save is full)."""
@@ -92,80 +124,85 @@ class CheckpointManager:
             self.tracker = RowTracker(saver.model, saver.sparse_optimizer)
             saver.row_tracker = self.tracker
         self._pending: Optional[tuple[dict[str, Any], dict[str, Any], int]] = None
-        self.save_policy = IntervalPolicy(save_interval, save_interval_secs)
-        keep = LatestN(max_keep if max_keep is not None else saver.max_keep)
-        self.preservation = (
-            AnyOf(keep, BestN(keep_best_metric, keep_best_mode)) if keep_best_metric else keep
-        )
-        self.async_save = async_save
-        self.fork_snapshot = True
-        """Async saves of host state in one process fork a copy-on-write writer."""
-        self.huge_pages = True
-        """After a forked save, back the state with huge pages so the next fork (the
-        time the loop is blocked) copies 512x fewer page-table entries."""
+        self.writer: SyncWriter = AsyncWriter(saver) if async_save else SyncWriter(saver)
         self.global_step = 0
         self.metrics_provider: Optional[Callable[[], dict[str, float]]] = None
         self.preemption_requested = False
-        self._restored_step: Optional[int] = None
+        self._sigterm_seen = False
         self._last_saved_step = -1
         self._last_saved_time = time.monotonic()
-        self._thread: Optional[threading.Thread] = None
-        self._error: Optional[BaseException] = None
         self._previous_handler: Any = None
+        self._rolled_back_to: Optional[int] = None
+        self._locked = False
         self.save_on_sigterm = save_on_sigterm
-        self.saver.clean_uncommitted()
+        _check_output_dir(saver)
+        self.lock = WriterLock(saver.storage, lease_secs)
+        saver.writer_lock = self.lock
+        self._acquire()
+        self.saver.clean_uncommitted()  # ours now: any leftover is provably abandoned
         latest = self.saver.latest_checkpoint()
         if latest is not None:
             self._last_saved_step = latest.step
 
+    @property
+    def agree_every(self) -> int:
+        return self.save_policy.agree_every
+
+    @agree_every.setter
+    def agree_every(self, value: int) -> None:
+        self.save_policy.agree_every = max(1, int(value))
+
+    @property
+    def async_save(self) -> bool:
+        return self.writer.asynchronous
+
+    # --- the writer lock ----------------------------------------------------------
+    def _acquire(self) -> None:
+        """Rank 0 takes the output dir's writer lock and renews it while the run lives;
+        every rank learns whether it could (a refused job stops on every rank)."""
+        self._locked = True  # on every rank (only rank 0 holds the file)
+        error: Optional[BaseException] = None
+        if distributed.is_main_process() and not self.lock.held:
+            try:
+                self.lock.acquire()
+                self.lock.start_renewing()
+            except (WriterLockError, OSError) as e:
+                error = e
+        (ok,) = distributed.broadcast_ints([0 if error else 1])
+        if error is not None:
+            raise error
+        if not ok:
+            raise WriterLockError(
+                f"rank 0 could not take the writer lock of "
+                f"{self.saver.storage.display(self.saver.storage.root)} (see its log)"
+            )
+
     # --- saving -------------------------------------------------------------------
     def step(self, global_step: Optional[int] = None, force: bool = False) -> Optional[str]:
-        """Call once per optimizer update; saves when the policy (or ``force``, or a
-        SIGTERM) says so. Returns the committed path, or None."""
+        """Call once per optimizer update (on every rank); saves when the save policy
+        (or ``force``, or a SIGTERM) says so. Returns the committed path, or None."""
         if global_step is None:
             self.global_step += 1
         else:
             self.global_step = global_step
         step = self.global_step
-        if distributed.get_world_size() > 1:
-            return self._step_of_many(step, force)
-        if self.preemption_requested:
-            force = True
-        if force and step == self._last_saved_step:
-            return None
-        if force or self.save_policy.should_save(
-            step, self._last_saved_step, self._last_saved_time
-        ):
-            return self.save(step)
-        return None
-
-    def _step_of_many(self, step: int, force: bool) -> Optional[str]:
-        """`step` with several ranks: every rank must save at the same step. The step
-        interval is the same everywhere; wall time and SIGTERM are not, so they count
-        only at steps that are multiples of ``agree_every``, where the ranks agree
-        (max over ranks: one rank's SIGTERM or timer saves, and stops, all)."""
-        policy = self.save_policy
-        due = bool(policy.steps and step % policy.steps == 0 and step > self._last_saved_step)
-        if (policy.seconds or self.save_on_sigterm) and step % self.agree_every == 0:
-            mine = 2 if (self._sigterm_seen or self.preemption_requested) else (
-                1 if policy.seconds and time.monotonic() - self._last_saved_time
-                >= policy.seconds else 0)
-            agreed = distributed.all_reduce_max_int(mine)
-            if agreed >= 2:
-                self.preemption_requested = True
-            due = due or (agreed == 1 and step > self._last_saved_step)
-        if self.preemption_requested:
-            force = True
-        if force and step == self._last_saved_step:
-            return None
-        if force or due:
-            return self.save(step)
-        return None
+        decision = self.save_policy.decide(SaveContext(
+            step=step,
+            last_saved_step=self._last_saved_step,
+            seconds_since_save=time.monotonic() - self._last_saved_time,
+            preemption=self._sigterm_seen or self.preemption_requested,
+            world_size=distributed.get_world_size(),
+            force=force or self.preemption_requested,
+        ))
+        if decision.preempt:
+            self.preemption_requested = True
+        return self.save(step) if decision.save else None
 
     def save(self, global_step: Optional[int] = None) -> Optional[str]:
         """Save ``ckpt_<global_step>`` now (None if that id is already committed)."""
         step = self.global_step if global_step is None else global_step
         self.wait()  # at most one save in flight; surfaces a background error
+        self._leave_abandoned_timeline()
         path = self.saver.storage.path(ckpt_name(step))
         if self.saver.read_manifest(path, quiet=True) is not None:
             logger.info("checkpoint %s already committed; not saving it twice", path)
@@ -173,44 +210,22 @@ class CheckpointManager:
             return None
         metrics = dict(self.metrics_provider() if self.metrics_provider else {})
         started = time.monotonic()
-        if self.async_save:
-            self.saver.prepare_distributed()  # its collective runs here, not in the thread
+        asynchronous = self.writer.asynchronous
+        full = self.saver.collect_state() if asynchronous or self.tracker is not None else None
+        state, extra = (None, None) if full is None else self._plan(step, full)
+        if asynchronous:
             # a save in flight counts as done for the interval (its error surfaces later)
             self._last_saved_step, self._last_saved_time = step, started
-            full = self.saver.collect_state()
-            state, extra = self._plan(step, full)
-            try:
-                if self._can_fork(state):
-                    # the tables' own memory (a delta's state holds only copied rows)
-                    ranges = huge_page_ranges(_host_tensors(full)) if self.huge_pages else []
-                    child = self._fork(step, state, metrics, extra)
-                    target, args = self._forked_save, (step, metrics, child, ranges)
-                else:
-                    target, args = self._background_save, (
-                        step, snapshot_state(state), metrics, extra
-                    )
-            except BaseException:
-                self._settle(failed=True)
-                raise
-            del full
-            self._thread = threading.Thread(
-                target=target, args=args, name="recframe-async-save", daemon=False,
-            )
-            self._thread.start()
-            return path
-        state, extra = (None, None) if self.tracker is None else self._plan(
-            step, self.saver.collect_state()
-        )
         try:
-            self.saver.save(step, metrics=metrics, prune=False, state=state,
-                            manifest_extra=extra)
+            self.writer.submit(step, state, metrics, extra, self._after_commit, live=full)
         except BaseException:
             self._settle(failed=True)
             raise
-        self._settle(failed=False)
-        # only now: a save that failed is not "saved" (a retry of that step may run)
-        self._last_saved_step, self._last_saved_time = step, started
-        self._after_commit(step)
+        del full
+        if not asynchronous:
+            self._settle(failed=False)
+            # only now: a save that failed is not "saved" (a retry of that step may run)
+            self._last_saved_step, self._last_saved_time = step, started
         return path
 
     def _plan(
@@ -243,97 +258,28 @@ class CheckpointManager:
         else:
             self.tracker.committed(incremental, generation)
 
-    def _background_save(
-        self, step: int, state: dict[str, Any], metrics: dict, extra: Optional[dict] = None
-    ) -> None:
-        try:
-            self.saver.save(step, metrics=metrics, state=state, prune=False,
-                            manifest_extra=extra)
-            self._after_commit(step)
-        except BaseException as e:  # noqa: BLE001 - surfaced at the next save / wait()
-            self._error = e
-
-    def _can_fork(self, state: dict[str, Any]) -> bool:
-        """A copy-on-write snapshot (fork) needs one process (no collectives in the
-        child), a local filesystem (no client threads to inherit) and host tensors."""
-        if not self.fork_snapshot or not hasattr(os, "fork"):
-            return False
-        if distributed.get_world_size() != 1 or not self.saver.storage.is_local:
-            return False
-        try:
-            tensors = _host_tensors(state, all_tensors=True)
-        except TypeError:
-            return False
-        return all(getattr(v, "device", torch.device("cpu")).type == "cpu" for v in tensors)
-
-    def _fork(
-        self, step: int, state: dict[str, Any], metrics: dict, extra: Optional[dict] = None
-    ) -> tuple[int, int]:
-        """Fork a child that writes and commits the checkpoint from its copy-on-write
-        view of memory; the loop is blocked only for the fork itself."""
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: plain file I/O only, then _exit
-            code, message = 0, b""
-            try:
-                os.close(read_fd)
-                _die_with_parent()
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                torch.set_num_threads(1)  # no OpenMP pool in a forked child
-                self.saver.save(step, metrics=metrics, state=state, prune=False,
-                                manifest_extra=extra)
-            except BaseException as e:  # noqa: BLE001 - reported to the parent
-                code, message = 1, f"{type(e).__name__}: {e}".encode()[:4000]
-            finally:
-                try:
-                    os.write(write_fd, message)
-                finally:
-                    os._exit(code)
-        os.close(write_fd)
-        return pid, read_fd
-
-    def _forked_save(
-        self, step: int, metrics: dict, child: tuple[int, int], ranges: list[tuple[int, int]]
-    ) -> None:
-        pid, read_fd = child  # the child holds its own (copy-on-write) view of the state
-        try:
-            with os.fdopen(read_fd, "rb") as pipe:
-                message = pipe.read().decode(errors="replace")
-            _, status = os.waitpid(pid, 0)
-            # the writer is gone: pages the loop wrote meanwhile were split to 4 KiB;
-            # huge pages again make the next fork ~5x cheaper (see hugepages.py)
-            collapse(ranges)
-            if os.waitstatus_to_exitcode(status) != 0:
-                raise CheckpointError(
-                    message or f"the checkpoint writer process died ({status})"
-                )
-            self._after_commit(step)
-        except BaseException as e:  # noqa: BLE001 - surfaced at the next save / wait()
-            self._error = e
-
     def _after_commit(self, step: int) -> None:
-        if self._restored_step is not None and step > self._restored_step:
-            self._restored_step = None  # a newer one is committed: no longer protected
-        # never the checkpoint just written (after a restore from an older step, newer
-        # ones of the abandoned run may outrank it)
+        self.keep_policy.committed(step)
+        # never the checkpoint just written (it must survive whatever the policy says)
         self.apply_retention(protect={step})
 
     def wait(self) -> None:
         """Block until a background save finishes; raise its error if it failed."""
-        thread = self._thread
-        if thread is not None:
-            thread.join()
-            self._thread = None
-            self._settle(failed=self._error is not None)
-        if self._error is not None:
-            error, self._error = self._error, None
+        if not self.writer.pending:
+            return
+        error = self.writer.wait()
+        self._settle(failed=error is not None)
+        if error is not None:
             raise CheckpointError(f"the background checkpoint save failed: {error}") from error
 
     def close(self) -> None:
-        """Finish any save in flight and restore the previous SIGTERM handler."""
+        """Finish any save in flight, release the writer lock and restore the previous
+        SIGTERM handler."""
         try:
             self.wait()
         finally:
+            self.lock.release()
+            self._locked = False
             if self._previous_handler is not None:
                 try:
                     signal.signal(signal.SIGTERM, self._previous_handler)
@@ -342,19 +288,15 @@ class CheckpointManager:
                 self._previous_handler = None
 
     # --- retention ----------------------------------------------------------------
-    def apply_retention(self, protect: Optional[set[int]] = None) -> list[str]:
-        """Delete committed checkpoints the preservation policy does not keep (nor
-        the steps in ``protect``)."""
+    def apply_retention(self, protect: Optional[set[int]] = None) -> builtins.list[str]:
+        """Delete this run's committed checkpoints the keep policy does not keep (nor
+        the steps in ``protect``); checkpoints linked in from elsewhere are left alone."""
         if not distributed.is_main_process():
             return []
-        found = self.saver.list_checkpoints()
-        keep = self.preservation.select(found) | set(protect or ())
-        if self._restored_step is not None:
-            keep.add(self._restored_step)
-        keep = keep_closure(found, keep)  # a kept delta keeps its chain
-        return self.saver.delete([c for c in found if c.step not in keep])
+        found = self.saver.owned(self.saver.list_checkpoints())
+        return self.saver.delete(self.keep_policy.deletable(found, protect))
 
-    def list(self) -> list[CheckpointInfo]:
+    def list(self) -> builtins.list[CheckpointInfo]:
         return self.saver.list_checkpoints()
 
     # --- restoring ----------------------------------------------------------------
@@ -405,8 +347,8 @@ class CheckpointManager:
             if self.tracker is not None:  # the next save is a full one
                 self.tracker.reset()
             self.global_step = ckpt.step
-            self._restored_step = ckpt.step
-            self._last_saved_step = max(self._last_saved_step, ckpt.step)
+            self.keep_policy.restored(ckpt.step)
+            self._start_timeline(ckpt.step)
             return ckpt.step
         if found:
             raise CheckpointError(
@@ -415,7 +357,59 @@ class CheckpointManager:
             )
         return 0
 
-    def load_model_bank(self, entries: list[Any]) -> None:
+    def _start_timeline(self, step: int) -> None:
+        """The run goes on from ``step``: checkpoints newer than it belong to the
+        timeline it left (a rollback, or a fallback past unreadable ones). They are
+        moved aside at this run's first save (`_leave_abandoned_timeline`), so a
+        restore only to look at an older checkpoint changes nothing on storage."""
+        self._last_saved_step = step
+        self._rolled_back_to = step
+
+    def _leave_abandoned_timeline(self) -> None:
+        """Before the first save after a restore: rank 0 moves every checkpoint newer
+        than the restored one into ``abandoned/`` so they are never mixed with this
+        run's saves nor restored later in its place."""
+        step, self._rolled_back_to = self._rolled_back_to, None
+        if step is None:  # the same on every rank (restore is collective)
+            return
+        error: Optional[BaseException] = None
+        if distributed.is_main_process():
+            try:
+                newer = [c for c in self.saver.owned(self.saver.list_checkpoints())
+                         if c.step > step]
+                known = {c.step for c in newer}
+                newer += [c for c in self._unreadable_newer(step) if c.step not in known]
+                if newer:
+                    label = (f"from_ckpt_{step}-{time.strftime('%Y%m%dT%H%M%S')}-"
+                             f"{self.lock.run_id[:8]}")
+                    self.saver.move_aside(newer, label)
+            except Exception as e:  # noqa: BLE001 - raised below, on every rank
+                error = e
+        # the other ranks check "already committed?" only once rank 0 moved them aside
+        (ok,) = distributed.broadcast_ints([0 if error else 1])
+        if error is not None or not ok:
+            self._rolled_back_to = step  # retried at the next save
+            raise CheckpointError(
+                f"could not move the checkpoints newer than ckpt_{step} aside (rank 0: "
+                f"{error or 'see its log'}); not saving into a mixed timeline"
+            ) from error
+
+    def _unreadable_newer(self, step: int) -> builtins.list[CheckpointInfo]:
+        """``ckpt_<n>`` directories newer than ``step`` whose manifest exists but does
+        not parse (listing skips them): part of the abandoned timeline too."""
+        out = []
+        storage = self.saver.storage
+        for name in storage.listdir(storage.root):
+            if not _CKPT_DIR_RE.match(name) or name.endswith(".staging"):
+                continue
+            n = int(name.split("_", 1)[1])
+            path = storage.path(name)
+            if n > step and not self.saver.is_foreign(path) \
+                    and storage.exists(storage.join(path, MANIFEST)):
+                out.append(CheckpointInfo(n, path, {}))
+        return out
+
+    def load_model_bank(self, entries: builtins.list[Any]) -> None:
         """Warm-start from other runs: each entry is a path or ``{"path", "load",
         "exclude", "strict"}``; ``load`` defaults to the model only (sparse, dense),
         never another run's optimizer or step."""
@@ -431,7 +425,10 @@ class CheckpointManager:
 
     # --- preemption ---------------------------------------------------------------
     def start(self) -> None:
-        """Training starts: install the SIGTERM handler (``save_on_sigterm``)."""
+        """Training starts: hold the writer lock (again, after `close`) and install the
+        SIGTERM handler (``save_on_sigterm``)."""
+        if not self._locked:  # the same on every rank: _acquire is a collective
+            self._acquire()
         self.preemption_requested = False
         self._sigterm_seen = False
         if self.save_on_sigterm and self._previous_handler is None:
@@ -443,39 +440,11 @@ class CheckpointManager:
 
         def handler(signum: int, frame: Any) -> None:
             logger.warning("SIGTERM received: saving a checkpoint at the next step, then stopping")
-            if distributed.get_world_size() > 1:
-                self._sigterm_seen = True  # the ranks agree on the step (see _step_of_many)
-            else:
-                self.preemption_requested = True
+            self._sigterm_seen = True  # the save policy decides the step (ranks agree)
+            if distributed.get_world_size() == 1:
+                self.preemption_requested = True  # one rank: nothing to agree on
 
         self._previous_handler = signal.signal(signal.SIGTERM, handler)
-
-
-def _host_tensors(state: dict[str, Any], all_tensors: bool = False) -> list[Any]:
-    """The tensors of a state tree, a sharded tensor's local shards in its place
-    (``all_tensors``: also an empty sharded tensor, as itself)."""
-    tensors: dict[str, Any] = {}
-    encode_tree(state, "state", tensors)
-    out = []
-    for value in tensors.values():
-        if is_sharded(value):
-            shards = [s.tensor for s in value.local_shards()]
-            out.extend(shards if shards or not all_tensors else [value])
-        else:
-            out.append(value)
-    return out
-
-
-def _die_with_parent() -> None:
-    """Linux: the forked writer is killed when the training process dies, so a killed
-    run never leaves a writer racing the rerun (its staging dir is cleaned up then)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _resolve_bank_path(saver: Saver, path: str) -> str:
@@ -491,3 +460,34 @@ def _resolve_bank_path(saver: Saver, path: str) -> str:
     if latest is None:
         raise CheckpointError(f"model_bank path {path!r} holds no committed checkpoint")
     return latest.path if "://" not in path else storage.display(latest.path)
+
+
+def _check_output_dir(saver: Saver) -> None:
+    """Refuse an output dir that cannot be a run's: a checkpoint directory itself, or a
+    bucket that does not exist (listing it would silently look like a fresh start)."""
+    storage = saver.storage
+    root = storage.root.rstrip("/")
+    base = root.rsplit("/", 1)[-1]
+    if _CKPT_DIR_RE.match(base) or storage.exists(storage.join(storage.root, MANIFEST)):
+        parent = root[: -len(base)].rstrip("/") or "/"
+        raise CheckpointError(
+            f"output_dir {storage.display(storage.root)} is a checkpoint directory, not a "
+            f"run's output dir: set output_dir to {storage.display(parent)} to resume that "
+            "run, or use model_bank to start from this checkpoint's weights"
+        )
+    if storage.is_local or _has_directories(storage.fs):
+        return
+    bucket = storage.strip(storage.root).strip("/").split("/", 1)[0]
+    try:
+        exists = bool(storage.fs.exists(bucket))
+    except Exception as e:  # noqa: BLE001 - a client error: say which bucket
+        raise CheckpointError(
+            f"cannot check the bucket {bucket!r} of output_dir "
+            f"{storage.display(storage.root)}: {type(e).__name__}: {e}"
+        ) from e
+    if not exists:
+        raise CheckpointError(
+            f"the bucket {bucket!r} of output_dir {storage.display(storage.root)} does not "
+            "exist (or is not visible with these credentials); recframe never creates "
+            "buckets: create it or fix the URL"
+        )

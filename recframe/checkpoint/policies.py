@@ -1,21 +1,59 @@
-"""Save-decision and preservation policies: small objects, as in Orbax.
+"""Every "when to save" and "what to keep" rule of checkpoints, as small objects (as in
+Orbax's ``save_decision_policy.py`` / ``preservation_policy.py``).
 
-A save policy answers "save at this step?"; a preservation policy picks the committed
-checkpoints to keep. `CheckpointManager` combines them.
+*When to save*: `SaveDecisionPolicy.decide` gets a `SaveContext` (step, seconds since
+the last save, whether this rank saw a preemption signal, world size, force) and
+returns a `SaveDecision`. It combines the step interval and the wall-time interval
+(`IntervalPolicy`) with preemption, and with several ranks it makes them agree: the
+step interval is the same on every rank, wall time and SIGTERM are not, so those two
+count only every ``agree_every`` steps, where the ranks take the max over ranks (one
+rank's SIGTERM or timer saves, and stops, all). One rank is the same path with a
+reduction over one value.
+
+*What to keep*: `KeepPolicy.deletable` picks the committed checkpoints retention
+deletes: a preservation policy (`LatestN`, `BestN`, `AnyOf`) selects, the protected
+steps (the checkpoint just written, the one restored from until a newer one
+commits) are added, and a kept incremental checkpoint keeps its chain (base and
+earlier deltas). `Saver` only writes and deletes what it is told.
+
+`FullEvery` decides which incremental save is a full one.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
+from recframe import distributed
 from recframe.checkpoint.saver import CheckpointInfo
 
 
+# --- when to save ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class SaveContext:
+    """What a save decision sees at one optimizer update."""
+
+    step: int
+    last_saved_step: int
+    seconds_since_save: float
+    preemption: bool = False
+    """This rank saw a preemption signal (SIGTERM) not yet acted upon."""
+    world_size: int = 1
+    force: bool = False
+    """The caller asks for a save (end of training, ``control.should_save``)."""
+
+
+@dataclass(frozen=True)
+class SaveDecision:
+    save: bool
+    preempt: bool = False
+    """Every rank agreed that a preemption signal arrived: save now, then stop."""
+
+
 class SavePolicy(Protocol):
-    def should_save(self, step: int, last_saved_step: int, last_saved_time: float) -> bool: ...
+    def should_save(self, ctx: SaveContext) -> bool: ...
 
 
 class IntervalPolicy:
@@ -30,12 +68,57 @@ class IntervalPolicy:
         self.steps = steps or None
         self.seconds = seconds
 
-    def should_save(self, step: int, last_saved_step: int, last_saved_time: float) -> bool:
-        if step <= last_saved_step:
-            return False
-        if self.steps and step % self.steps == 0:
-            return True
-        return bool(self.seconds and time.monotonic() - last_saved_time >= self.seconds)
+    def step_due(self, ctx: SaveContext) -> bool:
+        """The step rule (the same on every rank)."""
+        return bool(self.steps and ctx.step % self.steps == 0 and ctx.step > ctx.last_saved_step)
+
+    def time_due(self, ctx: SaveContext) -> bool:
+        """The wall-time rule (rank-local: ranks must agree on it)."""
+        return bool(self.seconds and ctx.seconds_since_save >= self.seconds
+                    and ctx.step > ctx.last_saved_step)
+
+    def should_save(self, ctx: SaveContext) -> bool:
+        return self.step_due(ctx) or self.time_due(ctx)
+
+
+class SaveDecisionPolicy:
+    """The one "save at this step?" decision (see the module docstring).
+
+    Args:
+        interval: the step / wall-time rules.
+        agree_every: with several ranks, the steps at which rank-local signals (wall
+            time, preemption) are agreed on by one all-reduce.
+        on_preemption: whether a preemption signal asks for a save.
+        reduce_max: the max-over-ranks reduction (`recframe.distributed`).
+    """
+
+    NOTHING, TIMER, PREEMPTION = 0, 1, 2
+
+    def __init__(
+        self, interval: IntervalPolicy, agree_every: int = 16, on_preemption: bool = False,
+        reduce_max: Callable[[int], int] = distributed.all_reduce_max_int,
+    ) -> None:
+        self.interval = interval
+        self.agree_every = max(1, int(agree_every))
+        self.on_preemption = on_preemption
+        self.reduce_max = reduce_max
+
+    def decide(self, ctx: SaveContext) -> SaveDecision:
+        signal = self.PREEMPTION if ctx.preemption else (
+            self.TIMER if self.interval.time_due(ctx) else self.NOTHING)
+        if ctx.world_size > 1:
+            # rank-local signals count only where every rank looks at them (the same step)
+            local_rules = bool(self.interval.seconds) or self.on_preemption
+            if local_rules and ctx.step % self.agree_every == 0:
+                signal = self.reduce_max(signal)
+            else:
+                signal = self.NOTHING
+        preempt = signal >= self.PREEMPTION
+        if ctx.force or preempt:
+            return SaveDecision(ctx.step != ctx.last_saved_step, preempt)
+        due = self.interval.step_due(ctx) or (
+            signal == self.TIMER and ctx.step > ctx.last_saved_step)
+        return SaveDecision(due, False)
 
 
 class FullEvery:
@@ -53,6 +136,7 @@ class FullEvery:
         return deltas_since_full + 1 >= self.n
 
 
+# --- what to keep ---------------------------------------------------------------------
 class PreservationPolicy(Protocol):
     def select(self, checkpoints: Sequence[CheckpointInfo]) -> set[int]: ...
 
@@ -98,3 +182,37 @@ class AnyOf:
         for policy in self.policies:
             kept |= policy.select(checkpoints)
         return kept
+
+
+class KeepPolicy:
+    """Every "what to keep" rule: ``preservation`` (max_keep, keep-best), the
+    checkpoint restored from (kept until a newer one commits), protected steps (the one
+    just written) and incremental chains (a kept delta keeps its base and earlier
+    deltas)."""
+
+    def __init__(self, preservation: PreservationPolicy) -> None:
+        self.preservation = preservation
+        self.restored_step: Optional[int] = None
+
+    def restored(self, step: int) -> None:
+        """The run resumed from ``step``: keep it until a newer checkpoint commits."""
+        self.restored_step = step
+
+    def committed(self, step: int) -> None:
+        if self.restored_step is not None and step > self.restored_step:
+            self.restored_step = None  # a newer one is committed: no longer protected
+
+    def kept(self, found: Sequence[CheckpointInfo], protect: Optional[set[int]] = None
+             ) -> set[int]:
+        from recframe.checkpoint.incremental import keep_closure
+
+        keep = self.preservation.select(found) | set(protect or ())
+        if self.restored_step is not None:
+            keep.add(self.restored_step)
+        return keep_closure(found, keep)
+
+    def deletable(self, found: Sequence[CheckpointInfo], protect: Optional[set[int]] = None
+                  ) -> list[CheckpointInfo]:
+        """The checkpoints of ``found`` (this run's own, see `Saver.owned`) to delete."""
+        keep = self.kept(found, protect)
+        return [c for c in found if c.step not in keep]

@@ -42,6 +42,7 @@ from recframe.checkpoint.format import (
     naming_errors,
     write_tensors,
 )
+from recframe.checkpoint.lock import WriterLock, WriterLockError, live_holder
 from recframe.checkpoint.manifest import FORMAT_NAME, FORMAT_VERSION, encode_manifest
 from recframe.checkpoint.storage import Storage, StorageError
 
@@ -50,6 +51,8 @@ logger = logging.getLogger("recframe.checkpoint")
 PARTS = ("sparse", "dense", "sparse_opt", "extra", "io_state")
 MANIFEST = "manifest.json"
 STAGING_SUFFIX = ".staging"
+ABANDONED_DIR = "abandoned"
+"""Where a rollback moves the checkpoints of the abandoned timeline (`move_aside`)."""
 PER_RANK_PARTS = ("io_state", "delta")
 """Parts each rank writes its own tree of (``delta``: an incremental checkpoint's rows)."""
 _CKPT_RE = re.compile(r"^ckpt_(\d+)$")
@@ -85,12 +88,23 @@ def ckpt_name(ckpt_id: Any) -> str:
     return text if text.startswith("ckpt_") else f"ckpt_{text}"
 
 
+def _normalize_file_url(url: Any) -> Any:
+    """``file://localhost/abs/path`` is ``/abs/path`` (RFC 8089; fsspec would make it a
+    relative ``localhost/abs/path``: a silent fresh start in another directory)."""
+    if not isinstance(url, str) or not url.startswith("file://"):
+        return url
+    rest = url[len("file://"):]
+    if rest.startswith("localhost/"):
+        return rest[len("localhost"):]
+    return url
+
+
 def _sparse_prefixes(model: nn.Module) -> list[str]:
-    from recframe.optim import SPARSE_MODULE_TYPES, _sparse_module_types
+    from recframe.optim import SPARSE_MODULE_TYPES, sparse_module_types
 
     # a model holding torchrec modules has imported torchrec already: never pay its
     # import (seconds) on a save of a model without any
-    kinds = _sparse_module_types() if "torchrec" in sys.modules else SPARSE_MODULE_TYPES
+    kinds = sparse_module_types() if "torchrec" in sys.modules else SPARSE_MODULE_TYPES
     prefixes = []
     for name, module in model.named_modules():
         if isinstance(module, kinds) and not any(name.startswith(p) for p in prefixes):
@@ -146,6 +160,7 @@ class Saver:
             )
         self.model = model
         self.sparse_optimizer = sparse_optimizer
+        output_dir = _normalize_file_url(output_dir)
         self.output_dir = output_dir
         self.max_keep = max_keep
         self.concurrency = concurrency
@@ -170,6 +185,9 @@ class Saver:
         self.row_tracker: Any = None
         """A `recframe.optim.tracking.RowTracker` (incremental checkpoints): any load
         invalidates it."""
+        self.writer_lock: Optional[WriterLock] = None
+        """The output dir's writer lock this saver's run holds (`CheckpointManager`
+        takes it); without one, a save refuses a dir another live job holds."""
 
     # --- registration -------------------------------------------------------------
     def register_for_checkpointing(self, name: str, obj: Any) -> None:
@@ -245,6 +263,8 @@ class Saver:
         leftovers = []
         for name in self.storage.listdir(self.storage.root):
             path = self.storage.path(name)
+            if self.is_foreign(path):
+                continue  # a symlink (another run's checkpoint): never ours to clean
             if _STAGING_RE.match(name):
                 leftovers.append(path)
             elif _CKPT_RE.match(name) and not self.storage.exists(
@@ -254,8 +274,16 @@ class Saver:
         return leftovers
 
     def clean_uncommitted(self) -> None:
-        """Delete leftovers of interrupted saves (rank 0); failures are only logged."""
+        """Delete leftovers of interrupted saves (rank 0); failures are only logged.
+
+        Only what is provably abandoned: while another live job holds the output dir's
+        writer lock its staging directories are in flight, and nothing is deleted."""
         if not distributed.is_main_process():
+            return
+        holder = self._foreign_writer()
+        if holder is not None:
+            logger.warning("not cleaning the leftovers in %s: %s writes there",
+                           self.storage.display(self.storage.root), WriterLock.describe(holder))
             return
         for path in self.uncommitted():
             try:
@@ -298,6 +326,7 @@ class Saver:
             key = f"recframe/ckpt/{self._run_token()}/{self._save_seq}/{name}"
         t0 = time.perf_counter()
         def prepare() -> None:
+            self._check_writer()
             # leftovers of a crash (a staging dir, or a ckpt_<id> whose manifest is gone:
             # a delete cut short) would mix with the new files or block the rename
             for leftover in dict.fromkeys((staging, final)):
@@ -336,6 +365,7 @@ class Saver:
                 gathered = distributed.all_gather_objects(local)
 
             def commit() -> None:
+                self._check_writer()  # a writer that lost its lock never commits
                 manifest = self._manifest(name, gathered, world, metrics)
                 manifest.update(manifest_extra or {})
                 mpath = self.storage.join(staging, MANIFEST)
@@ -383,14 +413,8 @@ class Saver:
         if self._token is None:
             import os
 
-            import torch
-
-            value = torch.tensor([int.from_bytes(os.urandom(7), "little")], dtype=torch.int64,
-                                 device=distributed.collective_device())
-            import torch.distributed as dist
-
-            dist.broadcast(value, src=0)
-            self._token = f"{int(value.item()):x}"
+            (value,) = distributed.broadcast_ints([int.from_bytes(os.urandom(7), "little")])
+            self._token = f"{value:x}"
         return self._token
 
     def _gather_for_commit(
@@ -520,6 +544,7 @@ class Saver:
             "world_size": world,
             "created_unix": time.time(),
             "metrics": dict(metrics or {}),
+            **({"run_id": self.writer_lock.run_id} if self.writer_lock is not None else {}),
             "files": files,
             "tensors": tensors,
             "parts": parts,
@@ -527,26 +552,48 @@ class Saver:
 
     # --- retention ----------------------------------------------------------------
     def prune(self, keep: Optional[set[int]] = None) -> list[str]:
-        """Delete committed checkpoints beyond ``max_keep`` (oldest first), never one in
-        ``keep``; a failed delete is logged, not raised. Returns the deleted paths."""
-        from recframe.checkpoint.incremental import keep_closure
-        from recframe.checkpoint.policies import LatestN
+        """Delete this run's committed checkpoints beyond ``max_keep`` (oldest first),
+        never one in ``keep``; the rules are `policies.KeepPolicy`'s. A failed delete is
+        logged, not raised. Returns the deleted paths."""
+        from recframe.checkpoint.policies import KeepPolicy, LatestN
 
         if not distributed.is_main_process():
             return []
-        found = self.list_checkpoints()
-        kept = keep_closure(found, LatestN(self.max_keep).select(found) | (keep or set()))
-        return self.delete([c for c in found if c.step not in kept])
+        found = self.owned(self.list_checkpoints())
+        return self.delete(KeepPolicy(LatestN(self.max_keep)).deletable(found, keep))
+
+    def is_foreign(self, path: str) -> bool:
+        """Whether ``path`` (an entry of the output dir) is not this output dir's own:
+        a symlink, or something that resolves outside it (another run's checkpoint
+        linked in). Retention and cleanup never delete or move such an entry."""
+        if not self.storage.is_local:
+            return False  # object stores have no links
+        import os
+
+        if os.path.islink(path):
+            return True
+        root = os.path.realpath(self.storage.root)
+        real = os.path.realpath(path)
+        return os.path.dirname(real) != root
+
+    def owned(self, checkpoints: list[CheckpointInfo]) -> list[CheckpointInfo]:
+        """The checkpoints of ``checkpoints`` that are this output dir's own."""
+        return [c for c in checkpoints if not self.is_foreign(c.path)]
 
     def delete(self, checkpoints: list[CheckpointInfo]) -> list[str]:
         """Delete checkpoints, newest first (a delta goes before the checkpoints its chain
         needs, so a kill at any instant leaves no committed delta without its chain): the
-        manifest first (uncommits), then the files."""
+        manifest first (uncommits), then the files. A foreign entry (`is_foreign`: a
+        symlink to another run's checkpoint) is never deleted, nor followed."""
         from recframe.checkpoint.incremental import chain_steps
 
         deleted = []
         needed: set[str] = set()  # the chains of checkpoints that are still committed
         for ckpt in sorted(checkpoints, key=lambda c: c.step, reverse=True):
+            if self.is_foreign(ckpt.path):
+                logger.warning("not deleting %s: it is not this output dir's own (a "
+                               "symlink to another run's checkpoint?)", ckpt.path)
+                continue
             if ckpt.name in needed:
                 logger.warning("not deleting checkpoint %s: a checkpoint that could not be "
                                "deleted still needs it", ckpt.path)
@@ -564,6 +611,54 @@ class Saver:
             except OSError as e:  # uncommitted now: a leftover, removed at the next start
                 logger.warning("could not delete checkpoint %s: %s", ckpt.path, e)
         return deleted
+
+    def move_aside(self, checkpoints: list[CheckpointInfo], label: str) -> list[str]:
+        """Move committed checkpoints out of the run into
+        ``<output_dir>/abandoned/<label>/`` (a rollback: they belong to a timeline the
+        run left), newest first; never deleted, never listed or restored again unless a
+        user moves them back. Local: one atomic rename each; object stores: a copy,
+        then the original's manifest (uncommits), then its files. Returns the new paths."""
+        moved = []
+        area = self.storage.path(ABANDONED_DIR, label)
+        self.storage.makedirs(area)
+        for ckpt in sorted(checkpoints, key=lambda c: c.step, reverse=True):
+            if self.is_foreign(ckpt.path):
+                continue
+            target = self.storage.join(area, ckpt.name)
+            with naming_errors(self.storage, "moving aside", ckpt.path):
+                if self.storage.atomic_rename:
+                    self.storage.rename(ckpt.path, target)
+                else:
+                    self.storage.fs.copy(self.storage.strip(ckpt.path),
+                                         self.storage.strip(target), recursive=True)
+                    self.storage.remove_tree(self.storage.join(ckpt.path, MANIFEST))
+                    self.storage.remove_tree(ckpt.path)
+            logger.warning("moved %s aside to %s (a newer checkpoint of the timeline this "
+                           "run rolled back from)", self.storage.display(ckpt.path),
+                           self.storage.display(target))
+            moved.append(target)
+        return moved
+
+    def _foreign_writer(self) -> Optional[dict[str, Any]]:
+        """The lock record of another live job writing this output dir, or None."""
+        lock = self.writer_lock
+        if lock is not None and lock.held:
+            return None
+        return live_holder(self.storage, lock.run_id if lock is not None else None)
+
+    def _check_writer(self) -> None:
+        """Before writing or committing: this run holds the output dir's writer lock,
+        or no other live job does."""
+        lock = self.writer_lock
+        if lock is not None and lock.held:
+            lock.verify()
+            return
+        holder = self._foreign_writer()
+        if holder is not None:
+            raise WriterLockError(
+                f"not saving into {self.storage.display(self.storage.root)}: another job "
+                f"writes there: {WriterLock.describe(holder)}"
+            )
 
     # --- load ---------------------------------------------------------------------
     def resolve(self, ckpt_path: Optional[str] = None, ckpt_id: Any = None) -> str:

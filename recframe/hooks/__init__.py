@@ -2,11 +2,13 @@
 
 ``Hook`` subclasses override the events they need; ``HookRegistry`` calls them in
 priority order (lower first). Built-ins: `LoggerHook` (log lines),
-`TensorBoardHook` (event files), `ProgressBarHook` (tqdm), `EarlyStoppingHook`
-and `ProfilerHook` (torch.profiler traces).
+`TensorBoardHook` (event files), `ProgressBarHook` (tqdm), `EarlyStoppingHook`,
+`DynamicEmbeddingHook` (admission/eviction of dynamic tables) and `ProfilerHook`
+(torch.profiler traces).
 """
 
 from recframe.hooks.base import Event, Hook, HookError, HookRegistry
+from recframe.hooks.dynamic import DynamicEmbeddingHook
 from recframe.hooks.early_stopping import EarlyStoppingHook
 from recframe.hooks.logger import LoggerHook
 from recframe.hooks.profiler import ProfilerHook
@@ -14,6 +16,7 @@ from recframe.hooks.progress import ProgressBarHook
 from recframe.hooks.tensorboard import TensorBoardHook
 
 __all__ = [
+    "DynamicEmbeddingHook",
     "EarlyStoppingHook",
     "Event",
     "Hook",

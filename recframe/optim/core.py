@@ -325,6 +325,14 @@ class AccumulationWindow:
         return skipped
 
 
+    def drop(self) -> None:
+        """Drop a window that failed before its update (the trainer, when ``_train_step``
+        raised): every optimizer's gradients (and the fused back end's deferred lookups)
+        go, so none leaks into the next window."""
+        for view in self.optimizers:
+            view.real_zero_grad()
+
+
 def _finite(view: OptimizerView) -> bool:
     grads = view.gradients()
     return not grads or all(bool(torch.isfinite(n)) for n in torch._foreach_norm(grads, math.inf))

@@ -129,10 +129,10 @@ class RowTracker:
     def _table_modules(self) -> list[nn.Module]:
         import sys
 
-        from recframe.optim import SPARSE_MODULE_TYPES, _sparse_module_types
+        from recframe.optim import SPARSE_MODULE_TYPES, sparse_module_types
 
         # a model without torchrec modules never pays torchrec's import (seconds)
-        kinds = _sparse_module_types() if "torchrec" in sys.modules else SPARSE_MODULE_TYPES
+        kinds = sparse_module_types() if "torchrec" in sys.modules else SPARSE_MODULE_TYPES
         return [m for m in self.model.modules() if isinstance(m, kinds)]
 
     def detach(self) -> None:
@@ -254,14 +254,7 @@ def _state_key(state: dict[str, Any], module_name: str, relative: str) -> Option
 
 
 def _all_reduce_max(taken: dict[str, torch.Tensor]) -> None:
-    import torch.distributed as dist
+    from recframe import distributed
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    from recframe.distributed import collective_device
-
-    device = collective_device()  # nccl takes CUDA tensors only; a rank without a
-    for key, bits in taken.items():  # local shard of a table keeps its bitmap on the CPU
-        as_int = bits.to(device, torch.uint8)
-        dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
-        taken[key] = as_int.to(bits.device).bool()
+    for key, bits in taken.items():
+        taken[key] = distributed.all_reduce_max_tensor(bits.to(torch.uint8)).bool()

@@ -37,8 +37,8 @@ class NoisyDLRM(DLRM):
         super().__init__(**kwargs)
         self.drop = nn.Dropout(0.1)
 
-    def predict(self, batch):
-        return super().predict(
+    def logits(self, batch):
+        return super().logits(
             type(batch)(self.drop(batch.dense_features), batch.sparse_features, batch.labels)
         )
 

@@ -1,0 +1,220 @@
+"""Serving: throughput and latency of the eager model vs the exported artifacts (fp32
+and int8 tables), the artifacts' sizes, and freshness (a newer checkpoint applied to an
+artifact vs a full re-export).
+
+Model: `recframe.models.DLRM` with the incremental-checkpoint benchmark's tables
+(``--tables`` tables of ``--rows`` x ``--dim``), trained ``2 x --interval`` updates on
+`SyntheticCriteo` (power-law ids) with incremental checkpoints: ``ckpt_<interval>`` full,
+``ckpt_<2 interval>`` a delta.
+
+1. **Export**: fp32 and int8 artifacts of the delta checkpoint (`recframe.export`);
+   bytes of each. Goal: int8 <= 0.35x fp32.
+2. **Serving**: for batch sizes ``--batches`` (1, 64, 1024), interleaved rounds (order
+   rotated each round) of ``--calls`` calls each of the eager model
+   (``model.predict(batch)``, no grad), the fp32 artifact and the int8 artifact
+   (``torch.export.load(...).module()(dense, values, lengths)``); predictions/s and
+   p50/p99 latency per call. Goals: fp32 artifact >= 1.0x eager; int8 >= 0.9x fp32 at
+   batch 1024.
+3. **Freshness**: interleaved rounds of (a) `recframe.export.apply_checkpoint` of the
+   delta onto the artifact of the full checkpoint and (b) a full `export` of the delta,
+   both fp32; wall seconds from the committed delta to the updated artifact file.
+
+    flock /tmp/recframe-bench.lock .venv/bin/python benchmarks/serving.py
+    .venv/bin/python benchmarks/serving.py --quick      # smoke, small tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import _common as common  # noqa: E402
+import torch  # noqa: E402
+
+DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                            "serving.json")
+GOALS = {"fp32_vs_eager": 1.0, "int8_vs_fp32_at_1024": 0.9, "int8_size_ratio": 0.35}
+
+
+def _args(argv: Any = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tables", type=int, default=8)
+    p.add_argument("--rows", type=int, default=250_000)
+    p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--interval", type=int, default=20, help="updates between checkpoints")
+    p.add_argument("--train-batch", type=int, default=1024)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 1024])
+    p.add_argument("--calls", type=int, default=200, help="calls per variant per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--fresh-rounds", type=int, default=3)
+    p.add_argument("--dir", default=None, help="where checkpoints and artifacts go")
+    p.add_argument("--json", default=DEFAULT_JSON)
+    p.add_argument("--quick", action="store_true", help="small tables, few calls (smoke)")
+    ns = p.parse_args(argv)
+    if ns.quick:
+        ns.rows, ns.interval, ns.calls, ns.rounds, ns.fresh_rounds = 20_000, 4, 20, 1, 1
+        ns.train_batch = 256
+    return ns
+
+
+def _train(ns: argparse.Namespace, root: str) -> tuple[Any, dict[str, Any]]:
+    from recframe import Trainer, TrainingArguments
+    from recframe.data import SyntheticCriteo
+    from recframe.models import DLRM
+
+    torch.manual_seed(0)
+    kwargs = {"dense_arch": [64, ns.dim], "over_arch": [64, 1]}
+    model = DLRM(num_embeddings=ns.rows, embedding_dim=ns.dim, num_dense=13,
+                 sparse_features=[f"cat_{i}" for i in range(ns.tables)], **kwargs)
+    data = SyntheticCriteo(num_batches=2 * ns.interval, batch_size=ns.train_batch,
+                           num_embeddings=ns.rows, num_sparse=ns.tables, alpha=ns.alpha)
+    args = TrainingArguments(output_dir=os.path.join(root, "run"), train_steps=2 * ns.interval,
+                             save_steps=ns.interval, max_to_keep=5,
+                             incremental_checkpoints=True, report_to="none",
+                             disable_tqdm=True, log_steps=10_000)
+    Trainer(model=model, args=args, train_dataset=data).train()
+    return model.eval(), kwargs
+
+
+def _latencies(fn: Any, inputs: list[Any], calls: int) -> list[float]:
+    out = []
+    with torch.no_grad():
+        for i in range(calls):
+            x = inputs[i % len(inputs)]
+            t = time.perf_counter()
+            fn(x)
+            out.append(time.perf_counter() - t)
+    return out
+
+
+def _variant(fn: Any, inputs: list[Any], batch: int, calls: int) -> Any:
+    def body(r: int) -> common.Timed:
+        lat = _latencies(fn, inputs, calls)
+        return common.Timed(calls * batch, sum(lat), extra={"lat": lat})
+
+    return body
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def main(argv: Any = None) -> int:
+    ns = _args(argv)
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    from recframe import export as ex
+    from recframe.data import SyntheticCriteo
+
+    root = tempfile.mkdtemp(prefix="serving-", dir=ns.dir)
+    try:
+        idle = common.measure_idle_load()
+        model, kwargs = _train(ns, root)
+        run = os.path.join(root, "run")
+        full_ckpt = os.path.join(run, f"ckpt_{ns.interval}")
+        delta_ckpt = os.path.join(run, f"ckpt_{2 * ns.interval}")
+        opts = {"model": "dlrm", "model_kwargs": kwargs, "num_embeddings": ns.rows,
+                "embedding_dim": ns.dim}
+        schema = ex.synthetic_schema(ns.rows, ns.dim, num_sparse=ns.tables)
+        opts["schema"] = schema
+        art = {q: ex.export(delta_ckpt, os.path.join(root, f"{q}.pt2"), quantize=q, **opts)
+               for q in ("fp32", "int8")}
+        sizes = {q: a.bytes for q, a in art.items()}
+        print(f"export: fp32 {sizes['fp32'] / 2**20:.1f} MiB in {art['fp32'].seconds:.1f} s, "
+              f"int8 {sizes['int8'] / 2**20:.1f} MiB in {art['int8'].seconds:.1f} s "
+              f"({sizes['int8'] / sizes['fp32']:.3f}x)", flush=True)
+        programs = {q: ex.load_artifact(a.path)[0].module() for q, a in art.items()}
+
+        serving: dict[str, Any] = {}
+        rows = []
+        for bs in ns.batches:
+            batches = list(SyntheticCriteo(num_batches=8, batch_size=bs, num_embeddings=ns.rows,
+                                           num_sparse=ns.tables, alpha=ns.alpha, seed=9))
+            inputs = [ex.serving_inputs(b, schema.feature_names) for b in batches]
+            variants = {
+                "eager": _variant(model.predict, batches, bs, ns.calls),
+                "fp32": _variant(lambda i: programs["fp32"](*i), inputs, bs, ns.calls),
+                "int8": _variant(lambda i: programs["int8"](*i), inputs, bs, ns.calls),
+            }
+            for v in variants.values():  # warm-up, untimed
+                v(-1)
+            results = common.run_interleaved(variants, ns.rounds)
+            entry: dict[str, Any] = {}
+            for name in variants:
+                mine = common.per_variant(results, name)
+                lat = [x for r in mine for x in r.extra["lat"]]
+                entry[name] = {
+                    "predictions_per_sec": statistics.median(r.samples_per_sec for r in mine),
+                    "p50_ms": 1e3 * _pct(lat, 0.5), "p99_ms": 1e3 * _pct(lat, 0.99),
+                }
+                rows.append([bs, name, f"{entry[name]['predictions_per_sec']:,.0f}",
+                             f"{entry[name]['p50_ms']:.3f}", f"{entry[name]['p99_ms']:.3f}"])
+            entry["fp32_vs_eager"] = statistics.median(
+                common.round_ratios(results, "fp32", "eager"))
+            entry["int8_vs_fp32"] = statistics.median(
+                common.round_ratios(results, "int8", "fp32"))
+            entry["others_cores"] = max(r.load.others_cores or 0.0 for r in results)
+            serving[str(bs)] = entry
+        print(common.format_table(["batch", "variant", "pred/s", "p50 ms", "p99 ms"], rows))
+
+        base = os.path.join(root, "base.pt2")
+        ex.export(full_ckpt, base, quantize="fp32", **opts)
+
+        def apply(r: int) -> common.Timed:
+            live = os.path.join(root, "live.pt2")
+            shutil.copy(base, live)
+            info = ex.apply_checkpoint(live, delta_ckpt)
+            return common.Timed(1, info.seconds, extra={"changed_rows": info.changed_rows})
+
+        def full(r: int) -> common.Timed:
+            info = ex.export(delta_ckpt, os.path.join(root, "re.pt2"), quantize="fp32", **opts)
+            return common.Timed(1, info.seconds)
+
+        fresh = common.run_interleaved({"apply_delta": apply, "full_export": full},
+                                       ns.fresh_rounds)
+        apply_s = statistics.median(r.seconds for r in common.per_variant(fresh, "apply_delta"))
+        full_s = statistics.median(r.seconds for r in common.per_variant(fresh, "full_export"))
+        changed = common.per_variant(fresh, "apply_delta")[0].extra["changed_rows"]
+        share = sum(changed.values()) / (ns.tables * ns.rows)
+        print(f"freshness: apply delta {apply_s:.2f} s vs full re-export {full_s:.2f} s "
+              f"({full_s / apply_s:.2f}x faster; {share:.1%} of the rows changed)")
+        ratios = {
+            "fp32_vs_eager": {bs: serving[str(bs)]["fp32_vs_eager"] for bs in ns.batches},
+            "int8_vs_fp32_at_1024": serving.get("1024", {}).get("int8_vs_fp32"),
+            "int8_size_ratio": sizes["int8"] / sizes["fp32"],
+            "apply_vs_full_export_speedup": full_s / apply_s,
+        }
+        print("ratios: " + ", ".join(f"{k}={v}" for k, v in ratios.items()))
+        payload = {
+            "benchmark": "serving", "timestamp": common.timestamp(),
+            "config": vars(ns), "machine": common.machine_info(),
+            "versions": common.package_versions(["torch", "torchrec", "fbgemm-gpu-cpu"]),
+            "idle_load_others_cores": idle.others_cores,
+            "sizes_bytes": sizes, "export_seconds": {q: a.seconds for q, a in art.items()},
+            "serving": serving,
+            "freshness": {"apply_delta_seconds": apply_s, "full_export_seconds": full_s,
+                          "changed_row_share": share},
+            "ratios": ratios, "goals": GOALS,
+        }
+        print(f"wrote {common.write_json(ns.json, payload)}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

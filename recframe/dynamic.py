@@ -1,0 +1,484 @@
+"""Dynamic embedding tables: an id->row map with admission and eviction under a row budget.
+
+Real ids are unbounded (new users and items every hour, most seen once). A *dynamic*
+table (schema mapping ``kind: dynamic``, see `recframe.schema.DynamicSpec`) keeps an
+ordinary embedding table of ``num_embeddings`` rows (the row budget: the memory it may
+use) and, in front of it, a recframe-owned map from raw int64 ids to rows:
+
+* rows ``[0, fallback_rows)``: a small hashed fallback table shared by every id that
+  has no row of its own (not yet admitted, evicted, or unknown at evaluation);
+* rows ``[fallback_rows, num_embeddings)``: one admitted id each.
+
+Lookup is vectorised: the admitted ids are kept sorted (``torch.sort`` when the map
+changes) and each batch is mapped with one ``torch.searchsorted``; no Python runs per id.
+
+**When the map changes.** Only at a step boundary (`DynamicIdMap.end_step`, run after
+the optimizer update by `recframe.hooks.DynamicEmbeddingHook`): during a step, every
+micro-batch of a gradient-accumulation window sees one mapping, and the ids it met in
+training are queued. At the boundary the queued ids are counted (``torch.unique``):
+admitted ids get their frequency and last-seen step updated; the others are counted in
+a count-min sketch (``min_count``) or drawn (``probability``) for admission; every
+``eviction_interval`` steps rows are evicted first (LFU, LRU or TTL), then admitted ids
+fill the free rows (the most frequent first when there are more than free rows). An id
+admitted at a boundary is looked up in its own row from the next step on. Evaluation
+(``model.eval()`` or no grad) queues nothing, so it never admits an id.
+
+**Row values.** A newly admitted row starts as a copy of the fallback row the id used
+until then (a warm start), an evicted row is zeroed, and the optimizer state of both is
+reset (`reset_rows`). These writes happen outside the optimizer, so the hook marks the
+rows in the incremental-checkpoint `RowTracker`: a delta carries them.
+
+**Sparse back ends and ranks.** recframe's row-wise sparse optimizers (tables with
+``sparse=True`` gradients) and torchrec's fused sharded tables (`shard_model`): a
+sharded table's rows and its fused optimizer state are reset in each rank's local
+shards (views of the live kernels' storage). The map is replicated on every rank: at
+the step boundary the ranks all-gather their queued ids, so every rank makes the same
+admissions and evictions.
+
+**Checkpoints.** The map is the module's buffers (ids, in-use flags, counts, last-seen
+steps, the sorted index, the sketch, the step and admission/eviction totals): part of
+the model's state dict, saved with the dense part, in full, in every checkpoint (a delta
+too), as raw tensors (no pickle); resume is bit-identical (no RNG: admission by
+probability hashes id and step).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from recframe.schema import DynamicSpec, FeatureSchema
+
+INT64_MAX = torch.iinfo(torch.int64).max
+_MIX = [-4658895280553007687, -7723592293110705685]  # splitmix64's multipliers (signed)
+SKETCH_DEPTH = 2
+MAX_PENDING = 4096
+"""Training lookups a table queues at most between two step boundaries."""
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _hash(ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """A well-mixed non-negative int64 hash of int64 ``ids`` (wrapping arithmetic)."""
+    salt = (seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ids ^ (salt - (1 << 64) if salt >> 63 else salt)
+    x = (x ^ ((x >> 30) & 0x3FFFFFFFF)) * _MIX[0]
+    x = (x ^ ((x >> 27) & 0x1FFFFFFFFF)) * _MIX[1]
+    x = x ^ ((x >> 31) & 0x1FFFFFFFF)
+    return x & INT64_MAX
+
+
+class DynamicIdMap(nn.Module):
+    """The id->row map of one dynamic table (module docstring: semantics).
+
+    Args:
+        table: the table's name (errors name it and the features using it).
+        num_embeddings: the row budget (the table's rows).
+        spec: admission and eviction settings.
+        features: the sparse features looking the table up (for error messages).
+    """
+
+    def __init__(self, table: str, num_embeddings: int, spec: DynamicSpec,
+                 features: Optional[list[str]] = None, device: Any = None) -> None:
+        super().__init__()
+        self.table = table
+        self.features = list(features or [table])
+        owner = f"dynamic table {table!r} (feature(s) {self.features})"
+        spec.check(owner)
+        if num_embeddings <= spec.fallback_rows:
+            raise ValueError(f"{owner}: row budget num_embeddings={num_embeddings} is not "
+                             f"above fallback_rows={spec.fallback_rows}")
+        self.spec = spec
+        self.num_embeddings = num_embeddings
+        self.fallback = spec.fallback_rows
+        self.capacity = num_embeddings - spec.fallback_rows
+        width = spec.sketch_width or 2 * self.capacity
+        i64 = dict(dtype=torch.int64, device=device)
+        self.register_buffer("ids", torch.zeros(self.capacity, **i64))
+        self.register_buffer("used", torch.zeros(self.capacity, dtype=torch.bool, device=device))
+        self.register_buffer("counts", torch.zeros(self.capacity, **i64))
+        self.register_buffer("last_seen", torch.zeros(self.capacity, **i64))
+        self.register_buffer("sorted_ids", torch.full((self.capacity,), INT64_MAX, **i64))
+        self.register_buffer("sorted_slots", torch.arange(self.capacity, **i64))
+        self.register_buffer("sketch", torch.zeros(SKETCH_DEPTH, width, dtype=torch.int32,
+                                                   device=device))
+        self.register_buffer("step", torch.zeros((), **i64))
+        """The last step whose ids were committed."""
+        self.register_buffer("totals", torch.zeros(2, **i64))
+        """(ids admitted, rows evicted) since the start."""
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        odd = [m | 1 for m in (_MIX[1], -7046029254386353131, 0x2545F4914F6CDD1D)]
+        # constants, moved with the module by .to(device); not part of the state dict
+        self.register_buffer("_sketch_mults",
+                             torch.tensor(odd[:SKETCH_DEPTH], device=device).view(-1, 1),
+                             persistent=False)
+        self.register_buffer("_sketch_offsets",
+                             (torch.arange(SKETCH_DEPTH, device=device) * width).view(-1, 1),
+                             persistent=False)
+
+    # --- lookup -------------------------------------------------------------------
+    def check_ids(self, ids: torch.Tensor, feature: str) -> None:
+        if ids.dtype != torch.int64:
+            raise TypeError(f"feature {feature!r} (dynamic table {self.table!r}): ids must be "
+                            f"raw int64 ids, got {ids.dtype}; read the column with the "
+                            "schema's dynamic mapping (ids int64, or hash for strings)")
+
+    def fallback_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The hashed fallback row of each id (multiply-shift: cheap, every lookup)."""
+        if self.fallback == 1:
+            return torch.zeros_like(ids)
+        return torch.remainder((ids * _MIX[0]) >> 24, self.fallback)
+
+    def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hit, slot) of each id: whether it has a row, and its slot (row - fallback)."""
+        pos = torch.searchsorted(self.sorted_ids, ids).clamp_(max=self.capacity - 1)
+        slot = self.sorted_slots[pos]
+        hit = (self.sorted_ids[pos] == ids) & self.used[slot]
+        return hit, slot
+
+    def lookup(self, ids: torch.Tensor, record: bool) -> torch.Tensor:
+        """Rows of raw ``ids``; ``record``: queue them for `end_step` (training)."""
+        if record and ids.numel():
+            if len(self._pending) >= MAX_PENDING:
+                raise RuntimeError(
+                    f"dynamic table {self.table!r}: {MAX_PENDING} training lookups without "
+                    "a step boundary; add recframe.hooks.DynamicEmbeddingHook() to the "
+                    "Trainer (or call recframe.dynamic.end_step after each update)")
+        hit, slot = self.find(ids)
+        if record and ids.numel():
+            self._pending.append((ids.detach(), hit, slot))
+        return torch.where(hit, slot + self.fallback, self.fallback_rows(ids))
+
+    # --- the step boundary --------------------------------------------------------
+    def discard_pending(self) -> None:
+        """Forget the queued ids (a restore replaces the map they were meant for)."""
+        self._pending = []
+
+    @property
+    def rows_used(self) -> int:
+        return int(self.used.sum())
+
+    def end_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Commit the ids queued since the last call as step ``step``: update counts,
+        evict (every ``eviction_interval`` steps), admit. Returns ``(admitted rows,
+        their fallback rows, evicted rows)`` (int64 table rows) for `reset_rows`."""
+        empty = torch.zeros(0, dtype=torch.int64, device=self.ids.device)
+        pending, self._pending = self._pending, []
+        self.step.fill_(step)
+        uniq, cnt = empty, empty
+        if _world_size() > 1:  # a replicated map: every rank commits every rank's ids
+            from recframe.distributed import all_gather_cat
+
+            local = torch.cat([p[0] for p in pending]) if pending else empty
+            ids = all_gather_cat(local)
+            pending = [(ids, *self.find(ids))] if ids.numel() else []
+        if pending:  # the lookups' own hits: the map did not change since
+            ids, hit, slot = (pending[0] if len(pending) == 1
+                              else (torch.cat(x) for x in zip(*pending)))
+            seen = slot[hit]
+            self.counts.index_add_(0, seen, torch.ones_like(seen))
+            self.last_seen.index_fill_(0, seen, step)
+            uniq, cnt = torch.unique(ids[~hit], return_counts=True)
+        evicted = empty
+        if step % self.spec.eviction_interval == 0:
+            evicted = self._evict(step)
+        admitted, fallback = self._admit(uniq, cnt, step)
+        if not (admitted.numel() or evicted.numel()):
+            return empty, empty, empty
+        self._reindex()
+        self.totals.add_(torch.tensor([admitted.numel(), evicted.numel()],
+                                      device=self.totals.device))
+        return admitted + self.fallback, fallback, evicted + self.fallback
+
+    def _evict(self, step: int) -> torch.Tensor:
+        spec, used = self.spec, self.used
+        if spec.eviction == "ttl":
+            slots = (used & (step - self.last_seen >= spec.ttl)).nonzero().squeeze(1)
+        else:
+            free = self.capacity - int(used.sum())
+            n = max(0, math.ceil(spec.evict_fraction * self.capacity) - free)
+            if n == 0:
+                slots = torch.zeros(0, dtype=torch.int64, device=used.device)
+            else:
+                key = self.counts if spec.eviction == "lfu" else self.last_seen
+                # unused slots sort last; ties: the slot index (stable, deterministic)
+                rank = torch.where(used, key, torch.full_like(key, INT64_MAX))
+                slots = torch.sort(rank, stable=True).indices[:n]
+            if spec.eviction == "lfu":  # decay: the table follows a drifting stream
+                self.counts.bitwise_right_shift_(1)
+        if slots.numel():
+            used.index_fill_(0, slots, False)
+            self.counts.index_fill_(0, slots, 0)
+            self.last_seen.index_fill_(0, slots, 0)
+        self.sketch.bitwise_right_shift_(1)  # old counts fade
+        return slots
+
+    def _admit(self, ids: torch.Tensor, cnt: torch.Tensor, step: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        empty = torch.zeros(0, dtype=torch.int64, device=ids.device)
+        if ids.numel() == 0:
+            return empty, empty
+        spec = self.spec
+        if spec.probability is not None:
+            u = _hash(ids, step + 1).double() / float(INT64_MAX)
+            admit = u < 1 - (1 - spec.probability) ** cnt.double()
+            score = cnt
+        elif spec.min_count <= 1:
+            admit = torch.ones_like(ids, dtype=torch.bool)
+            score = cnt
+        else:
+            depth, width = self.sketch.shape
+            x = ids * _MIX[0]  # mix once, then one multiply-shift per sketch row
+            x = x ^ ((x >> 31) & 0x1FFFFFFFF)
+            cols = torch.remainder((x.unsqueeze(0) * self._sketch_mults) >> 16, width)
+            cols += self._sketch_offsets
+            flat = self.sketch.view(-1)
+            flat.index_add_(0, cols.view(-1), cnt.to(flat.dtype).repeat(depth))
+            est = flat[cols].min(dim=0).values.long()
+            admit = est >= spec.min_count
+            score = est
+        free = (~self.used).nonzero().squeeze(1)
+        if free.numel() == 0:  # full: the counts wait in the sketch for an eviction
+            return empty, empty
+        cand, ccnt, score = ids[admit], cnt[admit], score[admit]
+        if cand.numel() > free.numel():  # the most frequent first; ties: the smaller id
+            order = torch.argsort(cand)
+            order = order[torch.sort(score[order], descending=True, stable=True).indices]
+            order = order[: free.numel()]
+            cand, ccnt = cand[order], ccnt[order]
+        slots = free[: cand.numel()]
+        self.ids.index_copy_(0, slots, cand)
+        self.used.index_fill_(0, slots, True)
+        self.counts.index_copy_(0, slots, ccnt)
+        self.last_seen.index_fill_(0, slots, step)
+        return slots, self.fallback_rows(cand)
+
+    def _reindex(self) -> None:
+        keys = torch.where(self.used, self.ids, torch.full_like(self.ids, INT64_MAX))
+        sorted_ids, order = torch.sort(keys, stable=True)
+        self.sorted_ids.copy_(sorted_ids)
+        self.sorted_slots.copy_(order)
+
+    def map_bytes_per_row(self) -> float:
+        """Bytes of map state per row of the budget (buffers / num_embeddings)."""
+        total = sum(b.numel() * b.element_size() for b in self.state_dict().values())
+        return total / self.num_embeddings
+
+    def extra_repr(self) -> str:
+        return (f"table={self.table!r}, budget={self.num_embeddings}, "
+                f"fallback={self.fallback}, eviction={self.spec.eviction!r}")
+
+
+class DynamicIdRemapper(nn.Module):
+    """Maps the raw ids of a batch's dynamic features to table rows (one `DynamicIdMap`
+    per dynamic table; other features pass through unchanged)."""
+
+    def __init__(self, schema: FeatureSchema, device: Any = None) -> None:
+        super().__init__()
+        maps = {}
+        self.feature_tables: dict[str, str] = {}
+        for table, spec in schema.dynamic_tables().items():
+            features = [c.name for c in schema.sparse if c.table == table]
+            maps[table] = DynamicIdMap(table, schema.table(table).num_embeddings, spec,
+                                       features, device)
+            self.feature_tables.update({f: table for f in features})
+        self.maps = nn.ModuleDict(maps)
+
+    def forward(self, features: Any) -> Any:
+        """A `KeyedJaggedTensor` (or `recframe.models.PaddedBags`) with rows for ids."""
+        record = self.training and torch.is_grad_enabled()
+        keys = list(features.keys())
+        if hasattr(features, "ids"):  # PaddedBags
+            from recframe.models import PaddedBags
+
+            ids = features.ids.clone()
+            for i, key in enumerate(keys):
+                table = self.feature_tables.get(key)
+                if table is None:
+                    continue
+                m = self.maps[table]
+                m.check_ids(ids[i], key)
+                real = features.weights[i] != 0
+                if record:
+                    m.lookup(ids[i][real], True)
+                ids[i] = torch.where(real, m.lookup(ids[i], False), ids[i])
+            return PaddedBags(keys, ids, features.weights)
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        parts = list(features.values().split(features.length_per_key()))
+        for i, key in enumerate(keys):
+            table = self.feature_tables.get(key)
+            if table is not None:
+                self.maps[table].check_ids(parts[i], key)
+                parts[i] = self.maps[table].lookup(parts[i], record)
+        return KeyedJaggedTensor(
+            keys=keys, values=torch.cat(parts) if parts else features.values(),
+            lengths=features.lengths(), weights=features.weights_or_none(),
+            stride=features.stride(), length_per_key=features.length_per_key(),
+            offset_per_key=features.offset_per_key(),
+        )
+
+
+def remappers(model: nn.Module) -> list[DynamicIdRemapper]:
+    return [m for m in model.modules() if isinstance(m, DynamicIdRemapper)]
+
+
+def table_parameters(model: nn.Module) -> dict[str, tuple[str, nn.Parameter]]:
+    """Table name -> (state key, weight) of the model's embedding tables."""
+    found = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[-1] == "weight" and parts[-3] == "embedding_bags":
+            found[parts[-2]] = (name, p)
+    return found
+
+
+def _shard_rows(shard: Any, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(which of ``rows`` the local shard holds, their local row indices, its first
+    column, its column count)."""
+    offsets, sizes = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+    r0, n = int(offsets[0]), int(sizes[0])
+    c0, nc = (int(offsets[1]), int(sizes[1])) if len(offsets) > 1 else (0, 0)
+    inside = (rows >= r0) & (rows < r0 + n)
+    return inside, rows[inside] - r0, c0, nc
+
+
+@torch.no_grad()
+def _reset_sharded(weight: Any, optimizer: Any, key: Optional[str], admitted: torch.Tensor,
+                   fallback: torch.Tensor, evicted: torch.Tensor) -> None:
+    """`reset_rows` for a torchrec-sharded table (its `ShardedTensor`) and the fused
+    optimizer's state: each rank writes the rows of its local shards; the fallback
+    rows' values reach the ranks holding admitted rows by one all-reduce."""
+    dim = int(weight.size(1))
+    shards = weight.local_shards()
+    device = shards[0].tensor.device if shards else torch.device("cpu")
+    fb = torch.zeros(fallback.numel(), dim, dtype=weight.dtype, device=device)
+    for shard in shards:
+        inside, local, c0, nc = _shard_rows(shard, fallback.to(device))
+        fb[inside, c0:c0 + nc] = shard.tensor[local]
+    if _world_size() > 1:
+        import torch.distributed as dist
+
+        from recframe.distributed import collective_device
+
+        moved = fb.to(collective_device())
+        dist.all_reduce(moved)  # each value comes from the one rank holding it
+        fb = moved.to(device)
+    for shard in shards:
+        inside, local, c0, nc = _shard_rows(shard, evicted.to(device))
+        shard.tensor[local] = 0
+        inside, local, c0, nc = _shard_rows(shard, admitted.to(device))
+        shard.tensor[local] = fb[inside, c0:c0 + nc].to(shard.tensor.dtype)
+    state = optimizer.state_dict()["state"].get(key, {}) if optimizer is not None else {}
+    rows = torch.cat([admitted, evicted])
+    for value in state.values():  # e.g. "user.momentum1": views of the live state
+        for shard in getattr(value, "local_shards", lambda: [])():
+            inside, local, _, _ = _shard_rows(shard, rows.to(shard.tensor.device))
+            shard.tensor[local] = 0
+
+
+@torch.no_grad()
+def reset_rows(weight: Any, optimizer: Any, admitted: torch.Tensor,
+               fallback: torch.Tensor, evicted: torch.Tensor, key: Optional[str] = None
+               ) -> None:
+    """Admitted rows start from their fallback row, evicted rows are zeroed, and the
+    optimizer's per-row state of both is reset (``initial_accumulator_value`` for
+    Adagrad's sum, else zeros). Per-table scalars (Adam's step) are left alone. A
+    torchrec-sharded table (``weight`` a `ShardedTensor`, ``optimizer`` the fused one,
+    ``key`` the table's state key) is reset shard by shard."""
+    if hasattr(weight, "local_shards"):
+        _reset_sharded(weight, optimizer, key, admitted, fallback, evicted)
+        return
+    if evicted.numel():
+        weight.index_fill_(0, evicted, 0.0)
+    if admitted.numel():
+        weight.index_copy_(0, admitted, weight.index_select(0, fallback))
+    rows = torch.cat([admitted, evicted])
+    if optimizer is None or rows.numel() == 0:
+        return
+    state = getattr(optimizer, "state", {}).get(weight)
+    if not state:
+        return
+    init = 0.0
+    for group in getattr(optimizer, "param_groups", []):
+        if any(p is weight for p in group["params"]):
+            init = float(group.get("initial_accumulator_value", 0.0))
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 \
+                and value.shape[0] == weight.shape[0]:
+            value.index_fill_(0, rows, init if key == "sum" and value.dim() == 2 else 0.0)
+
+
+def dynamic_targets(model: nn.Module) -> list[tuple[DynamicIdMap, str, Any]]:
+    """(map, table state key, table weight) of every dynamic table of ``model``; the
+    weight of a torchrec-sharded table is its `ShardedTensor` (views of the live
+    shards)."""
+    found = remappers(model)
+    if not found:
+        return []
+    params = table_parameters(model)
+    state = model.state_dict()
+    out = []
+    for remapper in found:
+        for table, m in remapper.maps.items():
+            keys = [k for k in state if k.endswith(f"embedding_bags.{table}.weight")]
+            if len(keys) == 1 and hasattr(state[keys[0]], "local_shards"):
+                out.append((m, keys[0], state[keys[0]]))  # sharded: reset shard by shard
+            elif table in params:
+                out.append((m, *params[table]))
+            else:
+                raise ValueError(f"dynamic table {table!r}: the model has no embedding table "
+                                 "of that name (embedding_bags.<table>.weight)")
+    return out
+
+
+def end_step(model: nn.Module, step: int, optimizer: Any = None, tracker: Any = None,
+             targets: Optional[list[tuple[DynamicIdMap, str, nn.Parameter]]] = None
+             ) -> dict[str, int]:
+    """Commit every dynamic table of ``model`` at step ``step`` (after the optimizer
+    update): admission, eviction, row and optimizer-state resets, and incremental
+    checkpoint marks (``tracker``: a `RowTracker`). Call it once per optimizer step in
+    a loop of your own; the Trainer's `DynamicEmbeddingHook` does. ``targets``:
+    `dynamic_targets` of the model, resolved once by a caller that calls every step.
+    Returns the rows in use per table."""
+    used = {}
+    for m, key, weight in dynamic_targets(model) if targets is None else targets:
+        admitted, fallback, evicted = m.end_step(step)
+        if admitted.numel() or evicted.numel():
+            reset_rows(weight, optimizer, admitted, fallback, evicted, key)
+            if tracker is not None and key in getattr(tracker, "bits", {}):
+                tracker.mark(key, torch.cat([admitted, evicted]))
+        used[m.table] = m.rows_used
+    return used
+
+
+def dynamic_summary(reader: Any) -> dict[str, dict[str, int]]:
+    """Rows used / budget per dynamic table of a checkpoint (``reader``: its
+    `recframe.checkpoint.format.TensorReader`), from the map's ``...maps.<table>.used``
+    and ``totals`` tensors and the table's rows: for ``recframe ckpt inspect``."""
+    out: dict[str, dict[str, int]] = {}
+    keys = list(reader.meta)
+    for key in keys:
+        parts = key.split(".")
+        if len(parts) < 3 or parts[-3] != "maps" or parts[-1] != "used":
+            continue
+        table = parts[-2]
+        used = reader.read(key)
+        row = {"rows_used": int(used.sum()), "dynamic_rows": int(used.numel())}
+        weights = [k for k in keys if k.endswith(f"embedding_bags.{table}.weight")]
+        if len(weights) == 1:
+            row["budget"] = int(reader.shape(weights[0])[0])
+            row["fallback_rows"] = row["budget"] - row["dynamic_rows"]
+        totals_key = key[: -len("used")] + "totals"
+        if totals_key in reader:
+            totals = reader.read(totals_key)
+            row.update(admitted=int(totals[0]), evicted=int(totals[1]))
+        out[table] = row
+    return out

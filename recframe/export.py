@@ -1,0 +1,602 @@
+"""Serving artifacts: one file holding the inference graph, its weights and metadata.
+
+`export` loads a checkpoint (any fsspec path; a full checkpoint or an incremental
+chain, written by any number of ranks) through the public `Saver` into an unsharded
+model built from the schema, wraps it in `ServingModule` (raw feature values in,
+probabilities out) and writes ``torch.export``'s program with
+``torch.export.save``: a zip holding the graph, the weights (embedding tables fp32, or
+row-wise int8/int4 via torchrec's ``quantize_embeddings``) and ``recframe.json``, the
+metadata (format, source checkpoint and step, the schema with its feature order and
+id mapping, the inputs' layout). Loading needs torch and fbgemm's ops (``import
+fbgemm_gpu``: the tables' kernel), never recframe::
+
+    extra = {"recframe.json": ""}
+    program = torch.export.load("model.pt2", extra_files=extra)
+    probs = program.module()(dense, values, lengths)
+
+Inputs (see docs/serving.md): ``dense`` float32 ``[B, num_dense]`` raw values in the
+schema's dense order (NaN = missing: the column's ``fill``), ``values`` int64 ``[N]``
+raw ids of every sparse feature, feature-major in the schema's order, ``lengths``
+int64 ``[F, B]`` ids per feature and sample. The graph applies the schema's dense
+transforms and id mappings (``modulo``; ``hex`` and ``hash`` ids arrive as their
+unsigned 64-bit value in an int64, see `raw_id`), so serving runs no recframe code.
+
+`apply_checkpoint` refreshes an artifact from a newer (e.g. incremental) checkpoint
+without tracing the graph again: it writes the changed table rows and the dense
+weights into the artifact's tensors; the result equals a full export of that step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recframe.schema import DenseColumn, FeatureSchema, IdMapping, SparseColumn, TableSpec
+
+logger = logging.getLogger("recframe.export")
+
+FORMAT = "recframe-serving/1"
+METADATA = "recframe.json"
+QUANTIZE = ("fp32", "int8", "int4")
+_U64 = 1 << 64
+
+
+@dataclass
+class ExportInfo:
+    """What `export` / `apply_checkpoint` wrote: ``path``, ``bytes``, ``step``,
+    ``quantize``, ``seconds`` and (apply) ``changed_rows`` per table."""
+
+    path: str
+    bytes: int
+    step: Optional[int]
+    quantize: str
+    seconds: float
+    changed_rows: Optional[dict[str, int]] = None
+
+
+# --------------------------------------------------------------------------- ids
+def raw_id(value: Union[int, str], mapping: Union[IdMapping, Mapping[str, Any]]) -> int:
+    """The int64 a serving client feeds for one raw id of a column with ``mapping``
+    (pure Python, copy it to the serving side): ``modulo``: the integer itself; ``hex``:
+    ``int(value, 16)``; ``hash``: ``mix64(fnv1a64(utf8(value)) ^ salt)``; the last two
+    as the two's-complement int64 of their unsigned 64-bit value. The graph then takes
+    it ``mod num_embeddings`` (unsigned for hex and hash, Python's modulo for modulo)."""
+    kind = mapping.kind if isinstance(mapping, IdMapping) else mapping["kind"]
+    salt = mapping.salt if isinstance(mapping, IdMapping) else int(mapping.get("salt", 0))
+    if kind == "modulo":
+        return int(value)
+    if kind == "hex":
+        u = int(str(value), 16)
+    elif kind == "hash":
+        h = 0xCBF29CE484222325
+        for byte in str(value).encode("utf-8"):
+            h = ((h ^ byte) * 0x100000001B3) % _U64
+        x = h ^ (salt % _U64)
+        x ^= x >> 30
+        x = (x * 0xBF58476D1CE4E5B9) % _U64
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) % _U64
+        u = x ^ (x >> 31)
+    else:
+        raise ValueError(f"raw_id: unknown mapping kind {kind!r}")
+    return u - _U64 if u >= 1 << 63 else u
+
+
+def synthetic_schema(num_embeddings: int = 10_000, embedding_dim: int = 16,
+                     num_dense: int = 13, num_sparse: int = 26) -> FeatureSchema:
+    """The schema of `recframe.data.SyntheticCriteo` batches and of a model built
+    without a schema (``int_i`` dense, ``cat_i`` integer ids in tables ``t_cat_i``)."""
+    dense = [DenseColumn(f"int_{i}") for i in range(num_dense)]
+    sparse = [SparseColumn(f"cat_{i}", table=f"t_cat_{i}") for i in range(num_sparse)]
+    tables = [TableSpec(f"t_cat_{i}", num_embeddings, embedding_dim) for i in range(num_sparse)]
+    return FeatureSchema(labels=["label"], dense=dense, sparse=sparse, tables=tables)
+
+
+# --------------------------------------------------------------------------- module
+class ServingModule(nn.Module):
+    """Raw features in, probabilities out: the schema's dense ``fill`` and
+    transforms and its id mappings as torch ops, then ``model.predict``.
+
+    ``forward(dense [B, D] float32, values [N] int64, lengths [F, B] int64)``.
+    """
+
+    def __init__(self, model: nn.Module, schema: FeatureSchema) -> None:
+        super().__init__()
+        self.model = model
+        self.features = schema.feature_names
+        dense = schema.dense
+        self.register_buffer("fill", torch.tensor([d.fill for d in dense], dtype=torch.float64))
+        self.register_buffer("log1p", torch.tensor([d.transform == "log1p" for d in dense]))
+        self.register_buffer("standardize",
+                             torch.tensor([d.transform == "standardize" for d in dense]))
+        self.register_buffer("mean", torch.tensor([d.mean for d in dense], dtype=torch.float64))
+        self.register_buffer("std", torch.tensor([d.std for d in dense], dtype=torch.float64))
+        rows = [schema.num_embeddings_of(c) for c in schema.sparse]
+        unsigned = [c.mapping.kind in ("hex", "hash") for c in schema.sparse]
+        self.register_buffer("rows", torch.tensor(rows, dtype=torch.int64))
+        # u mod n for an int64 x holding u: (x mod n + [x < 0] * (2**64 mod n)) mod n
+        self.register_buffer("wrap", torch.tensor(
+            [(_U64 % n) if u else 0 for n, u in zip(rows, unsigned)], dtype=torch.int64))
+
+    def forward(self, dense: torch.Tensor, values: torch.Tensor,
+                lengths: torch.Tensor) -> torch.Tensor:
+        x = dense.double()
+        x = torch.where(torch.isnan(x), self.fill, x)
+        x = torch.where(self.log1p, torch.log1p(x.clamp(min=0.0)), x)
+        x = torch.where(self.standardize, (x - self.mean) / self.std, x)
+        # the feature of each id (values are feature-major): where its position falls
+        # among the features' cumulative counts (repeat_interleave is ~100x slower here)
+        ends = torch.cumsum(lengths.sum(dim=1), dim=0)
+        feature = torch.searchsorted(ends, torch.arange(values.shape[0]), right=True)
+        n, wrap = self.rows[feature], self.wrap[feature]
+        ids = torch.remainder(torch.remainder(values, n) + (values < 0).long() * wrap, n)
+        kjt = KeyedJaggedTensor(keys=self.features, values=ids, lengths=lengths.reshape(-1))
+        batch = Batch(dense_features=x.float(), sparse_features=kjt,
+                      labels=torch.zeros(dense.shape[0]))
+        return self.model.predict(batch)
+
+
+def serving_inputs(batch: Batch, features: list[str]) -> tuple[torch.Tensor, ...]:
+    """A recframe batch (already mapped ids, transformed dense) as artifact inputs:
+    valid for a schema whose dense columns have no transform and ids are ``modulo``
+    (e.g. `synthetic_schema`), where raw and mapped values coincide."""
+    kjt = batch.sparse_features
+    if list(kjt.keys()) != list(features):
+        kjt = KeyedJaggedTensor.from_jt_dict({k: kjt[k] for k in features})
+    b = batch.dense_features.shape[0]
+    return (batch.dense_features.float(), kjt.values().long(),
+            kjt.lengths().long().reshape(len(features), b))
+
+
+# --------------------------------------------------------------------------- building
+def _schema_of(schema: Any, num_embeddings: int, embedding_dim: int) -> FeatureSchema:
+    if schema is None:
+        return synthetic_schema(num_embeddings, embedding_dim)
+    if isinstance(schema, FeatureSchema):
+        return schema
+    if isinstance(schema, Mapping):
+        return FeatureSchema.from_dict(schema)
+    return FeatureSchema.from_file(str(schema))
+
+
+def build_serving_model(model: str, schema: FeatureSchema,
+                        model_kwargs: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """The unsharded recframe model (torchrec tables on the CPU) the artifact is made of."""
+    from recframe.models import build_model
+
+    kwargs = dict(model_kwargs or {})
+    kwargs.update(schema=schema, embedding_backend="torchrec", device="cpu")
+    return build_model(model, **kwargs).eval()
+
+
+def _resolve_checkpoint(model: nn.Module, checkpoint: str) -> tuple[Any, str]:
+    """(Saver, checkpoint directory): ``checkpoint`` is an output_dir (its latest
+    checkpoint) or one ``ckpt_<step>`` directory."""
+    from recframe.checkpoint import Saver
+
+    root = Saver(model, output_dir=checkpoint)
+    latest = root.latest_checkpoint()
+    if latest is not None:
+        return root, latest.path
+    parent = posixpath.dirname(str(checkpoint).rstrip("/")) or "."
+    return Saver(model, output_dir=parent), str(checkpoint).rstrip("/")
+
+
+def load_checkpoint(model: nn.Module, checkpoint: str) -> dict[str, Any]:
+    """Load the model part of ``checkpoint`` into ``model``; an error names the
+    checkpoint and what does not match (model, schema)."""
+    from recframe.checkpoint import CheckpointCorruptError, CheckpointError, StorageError
+
+    saver, path = _resolve_checkpoint(model, checkpoint)
+    try:
+        return saver.load(ckpt_path=path, load_conf={"load": ["sparse", "dense"]})
+    except (CheckpointCorruptError, StorageError, OSError):
+        raise  # a damaged or unreadable checkpoint: its own message names the file
+    except CheckpointError as e:
+        raise ValueError(f"export: checkpoint {path}: {e}; build the model with the "
+                         "model name, schema and sizes it was trained with") from None
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(
+            f"export: checkpoint {path} does not match the {type(model).__name__} built from "
+            f"the schema ({e}); pass the schema / --num_embeddings / --embedding_dim it was "
+            "trained with") from None
+
+
+def _quantize(module: ServingModule, quantize: str) -> None:
+    """Swap the tables for torchrec's inference collection: fbgemm's batched kernel
+    looks up every table in one call (fp32 too: the same values as the training
+    tables, and a graph a third the size of the per-table one)."""
+    from torchrec.inference.modules import quantize_embeddings
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
+
+    dtype = {"fp32": torch.float, "int8": torch.qint8, "int4": torch.quint4x2}[quantize]
+    # CPU rows unpadded (the default 16-byte alignment would double an int8 row of 16)
+    quant_prep_customize_row_alignment(module, [EmbeddingBagCollection], 1)
+    quantize_embeddings(module, dtype=dtype, inplace=True)
+
+
+def _example(schema: FeatureSchema, batch: int = 4) -> tuple[torch.Tensor, ...]:
+    f = len(schema.sparse)
+    lengths = torch.tensor([[1, 2, 0, 1][i % 4] for i in range(batch)] * f).reshape(f, batch)
+    lengths[:, 0] += 1
+    values = torch.arange(int(lengths.sum()), dtype=torch.int64)
+    return torch.zeros(batch, len(schema.dense)), values, lengths
+
+
+def _submodules(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of ``module`` and everything below it, including modules held
+    in plain lists (torchrec's quantised collections keep their fbgemm kernels so)."""
+    out = [(prefix, module)]
+    for key, value in vars(module).items():
+        if key == "_modules":
+            children = [(k, v) for k, v in value.items() if v is not None]
+        elif isinstance(value, (list, tuple)):
+            children = [(f"{key}.{i}", v) for i, v in enumerate(value)
+                        if isinstance(v, nn.Module)]
+        else:
+            continue
+        for name, child in children:
+            out += _submodules(child, f"{prefix}.{name}" if prefix else name)
+    return out
+
+
+def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    items = list(module._parameters.items()) + list(module._buffers.items())
+    items += [(k, v) for k, v in vars(module).items() if isinstance(v, torch.Tensor)]
+    return [(k, v) for k, v in items if isinstance(v, torch.Tensor)]
+
+
+def _named_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor at ``name`` (a path of attributes and list indices)."""
+    obj: Any = module
+    for part in name.split("."):
+        obj = obj[int(part)] if isinstance(obj, (list, tuple)) else getattr(obj, part)
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"{name} is no tensor of the model")
+    return obj
+
+
+def _map_tensors(module: nn.Module, program: Any) -> dict[str, str]:
+    """``{program tensor key: module tensor name}``: the same object, or (a constant
+    torch.export lifted as a copy, e.g. fbgemm's packed int8 tables) an equal tensor
+    of the same shape and dtype. `apply_checkpoint` refreshes these from a new model."""
+    candidates: list[tuple[str, torch.Tensor]] = []
+    seen: set[int] = set()
+    for path, sub in _submodules(module):
+        for key, t in _own_tensors(sub):
+            if id(t) not in seen:
+                seen.add(id(t))
+                candidates.append((f"{path}.{key}" if path else key, t))
+    by_id = {id(t): n for n, t in candidates}
+    out: dict[str, str] = {}
+    for key, t in _program_tensors(program).items():
+        if id(t) in by_id:
+            out[key] = by_id[id(t)]
+            continue
+        for name, c in candidates:
+            if c.shape == t.shape and c.dtype == t.dtype and torch.equal(c, t):
+                out[key] = name
+                break
+    return out
+
+
+def _drop_unused_buffers(program: Any) -> None:
+    """Remove buffers no graph node reads (torchrec's quantised collections keep
+    per-table views of the packed table the kernel reads: saved, they would store
+    the tables twice)."""
+    from torch.export.graph_signature import InputKind
+
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    keep = []
+    for spec in program.graph_signature.input_specs:
+        node = placeholders.get(spec.arg.name)
+        if spec.kind == InputKind.BUFFER and node is not None and not node.users:
+            program.graph.erase_node(node)
+            program.state_dict.pop(spec.target, None)
+        else:
+            keep.append(spec)
+    program.graph_signature.input_specs[:] = keep
+    program.graph_module.recompile()
+
+
+def _program_tensors(program: Any) -> dict[str, torch.Tensor]:
+    out = dict(program.state_dict)
+    out.update({k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)})
+    return out
+
+
+def export(
+    checkpoint: str,
+    output: str,
+    *,
+    model: str = "dlrm",
+    schema: Any = None,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+    quantize: str = "fp32",
+    num_embeddings: int = 10_000,
+    embedding_dim: int = 16,
+) -> ExportInfo:
+    """Export ``checkpoint`` (an output_dir: its latest; or a ``ckpt_<step>``
+    directory; any fsspec path) to the artifact file ``output`` (any fsspec path).
+
+    ``model``: ``"dlrm"`` / ``"deepfm"``; ``schema``: a `FeatureSchema`, its file or
+    dict, or None for synthetic data's (``num_embeddings`` rows, ``embedding_dim``
+    wide); ``model_kwargs``: the other constructor arguments it was trained with
+    (``dense_arch``, ``over_arch``, ``deep_arch``); ``quantize``: ``fp32``, ``int8``
+    (row-wise) or ``int4``."""
+    start = time.perf_counter()
+    if quantize not in QUANTIZE:
+        raise ValueError(f"export: quantize must be one of {QUANTIZE}, got {quantize!r}")
+    feature_schema = _schema_of(schema, num_embeddings, embedding_dim)
+    dynamic = [c.name for c in feature_schema.sparse if c.mapping.kind == "dynamic"]
+    if dynamic:  # the artifact has no id map yet (its "id_maps" slot stays empty)
+        raise ValueError(
+            f"export: feature(s) {dynamic} use dynamic embedding tables, whose id->row map "
+            "the serving artifact cannot carry yet; export a schema with modulo/hash ids"
+        )
+    net = build_serving_model(model, feature_schema, model_kwargs)
+    manifest = load_checkpoint(net, checkpoint)
+    module = ServingModule(net, feature_schema).eval()
+    _quantize(module, quantize)
+    program = _trace(module, feature_schema)
+    _drop_unused_buffers(program)
+    tensors = _map_tensors(module, program)
+    meta = _metadata(feature_schema, model, model_kwargs, quantize, checkpoint, manifest,
+                     tensors)
+    nbytes = _save(program, meta, output)
+    return ExportInfo(output, nbytes, meta["source"]["step"], quantize,
+                      time.perf_counter() - start)
+
+
+def _trace(module: ServingModule, schema: FeatureSchema) -> Any:
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1, max=1 << 20)
+    ids = Dim("ids", min=0, max=1 << 40)
+    # torch.fx's one-time notice about is_fx_tracing is addressed to library authors
+    noisy = logging.getLogger("torch.fx._symbolic_trace")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad():
+            return torch.export.export(
+                module, _example(schema),
+                dynamic_shapes={"dense": {0: batch}, "values": {0: ids}, "lengths": {1: batch}},
+                strict=False,
+            )
+    finally:
+        noisy.setLevel(level)
+
+
+def _metadata(schema: FeatureSchema, model: str, model_kwargs: Any, quantize: str,
+              checkpoint: str, manifest: dict[str, Any], tensors: dict[str, str]) -> dict:
+    from recframe import __version__
+
+    return {
+        "format": FORMAT,
+        "recframe_version": __version__,
+        "torch_version": torch.__version__,
+        "created": time.time(),
+        "model": model,
+        "model_kwargs": {k: list(v) if isinstance(v, tuple) else v
+                         for k, v in dict(model_kwargs or {}).items()},
+        "quantize": quantize,
+        "source": {"checkpoint": str(checkpoint), "name": manifest.get("name"),
+                   "step": manifest.get("step"),
+                   "incremental": (manifest.get("incremental") or {}).get("kind", "full")},
+        "schema": schema.to_dict(),
+        "inputs": {
+            "dense": {"dtype": "float32", "shape": ["B", len(schema.dense)],
+                      "columns": schema.dense_names, "missing": "NaN (the column's fill)"},
+            "values": {"dtype": "int64", "shape": ["N"],
+                       "order": "feature-major, features in feature_order"},
+            "lengths": {"dtype": "int64", "shape": [len(schema.sparse), "B"]},
+        },
+        "feature_order": schema.feature_names,
+        "id_mapping": {c.name: {**c.mapping.to_dict(), "table": c.table,
+                                "num_embeddings": schema.num_embeddings_of(c)}
+                       for c in schema.sparse},
+        # extension point (dynamic embedding tables): a table whose ids are looked up
+        # in a learned id -> row map records {"table": {"kind": ..., "tensor": ...}} here
+        "id_maps": {},
+        "output": "probability [B] float32",
+        "tensors": tensors,
+    }
+
+
+def _save(program: Any, meta: dict[str, Any], output: str) -> int:
+    """Write the artifact beside ``output`` and rename it over: a reader (or a crash)
+    never sees half a file, and an existing artifact stays whole until then."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(output)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with fs.open(tmp, "wb") as f:
+            torch.export.save(program, f, extra_files={METADATA: json.dumps(meta, indent=1)})
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+    return int(fs.size(path))
+
+
+def read_metadata(artifact: str) -> dict[str, Any]:
+    """The artifact's ``recframe.json`` (without loading the program's weights)."""
+    import zipfile
+
+    import fsspec
+
+    with fsspec.open(artifact, "rb") as f, zipfile.ZipFile(f) as z:
+        found = [n for n in z.namelist() if n.rsplit("/", 1)[-1] == METADATA]
+        if not found:
+            raise ValueError(f"{artifact} is no recframe serving artifact (no {METADATA})")
+        meta = json.loads(z.read(found[0]))
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{artifact}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load_artifact(artifact: str) -> tuple[Any, dict[str, Any]]:
+    """``(ExportedProgram, metadata)`` (what a serving process does, with recframe's
+    checks: the quantised kernels' ops are registered first)."""
+    import fsspec
+
+    meta = read_metadata(artifact)
+    import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm: the tables' kernel)
+    with fsspec.open(artifact, "rb") as f:
+        program = torch.export.load(f)
+    return program, meta
+
+
+def check_inputs(meta: Mapping[str, Any], dense: Any, values: Any, lengths: Any) -> None:
+    """Raise a ValueError naming the tensor when the artifact's inputs are malformed
+    (the exported graph's own guards name no input)."""
+    d = len(meta["inputs"]["dense"]["columns"])
+    f = len(meta["feature_order"])
+    for name, t, dtype in (("dense", dense, torch.float32), ("values", values, torch.int64),
+                           ("lengths", lengths, torch.int64)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"artifact input {name!r} must be a tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise ValueError(f"artifact input {name!r} must be {dtype}, got {t.dtype}")
+    if dense.dim() != 2 or dense.shape[1] != d:
+        raise ValueError(f"artifact input 'dense' must be [B, {d}] (columns "
+                         f"{meta['inputs']['dense']['columns']}), got {tuple(dense.shape)}")
+    if lengths.dim() != 2 or lengths.shape != (f, dense.shape[0]):
+        raise ValueError(f"artifact input 'lengths' must be [{f}, B={dense.shape[0]}] (one row "
+                         f"per feature of {meta['feature_order']}), got {tuple(lengths.shape)}")
+    if values.dim() != 1 or values.shape[0] != int(lengths.sum()):
+        raise ValueError(f"artifact input 'values' must be [sum(lengths)={int(lengths.sum())}], "
+                         f"got {tuple(values.shape)}")
+
+
+def inputs_from_features(
+    meta: Mapping[str, Any], dense: Mapping[str, Any], sparse: Mapping[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The artifact's three inputs from raw values by name: ``dense[column]`` a list of
+    B numbers (None: missing), ``sparse[feature]`` a list of B lists of raw ids (ints,
+    hex or plain strings, mapped by `raw_id`). A missing column or feature is an error
+    naming it."""
+    columns, features = meta["inputs"]["dense"]["columns"], meta["feature_order"]
+    missing = [c for c in columns if c not in dense] + [f for f in features if f not in sparse]
+    if missing:
+        raise ValueError(f"the artifact needs feature(s) {missing}; it reads dense columns "
+                         f"{columns} and sparse features {features}")
+    sizes = {len(dense[c]) for c in columns} | {len(sparse[f]) for f in features}
+    if len(sizes) != 1:
+        raise ValueError(f"every feature needs the same number of samples, got sizes {sizes}")
+    rows = []
+    for c in columns:
+        try:
+            rows.append([float("nan") if v is None else float(v) for v in dense[c]])
+        except (TypeError, ValueError):
+            raise ValueError(f"dense column {c!r}: values must be numbers or None") from None
+    dense_t = torch.tensor(rows, dtype=torch.float64).T.float().reshape(sizes.pop(), len(columns))
+    values: list[int] = []
+    lengths: list[list[int]] = []
+    for f in features:
+        mapping = meta["id_mapping"][f]
+        per = []
+        for bag in sparse[f]:
+            bag = [] if bag is None else ([bag] if isinstance(bag, (int, str)) else list(bag))
+            try:
+                values += [raw_id(v, mapping) for v in bag]
+            except (TypeError, ValueError):
+                raise ValueError(f"sparse feature {f!r}: {bag!r} holds an id its "
+                                 f"{mapping['kind']} mapping cannot read") from None
+            per.append(len(bag))
+        lengths.append(per)
+    return (dense_t, torch.tensor(values, dtype=torch.int64).reshape(-1),
+            torch.tensor(lengths, dtype=torch.int64).reshape(len(features), -1))
+
+
+def _copy_changed_rows(old: torch.Tensor, new: torch.Tensor) -> int:
+    """Copy the rows of ``new`` that differ into ``old`` (in place); their number."""
+    diff = (old != new).any(dim=1).nonzero().squeeze(1)
+    if diff.numel():
+        old.index_copy_(0, diff, new.index_select(0, diff))
+    return int(diff.numel())
+
+
+def _packed_tables(module: nn.Module, name: str, old: torch.Tensor,
+                   new: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``[(table, old rows, new rows)]``: byte views ``[rows, row bytes]`` of each table
+    inside fbgemm's packed weights buffer ``name`` (empty for any other tensor)."""
+    owner_name, _, attr = name.rpartition(".")
+    if old.dim() != 1 or old.dtype != torch.uint8 or attr not in ("weights_host", "weights_dev"):
+        return []
+    owner: Any = module
+    for part in owner_name.split("."):
+        owner = owner[int(part)] if isinstance(owner, (list, tuple)) else getattr(owner, part)
+    out = []
+    specs = owner.embedding_specs
+    for i, (weights, _) in enumerate(owner.split_embedding_weights()):
+        base = int(owner.weights_offsets[i])
+        rows, stride = weights.shape[0], weights.stride(0)
+        if base + rows * stride > old.numel():
+            raise ValueError(f"apply_checkpoint: the packed tables of {name} do not fit")
+        view = (rows, stride)
+        out.append((str(specs[i][0]), old.as_strided(view, (stride, 1), base),
+                    new.as_strided(view, (stride, 1), base)))
+    return out
+
+
+def apply_checkpoint(artifact: str, checkpoint: str, output: Optional[str] = None) -> ExportInfo:
+    """Refresh ``artifact`` (written to ``output``, default in place) with the weights of
+    ``checkpoint`` (e.g. the newest incremental one) without tracing the graph: the
+    model is rebuilt from the artifact's metadata, loaded, quantised like the artifact,
+    and each table row that differs is copied into the artifact's tensors (the dense
+    weights are replaced). Equal to `export` of that checkpoint."""
+    start = time.perf_counter()
+    program, meta = load_artifact(artifact)
+    schema = FeatureSchema.from_dict(meta["schema"])
+    net = build_serving_model(meta["model"], schema, meta["model_kwargs"])
+    manifest = load_checkpoint(net, checkpoint)
+    module = ServingModule(net, schema).eval()
+    _quantize(module, meta["quantize"])
+    current = _program_tensors(program)
+    changed: dict[str, int] = {}
+    with torch.no_grad():
+        for key, name in meta["tensors"].items():
+            if key not in current:
+                raise ValueError(f"apply_checkpoint: {artifact} has no tensor {key!r}")
+            old, new = current[key], _named_tensor(module, name)
+            if old.shape != new.shape or old.dtype != new.dtype:
+                raise ValueError(
+                    f"apply_checkpoint: tensor {key!r} is {tuple(old.shape)} {old.dtype} in "
+                    f"{artifact} but {tuple(new.shape)} {new.dtype} in the checkpoint's "
+                    "model: re-export instead")
+            packed = _packed_tables(module, name, old, new)
+            if packed:  # fbgemm's buffer of all tables: row by row within each table
+                for table, old_rows, new_rows in packed:
+                    changed[table] = _copy_changed_rows(old_rows, new_rows)
+                if not torch.equal(old, new):  # the bytes between tables (alignment)
+                    old.copy_(new)
+            elif old.dim() == 2 and "embedding_bags" in name:  # an fp32 table
+                changed[name] = _copy_changed_rows(old, new)
+            elif not torch.equal(old, new):
+                old.copy_(new)
+    meta["source"] = {"checkpoint": str(checkpoint), "name": manifest.get("name"),
+                      "step": manifest.get("step"),
+                      "incremental": (manifest.get("incremental") or {}).get("kind", "full")}
+    meta["created"] = time.time()
+    target = output or artifact
+    nbytes = _save(program, meta, target)  # in place: renamed over the old file when whole
+    return ExportInfo(target, nbytes, manifest.get("step"), meta["quantize"],
+                      time.perf_counter() - start, changed)

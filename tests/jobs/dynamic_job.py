@@ -1,0 +1,102 @@
+"""A 2-rank job for tests/test_dynamic_ranks.py: a DLRM with a dynamic table, sharded
+row-wise by torchrec (fused RowWiseAdagrad), trained on different data per rank with
+the `DynamicEmbeddingHook` and checkpointed. Each rank dumps (numpy .npz, no pickle)
+its replicated map and its local shards of the dynamic table.
+
+usage: dynamic_job.py OUT_DIR CKPT_DIR (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the env)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+STEPS = 6
+BATCH = 8
+
+
+def schema() -> Any:
+    from recframe.schema import FeatureSchema
+
+    return FeatureSchema.from_dict({
+        "labels": ["y"], "dense": ["x0", "x1"],
+        "sparse": [{"name": "user", "mapping": {"kind": "dynamic", "dynamic": {
+            "fallback_rows": 4, "eviction": "lru", "eviction_interval": 2,
+            "evict_fraction": 0.25}}}, {"name": "item"}],
+        "tables": [{"name": "user", "num_embeddings": 24, "embedding_dim": 4},
+                   {"name": "item", "num_embeddings": 16, "embedding_dim": 4}],
+    })
+
+
+def batches(rank: int, n: int = STEPS) -> list[Any]:
+    from torchrec.datasets.utils import Batch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    g = torch.Generator().manual_seed(100 + rank)
+    out = []
+    for i in range(n):  # each rank its own id range: the map must hold both
+        users = torch.randint(0, 12, (BATCH,), generator=g) + 10**12 + 1000 * rank + 3 * i
+        items = torch.randint(0, 16, (BATCH,), generator=g)
+        dense = torch.randn(BATCH, 2, generator=g)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            ["user", "item"], torch.cat([users, items]), torch.ones(2 * BATCH, dtype=torch.int32))
+        out.append(Batch(dense_features=dense, sparse_features=kjt,
+                         labels=(dense[:, 0] > 0).float()))
+    return out
+
+
+def build(ckpt: str, steps: int, rank: int) -> tuple[Any, Any, Any]:
+    from recframe import Trainer, TrainingArguments
+    from recframe.hooks import DynamicEmbeddingHook
+    from recframe.models import DLRM
+    from recframe.optim import dense_parameters
+    from recframe.optim.fused import shard_model
+
+    torch.manual_seed(0)
+    model = DLRM(schema=schema(), dense_arch=(8, 4), over_arch=(8, 1))
+    dmp, sparse = shard_model(model, optimizer="rowwise_adagrad", lr=0.05, sharding="row_wise")
+    trainer = Trainer(
+        dmp, TrainingArguments(output_dir=ckpt, train_steps=steps, save_steps=2,
+                               report_to="none", disable_tqdm=True, log_steps=1000),
+        train_dataset=batches(rank), hooks=[DynamicEmbeddingHook()],
+        dense_optimizers=(torch.optim.Adam(dense_parameters(dmp), lr=0.01), None),
+        sparse_optimizer=sparse)
+    return model, dmp, trainer
+
+
+def dump(model: nn.Module, dmp: nn.Module) -> dict[str, np.ndarray]:
+    """The map's tensors, and the user table's local shards as ``weight|row_offset``."""
+    out = {f"map.{k}": v.numpy() for k, v in model.dynamic.maps["user"].state_dict().items()}
+    state = dmp.state_dict()
+    key = next(k for k in state if k.endswith("embedding_bags.user.weight"))
+    value = state[key]
+    for shard in getattr(value, "local_shards", lambda: [])():
+        out[f"weight|{int(shard.metadata.shard_offsets[0])}"] = shard.tensor.detach().numpy()
+    if not hasattr(value, "local_shards"):
+        out["weight|0"] = value.detach().numpy()
+    return out
+
+
+def main() -> None:
+    from recframe import distributed
+
+    out, ckpt = sys.argv[1], sys.argv[2]
+    distributed.init_default_group()
+    rank = distributed.get_rank()
+    model, dmp, trainer = build(ckpt, STEPS, rank)
+    trainer.train()
+    np.savez(f"{out}/r{rank}.npz", **dump(model, dmp))
+    with open(f"{out}/result-r{rank}.json", "w") as f:
+        json.dump({"step": trainer.state.global_step,
+                   "ids": sorted(set(torch.cat([b.sparse_features.values()[:BATCH]
+                                                for b in batches(rank)]).tolist()))}, f)
+    distributed.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,7 @@ NONFINITE_POLICIES = ("raise", "skip")
 ACCUMULATION_WEIGHTINGS = ("samples", "micro_batches")
 REPORT_TO = ("tensorboard", "none")
 METRIC_MODES = ("min", "max")
+LR_SCHEDULER_TYPES = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
 @dataclass
@@ -50,7 +51,9 @@ class TrainingArguments:
     train_epoch: int = 1
     """Passes over the training data when ``train_steps`` is ``None``."""
     eval_steps: Optional[int] = None
-    """Batches per evaluation; ``None`` evaluates the whole eval dataset."""
+    """Batches per evaluation; ``None`` evaluates the whole eval dataset. RecIS's meaning,
+    kept: Hugging Face's eval_steps (evaluate every N updates) is eval_interval_steps
+    here."""
     save_steps: Optional[int] = 1000
     """Checkpoint every this many optimizer updates; ``None`` or 0 saves only at the end."""
     max_to_keep: int = 5
@@ -74,7 +77,8 @@ class TrainingArguments:
     disable_tqdm: bool = False
     """Hide the progress bar."""
     eval_interval_steps: Optional[int] = None
-    """During ``train`` evaluate every this many updates (needs an eval dataset)."""
+    """During ``train`` evaluate every this many updates (needs an eval dataset); what
+    Hugging Face calls eval_steps."""
     nonfinite_loss: str = "raise"
     """On a NaN/inf loss: raise (naming the step) or skip that update (skip also drops an
     update whose loss is finite but whose gradients are not)."""
@@ -115,6 +119,33 @@ class TrainingArguments:
     """Linux/glibc: keep freed host memory in the heap (mallopt), so each update reuses
     warm pages instead of page-faulting fresh ones; see recframe/allocator.py."""
 
+    # --- Hugging Face Trainer names -----------------------------------------------
+    resume_from_checkpoint: Optional[Union[bool, str]] = None
+    """None: resume from output_dir's latest checkpoint when there is one (RecIS); true:
+    the same, but an error when there is none; false: start fresh, an error when
+    output_dir holds checkpoints; a path: that checkpoint directory."""
+    overwrite_output_dir: bool = False
+    """Start fresh: delete output_dir's checkpoints (and leftovers of interrupted saves)
+    instead of resuming from them."""
+    learning_rate: float = 1e-3
+    """Learning rate of the default dense optimizer (AdamW) and peak of the schedule."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay of the default dense optimizer (AdamW)."""
+    lr_scheduler_type: str = "constant"
+    """Schedule of the default dense optimizer: constant, constant_with_warmup, linear
+    (to 0 at the last update) or cosine (to 0); all warm up over warmup_steps first."""
+    warmup_steps: int = 0
+    """Updates of linear warm-up from 0 to learning_rate (wins over warmup_ratio)."""
+    warmup_ratio: float = 0.0
+    """Warm-up as a share of the run's updates (used when warmup_steps is 0)."""
+    dataloader_num_workers: Optional[int] = None
+    """Background workers reading the data: the recframe CLI's readers (their decoding
+    threads, --data_workers otherwise) and the user's data factory (--data pkg:fn)."""
+    load_best_model_at_end: bool = False
+    """After train: load the model weights of the checkpoint with the best
+    keep_best_metric (default then: the eval loss, min) of the evaluations during
+    training (eval_interval_steps)."""
+
     def __post_init__(self) -> None:
         _check_str(self, "output_dir", nonempty=True)
         _check_int(self, "gradient_accumulation_steps", minimum=1)
@@ -154,6 +185,35 @@ class TrainingArguments:
         _check_str(self, "metric_for_scheduler", nonempty=True)
         _check_bool(self, "resume_training")
         _check_bool(self, "keep_freed_memory")
+        if isinstance(self.resume_from_checkpoint, os.PathLike):
+            self.resume_from_checkpoint = os.fspath(self.resume_from_checkpoint)
+        if self.resume_from_checkpoint is not None and not (
+            isinstance(self.resume_from_checkpoint, bool)
+            or (isinstance(self.resume_from_checkpoint, str)
+                and self.resume_from_checkpoint.strip())
+        ):
+            _fail(self, "resume_from_checkpoint", "true, false, a checkpoint path or None")
+        _check_bool(self, "overwrite_output_dir")
+        if self.overwrite_output_dir and self.resume_from_checkpoint not in (None, False):
+            raise ValueError(
+                "TrainingArguments.overwrite_output_dir=True deletes the checkpoints that "
+                f"resume_from_checkpoint={self.resume_from_checkpoint!r} asks to resume "
+                "from: set only one of them"
+            )
+        _check_float(self, "learning_rate", positive=True)
+        _check_float(self, "weight_decay", positive=False)
+        if not 0.0 <= self.weight_decay < float("inf"):
+            _fail(self, "weight_decay", "a finite number >= 0")
+        _check_choice(self, "lr_scheduler_type", LR_SCHEDULER_TYPES)
+        _check_int(self, "warmup_steps", minimum=0)
+        _check_float(self, "warmup_ratio", positive=False)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            _fail(self, "warmup_ratio", "a number in [0, 1)")
+        _check_int(self, "dataloader_num_workers", minimum=0, optional=True)
+        _check_bool(self, "load_best_model_at_end")
+        if self.load_best_model_at_end and not self.keep_best_metric:
+            # as Hugging Face's metric_for_best_model: the eval loss, smaller is better
+            self.keep_best_metric, self.keep_best_mode = "loss", "min"
 
     # --- derived values -----------------------------------------------------------
     @property
@@ -246,13 +306,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+CONFIG_SECTIONS = ("model", "data")
+"""Sections of a ``recframe train --config`` file beside the training arguments: the
+keyword arguments of the user's model and data factories (see `config_sections`)."""
+
+
+def config_sections(path: Optional[str]) -> dict[str, dict[str, Any]]:
+    """The ``model:`` and ``data:`` mappings of a config file (empty when absent)."""
+    values = load_config_file(path) if path else {}
+    sections: dict[str, dict[str, Any]] = {}
+    for name in CONFIG_SECTIONS:
+        section = values.get(name) or {}
+        if not isinstance(section, dict):
+            raise ValueError(
+                f"config file {path!r}: {name!r} must be a mapping of the {name} factory's "
+                f"keyword arguments (and optionally factory: pkg.module:function)"
+            )
+        sections[name] = dict(section)
+    return sections
+
+
 def arguments_from_namespace(ns: argparse.Namespace) -> TrainingArguments:
-    """Merge ``--config`` file values with the flags given explicitly (flags win)."""
+    """Merge ``--config`` file values with the flags given explicitly (flags win); the
+    file's ``model:``/``data:`` sections are the factories' (`config_sections`)."""
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     values: dict[str, Any] = {}
     config = getattr(ns, "config", None)
     if config:
         values.update(load_config_file(config))
+        for name in CONFIG_SECTIONS:
+            values.pop(name, None)
     values.update({k: v for k, v in vars(ns).items() if k in names})
     return TrainingArguments.from_dict(values)
 
@@ -313,6 +396,13 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_bool_or_str(text: str) -> Union[bool, str]:
+    try:
+        return _parse_bool(text)
+    except argparse.ArgumentTypeError:
+        return text
+
+
 def _optional(conv: Any) -> Any:
     def parse(text: str) -> Any:
         if text.strip().lower() in ("none", "null", ""):
@@ -339,6 +429,8 @@ def _converter(name: str, hint: Any) -> tuple[Any, str]:
     if origin in (Union, types.UnionType):
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
         optional = len(inner) < len(typing.get_args(hint))
+        if set(inner) == {bool, str}:
+            return _optional(_parse_bool_or_str), "BOOL|PATH"
         hint = inner[0]
         origin = typing.get_origin(hint)
     if hint is bool:
@@ -377,4 +469,7 @@ def _field_docs() -> dict[str, str]:
     return docs
 
 
-__all__ = ["TrainingArguments", "add_arguments", "arguments_from_namespace", "load_config_file"]
+__all__ = [
+    "CONFIG_SECTIONS", "TrainingArguments", "add_arguments", "arguments_from_namespace",
+    "config_sections", "load_config_file",
+]

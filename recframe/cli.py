@@ -35,11 +35,18 @@ def _train_parser(sub: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="dlrm", choices=["dlrm", "deepfm"], help="model of the zoo")
     g.add_argument(
-        "--data", default="synthetic", choices=["synthetic", "criteo", "parquet", "csv", "tsv"],
-        help="training data: synthetic, Criteo TSV files, or Parquet / CSV / TSV files "
-        "under --schema",
+        "--model", default=None, type=_model_choice, metavar="{dlrm,deepfm,PKG.MODULE:FN}",
+        help="model of the zoo (default dlrm), or your own: the import path of a factory "
+        "fn(args, **model_section) -> nn.Module, called with the TrainingArguments and the "
+        "config file's model: section",
+    )
+    g.add_argument(
+        "--data", default=None, type=_data_choice,
+        metavar="{synthetic,criteo,parquet,csv,tsv,PKG.MODULE:FN}",
+        help="training data (default synthetic): synthetic, Criteo TSV files, Parquet / CSV / "
+        "TSV files under --schema, or your own: the import path of a factory "
+        "fn(args, **data_section) returning the train dataset or (train, eval)",
     )
     g.add_argument("--train_path", default=None,
                    help="training file(s), glob or directory (any fsspec path)")
@@ -57,7 +64,8 @@ def _train_parser(sub: Any) -> None:
     g.add_argument("--num_eval_batches", type=int, default=20, help="synthetic eval batches")
     g.add_argument("--num_embeddings", type=int, default=10_000, help="rows per table")
     g.add_argument("--embedding_dim", type=int, default=16, help="embedding width")
-    g.add_argument("--lr", type=float, default=1e-3, help="dense (Adam) learning rate")
+    g.add_argument("--lr", dest="learning_rate", type=float, default=argparse.SUPPRESS,
+                   help="the same as --learning_rate (the dense optimizer's learning rate)")
     g.add_argument("--sparse_lr", type=float, default=0.05, help="sparse optimizer learning rate")
     g.add_argument(
         "--sparse_backend", default="fused", choices=["fused", "sparse_grad"],
@@ -76,7 +84,113 @@ def _train_parser(sub: Any) -> None:
         "mixed: tables alternately table_wise and row_wise)",
     )
     add_arguments(p.add_argument_group("training arguments"))
+    _add_log_level(p, default=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
+
+
+MODELS = ("dlrm", "deepfm")
+DATA = ("synthetic", "criteo", "parquet", "csv", "tsv")
+
+
+def _model_choice(text: str) -> str:
+    if text in MODELS or _is_import_path(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a model of the zoo ({', '.join(MODELS)}) nor an import path "
+        "pkg.module:factory"
+    )
+
+
+def _data_choice(text: str) -> str:
+    if text in DATA or _is_import_path(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither built-in data ({', '.join(DATA)}) nor an import path "
+        "pkg.module:factory"
+    )
+
+
+def _is_import_path(text: str) -> bool:
+    module, sep, attr = text.partition(":")
+    return bool(sep) and all(p.isidentifier() for p in module.split(".")) and all(
+        p.isidentifier() for p in attr.split(".")
+    )
+
+
+def _load_factory(spec: str, what: str) -> Any:
+    """The callable at ``pkg.module:attr``; errors name the flag and the path."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(
+            f"--{what} {spec}: cannot import {module_name!r} ({e}); is its package on "
+            "PYTHONPATH or installed?"
+        ) from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"--{what} {spec}: {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"--{what} {spec}: {attr!r} is not callable")
+    return obj
+
+
+def _call_factory(spec: str, what: str, args: Any, kwargs: dict[str, Any]) -> Any:
+    factory = _load_factory(spec, what)
+    try:
+        return factory(args, **kwargs)
+    except TypeError as e:
+        import inspect
+
+        try:
+            inspect.signature(factory).bind(args, **kwargs)
+        except TypeError as bad:  # the call itself does not fit: say which section to fix
+            raise ValueError(
+                f"--{what} {spec}: the {what}: section {sorted(kwargs)} does not fit "
+                f"{getattr(factory, '__name__', spec)}{inspect.signature(factory)}: {bad}"
+            ) from e
+        raise
+
+
+def _resolve_factories(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Fill ``ns.model``/``ns.data`` (flag, else the section's ``factory``, else the
+    default) and return the config file's sections without their ``factory`` keys."""
+    from recframe.arguments import config_sections
+
+    sections = config_sections(getattr(ns, "config", None))
+    for name, default, check in (("model", "dlrm", _model_choice),
+                                 ("data", "synthetic", _data_choice)):
+        from_file = sections[name].pop("factory", None)
+        if getattr(ns, name) is None:
+            try:
+                setattr(ns, name, check(str(from_file)) if from_file else default)
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"config file {ns.config!r}: {name}.factory: {e}") from e
+        if sections[name] and not _is_import_path(getattr(ns, name)):
+            raise ValueError(
+                f"config file {ns.config!r} has a {name}: section, but --{name} "
+                f"{getattr(ns, name)} is built in and takes no arguments; name your factory "
+                f"(--{name} pkg.module:fn, or {name}.factory in the file)"
+            )
+    return sections
+
+
+def _add_log_level(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``--log_level``, accepted before or after the subcommand."""
+    parser.add_argument("--log_level", default=default, type=_log_level, metavar="LEVEL",
+                        help="level of recframe's log: DEBUG, INFO, WARNING, ERROR")
+
+
+def _log_level(text: str) -> str:
+    level = str(text).upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise argparse.ArgumentTypeError(
+            f"unknown log level {text!r}; use DEBUG, INFO, WARNING or ERROR"
+        )
+    return level
 
 
 def _data_schema(ns: argparse.Namespace) -> Any:
@@ -88,11 +202,13 @@ def _data_schema(ns: argparse.Namespace) -> Any:
     if ns.data == "criteo":
         return FeatureSchema.criteo(ns.num_embeddings, ns.embedding_dim)
     if not ns.schema:
-        raise SystemExit(f"recframe train --data {ns.data} needs --schema schema.yaml")
+        raise ValueError(f"recframe train --data {ns.data} needs --schema schema.yaml")
     return FeatureSchema.from_file(ns.schema)
 
 
-def _build_data(ns: argparse.Namespace, seed: int, schema: Any = None) -> tuple[Any, Any]:
+def _build_data(
+    ns: argparse.Namespace, seed: int, schema: Any = None, workers: Optional[int] = None
+) -> tuple[Any, Any]:
     """Training and evaluation data; under torchrun each rank reads its own part."""
     from recframe import distributed
     from recframe.data import SyntheticCriteo
@@ -102,10 +218,14 @@ def _build_data(ns: argparse.Namespace, seed: int, schema: Any = None) -> tuple[
         from recframe.readers import TabularDataset
 
         if not ns.train_path:
-            raise SystemExit(f"recframe train --data {ns.data} needs --train_path PATH")
+            raise ValueError(
+                f"recframe train --data {ns.data} needs --train_path PATH (the training "
+                "files: a file, glob or directory)"
+            )
         fmt = "tsv" if ns.data == "criteo" else ns.data
+        workers = ns.data_workers if workers is None else workers
         common = dict(format=fmt, batch_size=ns.batch_size, header=ns.header,
-                      num_workers=ns.data_workers, **ranks)
+                      num_workers=workers, **ranks)
         train = TabularDataset(ns.train_path, schema, **common)
         evals = TabularDataset(ns.eval_path, schema, **common) if ns.eval_path else None
         return train, evals
@@ -126,7 +246,10 @@ def _sparse_side(model: Any, ns: argparse.Namespace, device: str) -> tuple[Any, 
                  "train with --sparse_backend sparse_grad (dense gradients on XLA)")
         backend = "sparse_grad"
     if backend == "fused":
-        from recframe.optim.fused import shard_model
+        from recframe.optim.fused import _embedding_collections, shard_model
+
+        if _is_import_path(ns.model) and not _embedding_collections(model):
+            return model, None  # no torchrec tables: the Trainer's sparse default
 
         return shard_model(
             model, optimizer=ns.sparse_optimizer, lr=ns.sparse_lr, sharding=ns.sharding
@@ -151,14 +274,26 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
     from recframe.device import device_kind
     from recframe.models import build_model
-    from recframe.optim import dense_parameters
     from recframe.trainer import Trainer
 
     args = arguments_from_namespace(ns)
-    schema = _data_schema(ns)
-    train_data, eval_data = _build_data(ns, args.seed, schema)
+    sections = _resolve_factories(ns)
+    _check_output_dir(args.output_dir)
+    if _is_import_path(ns.data):
+        schema = None
+        made = _call_factory(ns.data, "data", args, sections["data"])
+        train_data, eval_data = made if isinstance(made, tuple) and len(made) == 2 else (
+            made, None)
+    else:
+        schema = _data_schema(ns)
+        train_data, eval_data = _build_data(ns, args.seed, schema, args.dataloader_num_workers)
     torch.manual_seed(args.seed)
-    if schema is not None:  # the tables come from the schema the data is read with
+    if _is_import_path(ns.model):
+        model = _call_factory(ns.model, "model", args, sections["model"])
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"--model {ns.model} returned {type(model).__name__}, not an "
+                             "nn.Module whose forward(batch) returns the loss")
+    elif schema is not None:  # the tables come from the schema the data is read with
         model = build_model(ns.model, schema=schema)
     else:
         model = build_model(
@@ -166,13 +301,11 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         )
     dynamic = getattr(model, "dynamic", None) is not None  # before sharding wraps it
     model, sparse_opt = _sparse_side(model, ns, device_kind(args.device))
-    dense_opt = torch.optim.Adam(dense_parameters(model), lr=ns.lr)
-    trainer = Trainer(
+    trainer = Trainer(  # the dense optimizer and schedule: from the training arguments
         model=model,
         args=args,
         train_dataset=train_data,
         eval_dataset=eval_data,
-        dense_optimizers=(dense_opt, None),
         sparse_optimizer=sparse_opt,
     )
     if dynamic:
@@ -193,6 +326,32 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         distributed.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _check_output_dir(url: str) -> None:
+    """A remote output_dir must be reachable before any work: a missing credential or
+    bucket is one line naming the URL and the fix, not a traceback after the model is
+    built."""
+    if "://" not in url or url.startswith(("file://", "memory://")):
+        return
+    from recframe.checkpoint.storage import Storage
+
+    try:
+        storage = Storage(url)
+        storage.listdir(storage.root)
+    except ImportError as e:
+        raise ValueError(f"--output_dir {url}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - botocore/gcsfs raise their own classes
+        text = str(e)
+        hint = ""
+        if "credential" in text.lower():
+            hint = (" (no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
+                    "AWS_PROFILE, plus FSSPEC_S3_ENDPOINT_URL for a non-AWS store)")
+        raise OutputDirError(f"cannot use --output_dir {url}{hint}: {text}") from e
+
+
+class OutputDirError(Exception):
+    """The output_dir cannot be used (exit status 1)."""
 
 
 # --- recframe data ------------------------------------------------------------------
@@ -367,6 +526,11 @@ def _ckpt_list(ns: argparse.Namespace) -> int:
     else:
         if not storage.exists(storage.root):
             raise _CkptCommandError(f"{storage.display(storage.root)} does not exist")
+        if storage.fs.isfile(storage.root):
+            raise _CkptCommandError(
+                f"{storage.display(storage.root)} is a file; pass an output_dir (the "
+                "directory of ckpt_<step> checkpoints) or one checkpoint directory"
+            )
         found = inspect.scan(storage)
     committed, leftovers, corrupt = found["checkpoints"], found["uncommitted"], found["corrupt"]
     if ns.json:
@@ -547,13 +711,20 @@ def _cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from recframe import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recframe",
         description="recframe: train recommendation models (dense + sparse optimizers, "
         "gradient accumulation, hooks, crash-proof checkpoints).",
     )
-    parser.add_argument("--log_level", default="INFO", help="python logging level")
+    parser.add_argument("--version", action="version", version=f"recframe {_version()}")
+    _add_log_level(parser, default="INFO")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)
     _data_parser(sub)
@@ -583,6 +754,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:
         print(f"recframe: error: {e}", file=sys.stderr)
         return 2
+    except OutputDirError as e:
+        print(f"recframe: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

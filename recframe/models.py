@@ -24,11 +24,19 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.datasets.utils import Batch
-from torchrec.models.dlrm import DLRM as TorchrecDLRM
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+try:
+    from torchrec.datasets.utils import Batch
+    from torchrec.models.dlrm import DLRM as TorchrecDLRM
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+except ImportError as e:  # recframe itself imports without torchrec; its models need it
+    raise ImportError(
+        f"recframe.models needs torchrec ({e}). Install it beside fbgemm-gpu-cpu with: "
+        "pip install -r requirements/cpu.txt && pip install --no-deps -r "
+        "requirements/torchrec.txt"
+    ) from e
 
 from recframe.data import DEFAULT_CAT_NAMES
 from recframe.metrics import add_predictions

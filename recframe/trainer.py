@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
-from typing import Any, Optional
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -19,7 +19,8 @@ from torch import nn
 from recframe import distributed
 from recframe.allocator import keep_freed_memory
 from recframe.arguments import TrainingArguments
-from recframe.checkpoint import CheckpointManager, Saver
+from recframe.checkpoint import CheckpointError, CheckpointManager, Saver
+from recframe.console import default_logging
 from recframe.data import batch_size_of
 from recframe.device import Device, RNGState, resolve_device, set_seed
 from recframe.hooks import (
@@ -40,12 +41,38 @@ from recframe.optim import (
     default_dense_optimizer,
     split_sparse_dense_parameters,
 )
+from recframe.optim.schedules import build_scheduler
 from recframe.optim.sparse import default_sparse_optimizer, warn_if_dense_optimizer_holds_tables
 from recframe.pipeline import BatchStream, TrainData, is_stateful
 from recframe.predict import Predictions, predict_dataset
 from recframe.state import TrainerControl, TrainerState
 
 logger = logging.getLogger("recframe")
+
+
+class EvalPrediction(NamedTuple):
+    """What ``compute_metrics`` gets (Hugging Face's name): every rank's logits and
+    labels of the evaluation, as the model reported them with ``add_predictions``."""
+
+    predictions: torch.Tensor
+    label_ids: torch.Tensor
+
+
+class CheckpointMismatchError(ValueError):
+    """output_dir holds a checkpoint of another model; the message says how to start
+    fresh."""
+
+
+def _planned_updates(args: TrainingArguments, dataset: Any) -> Optional[int]:
+    """The run's optimizer updates (for decaying schedules): ``train_steps``, else
+    ``train_epoch`` passes over a dataset with a ``len()``; None when unknown."""
+    if args.train_steps is not None:
+        return args.train_steps
+    try:
+        batches = len(dataset)
+    except TypeError:
+        return None
+    return -(-batches // args.gradient_accumulation_steps) * args.train_epoch
 
 
 class Trainer:
@@ -64,6 +91,9 @@ class Trainer:
             optimizer, the `FusedSparseOptimizer` of `recframe.optim.fused.shard_model`, or
             any torch optimizer); when ``None``: a sharded model's own fused optimizer,
             else recframe's RowWiseAdagrad(lr=0.01) over the tables no optimizer holds.
+        compute_metrics: as in Hugging Face's Trainer, ``fn(EvalPrediction)`` returning
+            extra eval metrics from all ranks' logits (``predictions``) and labels
+            (``label_ids``) that the model reported with ``add_predictions``.
     """
 
     def __init__(
@@ -75,6 +105,7 @@ class Trainer:
         hooks: Optional[Iterable[Hook]] = None,
         dense_optimizers: tuple[Any, Any] = (None, None),
         sparse_optimizer: Any = None,
+        compute_metrics: Optional[Callable[[EvalPrediction], dict[str, float]]] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Trainer(model=...) must be a torch.nn.Module, got {type(model)}")
@@ -88,6 +119,7 @@ class Trainer:
                 "use (optimizer, None) when there is no scheduler"
             )
         self.args = args
+        default_logging()  # recframe's progress at INFO unless the user set up logging
         if args.keep_freed_memory:
             keep_freed_memory()  # every update reuses warm pages (recframe/allocator.py)
         set_seed(args.seed)
@@ -101,7 +133,14 @@ class Trainer:
         dense_opt, scheduler = dense_optimizers
         sparse_params, dense_params = split_sparse_dense_parameters(self.unwrapped_model)
         if dense_opt is None and dense_params:
-            dense_opt = default_dense_optimizer(dense_params.values())
+            dense_opt = default_dense_optimizer(
+                dense_params.values(), lr=args.learning_rate, weight_decay=args.weight_decay
+            )
+        if scheduler is None and dense_opt is not None:
+            scheduler = build_scheduler(
+                dense_opt, args.lr_scheduler_type, _planned_updates(args, train_dataset),
+                args.warmup_steps, args.warmup_ratio,
+            )
         if sparse_optimizer is None and sparse_params:
             sparse_optimizer = default_sparse_optimizer(
                 self.model, sparse_params.values(), dense_opt
@@ -125,6 +164,18 @@ class Trainer:
                 "Trainer got no eval_dataset: pass eval_dataset=... and evaluate during "
                 "training (eval_interval_steps, or train_and_evaluate), or use a scheduler "
                 "that steps every update"
+            )
+
+        self.compute_metrics = compute_metrics
+        if args.eval_interval_steps is not None and eval_dataset is None:
+            logger.warning(
+                "TrainingArguments.eval_interval_steps=%d does nothing: no eval_dataset was "
+                "given (CLI: --eval_path)", args.eval_interval_steps,
+            )
+        if args.keep_best_metric and eval_dataset is None:
+            logger.warning(
+                "TrainingArguments.keep_best_metric=%r does nothing: no eval_dataset was "
+                "given, so no checkpoint gets that metric", args.keep_best_metric,
             )
 
         self.hooks = HookRegistry()
@@ -217,7 +268,7 @@ class Trainer:
         self._restored = True
         if self.args.model_bank:
             self.checkpoint_manager.load_model_bank(self.args.model_bank)
-        step = self.checkpoint_manager.restore()
+        step = self._resume()
         if not self.is_main_process:
             pass  # the log is rank 0's
         elif step:
@@ -231,6 +282,69 @@ class Trainer:
             self.hooks.fire(Event.AFTER_RESTORE, self, step)
         return step
 
+    def _resume(self) -> int:
+        """Load what ``resume_from_checkpoint`` / ``overwrite_output_dir`` ask for; a
+        checkpoint of another model is an error that says how to start fresh."""
+        args, manager = self.args, self.checkpoint_manager
+        target = args.resume_from_checkpoint
+        if args.overwrite_output_dir:
+            self._clear_output_dir()
+            return 0
+        if target is False:  # start fresh; never silently on top of another run's steps
+            found = manager.saver.list_checkpoints()
+            if found:
+                raise ValueError(
+                    f"TrainingArguments.resume_from_checkpoint=False, but {args.output_dir} "
+                    f"holds checkpoints ({found[-1].name}): pass overwrite_output_dir=True "
+                    "to delete them, or use another output_dir"
+                )
+            return 0
+        try:
+            if isinstance(target, str):
+                return self._resume_from_path(target)
+            step = manager.restore()
+        except (CheckpointError, ValueError) as e:
+            if "does not match" not in str(e):
+                raise
+            raise CheckpointMismatchError(
+                f"{args.output_dir} holds a checkpoint of a different model: {e}. To start "
+                "fresh there, pass overwrite_output_dir=True (recframe train "
+                "--overwrite_output_dir true: deletes its checkpoints), or use another "
+                "output_dir"
+            ) from e
+        if target is True and step == 0:
+            raise ValueError(
+                f"TrainingArguments.resume_from_checkpoint=True, but {args.output_dir} has no "
+                "committed checkpoint; leave it unset to start fresh"
+            )
+        return step
+
+    def _resume_from_path(self, path: str) -> int:
+        saver = self.checkpoint_manager.saver
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        inside = [c for c in saver.list_checkpoints() if c.name == name]
+        if inside and path.rstrip("/") in (inside[0].path.rstrip("/"), name):
+            return self.checkpoint_manager.restore(global_step=inside[0].step)
+        try:
+            saver.load(ckpt_path=path)
+        except FileNotFoundError as e:
+            raise ValueError(
+                f"TrainingArguments.resume_from_checkpoint={path!r}: no checkpoint there"
+            ) from e
+        return int(self.state.global_step)
+
+    def _clear_output_dir(self) -> None:
+        """``overwrite_output_dir``: delete the checkpoints and leftovers (rank 0)."""
+        saver = self.checkpoint_manager.saver
+        if self.is_main_process:
+            doomed = [c.path for c in saver.list_checkpoints()] + saver.uncommitted()
+            for path in doomed:
+                saver.storage.remove_tree(path)
+            if doomed:
+                logger.info("overwrite_output_dir: deleted %d checkpoint(s) in %s",
+                            len(doomed), self.args.output_dir)
+        distributed.barrier()
+
     def train(self, train_steps: Optional[int] = None) -> dict[str, Any]:
         """Train until ``train_steps`` optimizer updates in all (resumed ones count),
         or ``args.train_epoch`` epochs when no step count is given."""
@@ -241,6 +355,12 @@ class Trainer:
         with self._outermost():
             self.restore()
             goal = {"steps": steps} if steps is not None else {"epochs": self.args.train_epoch}
+            if steps is not None and steps < self.state.global_step and self.is_main_process:
+                logger.warning(
+                    "train_steps=%d is below the step %d resumed from %s: nothing to train "
+                    "(train_steps counts all updates, resumed ones too); raise it to go on",
+                    steps, self.state.global_step, self.args.output_dir,
+                )
             if self._may_train(goal):
                 if self.dense_lr_scheduler.on_metric and "plateau-train" not in self._warned and (
                     self.eval_dataset is None or self.args.eval_interval_steps is None
@@ -256,7 +376,31 @@ class Trainer:
                     self._train_until(max_steps=steps)
                 else:
                     self._train_until(max_epochs=self.args.train_epoch)
+                if self.args.load_best_model_at_end:
+                    self._load_best_model()
         return self.state.state_dict()
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the model weights (not the optimizers or the
+        position) of the kept checkpoint with the best ``keep_best_metric``."""
+        name, mode = self.args.keep_best_metric, self.args.keep_best_mode
+        scored = [(float(c.manifest.get("metrics", {})[name]), c)
+                  for c in self.checkpoint_manager.saver.list_checkpoints()
+                  if name in (c.manifest.get("metrics") or {})]
+        if not scored:
+            logger.warning(
+                "load_best_model_at_end: no checkpoint has the metric %r (evaluate during "
+                "training: eval_interval_steps); keeping the last model", name,
+            )
+            return
+        pick = max if mode == "max" else min
+        value, best = pick(scored, key=lambda vc: vc[0])
+        self.checkpoint_manager.saver.load(
+            ckpt_path=best.path, load_conf={"load": ["sparse", "dense"]}
+        )
+        if self.is_main_process:
+            logger.info("load_best_model_at_end: loaded the model of %s (%s=%.6g)",
+                        best.name, name, value)
 
     def evaluate(self, eval_steps: Optional[int] = None) -> dict[str, float]:
         """Evaluate on ``eval_dataset``: mean loss, AUC and log loss (when the model
@@ -663,12 +807,23 @@ class Trainer:
                 count += n
             pop_global_metrics()
             results = collector.compute()
+            if self.compute_metrics is not None:
+                logits, labels = collector.gathered()
+                results.update(self.compute_metrics(EvalPrediction(logits, labels)))
         total = distributed.all_reduce_sum(float(count))
         if total == 0:
             raise ValueError("eval_dataset yielded no batches; check the dataset")
         results["loss"] = distributed.all_reduce_sum(float(loss_sum)) / total
         results["num_samples"] = total
         self.state.last_eval = dict(results)
+        best = self.args.keep_best_metric
+        if best and best not in results and "keep-best" not in self._warned:
+            self._warned.add("keep-best")
+            logger.warning(
+                "TrainingArguments.keep_best_metric=%r is not among the evaluation metrics "
+                "%s: no checkpoint is kept as the best; set it to one of them",
+                best, sorted(results),
+            )
         if is_stateful(dataset) and self._eval_start_state is not None:
             dataset.load_state_dict(self._eval_start_state)  # type: ignore[attr-defined]
         if in_training:

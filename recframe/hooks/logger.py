@@ -4,6 +4,8 @@ The line reads like RecIS's training log::
 
     step=120 epoch=0 loss=0.5123 samples/s=41234.5 lr=0.001 ctr=0.031
 
+``epoch`` is the pass the logged update belongs to, as the progress bar shows it.
+
 ``loss`` is the mean over the updates since the previous line and ``samples/s`` is
 measured over the same interval (evaluation time excluded). The per-step loss
 arrives as a detached device tensor; it is only stacked and read back (one device
@@ -128,6 +130,15 @@ class IntervalMeter:
         return self.samples / elapsed if elapsed > 0 else 0.0
 
 
+def update_epoch(state: Any) -> int:
+    """The epoch the last optimizer update belongs to (the pass the progress bar
+    shows): the update that ends a pass already counts it in ``state.epoch``."""
+    epoch = int(state.epoch)
+    if epoch > 0 and int(getattr(state, "epoch_batches", 1)) == 0 and state.global_step > 0:
+        return epoch - 1
+    return epoch
+
+
 def log_due(trainer: Trainer, log_steps: int) -> bool:
     """Whether the update just finished should be logged.
 
@@ -197,7 +208,7 @@ class LoggerHook(Hook):
 
     def _write_train_line(self, trainer: Trainer) -> None:
         state = trainer.state
-        values: dict[str, Any] = {"step": int(state.global_step), "epoch": int(state.epoch)}
+        values: dict[str, Any] = {"step": int(state.global_step), "epoch": update_epoch(state)}
         loss = self._meter.mean_loss()
         if loss is not None:
             values["loss"] = loss
@@ -231,7 +242,7 @@ class LoggerHook(Hook):
         if not trainer.is_main_process:
             return
         state = trainer.state
-        values: dict[str, Any] = {"step": int(state.global_step), "epoch": int(state.epoch)}
+        values: dict[str, Any] = {"step": int(state.global_step), "epoch": update_epoch(state)}
         for key, value in metrics.items():
             number = scalar_value(value)
             if number is not None:
@@ -241,4 +252,6 @@ class LoggerHook(Hook):
         self.last_eval_logged = values
 
 
-__all__ = ["IntervalMeter", "LoggerHook", "format_value", "log_due", "scalar_value"]
+__all__ = [
+    "IntervalMeter", "LoggerHook", "format_value", "log_due", "scalar_value", "update_epoch",
+]

@@ -575,6 +575,9 @@ def current_lr(optimizer: Any) -> Optional[float]:
     return float(lr) if lr is not None else None
 
 
-def default_dense_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW(lr=1e-3), what the trainer builds when no dense optimizer is given."""
-    return torch.optim.AdamW(list(params), lr=1e-3)
+def default_dense_optimizer(
+    params: Iterable[nn.Parameter], lr: float = 1e-3, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """AdamW(lr, weight_decay), what the trainer builds when no dense optimizer is given
+    (``TrainingArguments.learning_rate`` / ``weight_decay``; HF's defaults: no decay)."""
+    return torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)

@@ -34,7 +34,9 @@ as torchrec does it.
 from __future__ import annotations
 
 import logging
+import os
 import types
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -165,14 +167,30 @@ def shard_model(
     if sharders is not None:
         kwargs["sharders"] = sharders
     if data_parallel:
-        from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
-
         # not DDP's static_graph (torchrec's default): its first-iteration bookkeeping
         # asserts when that iteration runs under no_sync (gradient accumulation)
-        kwargs["data_parallel_wrapper"] = DefaultDataParallelWrapper(static_graph=False)
+        kwargs["data_parallel_wrapper"] = _quiet_data_parallel_wrapper()
     dmp = DistributedModelParallel(model, **kwargs)
     _copy_initial_values(dmp, initial)
     return dmp, FusedSparseOptimizer(dmp)
+
+
+def _quiet_data_parallel_wrapper() -> Any:
+    """torchrec's `DefaultDataParallelWrapper` (static_graph off) without DDP's
+    ``broadcast_buffers`` FutureWarning: torchrec itself passes the deprecated flag,
+    and its replacement would also sync the buffers at init, which torchrec avoids."""
+    from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
+
+    class _Wrapper(DefaultDataParallelWrapper):
+        def wrap(self, dmp: Any, env: Any, device: torch.device) -> None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings(
+                    "ignore", message="`broadcast_buffers` is deprecated",
+                    category=FutureWarning,
+                )
+                super().wrap(dmp, env, device)
+
+    return _Wrapper(static_graph=False)
 
 
 def _table_names(module: nn.Module) -> list[str]:
@@ -193,13 +211,12 @@ def _fused_plan(
     """A plan by torchrec's planner that gives every table a fused kernel and a
     model-parallel sharding (`shard_model`'s ``sharding`` picks which)."""
     import torch.distributed as dist
-    from torchrec.distributed.comm import get_local_size
     from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-    from torchrec.distributed.planner import (
-        EmbeddingShardingPlanner,
-        ParameterConstraints,
-        Topology,
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+    from torchrec.distributed.planner.storage_reservations import (
+        FixedPercentageStorageReservation,
     )
+    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
     from torchrec.distributed.sharding_plan import get_default_sharders
 
     kernels = [EmbeddingComputeKernel.FUSED.value]
@@ -215,12 +232,24 @@ def _fused_plan(
         table: ParameterConstraints(sharding_types=allowed[table], compute_kernels=kernels)
         for table in tables
     }
-    topology = Topology(
-        world_size=world_size,
-        local_world_size=get_local_size(world_size),
-        compute_device=device.type,
+    # torchrun sets LOCAL_WORLD_SIZE; one process without it is a node of one (torchrec's
+    # own guess, 8 processes per node, warns and falls back to the world size)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or world_size
+    if world_size % local:
+        local = world_size
+    # the pod (high-bandwidth domain) of row-wise shardings' sub-groups: one node
+    os.environ.setdefault("TORCHREC_RESOLVED_POD_SIZE", "1")
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(world_size=world_size, local_world_size=local),
+        kernel_config=KernelConfig(compute_device=device.type),
     )
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    # the tables are materialised here, so torchrec's heuristic dense-size reservation
+    # (deprecated) has nothing to estimate: keep a fixed share of each device's memory
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        constraints=constraints,
+        storage_reservation=FixedPercentageStorageReservation(percentage=0.15),
+    )
     return planner.collective_plan(
         model, sharders if sharders is not None else get_default_sharders(),
         dist.GroupMember.WORLD,

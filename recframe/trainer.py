@@ -26,8 +26,10 @@ from recframe.hooks import (
     Event,
     Hook,
     HookRegistry,
+    JsonlLoggerHook,
     LoggerHook,
     ProgressBarHook,
+    RunConfigHook,
     TensorBoardHook,
 )
 from recframe.metrics import collect_predictions, pop_global_metrics
@@ -128,8 +130,11 @@ class Trainer:
 
         self.hooks = HookRegistry()
         self.hooks.add(LoggerHook(args.log_steps))
-        if args.report_to == "tensorboard":
+        self.hooks.add(RunConfigHook())
+        if "tensorboard" in args.report_targets:
             self.hooks.add(TensorBoardHook())
+        if "jsonl" in args.report_targets:
+            self.hooks.add(JsonlLoggerHook())
         if not args.disable_tqdm:
             self.hooks.add(ProgressBarHook())
         if hooks:

@@ -2,15 +2,18 @@
 
 ``Hook`` subclasses override the events they need; ``HookRegistry`` calls them in
 priority order (lower first). Built-ins: `LoggerHook` (log lines),
-`TensorBoardHook` (event files), `ProgressBarHook` (tqdm), `EarlyStoppingHook`
+`TensorBoardHook` (event files), `JsonlLoggerHook` (a metrics.jsonl file),
+`RunConfigHook` (run_config.json), `ProgressBarHook` (tqdm), `EarlyStoppingHook`
 and `ProfilerHook` (torch.profiler traces).
 """
 
 from recframe.hooks.base import Event, Hook, HookError, HookRegistry
 from recframe.hooks.early_stopping import EarlyStoppingHook
+from recframe.hooks.jsonl import JsonlLoggerHook
 from recframe.hooks.logger import LoggerHook
 from recframe.hooks.profiler import ProfilerHook
 from recframe.hooks.progress import ProgressBarHook
+from recframe.hooks.run_config import RunConfigHook
 from recframe.hooks.tensorboard import TensorBoardHook
 
 __all__ = [
@@ -19,8 +22,10 @@ __all__ = [
     "Hook",
     "HookError",
     "HookRegistry",
+    "JsonlLoggerHook",
     "LoggerHook",
     "ProfilerHook",
     "ProgressBarHook",
+    "RunConfigHook",
     "TensorBoardHook",
 ]

@@ -105,7 +105,7 @@ class UserCTR(nn.Module):
         return nn.functional.binary_cross_entropy_with_logits(logits, batch["label"])
 
 
-def test_evaluate_reports_ne_calibration_and_gauc(tmp_path):
+def test_evaluate_reports_ne_calibration_and_gauc(tmp_path, caplog):
     batches = make_batches(4, 16, seed=1)
     for i, b in enumerate(batches):
         b["user_id"] = (torch.arange(16) + i) % 5  # users spread over the batches
@@ -134,3 +134,6 @@ def test_evaluate_reports_ne_calibration_and_gauc(tmp_path):
             weight += len(s)
     assert results["gauc"] == pytest.approx(total / weight, rel=1e-6)
     assert trainer.state.last_eval["ne"] == results["ne"]
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("eval "))
+    for key in ("ne=", "calibration=", "gauc=", "gauc_groups=5", "auc="):
+        assert key in line, (key, line)

@@ -55,6 +55,14 @@ def _attr(obj: Any, *names: str) -> Any:
     return obj
 
 
+def _num_parameters(model: Any) -> Optional[int]:
+    """Parameter count (global sizes of sharded tables), None when a wrapper hides it."""
+    try:
+        return int(sum(p.numel() for p in model.parameters()))
+    except Exception:  # noqa: BLE001 - a record, not a check: leave the count out
+        return None
+
+
 def run_config(trainer: Trainer, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The configuration record of ``trainer``'s run (a strict-JSON-able dict)."""
     import torch
@@ -74,7 +82,7 @@ def run_config(trainer: Trainer, extra: Optional[dict[str, Any]] = None) -> dict
         "args": trainer.args.to_dict(),
         "model": None if model is None else {
             "class": _qualname(model),
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": _num_parameters(model),
         },
         "dense_optimizer": _qualname(_attr(trainer, "dense_optimizer", "optimizer")),
         "sparse_optimizer": _qualname(_attr(trainer, "sparse_optimizer", "optimizer")),

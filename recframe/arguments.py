@@ -23,7 +23,7 @@ import fsspec
 DEVICES = ("auto", "cpu", "cuda", "xla")
 NONFINITE_POLICIES = ("raise", "skip")
 ACCUMULATION_WEIGHTINGS = ("samples", "micro_batches")
-REPORT_TO = ("tensorboard", "none")
+REPORT_TO = ("tensorboard", "jsonl", "none")
 METRIC_MODES = ("min", "max")
 LR_SCHEDULER_TYPES = ("constant", "constant_with_warmup", "linear", "cosine")
 
@@ -72,8 +72,10 @@ class TrainingArguments:
     """Run the train step under bfloat16 autocast."""
     logging_dir: Optional[str] = None
     """TensorBoard event directory; defaults to ``<output_dir>/logs``."""
-    report_to: str = "tensorboard"
-    """Where metrics are reported besides the log: tensorboard or none."""
+    report_to: Union[str, list] = "tensorboard"
+    """Where metrics are reported besides the log: tensorboard (event files in
+    logging_dir), jsonl (<output_dir>/metrics.jsonl), none, or several (a list, or
+    comma-separated on the command line); `report_targets` lists them."""
     disable_tqdm: bool = False
     """Hide the progress bar."""
     eval_interval_steps: Optional[int] = None
@@ -167,7 +169,7 @@ class TrainingArguments:
         _check_choice(self, "device", DEVICES)
         _check_bool(self, "bf16")
         _check_str(self, "logging_dir", optional=True, nonempty=True)
-        _check_choice(self, "report_to", REPORT_TO)
+        _check_report_to(self)
         _check_bool(self, "disable_tqdm")
         _check_int(self, "eval_interval_steps", minimum=1, optional=True)
         _check_choice(self, "nonfinite_loss", NONFINITE_POLICIES)
@@ -222,6 +224,11 @@ class TrainingArguments:
         if self.logging_dir:
             return self.logging_dir
         return self.output_dir.rstrip("/") + "/logs"
+
+    @property
+    def report_targets(self) -> list[str]:
+        """``report_to`` as a list: ``["tensorboard"]``, ``["tensorboard", "jsonl"]``, ``[]``."""
+        return _report_targets(self.report_to) or []
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -385,6 +392,27 @@ def _check_str(args: Any, name: str, optional: bool = False, nonempty: bool = Fa
 def _check_choice(args: Any, name: str, choices: tuple[str, ...]) -> None:
     if getattr(args, name) not in choices:
         _fail(args, name, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def _report_targets(value: Any) -> Optional[list[str]]:
+    """``report_to`` as a list of destinations (``none`` alone: empty); None if invalid."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        return None
+    names = [n.strip() for n in names if n.strip()]
+    if not names or any(n not in REPORT_TO for n in names) or (
+        "none" in names and len(names) > 1
+    ):
+        return None
+    return [n for n in dict.fromkeys(names) if n != "none"]
+
+
+def _check_report_to(args: Any) -> None:
+    if isinstance(args.report_to, tuple):
+        args.report_to = list(args.report_to)
+    if _report_targets(args.report_to) is None:
+        _fail(args, "report_to", "one of " + ", ".join(map(repr, REPORT_TO))
+              + ", or a list (or comma-separated string) of tensorboard and jsonl")
 
 
 def _parse_bool(text: str) -> bool:

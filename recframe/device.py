@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -189,8 +190,10 @@ def resolve_device(spec: str = "auto") -> Device:
     if spec == "xla":
         if not xla_available():
             raise ValueError(
-                "TrainingArguments.device='xla' needs torch_xla; install the xla extra "
-                "(`make test-xla` builds .venv-xla) and set PJRT_DEVICE (TPU or CPU)"
+                f"TrainingArguments.device='xla' needs torch_xla, which this environment "
+                f"({sys.prefix}) does not have and must not get (it pins another torch): "
+                "build the XLA venv with `make setup-xla` and run .venv-xla/bin/recframe "
+                "(or .venv-xla/bin/python) with PJRT_DEVICE set (TPU or CPU); see docs/tpu.md"
             )
         from recframe.xla import XLADevice
 

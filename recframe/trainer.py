@@ -27,8 +27,10 @@ from recframe.hooks import (
     Event,
     Hook,
     HookRegistry,
+    JsonlLoggerHook,
     LoggerHook,
     ProgressBarHook,
+    RunConfigHook,
     TensorBoardHook,
 )
 from recframe.metrics import collect_predictions, pop_global_metrics
@@ -84,7 +86,8 @@ class Trainer:
         train_dataset / eval_dataset: any iterable of batches (DataLoader,
             IterableDataset, list of batch dicts). A dataset with
             ``state_dict``/``load_state_dict`` is resumed at its exact position.
-        hooks: extra hooks (a logger, TensorBoard and progress-bar hook are built in).
+        hooks: extra hooks (built in: a logger, the run_config.json writer, a progress
+            bar, and TensorBoard / metrics.jsonl as ``args.report_to`` asks).
         dense_optimizers: ``(optimizer, lr_scheduler)``; either may be ``None``. The
             default optimizer is AdamW(lr=1e-3) over the non-embedding parameters.
         sparse_optimizer: the optimizer of the embedding tables (a recframe sparse
@@ -180,8 +183,11 @@ class Trainer:
 
         self.hooks = HookRegistry()
         self.hooks.add(LoggerHook(args.log_steps))
-        if args.report_to == "tensorboard":
+        self.hooks.add(RunConfigHook())
+        if "tensorboard" in args.report_targets:
             self.hooks.add(TensorBoardHook())
+        if "jsonl" in args.report_targets:
+            self.hooks.add(JsonlLoggerHook())
         if not args.disable_tqdm:
             self.hooks.add(ProgressBarHook())
         if hooks:

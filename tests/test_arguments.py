@@ -71,7 +71,7 @@ BAD_VALUES = {
     "device": ["gpu", "", None, "CPU", "cuda:0"],
     "bf16": ["true", 1, 0, None],
     "logging_dir": ["", "  ", 5],
-    "report_to": ["wandb", None, "", ["tensorboard"]],
+    "report_to": ["wandb", None, "", ["tensorboard", "wandb"], ["none", "jsonl"]],
     "disable_tqdm": ["yes", 0, None],
     "eval_interval_steps": [0, -2, 1.5],
     "nonfinite_loss": ["ignore", None, "RAISE"],

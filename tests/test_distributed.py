@@ -149,7 +149,8 @@ def test_two_ranks_train_save_and_reshard_2_to_1_to_2(tmp_path, dist_jobs):
     assert r0["global_step"] == r1["global_step"] == 6
 
     # the checkpoints (saved in the background): each rank wrote its own shard files
-    assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt_2", "ckpt_4", "ckpt_6"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt_2", "ckpt_4", "ckpt_6",
+                                                     "run_config.json"]
     manifest = json.loads((ckpt / "ckpt_6" / "manifest.json").read_text())
     assert manifest["world_size"] == 2
     assert {f["rank"] for f in manifest["files"].values()} == {0, 1}
@@ -219,7 +220,7 @@ def test_sigterm_on_one_rank_saves_and_stops_all_at_the_same_step(tmp_path):
         result = _result(out, rank)
         # SIGTERM after update 3 on rank 1 only; the ranks agree every 2 updates
         assert result["global_step"] == 4 and result["preempted"] is True
-    assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt_4"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt_4", "run_config.json"]
     assert json.loads((ckpt / "ckpt_4" / "manifest.json").read_text())["world_size"] == 2
 
 

@@ -204,13 +204,14 @@ def test_tensorboard_default_dir_reopen_and_resume_purge(tmp_path):
     log_dir = tmp_path / "out" / "logs"
     assert glob.glob(str(log_dir / "events.out.tfevents.*"))
 
-    # a second train call in the same process continues in a new event file
+    # a second train call in the same process appends to the same event file
     registry.rearm_end()
     registry.fire(Event.BEFORE_TRAIN, trainer)
     assert hook.writer is not None
     run_steps(registry, trainer, [4.0])
     registry.fire(Event.END, trainer)
     assert read_scalars(log_dir)["train/loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+    assert len(glob.glob(str(log_dir / "events.out.tfevents.*"))) == 1
 
     # a crash-resumed run from a step-2 checkpoint replaces the later steps
     resumed = make_trainer(tmp_path, log_steps=1)
@@ -220,6 +221,7 @@ def test_tensorboard_default_dir_reopen_and_resume_purge(tmp_path):
     run_steps(registry, resumed, [30.0])
     registry.fire(Event.END, resumed)
     assert read_scalars(log_dir)["train/loss"] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert len(glob.glob(str(log_dir / "events.out.tfevents.*"))) == 1
 
 
 def test_tensorboard_writes_nothing_off_main_process(tmp_path):

@@ -217,7 +217,7 @@ def test_trainer_runs_and_resumes_on_s3(s3, tmp_path, caplog):
     first.train()
     assert first.global_step == 4
     assert [os.path.basename(p) for p in fs.ls(out, detail=False, refresh=True)] == [
-        "ckpt_2", "ckpt_4"]
+        "ckpt_2", "ckpt_4", "run_config.json"]
 
     caplog.clear()
     second = _trainer(out, 7)
@@ -227,7 +227,7 @@ def test_trainer_runs_and_resumes_on_s3(s3, tmp_path, caplog):
     assert second.global_step == 7
     assert any("resumed from" in r.getMessage() for r in caplog.records)
     assert [os.path.basename(p) for p in fs.ls(out, detail=False, refresh=True)] == [
-        "ckpt_6", "ckpt_7"]
+        "ckpt_6", "ckpt_7", "run_config.json"]
     # 4 steps, a new process-like Trainer from s3://, 3 more == 7 straight steps
     _assert_same(_trained(straight), _trained(second))
 

@@ -2,7 +2,8 @@
 
 ``Hook`` subclasses override the events they need; ``HookRegistry`` calls them in
 priority order (lower first). Built-ins: `LoggerHook` (log lines),
-`TensorBoardHook` (event files), `ProgressBarHook` (tqdm), `EarlyStoppingHook`,
+`TensorBoardHook` (event files), `JsonlLoggerHook` (a metrics.jsonl file),
+`RunConfigHook` (run_config.json), `ProgressBarHook` (tqdm), `EarlyStoppingHook`,
 `DynamicEmbeddingHook` (admission/eviction of dynamic tables) and `ProfilerHook`
 (torch.profiler traces).
 """
@@ -10,9 +11,11 @@ priority order (lower first). Built-ins: `LoggerHook` (log lines),
 from recframe.hooks.base import Event, Hook, HookError, HookRegistry
 from recframe.hooks.dynamic import DynamicEmbeddingHook
 from recframe.hooks.early_stopping import EarlyStoppingHook
+from recframe.hooks.jsonl import JsonlLoggerHook
 from recframe.hooks.logger import LoggerHook
 from recframe.hooks.profiler import ProfilerHook
 from recframe.hooks.progress import ProgressBarHook
+from recframe.hooks.run_config import RunConfigHook
 from recframe.hooks.tensorboard import TensorBoardHook
 
 __all__ = [
@@ -22,8 +25,10 @@ __all__ = [
     "Hook",
     "HookError",
     "HookRegistry",
+    "JsonlLoggerHook",
     "LoggerHook",
     "ProfilerHook",
     "ProgressBarHook",
+    "RunConfigHook",
     "TensorBoardHook",
 ]

@@ -3,6 +3,8 @@ input): each case is a hostile or damaged checkpoint that slipped past the fixes
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from test_hostile_checkpoints import Run, _fresh, _manifest, _same, _seal
 
@@ -116,3 +118,21 @@ def test_a_load_state_dict_failing_on_a_checksummed_manifest_changes_nothing(
     with pytest.raises((ValueError, KeyError, CheckpointCorruptError)):
         fresh.saver.load(ckpt_id=2)
     assert _same(fresh.snapshot(), before)
+
+
+def test_listing_does_not_walk_a_leftover_symlinked_out_of_the_output_dir(tmp_path, capsys):
+    """``ckpt_7 -> /etc`` (no manifest there): `recframe ckpt list` walked and stat'ed
+    every file below the link's target (a link to ``/`` walks the whole machine)."""
+    from recframe.checkpoint import inspect
+    from recframe.checkpoint.storage import Storage
+
+    run = Run(tmp_path / "run")
+    run.train([1])
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    for name in ("a", "b", "sub/c"):
+        (outside / name).write_bytes(b"x" * 1000)
+    os.symlink(outside, tmp_path / "run" / "ckpt_7")
+    found = inspect.scan(Storage(str(tmp_path / "run")))
+    (entry,) = [e for e in found["uncommitted"] if e["name"] == "ckpt_7"]
+    assert entry["bytes"] < 1000 and entry["files"] <= 1

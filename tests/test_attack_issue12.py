@@ -136,3 +136,44 @@ def test_listing_does_not_walk_a_leftover_symlinked_out_of_the_output_dir(tmp_pa
     found = inspect.scan(Storage(str(tmp_path / "run")))
     (entry,) = [e for e in found["uncommitted"] if e["name"] == "ckpt_7"]
     assert entry["bytes"] < 1000 and entry["files"] <= 1
+
+
+def test_a_lock_file_that_is_a_fifo_does_not_hang_the_start(tmp_path):
+    """An output dir unpacked from an archive with ``.recframe-writer.lock`` a FIFO
+    (or a link to /dev/zero): reading the lock blocked forever (or read until
+    MemoryError). An unreadable lock is a stale one: taken over."""
+    from test_hostile_checkpoints import _bounded
+
+    out = tmp_path / "run"
+    out.mkdir()
+    os.mkfifo(out / ".recframe-writer.lock")
+
+    def start_and_save() -> list:
+        run = Run(out)
+        run.train([1])
+        return sorted(os.listdir(out))
+
+    assert "ckpt_1" in _bounded(start_and_save, seconds=20)
+    assert not os.path.islink(out / ".recframe-writer.lock")
+
+
+def test_a_live_holder_in_another_pid_namespace_is_not_taken_over(tmp_path):
+    """Two containers sharing the host's network share its hostname but not pids: the
+    first job's pid does not exist (or is this job's own pid) in the second one's
+    namespace, so the second took the live lock over at once."""
+    import json
+    import socket
+    import time
+
+    from recframe.checkpoint.lock import WriterLockError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for pid in (os.getpid(), 2 ** 22 + 7):
+        (out / ".recframe-writer.lock").write_text(json.dumps({
+            "run_id": "other-container", "host": socket.gethostname(), "pid": pid,
+            "pid_namespace": "pid:[1]", "expires_unix": time.time() + 600,
+            "lease_seconds": 600,
+        }))
+        with pytest.raises(WriterLockError, match="other-container"):
+            Run(out).train([1])

@@ -177,3 +177,26 @@ def test_a_live_holder_in_another_pid_namespace_is_not_taken_over(tmp_path):
         }))
         with pytest.raises(WriterLockError, match="other-container"):
             Run(out).train([1])
+
+
+@pytest.mark.parametrize("alias", ["ckpt_0004", "ckpt_\u0664", "ckpt_4\n"])
+def test_other_spellings_of_a_step_are_not_checkpoints(tmp_path, alias):
+    """``\\d`` matches non-ASCII digits and ``$`` a trailing newline: a copy of ckpt_1
+    named ``ckpt_0004`` (or with an Arabic-Indic 4, or ``ckpt_4\\n``) was listed and
+    restored as step 4, a second directory of that step beside the real one."""
+    import shutil
+
+    from recframe.checkpoint.manifest import CheckpointCorruptError as Corrupt
+    from recframe.checkpoint.manifest import parse_manifest
+
+    run = Run(tmp_path / "run")
+    run.train([1, 2])
+    shutil.copytree(run.ckpt(1), tmp_path / "run" / alias)
+    assert [c.step for c in run.saver.list_checkpoints()] == [1, 2]
+    assert _fresh(tmp_path).manager.restore() == 2
+    manifest = _manifest(run.ckpt(2))
+    manifest["incremental"] = {"kind": "delta", "chain": ["ckpt_1", alias]}
+    from recframe.checkpoint.manifest import encode_manifest
+
+    with pytest.raises(Corrupt, match="not a checkpoint of this output dir"):
+        parse_manifest(encode_manifest(manifest), "m")

@@ -40,8 +40,11 @@ MAX_DEPTH = 256
 state stay far below; decoding deeper trees would exhaust Python's stack)."""
 MAX_DIMS = 64
 PER_RANK_PARTS = ("io_state", "delta")
-CKPT_NAME_RE = re.compile(r"^ckpt_(\d+)$")
-_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
+CKPT_NAME_RE = re.compile(r"^ckpt_(0|[1-9][0-9]*)\Z")
+"""A checkpoint directory's name: the canonical ``ckpt_<step>`` only (ASCII digits, no
+leading zero, no trailing newline): another spelling of a step (``ckpt_04``, a non-ASCII
+digit, a trailing newline) would be a second directory of the same step."""
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}\Z")
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 

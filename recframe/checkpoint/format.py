@@ -549,6 +549,7 @@ class TensorReader:
         results: dict[str, Any] = {}
         fresh: dict[str, Any] = {}
         live: dict[str, Any] = {}
+        self._check_extents([key for key, out in targets.items() if out is None])
         for key, out in targets.items():
             if out is None:
                 entry = self._entry(key)
@@ -567,6 +568,20 @@ class TensorReader:
             self.verify(jobs, keep=not self.storage.is_local)
             self.apply(jobs)
         return results
+
+    def _check_extents(self, keys: list[str]) -> None:
+        """Every file the chunks of ``keys`` lie in holds the bytes the manifest places
+        there, checked before fresh memory of the manifest's shapes is allocated (a
+        hostile shape backed by a declared, not a real, file size)."""
+        need: dict[str, int] = {}
+        for key in keys:
+            for shard in self._entry(key)["shards"]:
+                for chunk in shard["chunks"]:
+                    end = chunk["offset"] + chunk["nbytes"]
+                    need[chunk["file"]] = max(need.get(chunk["file"], 0), end)
+        for name, end in need.items():
+            f, _size = open_member(self.storage, self.directory, name, end)
+            f.close()
 
     def _entry(self, key: str) -> dict[str, Any]:
         try:

@@ -43,6 +43,8 @@ from recframe.checkpoint.storage import Storage
 logger = logging.getLogger("recframe.checkpoint")
 
 LOCK_NAME = ".recframe-writer.lock"
+MAX_LOCK_BYTES = 64 << 10
+"""A lock file larger than this (or not a regular file) is unreadable: a stale one."""
 DEFAULT_LEASE_SECS = 60.0
 
 _PROCESS_HOLDS: dict[str, int] = {}
@@ -50,6 +52,14 @@ _PROCESS_HOLDS: dict[str, int] = {}
 of one process on one output dir (a script that builds a second `Trainer`) share the
 lock rather than take it from each other."""
 _HOLDS_LOCK = threading.Lock()
+
+
+def _pid_namespace() -> Optional[str]:
+    """This process's pid namespace (``pid:[4026531836]``), None where unknown."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 class WriterLockError(RuntimeError):
@@ -94,16 +104,21 @@ class WriterLock:
         now = time.time()
         return json.dumps({
             "run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "pid_namespace": _pid_namespace(),
             "renewed_unix": now, "expires_unix": now + self.lease_seconds,
             "lease_seconds": self.lease_seconds,
         }).encode()
 
     def read(self) -> Optional[dict[str, Any]]:
         """The current holder's record (None: no lock; an unreadable one is ``{}``)."""
-        try:
-            raw = self.storage.read_bytes(self.path)
+        from recframe.checkpoint.format import CheckpointCorruptError, read_member
+
+        try:  # bounded, regular files only: the lock may be a link to /dev/zero, a FIFO
+            raw = read_member(self.storage, self.storage.root, LOCK_NAME, MAX_LOCK_BYTES)
         except FileNotFoundError:
             return None
+        except CheckpointCorruptError:
+            return {}
         try:
             record = json.loads(raw)
         except ValueError:
@@ -127,7 +142,10 @@ class WriterLock:
         if not isinstance(expires, (int, float)) or time.time() > expires:
             return True
         pid = record.get("pid")
-        if record.get("host") == socket.gethostname() and isinstance(pid, int):
+        # a pid means something only in the holder's pid namespace: containers sharing
+        # the host's network (and so its hostname) each have their own
+        if record.get("host") == socket.gethostname() and isinstance(pid, int) \
+                and record.get("pid_namespace") == _pid_namespace():
             if pid == os.getpid():
                 return True
             try:

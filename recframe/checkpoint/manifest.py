@@ -40,8 +40,11 @@ MAX_DEPTH = 256
 state stay far below; decoding deeper trees would exhaust Python's stack)."""
 MAX_DIMS = 64
 PER_RANK_PARTS = ("io_state", "delta")
-CKPT_NAME_RE = re.compile(r"^ckpt_(\d+)$")
-_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
+CKPT_NAME_RE = re.compile(r"^ckpt_(0|[1-9][0-9]*)\Z")
+"""A checkpoint directory's name: the canonical ``ckpt_<step>`` only (ASCII digits, no
+leading zero, no trailing newline): another spelling of a step (``ckpt_04``, a non-ASCII
+digit, a trailing newline) would be a second directory of the same step."""
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}\Z")
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -243,6 +246,7 @@ class _Validator:
             volume = 0
             for i, shard in enumerate(shards):
                 volume += self.shard(shard, f"{where} shard {i}", shape, element, files)
+            _disjoint([s for s in shards if math.prod(s["sizes"])], where)
             if shards and volume != math.prod(shape):
                 raise _Invalid(f"{where}: its shards hold {volume} elements, its shape "
                                f"{shape} has {math.prod(shape)}")
@@ -270,6 +274,7 @@ class _Validator:
         row_bytes = math.prod(sizes[1:]) * element if sizes else element
         volume = math.prod(sizes)
         covered = 0
+        spans: list[list[int]] = []
         for j, chunk in enumerate(chunks):
             at = f"{where} chunk {j}"
             if not isinstance(chunk, dict):
@@ -296,8 +301,17 @@ class _Validator:
                 raise _Invalid(f"{at}: bytes {offset}..{offset + nbytes} lie past the end of "
                                f"{fname!r} ({files[fname]['size']} bytes)")
             covered += span[1] - span[0]
+            spans.append(span)
         if volume and covered != rows:
             raise _Invalid(f"{where}: its chunks cover {covered} of its {rows} rows")
+        # each row exactly once: overlapping chunks would leave other rows unread (old
+        # values in a live tensor, uninitialized memory in a fresh one)
+        end = 0
+        for start, stop in sorted(spans):
+            if start != end:
+                raise _Invalid(f"{where}: its chunks overlap or leave a gap at row "
+                               f"{min(start, end)}")
+            end = stop
         return volume
 
     def parts(self, parts: dict[str, Any], tensors: dict[str, Any]) -> None:
@@ -345,6 +359,25 @@ class _Validator:
             isinstance(changed, dict) and all(_is_int(v) and v >= 0 for v in changed.values())
         ):
             raise _Invalid("incremental changed_rows is not an object of row counts")
+
+
+def _disjoint(shards: list[dict[str, Any]], where: str) -> None:
+    """Non-empty shard boxes must not overlap (with their volumes summing to the
+    tensor's, they then cover it exactly once). A sweep along dim 0: row-wise layouts
+    compare each shard with one other, column-wise ones with the shards beside it."""
+    boxes = sorted((s["offsets"], s["sizes"]) for s in shards)
+    active: list[tuple[list[int], list[int]]] = []
+    for off, size in boxes:
+        if not off:  # a 0-dim tensor: one shard at most
+            if active:
+                raise _Invalid(f"{where}: more than one shard of a 0-dim tensor")
+            active.append((off, size))
+            continue
+        active = [(o, s) for o, s in active if o[0] + s[0] > off[0]]
+        for o, s in active:
+            if all(a < b + n and b < a + m for a, m, b, n in zip(off, size, o, s)):
+                raise _Invalid(f"{where}: shards at offsets {o} and {off} overlap")
+        active.append((off, size))
 
 
 def _is_crc(value: Any) -> bool:

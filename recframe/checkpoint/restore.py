@@ -320,6 +320,7 @@ def _check_param_shapes(
     Adagrad's sums...), else the next step fails far from the cause."""
     if not isinstance(opt, torch.optim.Optimizer) or not isinstance(saved, dict):
         return
+    _check_param_groups(ctx, opt, saved.get("param_groups"), what)
     state = saved.get("state")
     if not isinstance(state, dict):
         return
@@ -345,6 +346,24 @@ def _check_param_shapes(
                     f"{list(shape)}, the parameter has {list(param.shape)}; the model does "
                     "not match the checkpoint"
                 )
+
+
+def _check_param_groups(ctx: PartContext, opt: Any, groups: Any, what: str) -> None:
+    """What ``torch.optim.Optimizer.load_state_dict`` checks, checked while planning:
+    failing there (in the apply phase) would leave the model already overwritten."""
+    if not isinstance(groups, list) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
+    ):
+        raise CheckpointCorruptError(
+            f"{ctx.where}: {what} param_groups is not a list of groups with their params"
+        )
+    saved = [len(g["params"]) for g in groups]
+    live = [len(g["params"]) for g in opt.param_groups]
+    if saved != live:
+        raise ValueError(
+            f"{ctx.where}: {what} has param groups of {saved} parameters, the live "
+            f"optimizer {live}; the model does not match the checkpoint"
+        )
 
 
 def _holds_sharded(tree: Any) -> bool:

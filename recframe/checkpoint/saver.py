@@ -55,8 +55,8 @@ ABANDONED_DIR = "abandoned"
 """Where a rollback moves the checkpoints of the abandoned timeline (`move_aside`)."""
 PER_RANK_PARTS = ("io_state", "delta")
 """Parts each rank writes its own tree of (``delta``: an incremental checkpoint's rows)."""
-_CKPT_RE = re.compile(r"^ckpt_(\d+)$")
-_STAGING_RE = re.compile(r"^ckpt_(\d+)\.staging$")
+_CKPT_RE = re.compile(r"^ckpt_(0|[1-9][0-9]*)\Z")  # as manifest.CKPT_NAME_RE
+_STAGING_RE = re.compile(r"^ckpt_(0|[1-9][0-9]*)\.staging\Z")
 
 
 class CheckpointError(RuntimeError):

@@ -155,17 +155,21 @@ class Storage:
 
     def file_sizes(self, path: str) -> dict[str, int]:
         """Every file below ``path`` (names relative to it, ``/``-separated) with its
-        size; empty when ``path`` does not exist."""
+        size; empty when ``path`` does not exist. Local links are not followed (a
+        ``ckpt_N`` linked to ``/`` would walk the whole machine): a link counts as
+        itself."""
         out: dict[str, int] = {}
         if self.is_local:
-            if os.path.isfile(path):
-                return {os.path.basename(path): os.path.getsize(path)}
+            if os.path.islink(path) or os.path.isfile(path):
+                with contextlib.suppress(OSError):
+                    return {os.path.basename(path): os.lstat(path).st_size}
+                return {}
             for dirpath, _dirs, files in os.walk(path):
                 for name in files:
                     full = os.path.join(dirpath, name)
                     rel = os.path.relpath(full, path).replace(os.sep, "/")
                     with contextlib.suppress(OSError):  # deleted meanwhile
-                        out[rel] = os.path.getsize(full)
+                        out[rel] = os.lstat(full).st_size
             return out
         self._invalidate(path)
         base = self.strip(path).rstrip("/")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import posixpath
 import time
@@ -128,21 +129,37 @@ class ServingModule(nn.Module):
         # u mod n for an int64 x holding u: (x mod n + [x < 0] * (2**64 mod n)) mod n
         self.register_buffer("wrap", torch.tensor(
             [(_U64 % n) if u else 0 for n, u in zip(rows, unsigned)], dtype=torch.int64))
+        # what the graph needs of the above, fixed when it is traced: a schema without
+        # dense transforms fills NaNs in float32 (the same values as in float64, then
+        # rounded), one table size for all features is a scalar modulus (no per-id
+        # feature lookup), and the unsigned wrap runs only where a feature is hex/hash
+        self.transforms = any(d.transform in ("log1p", "standardize") for d in dense)
+        self.unsigned = any(unsigned)
+        self.modulus: Optional[int] = rows[0] if len(set(rows)) == 1 else None
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor,
                 lengths: torch.Tensor) -> torch.Tensor:
-        x = dense.double()
-        x = torch.where(torch.isnan(x), self.fill, x)
-        x = torch.where(self.log1p, torch.log1p(x.clamp(min=0.0)), x)
-        x = torch.where(self.standardize, (x - self.mean) / self.std, x)
-        # the feature of each id (values are feature-major): where its position falls
-        # among the features' cumulative counts (repeat_interleave is ~100x slower here)
-        ends = torch.cumsum(lengths.sum(dim=1), dim=0)
-        feature = torch.searchsorted(ends, torch.arange(values.shape[0]), right=True)
-        n, wrap = self.rows[feature], self.wrap[feature]
-        ids = torch.remainder(torch.remainder(values, n) + (values < 0).long() * wrap, n)
+        if self.transforms:
+            x = dense.double()
+            x = torch.where(torch.isnan(x), self.fill, x)
+            x = torch.where(self.log1p, torch.log1p(x.clamp(min=0.0)), x)
+            x = torch.where(self.standardize, (x - self.mean) / self.std, x)
+            x = x.float()
+        else:
+            x = torch.where(torch.isnan(dense), self.fill.float(), dense)
+        if self.modulus is not None and not self.unsigned:
+            ids = torch.remainder(values, self.modulus)
+        else:
+            # the feature of each id (values are feature-major): where its position falls
+            # among the features' cumulative counts (repeat_interleave is ~100x slower)
+            ends = torch.cumsum(lengths.sum(dim=1), dim=0)
+            feature = torch.searchsorted(ends, torch.arange(values.shape[0]), right=True)
+            n = self.rows[feature]
+            ids = torch.remainder(values, n)
+            if self.unsigned:
+                ids = torch.remainder(ids + (values < 0).long() * self.wrap[feature], n)
         kjt = KeyedJaggedTensor(keys=self.features, values=ids, lengths=lengths.reshape(-1))
-        batch = Batch(dense_features=x.float(), sparse_features=kjt,
+        batch = Batch(dense_features=x, sparse_features=kjt,
                       labels=torch.zeros(dense.shape[0]))
         return self.model.predict(batch)
 
@@ -292,6 +309,62 @@ def _map_tensors(module: nn.Module, program: Any) -> dict[str, str]:
     return out
 
 
+def _fold_split_cat(program: Any) -> int:
+    """Replace ``cat(split(x, sizes, dim), dim)`` (all the pieces, in order) by ``x``:
+    torchrec splits the batched kernel's ``[B, tables * dim]`` output per feature and
+    DLRM's sparse arch concatenates them back, a copy of the whole output per call.
+    Returns how many were folded."""
+    aten = torch.ops.aten
+    folded = 0
+    for node in list(program.graph.nodes):
+        if node.op != "call_function" or node.target != aten.cat.default:
+            continue
+        pieces = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not pieces or any(p.op != "call_function" or p.target is not operator.getitem
+                             for p in pieces):
+            continue
+        split = pieces[0].args[0]
+        if split.op != "call_function" or split.target != aten.split_with_sizes.default:
+            continue
+        sizes = split.args[1]
+        split_dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        rank = split.args[0].meta["val"].dim()
+        if (split_dim % rank != dim % rank or len(pieces) != len(sizes)
+                or [(p.args[0], p.args[1]) for p in pieces]
+                != [(split, i) for i in range(len(sizes))]):
+            continue
+        node.replace_all_uses_with(split.args[0])
+        folded += 1
+    return folded
+
+
+def _drop_dead_nodes(program: Any) -> int:
+    """Erase graph nodes whose results nothing reads: the unused labels tensor,
+    torchrec's per-key offsets the batched kernel never reads (with the in-place
+    ``detach_`` that would keep them alive) and export's dtype re-checks of
+    intermediates (``_assert_tensor_metadata``: fixed by the inputs' dtypes, which the
+    program's input guards check). A served call runs every node one by one, so each
+    one dropped is time saved at batch 1. Data checks (``_assert_scalar``) stay.
+    Returns how many nodes went."""
+    aten = torch.ops.aten
+    removable = {aten.detach_.default, aten._assert_tensor_metadata.default}
+    graph = program.graph
+    dropped = 0
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.op != "call_function" or node.users:
+                continue
+            if node.target in removable or not node.is_impure():
+                graph.erase_node(node)
+                dropped += 1
+                changed = True
+    program.graph_module.recompile()
+    return dropped
+
+
 def _drop_unused_buffers(program: Any) -> None:
     """Remove buffers no graph node reads (torchrec's quantised collections keep
     per-table views of the packed table the kernel reads: saved, they would store
@@ -351,6 +424,8 @@ def export(
     module = ServingModule(net, feature_schema).eval()
     _quantize(module, quantize)
     program = _trace(module, feature_schema)
+    _fold_split_cat(program)
+    _drop_dead_nodes(program)
     _drop_unused_buffers(program)
     tensors = _map_tensors(module, program)
     meta = _metadata(feature_schema, model, model_kwargs, quantize, checkpoint, manifest,

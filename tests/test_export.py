@@ -281,3 +281,52 @@ def test_export_refuses_dynamic_tables_by_name(tmp_path):
     })
     with pytest.raises(ValueError, match=r"\['user'\].*dynamic"):
         ex.export(str(tmp_path / "none"), str(tmp_path / "a.pt2"), schema=schema)
+
+
+def test_served_graph_runs_no_dead_or_copying_nodes(trained):
+    """The fp32 artifact's graph (what `.module()` runs node by node per call): the
+    batched kernel's output goes to the interaction without a split + cat copy, no
+    unused labels / per-key offsets / dtype re-checks, and (one table size, modulo
+    ids) a scalar modulus instead of a per-id feature lookup."""
+    program, _ = ex.load_artifact(trained[(8, "fp32")].path)
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    for op in ("aten.split_with_sizes", "aten._assert_tensor_metadata", "aten.zeros",
+               "aten.searchsorted", "aten.detach_"):
+        assert not [t for t in targets if t.startswith(op)], (op, targets)
+    # the kernel's offsets only (torchrec's unused per-key offsets went)
+    assert targets.count("fbgemm.asynchronous_complete_cumsum.default") == 1
+    assert any(t.startswith("aten._assert_scalar") for t in targets)  # data checks stay
+    assert len(targets) < 150, len(targets)  # 26 features: was ~250 before the pruning
+
+
+@pytest.mark.parametrize("kinds", [("modulo", "modulo"), ("modulo", "hash"), ("hex", "hash")])
+@pytest.mark.parametrize("sizes", [(7, 7), (7, 1000)])
+def test_id_mapping_paths_agree_with_raw_id_arithmetic(kinds, sizes):
+    """Every specialised id path of `ServingModule` (scalar modulus, per-feature
+    modulus, unsigned wrap) maps an int64 as `raw_id`'s contract says: Python's
+    modulo for modulo ids, the unsigned value's modulo for hex/hash ids; a missing
+    dense value (no transform: the float32 path) becomes its column's fill."""
+    from recframe.schema import FeatureSchema
+
+    schema = FeatureSchema.from_dict({
+        "labels": ["y"], "dense": [{"name": "d", "fill": 2.5}, {"name": "e"}],
+        "sparse": [{"name": f"f{i}", "table": f"t{i}", "mapping": {"kind": k}}
+                   for i, k in enumerate(kinds)],
+        "tables": [{"name": f"t{i}", "num_embeddings": n, "embedding_dim": 4}
+                   for i, n in enumerate(sizes)]})
+
+    class Echo(torch.nn.Module):
+        def predict(self, batch):
+            self.dense = batch.dense_features
+            return batch.sparse_features.values()
+
+    module = ex.ServingModule(Echo(), schema)
+    raw = [-(1 << 63), -5, -1, 0, 3, 999, (1 << 63) - 1]
+    values = torch.tensor(raw + raw, dtype=torch.int64)
+    lengths = torch.tensor([[len(raw)], [len(raw)]])
+    echo = module.model
+    got = module(torch.tensor([[float("nan"), 0.25]]), values, lengths).tolist()
+    want = [(v % (1 << 64) if k in ("hex", "hash") else v) % n
+            for k, n in zip(kinds, sizes) for v in raw]
+    assert got == want
+    assert echo.dense.dtype == torch.float32 and echo.dense.tolist() == [[2.5, 0.25]]

@@ -339,13 +339,42 @@ def _fold_split_cat(program: Any) -> int:
     return folded
 
 
+def _drop_orphan_item_checks(graph: Any) -> int:
+    """Erase the ``_assert_scalar`` checks on ``.item()`` values that nothing but such
+    checks reads (torchrec sums each feature's lengths to a Python int for per-key
+    offsets; once those are gone, only "that sum >= 0" is left, per feature per call).
+    Lengths are checked where they are read: `check_inputs` refuses negative ones and
+    fbgemm's ``bounds_check_indices`` guards the kernel. Then ``_drop_dead_nodes``
+    takes the sums themselves away. Returns how many checks went."""
+    aten = torch.ops.aten
+    dropped = 0
+    for item in [n for n in graph.nodes if n.target == aten.item.default]:
+        below, frontier, orphan = [], list(item.users), True
+        while frontier and orphan:
+            node = frontier.pop()
+            below.append(node)
+            if node.target == aten._assert_scalar.default:
+                continue
+            # only Python arithmetic / comparisons on the symbol may lie between
+            orphan = node.op == "call_function" and getattr(node.target, "__module__",
+                                                            None) in ("_operator", "operator")
+            frontier += list(node.users)
+        if orphan:
+            for node in below:
+                if node.target == aten._assert_scalar.default and node in graph.nodes:
+                    graph.erase_node(node)
+                    dropped += 1
+    return dropped
+
+
 def _drop_dead_nodes(program: Any) -> int:
     """Erase graph nodes whose results nothing reads: the unused labels tensor,
     torchrec's per-key offsets the batched kernel never reads (with the in-place
     ``detach_`` that would keep them alive) and export's dtype re-checks of
     intermediates (``_assert_tensor_metadata``: fixed by the inputs' dtypes, which the
     program's input guards check). A served call runs every node one by one, so each
-    one dropped is time saved at batch 1. Data checks (``_assert_scalar``) stay.
+    one dropped is time saved at batch 1 (see `_drop_orphan_item_checks` for the
+    remaining data checks).
     Returns how many nodes went."""
     aten = torch.ops.aten
     removable = {aten.detach_.default, aten._assert_tensor_metadata.default}
@@ -361,6 +390,9 @@ def _drop_dead_nodes(program: Any) -> int:
                 graph.erase_node(node)
                 dropped += 1
                 changed = True
+        checks = _drop_orphan_item_checks(graph)
+        dropped += checks
+        changed = changed or checks > 0
     program.graph_module.recompile()
     return dropped
 
@@ -556,6 +588,9 @@ def check_inputs(meta: Mapping[str, Any], dense: Any, values: Any, lengths: Any)
     if lengths.dim() != 2 or lengths.shape != (f, dense.shape[0]):
         raise ValueError(f"artifact input 'lengths' must be [{f}, B={dense.shape[0]}] (one row "
                          f"per feature of {meta['feature_order']}), got {tuple(lengths.shape)}")
+    if lengths.numel() and int(lengths.min()) < 0:
+        raise ValueError(f"artifact input 'lengths' must be >= 0 (ids per feature and "
+                         f"sample), got {int(lengths.min())}")
     if values.dim() != 1 or values.shape[0] != int(lengths.sum()):
         raise ValueError(f"artifact input 'values' must be [sum(lengths)={int(lengths.sum())}], "
                          f"got {tuple(values.shape)}")

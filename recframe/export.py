@@ -394,7 +394,27 @@ def _drop_dead_nodes(program: Any) -> int:
         dropped += checks
         changed = changed or checks > 0
     program.graph_module.recompile()
+    _drop_orphan_ranges(program)
     return dropped
+
+
+def _drop_orphan_ranges(program: Any) -> None:
+    """Forget the value ranges of symbols no node mentions any more (the erased
+    ``.item()`` results): saved, each would make every load warn that it "did not
+    appear in the graph"."""
+    used: set[Any] = set()
+    for node in program.graph.nodes:
+        vals = node.meta.get("val")
+        for v in vals if isinstance(vals, (list, tuple)) else [vals]:
+            if isinstance(v, torch.Tensor):
+                for d in (*v.shape, *v.stride(), v.storage_offset()):
+                    if isinstance(d, torch.SymInt):
+                        used |= d.node.expr.free_symbols
+            elif isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                used |= v.node.expr.free_symbols
+    ranges = program._range_constraints
+    for symbol in [s for s in ranges if s not in used]:
+        del ranges[symbol]
 
 
 def _drop_unused_buffers(program: Any) -> None:

@@ -290,8 +290,9 @@ def test_export_refuses_dynamic_tables_by_name(tmp_path):
 def test_served_graph_runs_no_dead_or_copying_nodes(trained, caplog):
     """The fp32 artifact's graph (what `.module()` runs node by node per call): the
     batched kernel's output goes to the interaction without a split + cat copy, no
-    unused labels / per-key offsets / dtype re-checks, and (one table size, modulo
-    ids) a scalar modulus instead of a per-id feature lookup."""
+    unused labels / per-key offsets / dtype re-checks, the interaction's pairs gathered
+    by a flat index, and (one table size, modulo ids) a scalar modulus instead of a
+    per-id feature lookup."""
     import logging
 
     with caplog.at_level(logging.WARNING):
@@ -300,10 +301,12 @@ def test_served_graph_runs_no_dead_or_copying_nodes(trained, caplog):
     assert "did not appear in the graph" not in caplog.text
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     for op in ("aten.split_with_sizes", "aten._assert_tensor_metadata", "aten.zeros",
-               "aten.searchsorted", "aten.detach_", "aten.item", "aten._assert_scalar"):
+               "aten.searchsorted", "aten.detach_", "aten.item", "aten._assert_scalar",
+               "aten.index.Tensor"):
         assert not [t for t in targets if t.startswith(op)], (op, targets)
     # the kernel's offsets only (torchrec's unused per-key offsets went)
     assert targets.count("fbgemm.asynchronous_complete_cumsum.default") == 1
+    assert targets.count("aten.index_select.default") == 1  # the interaction's pairs
     assert len(targets) < 40, len(targets)  # 26 features: ~250 before the pruning
 
 

@@ -118,6 +118,7 @@ class ServingModule(nn.Module):
         self.features = schema.feature_names
         dense = schema.dense
         self.register_buffer("fill", torch.tensor([d.fill for d in dense], dtype=torch.float64))
+        self.register_buffer("fill32", self.fill.float())  # no transforms: no cast per call
         self.register_buffer("log1p", torch.tensor([d.transform == "log1p" for d in dense]))
         self.register_buffer("standardize",
                              torch.tensor([d.transform == "standardize" for d in dense]))
@@ -146,7 +147,7 @@ class ServingModule(nn.Module):
             x = torch.where(self.standardize, (x - self.mean) / self.std, x)
             x = x.float()
         else:
-            x = torch.where(torch.isnan(dense), self.fill.float(), dense)
+            x = torch.where(torch.isnan(dense), self.fill32, dense)
         if self.modulus is not None and not self.unsigned:
             ids = torch.remainder(values, self.modulus)
         else:

@@ -11,10 +11,14 @@ Model: `recframe.models.DLRM` with the incremental-checkpoint benchmark's tables
    bytes of each. Goal: int8 <= 0.35x fp32.
 2. **Serving**: for batch sizes ``--batches`` (1, 64, 1024), interleaved rounds (order
    rotated each round) of ``--calls`` calls each of the eager model
-   (``model.predict(batch)``, no grad), the fp32 artifact and the int8 artifact
-   (``torch.export.load(...).module()(dense, values, lengths)``); predictions/s and
-   p50/p99 latency per call. Goals: fp32 artifact >= 1.0x eager; int8 >= 0.9x fp32 at
-   batch 1024.
+   (``model.predict(batch)`` on already mapped ids: the model only), the eager model
+   behind the artifact's preprocessing (``eager+pre``: `ServingModule` on raw values,
+   the same work as the artifact), the fp32 artifact and the int8 artifact
+   (``torch.export.load(...).module()(dense, values, lengths)``); predictions/s,
+   p50/p99 wall latency and the p50 of the call's CPU time (this thread's: on a shared
+   machine the wall time also holds other jobs' turns on the core). Goals: fp32
+   artifact >= 1.0x eager; int8 >= 0.9x fp32 at batch 1024; ``cpu_*`` ratios repeat
+   them from the CPU-time medians.
 3. **Freshness**: interleaved rounds of (a) `recframe.export.apply_checkpoint` of the
    delta onto the artifact of the full checkpoint and (b) a full `export` of the delta,
    both fp32; wall seconds from the committed delta to the updated artifact file.
@@ -89,21 +93,24 @@ def _train(ns: argparse.Namespace, root: str) -> tuple[Any, dict[str, Any]]:
     return model.eval(), kwargs
 
 
-def _latencies(fn: Any, inputs: list[Any], calls: int) -> list[float]:
-    out = []
+def _latencies(fn: Any, inputs: list[Any], calls: int) -> tuple[list[float], list[float]]:
+    """Wall and this thread's CPU seconds per call (the CPU time leaves out the time
+    other jobs on a shared machine take the core away)."""
+    wall, cpu = [], []
     with torch.no_grad():
         for i in range(calls):
             x = inputs[i % len(inputs)]
-            t = time.perf_counter()
+            c, t = time.thread_time(), time.perf_counter()
             fn(x)
-            out.append(time.perf_counter() - t)
-    return out
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.thread_time() - c)
+    return wall, cpu
 
 
 def _variant(fn: Any, inputs: list[Any], batch: int, calls: int) -> Any:
     def body(r: int) -> common.Timed:
-        lat = _latencies(fn, inputs, calls)
-        return common.Timed(calls * batch, sum(lat), extra={"lat": lat})
+        lat, cpu = _latencies(fn, inputs, calls)
+        return common.Timed(calls * batch, sum(lat), extra={"lat": lat, "cpu": cpu})
 
     return body
 
@@ -138,7 +145,14 @@ def main(argv: Any = None) -> int:
               f"int8 {sizes['int8'] / 2**20:.1f} MiB in {art['int8'].seconds:.1f} s "
               f"({sizes['int8'] / sizes['fp32']:.3f}x)", flush=True)
         programs = {q: ex.load_artifact(a.path)[0].module() for q, a in art.items()}
+        # the eager model behind the artifact's own preprocessing (raw values in: the
+        # dense fill/transforms and id mapping): the same work as the artifact, eagerly
+        eager_raw = ex.ServingModule(model, schema).eval()
 
+        # one thread per serving call (as a serving process runs one per request): on a
+        # shared machine two OpenMP threads wait on each other's turns at every op
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         serving: dict[str, Any] = {}
         rows = []
         for bs in ns.batches:
@@ -147,6 +161,7 @@ def main(argv: Any = None) -> int:
             inputs = [ex.serving_inputs(b, schema.feature_names) for b in batches]
             variants = {
                 "eager": _variant(model.predict, batches, bs, ns.calls),
+                "eager+pre": _variant(lambda i: eager_raw(*i), inputs, bs, ns.calls),
                 "fp32": _variant(lambda i: programs["fp32"](*i), inputs, bs, ns.calls),
                 "int8": _variant(lambda i: programs["int8"](*i), inputs, bs, ns.calls),
             }
@@ -157,19 +172,31 @@ def main(argv: Any = None) -> int:
             for name in variants:
                 mine = common.per_variant(results, name)
                 lat = [x for r in mine for x in r.extra["lat"]]
+                cpu = [x for r in mine for x in r.extra["cpu"]]
                 entry[name] = {
                     "predictions_per_sec": statistics.median(r.samples_per_sec for r in mine),
                     "p50_ms": 1e3 * _pct(lat, 0.5), "p99_ms": 1e3 * _pct(lat, 0.99),
+                    "cpu_p50_ms": 1e3 * _pct(cpu, 0.5),
                 }
                 rows.append([bs, name, f"{entry[name]['predictions_per_sec']:,.0f}",
-                             f"{entry[name]['p50_ms']:.3f}", f"{entry[name]['p99_ms']:.3f}"])
+                             f"{entry[name]['p50_ms']:.3f}", f"{entry[name]['p99_ms']:.3f}",
+                             f"{entry[name]['cpu_p50_ms']:.3f}"])
             entry["fp32_vs_eager"] = statistics.median(
                 common.round_ratios(results, "fp32", "eager"))
+            entry["fp32_vs_eager_pre"] = statistics.median(
+                common.round_ratios(results, "fp32", "eager+pre"))
             entry["int8_vs_fp32"] = statistics.median(
                 common.round_ratios(results, "int8", "fp32"))
+            # the same ratios from the per-call CPU-time medians (robust to a busy machine)
+            cpu50 = {n: entry[n]["cpu_p50_ms"] for n in variants}
+            entry["cpu_fp32_vs_eager"] = cpu50["eager"] / cpu50["fp32"]
+            entry["cpu_fp32_vs_eager_pre"] = cpu50["eager+pre"] / cpu50["fp32"]
+            entry["cpu_int8_vs_fp32"] = cpu50["fp32"] / cpu50["int8"]
             entry["others_cores"] = max(r.load.others_cores or 0.0 for r in results)
             serving[str(bs)] = entry
-        print(common.format_table(["batch", "variant", "pred/s", "p50 ms", "p99 ms"], rows))
+        torch.set_num_threads(threads)
+        print(common.format_table(["batch", "variant", "pred/s", "p50 ms", "p99 ms", "cpu p50 ms"],
+                                  rows))
 
         base = os.path.join(root, "base.pt2")
         ex.export(full_ckpt, base, quantize="fp32", **opts)
@@ -194,7 +221,13 @@ def main(argv: Any = None) -> int:
               f"({full_s / apply_s:.2f}x faster; {share:.1%} of the rows changed)")
         ratios = {
             "fp32_vs_eager": {bs: serving[str(bs)]["fp32_vs_eager"] for bs in ns.batches},
+            "fp32_vs_eager_pre": {bs: serving[str(bs)]["fp32_vs_eager_pre"]
+                                  for bs in ns.batches},
+            "cpu_fp32_vs_eager": {bs: serving[str(bs)]["cpu_fp32_vs_eager"] for bs in ns.batches},
+            "cpu_fp32_vs_eager_pre": {bs: serving[str(bs)]["cpu_fp32_vs_eager_pre"]
+                                      for bs in ns.batches},
             "int8_vs_fp32_at_1024": serving.get("1024", {}).get("int8_vs_fp32"),
+            "cpu_int8_vs_fp32_at_1024": serving.get("1024", {}).get("cpu_int8_vs_fp32"),
             "int8_size_ratio": sizes["int8"] / sizes["fp32"],
             "apply_vs_full_export_speedup": full_s / apply_s,
         }

@@ -221,6 +221,10 @@ def test_artifact_input_errors_name_the_tensor_or_feature(trained):
         ex.check_inputs(meta, dense, values, lengths[1:])
     with pytest.raises(ValueError, match="'dense' must be torch.float32"):
         ex.check_inputs(meta, dense.double(), values, lengths)
+    negative = lengths.clone()
+    negative[3, 0], negative[4, 0] = -1, negative[4, 0] + 1  # same total, one bag < 0
+    with pytest.raises(ValueError, match="'lengths' must be >= 0"):
+        ex.check_inputs(meta, dense, values, negative)
     with pytest.raises(Exception, match="lengths"):  # the graph's own guard
         program.module()(dense, values, lengths[1:])
     sparse = {f"cat_{i}": [[i, 2 * i]] for i in range(26)}
@@ -281,3 +285,59 @@ def test_export_refuses_dynamic_tables_by_name(tmp_path):
     })
     with pytest.raises(ValueError, match=r"\['user'\].*dynamic"):
         ex.export(str(tmp_path / "none"), str(tmp_path / "a.pt2"), schema=schema)
+
+
+def test_served_graph_runs_no_dead_or_copying_nodes(trained, caplog):
+    """The fp32 artifact's graph (what `.module()` runs node by node per call): the
+    batched kernel's output goes to the interaction without a split + cat copy, no
+    unused labels / per-key offsets / dtype re-checks, the interaction's pairs gathered
+    by a flat index, and (one table size, modulo ids) a scalar modulus instead of a
+    per-id feature lookup."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        program, _ = ex.load_artifact(trained[(8, "fp32")].path)
+    # no value ranges left behind for the erased nodes' symbols (each warned per load)
+    assert "did not appear in the graph" not in caplog.text
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    for op in ("aten.split_with_sizes", "aten._assert_tensor_metadata", "aten.zeros",
+               "aten.searchsorted", "aten.detach_", "aten.item", "aten._assert_scalar",
+               "aten.index.Tensor"):
+        assert not [t for t in targets if t.startswith(op)], (op, targets)
+    # the kernel's offsets only (torchrec's unused per-key offsets went)
+    assert targets.count("fbgemm.asynchronous_complete_cumsum.default") == 1
+    assert targets.count("aten.index_select.default") == 1  # the interaction's pairs
+    assert len(targets) < 40, len(targets)  # 26 features: ~250 before the pruning
+
+
+@pytest.mark.parametrize("kinds", [("modulo", "modulo"), ("modulo", "hash"), ("hex", "hash")])
+@pytest.mark.parametrize("sizes", [(7, 7), (7, 1000)])
+def test_id_mapping_paths_agree_with_raw_id_arithmetic(kinds, sizes):
+    """Every specialised id path of `ServingModule` (scalar modulus, per-feature
+    modulus, unsigned wrap) maps an int64 as `raw_id`'s contract says: Python's
+    modulo for modulo ids, the unsigned value's modulo for hex/hash ids; a missing
+    dense value (no transform: the float32 path) becomes its column's fill."""
+    from recframe.schema import FeatureSchema
+
+    schema = FeatureSchema.from_dict({
+        "labels": ["y"], "dense": [{"name": "d", "fill": 2.5}, {"name": "e"}],
+        "sparse": [{"name": f"f{i}", "table": f"t{i}", "mapping": {"kind": k}}
+                   for i, k in enumerate(kinds)],
+        "tables": [{"name": f"t{i}", "num_embeddings": n, "embedding_dim": 4}
+                   for i, n in enumerate(sizes)]})
+
+    class Echo(torch.nn.Module):
+        def predict(self, batch):
+            self.dense = batch.dense_features
+            return batch.sparse_features.values()
+
+    module = ex.ServingModule(Echo(), schema)
+    raw = [-(1 << 63), -5, -1, 0, 3, 999, (1 << 63) - 1]
+    values = torch.tensor(raw + raw, dtype=torch.int64)
+    lengths = torch.tensor([[len(raw)], [len(raw)]])
+    echo = module.model
+    got = module(torch.tensor([[float("nan"), 0.25]]), values, lengths).tolist()
+    want = [(v % (1 << 64) if k in ("hex", "hash") else v) % n
+            for k, n in zip(kinds, sizes) for v in raw]
+    assert got == want
+    assert echo.dense.dtype == torch.float32 and echo.dense.tolist() == [[2.5, 0.25]]

@@ -66,6 +66,11 @@ class Transaction:
                 reader.verify(jobs, keep)
 
     def apply(self) -> None:
+        """Confirm every reader's files are the ones verified, then copy and call in
+        order: a file changed since `verify` is refused before anything live changes."""
+        for reader, step in self._steps:
+            if reader is not None:
+                reader.confirm(step)
         for reader, step in self._steps:
             if reader is not None:
                 reader.apply(step)

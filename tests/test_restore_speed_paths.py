@@ -258,3 +258,24 @@ def test_a_file_changed_while_read_into_a_live_tensor_fails_loudly(saved, tmp_pa
     monkeypatch.setattr(fmt, "read_into", read_then_change)
     with pytest.raises(CheckpointCorruptError, match="while it was read into"):
         fresh.saver.load(ckpt_id=1, load_conf={"load": ["sparse", "dense"]})
+
+
+def test_a_filesystem_that_cannot_map_files_is_read_instead(saved, tmp_path, monkeypatch):
+    """mmap fails with ENODEV on some filesystems: the chunk is read and checked."""
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+
+    def no_mapping(fd, offset, nbytes):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(fmt, "_mapped_crc32", no_mapping)
+    fresh = Run(tmp_path / "run", seed=7)
+    fresh.saver.load(ckpt_id=1)
+    assert _same(fresh.snapshot(), saved.snapshot())
+    ckpt = os.path.join(saved.saver.output_dir, "ckpt_1")
+    chunk = _chunk_of(ckpt, "sparse.emb.weight")
+    _rewrite_in_place(os.path.join(ckpt, chunk["file"]), chunk["offset"])
+    other = Run(tmp_path / "run", seed=9)
+    before = other.snapshot()
+    with pytest.raises(CheckpointCorruptError, match="checksum mismatch"):
+        other.saver.load(ckpt_id=1)
+    assert _same(other.snapshot(), before)

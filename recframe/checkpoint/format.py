@@ -922,14 +922,12 @@ def _mapped_crc32(fd: int, offset: int, nbytes: int) -> int:
     """CRC32 of ``nbytes`` bytes at ``offset`` of the open file ``fd``, read through a
     read-only shared mapping of just that range (no copy; the mapping is gone on
     return). The caller checked the file holds those bytes. Pages are faulted in as
-    read (``MAP_POPULATE`` measured slower on cached files), the whole range asked
-    for up front (``MADV_WILLNEED``: large reads when it is not cached)."""
+    read: ``MAP_POPULATE`` measured slower on cached files, ``MADV_WILLNEED`` slower
+    on evicted ones (a cold check runs at ~0.9x of reading the chunk into a buffer,
+    a warm one several times faster)."""
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
     with mmap.mmap(fd, offset + nbytes - start, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
                    offset=start) as mapped:
-        if hasattr(mmap, "MADV_WILLNEED"):
-            with contextlib.suppress(OSError):
-                mapped.madvise(mmap.MADV_WILLNEED)
         view = memoryview(mapped)
         part = view[offset - start:]
         try:

@@ -9,21 +9,36 @@ every registered object exactly as they were:
    against the live ones), tensors that become new objects (a dense optimizer's state,
    an LR scheduler's, io_state) are read into fresh memory with their CRC32 checked,
    and the copies into live tensors and the ``load_state_dict`` calls are queued;
-2. *verify*: every chunk a queued copy needs is read and its CRC32 checked, nothing
+2. *verify*: every chunk a queued copy needs is checked against its CRC32, nothing
    live is written. With ``keep`` (`STAGE_IN_MEMORY`, default on object stores) the
-   bytes are kept for phase 3: one read of each chunk, extra host memory of the live
-   tensors' size. Without (default on local disks) each chunk goes through a scratch
-   buffer: extra memory ``concurrency`` x one chunk (``chunk_bytes``, 64 MiB by
-   default), each chunk read twice (the second time from the page cache);
-3. *apply*: the chunks are copied into the live tensors (re-read ones are checked
-   again before the copy: no unchecked byte ever reaches a live tensor) and the queued
-   calls run in order.
+   bytes are read and kept for phase 3: one download of each chunk, extra host memory
+   of the live tensors' size. Without (default on local disks) each file's identity
+   (inode, size, mtime, ctime) is recorded and each chunk's CRC32 computed from a
+   read-only memory map of its file: no copy, no buffer, a pass over the page cache
+   that costs a fraction of a read (`format.VERIFY_BY_MAPPING`); a file changed in
+   the last clock tick is stat-ed again once the tick has passed (`RACY_WINDOW_NS`).
+   On an object store without ``keep`` each chunk is read into a scratch buffer,
+   then read and checked again at apply;
+3. *apply*: first every file verified without keeping is confirmed to be the one
+   verified (same identity), so a checkpoint changed between the phases is refused
+   before anything live is written; then each chunk is read straight into its live
+   tensor where the tensor's region is one contiguous CPU block holding the whole
+   chunk (the usual case: one read of each chunk in all, plus the CRC pass), else
+   into a scratch buffer (``concurrency`` x one chunk, 64 MiB by default), checked
+   again and copied; the file's identity is compared again around each read, so a
+   writer racing the copy itself is reported, not silent. Then the queued calls run
+   in order.
+
+The guarantee assumes the filesystem moves a file's ctime (or inode) when its bytes
+change, as POSIX filesystems do; recframe's own writers never touch a committed
+checkpoint (one writer per output dir, data files written once, in a staging dir).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -40,9 +55,10 @@ from recframe.checkpoint.format import (
 
 STAGE_IN_MEMORY: Optional[bool] = None
 """Keep the verified bytes of live tensors in memory between verify and apply (True),
-or re-read each chunk into scratch (False); None: keep on object stores (a second
-download costs more than the memory), re-read on local filesystems (no extra memory
-beyond one chunk per reader thread)."""
+or read each chunk again at apply (False); None: keep on object stores (a second
+download costs more than the memory), read again on local filesystems (from the page
+cache, straight into the live tensors: no extra memory beyond a mapping of one chunk
+per reader thread)."""
 
 
 class Transaction:
@@ -65,7 +81,27 @@ class Transaction:
             if reader is not None:
                 reader.verify(jobs, keep)
 
+    def run(self, keep: bool) -> None:
+        """`verify`, then `apply`, on one pool of worker threads shared by every step
+        (not a pool per step and phase)."""
+        readers = list({id(r): r for r, _ in self._steps if r is not None}.values())
+        workers = max([r.concurrency for r in readers], default=1)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt") as pool:
+            for reader in readers:
+                reader.pool = pool
+            try:
+                self.verify(keep)
+                self.apply()
+            finally:
+                for reader in readers:
+                    reader.pool = None
+
     def apply(self) -> None:
+        """Confirm every reader's files are the ones verified, then copy and call in
+        order: a file changed since `verify` is refused before anything live changes."""
+        for reader, step in self._steps:
+            if reader is not None:
+                reader.confirm(step)
         for reader, step in self._steps:
             if reader is not None:
                 reader.apply(step)
@@ -240,8 +276,7 @@ def restore(
                                          strict)
     plan_parts(saver, txn, storage, directory, manifest, parts, strict, tracked)
     keep = STAGE_IN_MEMORY if STAGE_IN_MEMORY is not None else not storage.is_local
-    txn.verify(keep)
-    txn.apply()
+    txn.run(keep)
     return manifest
 
 

@@ -1,0 +1,281 @@
+"""The fast local restore path stays all or nothing: chunks are checked from a memory
+map of their file, read once straight into the live tensors, and a file changed
+between the check and the copy (or while the check is under way) is refused with
+nothing live written."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from conftest import ToyCTR, make_batches
+from torch import nn
+
+from recframe.checkpoint import CheckpointCorruptError, Saver, restore
+from recframe.checkpoint import format as fmt
+from recframe.optim import dense_parameters, sparse_parameters
+from recframe.optim.sparse import SPARSE_OPTIMIZERS
+
+
+class Run:
+    def __init__(self, out, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.model = ToyCTR(num_embeddings=64, dim=4)
+        self.sparse = SPARSE_OPTIMIZERS["adagrad"](sparse_parameters(self.model), lr=0.1)
+        self.dense = torch.optim.Adam(dense_parameters(self.model), lr=0.01)
+        self.saver = Saver(self.model, self.sparse, output_dir=str(out), chunk_bytes=256,
+                           concurrency=2)
+        self.saver.register_for_checkpointing("dense_optimizer", self.dense)
+
+    def train(self, steps: int) -> None:
+        for batch in make_batches(steps, 8, seed=1):
+            self.sparse.zero_grad()
+            self.dense.zero_grad()
+            self.model(batch).backward()
+            self.sparse.step()
+            self.dense.step()
+
+    def snapshot(self) -> dict:
+        return copy.deepcopy({"model": self.model.state_dict(),
+                              "sparse": self.sparse.state_dict(),
+                              "dense": self.dense.state_dict()})
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.fixture
+def saved(tmp_path) -> Run:
+    run = Run(tmp_path / "run", seed=0)
+    run.train(2)
+    run.saver.save(1)
+    return run
+
+
+def _chunk_of(ckpt: str, prefix: str) -> dict:
+    with open(os.path.join(ckpt, "manifest.json")) as f:
+        manifest = json.load(f)
+    key = next(k for k in manifest["tensors"] if k.startswith(prefix))
+    return manifest["tensors"][key]["shards"][0]["chunks"][-1]
+
+
+def _rewrite_in_place(path: str, offset: int) -> None:
+    """Same size, other bytes, same inode (what an in-place writer does)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _replace(path: str, offset: int) -> None:
+    """Same size, other bytes, a new inode under the same name."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    data[offset] ^= 0xFF
+    with open(path + ".new", "wb") as f:
+        f.write(data)
+    os.replace(path + ".new", path)
+
+
+@pytest.mark.parametrize("mapping", [True, False], ids=["mapped", "read"])
+@pytest.mark.parametrize("change", [_rewrite_in_place, _replace], ids=["in_place", "replaced"])
+def test_a_file_changed_between_verify_and_apply_is_refused_and_nothing_changes(
+    saved, tmp_path, monkeypatch, change, mapping
+):
+    """The changed chunk is a dense layer's, applied after the sparse table: re-reading
+    and re-checking at apply (the old way) fails only after the table was overwritten."""
+    monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", mapping)
+    ckpt = os.path.join(saved.saver.output_dir, "ckpt_1")
+    chunk = _chunk_of(ckpt, "dense.mlp.2.weight")
+    verify = restore.Transaction.verify
+
+    def verify_then_change(self, keep):
+        verify(self, keep)
+        change(os.path.join(ckpt, chunk["file"]), chunk["offset"])
+
+    monkeypatch.setattr(restore.Transaction, "verify", verify_then_change)
+    fresh = Run(tmp_path / "run", seed=7)
+    before = fresh.snapshot()
+    with pytest.raises(CheckpointCorruptError,
+                       match=f"{chunk['file']} changed after its checksums were verified"):
+        fresh.saver.load(ckpt_id=1)
+    assert _same(fresh.snapshot(), before)
+
+
+def test_each_live_chunk_is_checked_once_and_read_once(tmp_path, monkeypatch):
+    """Locally, a chunk bound for a live tensor costs one CRC32 pass over a memory map of
+    the file and one read straight into the tensor (the old path read and checked every
+    chunk twice and copied it once more)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(300, 8), nn.Linear(8, 8))
+    saver = Saver(model, output_dir=str(tmp_path / "run"), chunk_bytes=1024, concurrency=2)
+    saver.save(1)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    nbytes = sum(v.numel() * v.element_size() for v in expected.values())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    counted = {"read": 0, "crc": 0, "mapped": 0}
+    read_into, crc32, mapped = fmt.read_into, fmt.crc32, fmt._mapped_crc32
+
+    def count_read(f, offset, out, path):
+        if path.endswith(".bin"):  # not the manifest
+            counted["read"] += out.nbytes
+        return read_into(f, offset, out, path)
+
+    def count_crc(view, value=0):
+        counted["crc"] += view.nbytes
+        return crc32(view, value)
+
+    def count_mapped(fd, offset, n):
+        counted["mapped"] += n
+        return mapped(fd, offset, n)
+
+    monkeypatch.setattr(fmt, "read_into", count_read)
+    monkeypatch.setattr(fmt, "crc32", count_crc)
+    monkeypatch.setattr(fmt, "_mapped_crc32", count_mapped)
+    saver.load(ckpt_id=1)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    assert counted == {"read": nbytes, "crc": nbytes, "mapped": nbytes}
+
+
+def test_a_region_that_is_not_one_block_goes_through_checked_scratch(tmp_path, monkeypatch):
+    """A non-contiguous live tensor is filled through scratch (checked again there), and
+    still refused when its file changed after verify."""
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+
+    def model() -> nn.Module:
+        m = nn.Linear(4, 64)
+        m.weight = nn.Parameter(torch.randn(4, 64).t())  # [64, 4], not contiguous
+        return m
+
+    torch.manual_seed(0)
+    saved = model()
+    Saver(saved, output_dir=str(tmp_path / "run"), chunk_bytes=256).save(1)
+    torch.manual_seed(1)
+    live = model()
+    assert not live.weight.is_contiguous()
+    Saver(live, output_dir=str(tmp_path / "run"), chunk_bytes=256).load(ckpt_id=1)
+    assert torch.equal(live.weight, saved.weight) and torch.equal(live.bias, saved.bias)
+
+    torch.manual_seed(2)
+    other = model()
+    before = copy.deepcopy(other.state_dict())
+    ckpt = os.path.join(str(tmp_path / "run"), "ckpt_1")
+    chunk = _chunk_of(ckpt, "dense.weight")
+    verify = restore.Transaction.verify
+
+    def verify_then_change(self, keep):
+        verify(self, keep)
+        _rewrite_in_place(os.path.join(ckpt, chunk["file"]), chunk["offset"])
+
+    monkeypatch.setattr(restore.Transaction, "verify", verify_then_change)
+    with pytest.raises(CheckpointCorruptError, match="changed after its checksums"):
+        Saver(other, output_dir=str(tmp_path / "run"), chunk_bytes=256).load(ckpt_id=1)
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
+
+
+class _Clock:
+    """`format.time` whose ``sleep`` returns at once, after running ``on_sleep``."""
+
+    def __init__(self, on_sleep) -> None:
+        import time
+
+        self._time, self.on_sleep, self.slept = time, on_sleep, []
+
+    def time_ns(self) -> int:
+        return self._time.time_ns()
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.on_sleep()
+
+
+def test_a_file_changed_within_a_clock_tick_is_stat_ed_again_before_it_counts(
+    saved, tmp_path, monkeypatch
+):
+    """Right after a change, a file's stamps may not move on the next write (same clock
+    tick): verify waits the window out (here: 10 s, so the files just written are in
+    it) and records the identity only once it held."""
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 10 * 10**9)
+    clock = _Clock(lambda: None)
+    monkeypatch.setattr(fmt, "time", clock)
+    fresh = Run(tmp_path / "run", seed=7)
+    fresh.saver.load(ckpt_id=1)
+    assert clock.slept and 0 < max(clock.slept) <= 10
+    assert _same(fresh.snapshot()["model"], saved.snapshot()["model"])
+
+
+def test_a_file_that_keeps_changing_while_verified_is_refused(saved, tmp_path, monkeypatch):
+    ckpt = os.path.join(saved.saver.output_dir, "ckpt_1")
+    name = _chunk_of(ckpt, "sparse.emb.weight")["file"]
+    path = os.path.join(ckpt, name)
+    stamps = iter(range(10**9, 2 * 10**9, 1000))
+
+    def write() -> None:  # a writer at work on the file: its stamps move every time
+        stamp = next(stamps)
+        os.utime(path, ns=(stamp, stamp))
+
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 10 * 10**9)
+    clock = _Clock(write)
+    monkeypatch.setattr(fmt, "time", clock)
+    fresh = Run(tmp_path / "run", seed=7)
+    before = fresh.snapshot()
+    with pytest.raises(CheckpointCorruptError, match=f"{name} kept changing"):
+        fresh.saver.load(ckpt_id=1)
+    assert _same(fresh.snapshot(), before)
+
+
+def test_a_file_changed_while_read_into_a_live_tensor_fails_loudly(saved, tmp_path,
+                                                                    monkeypatch):
+    """A writer racing the copy itself cannot be kept out without a second checksum
+    pass; the file's identity is compared again after each read, so it is not silent."""
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    ckpt = os.path.join(saved.saver.output_dir, "ckpt_1")
+    read_into = fmt.read_into
+    changed: list[str] = []
+
+    def read_then_change(f, offset, out, path):
+        read_into(f, offset, out, path)
+        if not changed and path.endswith(".bin"):
+            changed.append(path)
+            _rewrite_in_place(os.path.join(ckpt, os.path.basename(path)), 0)
+
+    fresh = Run(tmp_path / "run", seed=7)
+    fresh.saver.concurrency = 1  # the first read is the one followed by the change
+    monkeypatch.setattr(fmt, "read_into", read_then_change)
+    with pytest.raises(CheckpointCorruptError, match="while it was read into"):
+        fresh.saver.load(ckpt_id=1, load_conf={"load": ["sparse", "dense"]})
+
+
+def test_a_filesystem_that_cannot_map_files_is_read_instead(saved, tmp_path, monkeypatch):
+    """mmap fails with ENODEV on some filesystems: the chunk is read and checked."""
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+
+    def no_mapping(fd, offset, nbytes):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(fmt, "_mapped_crc32", no_mapping)
+    fresh = Run(tmp_path / "run", seed=7)
+    fresh.saver.load(ckpt_id=1)
+    assert _same(fresh.snapshot(), saved.snapshot())
+    ckpt = os.path.join(saved.saver.output_dir, "ckpt_1")
+    chunk = _chunk_of(ckpt, "sparse.emb.weight")
+    _rewrite_in_place(os.path.join(ckpt, chunk["file"]), chunk["offset"])
+    other = Run(tmp_path / "run", seed=9)
+    before = other.snapshot()
+    with pytest.raises(CheckpointCorruptError, match="checksum mismatch"):
+        other.saver.load(ckpt_id=1)
+    assert _same(other.snapshot(), before)

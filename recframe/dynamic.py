@@ -15,9 +15,10 @@ changes) and each batch is mapped with one ``torch.searchsorted``; no Python run
 **When the map changes.** Only at a step boundary (`DynamicIdMap.end_step`, run after
 the optimizer update by `recframe.hooks.DynamicEmbeddingHook`): during a step, every
 micro-batch of a gradient-accumulation window sees one mapping, and the ids it met in
-training are queued. At the boundary the queued ids are counted (``torch.unique``):
-admitted ids get their frequency and last-seen step updated; the others are counted in
-a count-min sketch (``min_count``) or drawn (``probability``) for admission; every
+training are queued. At the boundary admitted ids get their frequency (LFU) or last-seen
+step (LRU, TTL) updated; the others are counted in a count-min sketch (``min_count``,
+one count per lookup) or drawn (``probability``) for admission, deduplicated
+(``torch.unique``) only when there are free rows; every
 ``eviction_interval`` steps rows are evicted first (LFU, LRU or TTL), then admitted ids
 fill the free rows (the most frequent first when there are more than free rows). An id
 admitted at a boundary is looked up in its own row from the next step on. Evaluation
@@ -182,8 +183,9 @@ class DynamicIdMap(nn.Module):
         their fallback rows, evicted rows)`` (int64 table rows) for `reset_rows`.
 
         The common step (table full, no eviction due) costs a handful of small ops: the
-        hits' counts and last-seen steps, and the misses' sketch counts; the misses are
-        only deduplicated (``torch.unique``) when there are free rows to admit them to."""
+        hits' frequency (LFU) or last-seen step (LRU, TTL: the key eviction reads), and
+        the misses' sketch counts; the misses are only deduplicated (``torch.unique``)
+        when there are free rows to admit them to."""
         empty = self._empty
         pending = list(self._pending)
         self._pending.clear()  # not a new list: nn.Module.__setattr__ is slow
@@ -199,8 +201,10 @@ class DynamicIdMap(nn.Module):
             ids, hit, slot = (pending[0] if len(pending) == 1
                               else (torch.cat([t.reshape(-1) for t in x]) for x in zip(*pending)))
             seen = slot.masked_select(hit)
-            self.counts.index_add_(0, seen, self._one.expand(seen.numel()))
-            self.last_seen.index_fill_(0, seen, step)
+            if self.spec.eviction == "lfu":  # only the policy's own key is read
+                self.counts.index_add_(0, seen, self._one.expand(seen.numel()))
+            else:
+                self.last_seen.index_fill_(0, seen, step)
             miss = ids.masked_select(hit.logical_not_())
         used = int(self.used.sum())
         evicted = empty

@@ -20,6 +20,9 @@ Throughput is the batch size over the median update time (``before_step`` to
 ``after_step``, the dynamic hook's admission and eviction included), in wall time and
 in this process's CPU time (one torch thread): on a machine shared with other
 processes the wall-time ratio swings with their load, the CPU-time ratio much less.
+The median hides the periodic eviction and admission steps, so the ratio of total CPU
+time over all updates is reported too. Each seed runs each variant ``--repeats`` times,
+interleaved (a b b a), and pools their update times.
 
 Reported: eval AUC on fresh samples of the latest period (after training on every
 period in order) for each variant and seed, the gap b - a (mean and spread over
@@ -127,7 +130,8 @@ class StepTimer(Hook):
         self.cpu.append(time.process_time() - self._c0)
 
 
-def run(args: argparse.Namespace, dynamic: bool, seed: int, train, evald) -> dict:
+def run(args: argparse.Namespace, dynamic: bool, seed: int, train, evald
+        ) -> tuple[dict, StepTimer]:
     torch.manual_seed(seed)
     model = DLRM(schema=schema(args, dynamic), dense_arch=(16, 8), over_arch=(16, 1))
     for m in model.modules():
@@ -144,21 +148,33 @@ def run(args: argparse.Namespace, dynamic: bool, seed: int, train, evald) -> dic
             sparse_optimizer=RowWiseAdagrad(sparse_parameters(model), lr=args.lr))
         trainer.train()
         results = trainer.evaluate()
-    # the median update time: robust to bursts of load from other processes
-    row = {"auc": results["auc"],
-           "samples_per_s": args.batch_size / statistics.median(timer.times),
-           "samples_per_cpu_s": args.batch_size / statistics.median(timer.cpu)}
+    row = {"auc": results["auc"]}
     if dynamic:
         m = model.dynamic.maps["user"]
         row.update(rows_used=m.rows_used + m.fallback, budget=m.num_embeddings,
                    admitted=int(m.totals[0]), evicted=int(m.totals[1]),
                    map_bytes_per_row=m.map_bytes_per_row())
-    return row
+    return row, timer
+
+
+def throughput(args: argparse.Namespace, timers: list[StepTimer]) -> dict:
+    """Samples per second of the updates of ``timers`` (runs of one variant, pooled):
+    over the median update time (robust to bursts of load from other processes), in
+    wall and CPU time, and over the total CPU time (the periodic eviction and
+    admission steps included)."""
+    wall = [t for timer in timers for t in timer.times]
+    cpu = [t for timer in timers for t in timer.cpu]
+    return {"samples_per_s": args.batch_size / statistics.median(wall),
+            "samples_per_cpu_s": args.batch_size / statistics.median(cpu),
+            "samples_per_cpu_s_total": args.batch_size * len(cpu) / sum(cpu)}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs of each variant per seed, interleaved (a b b a); the "
+                   "update times of the repeats are pooled")
     p.add_argument("--budget", type=int, default=2000)
     p.add_argument("--fallback", type=int, default=64)
     p.add_argument("--min_count", type=int, default=2)
@@ -176,18 +192,30 @@ def main() -> int:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     if args.quick:
-        args.seeds, args.periods, args.batches = 1, 3, 5
+        args.seeds, args.periods, args.batches, args.repeats = 1, 3, 5, 1
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     torch.set_num_threads(1)
     rows = []
     for seed in range(args.seeds):
         raw, seen = stream(args, seed, range(args.periods), args.batches)
         held, _ = stream(args, 1000 + seed, range(args.periods - 1, args.periods), 8)
-        res = {}
-        for name, dynamic in (("a", False), ("b", True)) if seed % 2 == 0 else (
-                ("b", True), ("a", False)):  # alternate the order: drift hits both alike
+        res: dict = {}
+        timers: dict = {"a": [], "b": []}
+        order = "ab" if seed % 2 == 0 else "ba"
+        # a b b a (or b a a b): load that drifts during a seed hits both variants alike
+        for name in (order + order[::-1]) * (args.repeats // 2) + order * (args.repeats % 2):
+            dynamic = name == "b"
             modulo = None if dynamic else args.budget
-            res[name] = run(args, dynamic, seed, to_batches(raw, modulo),
-                            to_batches(held, modulo))
+            row, timer = run(args, dynamic, seed, to_batches(raw, modulo),
+                             to_batches(held, modulo))
+            if name in res and row != res[name]:
+                raise RuntimeError(f"variant {name}, seed {seed}: a repeat gave {row}, the "
+                                   f"first run {res[name]} (training is deterministic)")
+            res[name] = row
+            timers[name].append(timer)
+        for name in res:
+            res[name].update(throughput(args, timers[name]))
         rows.append({"seed": seed, "distinct_ids": len(seen),
                      "distinct_over_budget": len(seen) / args.budget, **{
                          f"{k}_{n}": v for n, r in res.items() for k, v in r.items()}})
@@ -197,18 +225,22 @@ def main() -> int:
               f"{r['auc_b'] - r['auc_a']:+.4f}  samples/s a {r['samples_per_s_a']:.0f}  b "
               f"{r['samples_per_s_b']:.0f}  ratio "
               f"{r['samples_per_s_b'] / r['samples_per_s_a']:.2f} (CPU time "
-              f"{r['samples_per_cpu_s_b'] / r['samples_per_cpu_s_a']:.2f})  rows "
+              f"{r['samples_per_cpu_s_b'] / r['samples_per_cpu_s_a']:.2f}, total "
+              f"{r['samples_per_cpu_s_total_b'] / r['samples_per_cpu_s_total_a']:.2f})  rows "
               f"{r['rows_used_b']}/{r['budget_b']}  admitted {r['admitted_b']} evicted "
               f"{r['evicted_b']}", flush=True)
     gaps = [r["auc_b"] - r["auc_a"] for r in rows]
     ratios = [r["samples_per_s_b"] / r["samples_per_s_a"] for r in rows]
     cpu_ratios = [r["samples_per_cpu_s_b"] / r["samples_per_cpu_s_a"] for r in rows]
+    total_ratios = [r["samples_per_cpu_s_total_b"] / r["samples_per_cpu_s_total_a"]
+                    for r in rows]
     summary = {
         "auc_gap_mean": statistics.mean(gaps),
         "auc_gap_stdev": statistics.stdev(gaps) if len(gaps) > 1 else 0.0,
         "auc_gap_min": min(gaps),
         "throughput_ratio_median": statistics.median(ratios),
         "cpu_throughput_ratio_median": statistics.median(cpu_ratios),
+        "cpu_total_throughput_ratio_median": statistics.median(total_ratios),
         "throughput_goal": 0.85,
         "map_bytes_per_row": rows[0]["map_bytes_per_row_b"],
         "table_bytes_per_row": 8 * 4,
@@ -217,7 +249,8 @@ def main() -> int:
     print(f"AUC gap b-a: mean {summary['auc_gap_mean']:+.4f} stdev "
           f"{summary['auc_gap_stdev']:.4f} (min {summary['auc_gap_min']:+.4f}) over "
           f"{len(rows)} seed(s); throughput b/a median {summary['throughput_ratio_median']:.2f} "
-          f"wall, {summary['cpu_throughput_ratio_median']:.2f} CPU time (goal >= 0.85); map "
+          f"wall, {summary['cpu_throughput_ratio_median']:.2f} CPU time (goal >= 0.85), "
+          f"{summary['cpu_total_throughput_ratio_median']:.2f} total CPU time; map "
           f"{summary['map_bytes_per_row']:.1f} B/row beside the table's "
           f"{summary['table_bytes_per_row']} B/row")
     if args.json:

@@ -15,9 +15,10 @@ changes) and each batch is mapped with one ``torch.searchsorted``; no Python run
 **When the map changes.** Only at a step boundary (`DynamicIdMap.end_step`, run after
 the optimizer update by `recframe.hooks.DynamicEmbeddingHook`): during a step, every
 micro-batch of a gradient-accumulation window sees one mapping, and the ids it met in
-training are queued. At the boundary the queued ids are counted (``torch.unique``):
-admitted ids get their frequency and last-seen step updated; the others are counted in
-a count-min sketch (``min_count``) or drawn (``probability``) for admission; every
+training are queued. At the boundary admitted ids get their frequency (LFU) or last-seen
+step (LRU, TTL) updated; the others are counted in a count-min sketch (``min_count``,
+one count per lookup) or drawn (``probability``) for admission, deduplicated
+(``torch.unique``) only when there are free rows; every
 ``eviction_interval`` steps rows are evicted first (LFU, LRU or TTL), then admitted ids
 fill the free rows (the most frequent first when there are more than free rows). An id
 admitted at a boundary is looked up in its own row from the next step on. Evaluation
@@ -122,6 +123,12 @@ class DynamicIdMap(nn.Module):
         self.register_buffer("_sketch_offsets",
                              (torch.arange(SKETCH_DEPTH, device=device) * width).view(-1, 1),
                              persistent=False)
+        self.register_buffer("_one", torch.ones((), **i64), persistent=False)
+        self.register_buffer("_one32", torch.ones((), dtype=torch.int32, device=device),
+                             persistent=False)
+        self.register_buffer("_empty", torch.zeros(0, **i64), persistent=False)
+        self.committed_rows = 0
+        """Rows in use after the last `end_step` (the hook's metric, without a count)."""
 
     # --- lookup -------------------------------------------------------------------
     def check_ids(self, ids: torch.Tensor, feature: str) -> None:
@@ -134,14 +141,19 @@ class DynamicIdMap(nn.Module):
         """The hashed fallback row of each id (multiply-shift: cheap, every lookup)."""
         if self.fallback == 1:
             return torch.zeros_like(ids)
-        return torch.remainder((ids * _MIX[0]) >> 24, self.fallback)
+        x = (ids * _MIX[0]) >> 24
+        if self.fallback & (self.fallback - 1) == 0:  # a power of two: the same, cheaper
+            return x.bitwise_and_(self.fallback - 1)
+        return torch.remainder(x, self.fallback)
 
     def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(hit, slot) of each id: whether it has a row, and its slot (row - fallback)."""
-        pos = torch.searchsorted(self.sorted_ids, ids).clamp_(max=self.capacity - 1)
-        slot = self.sorted_slots[pos]
-        hit = (self.sorted_ids[pos] == ids) & self.used[slot]
-        return hit, slot
+        # searching all but the last entry clamps the position to the last one for free
+        pos = torch.searchsorted(self.sorted_ids[:-1], ids).view(-1)
+        slot = self.sorted_slots.index_select(0, pos)  # index_select: half the cost of [pos]
+        hit = self.sorted_ids.index_select(0, pos) == ids.reshape(-1)
+        hit.logical_and_(self.used.index_select(0, slot))
+        return hit.view(ids.shape), slot.view(ids.shape)
 
     def lookup(self, ids: torch.Tensor, record: bool) -> torch.Tensor:
         """Rows of raw ``ids``; ``record``: queue them for `end_step` (training)."""
@@ -168,28 +180,39 @@ class DynamicIdMap(nn.Module):
     def end_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Commit the ids queued since the last call as step ``step``: update counts,
         evict (every ``eviction_interval`` steps), admit. Returns ``(admitted rows,
-        their fallback rows, evicted rows)`` (int64 table rows) for `reset_rows`."""
-        empty = torch.zeros(0, dtype=torch.int64, device=self.ids.device)
-        pending, self._pending = self._pending, []
+        their fallback rows, evicted rows)`` (int64 table rows) for `reset_rows`.
+
+        The common step (table full, no eviction due) costs a handful of small ops: the
+        hits' frequency (LFU) or last-seen step (LRU, TTL: the key eviction reads), and
+        the misses' sketch counts; the misses are only deduplicated (``torch.unique``)
+        when there are free rows to admit them to."""
+        empty = self._empty
+        pending = list(self._pending)
+        self._pending.clear()  # not a new list: nn.Module.__setattr__ is slow
         self.step.fill_(step)
-        uniq, cnt = empty, empty
         if _world_size() > 1:  # a replicated map: every rank commits every rank's ids
             from recframe.distributed import all_gather_cat
 
-            local = torch.cat([p[0] for p in pending]) if pending else empty
+            local = torch.cat([p[0].reshape(-1) for p in pending]) if pending else empty
             ids = all_gather_cat(local)
             pending = [(ids, *self.find(ids))] if ids.numel() else []
+        miss = empty
         if pending:  # the lookups' own hits: the map did not change since
             ids, hit, slot = (pending[0] if len(pending) == 1
-                              else (torch.cat(x) for x in zip(*pending)))
-            seen = slot[hit]
-            self.counts.index_add_(0, seen, torch.ones_like(seen))
-            self.last_seen.index_fill_(0, seen, step)
-            uniq, cnt = torch.unique(ids[~hit], return_counts=True)
+                              else (torch.cat([t.reshape(-1) for t in x]) for x in zip(*pending)))
+            seen = slot.masked_select(hit)
+            if self.spec.eviction == "lfu":  # only the policy's own key is read
+                self.counts.index_add_(0, seen, self._one.expand(seen.numel()))
+            else:
+                self.last_seen.index_fill_(0, seen, step)
+            miss = ids.masked_select(hit.logical_not_())
+        used = int(self.used.sum())
         evicted = empty
         if step % self.spec.eviction_interval == 0:
             evicted = self._evict(step)
-        admitted, fallback = self._admit(uniq, cnt, step)
+            used -= evicted.numel()
+        admitted, fallback = self._admit(miss, step, self.capacity - used)
+        self.committed_rows = used + admitted.numel()
         if not (admitted.numel() or evicted.numel()):
             return empty, empty, empty
         self._reindex()
@@ -205,7 +228,7 @@ class DynamicIdMap(nn.Module):
             free = self.capacity - int(used.sum())
             n = max(0, math.ceil(spec.evict_fraction * self.capacity) - free)
             if n == 0:
-                slots = torch.zeros(0, dtype=torch.int64, device=used.device)
+                slots = self._empty
             else:
                 key = self.counts if spec.eviction == "lfu" else self.last_seen
                 # unused slots sort last; ties: the slot index (stable, deterministic)
@@ -220,33 +243,42 @@ class DynamicIdMap(nn.Module):
         self.sketch.bitwise_right_shift_(1)  # old counts fade
         return slots
 
-    def _admit(self, ids: torch.Tensor, cnt: torch.Tensor, step: int
+    def _sketch_cols(self, ids: torch.Tensor) -> torch.Tensor:
+        """The admission sketch's counter of each id in each row: ``[depth, n]`` indices
+        into the flattened sketch."""
+        x = ids * _MIX[0]  # mix once, then one multiply-shift per sketch row
+        x ^= (x >> 31).bitwise_and_(0x1FFFFFFFF)
+        cols = torch.remainder((x.unsqueeze(0) * self._sketch_mults) >> 16, self.sketch.shape[1])
+        return cols.add_(self._sketch_offsets)
+
+    def _admit(self, miss: torch.Tensor, step: int, free_rows: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        empty = torch.zeros(0, dtype=torch.int64, device=ids.device)
-        if ids.numel() == 0:
+        """Admit from the step's misses (one entry per lookup, repeats included) into
+        the ``free_rows`` free rows; with ``min_count``, count them in the sketch first."""
+        empty = self._empty
+        if miss.numel() == 0:
             return empty, empty
         spec = self.spec
+        flat = self.sketch.view(-1)
+        use_sketch = spec.probability is None and spec.min_count > 1
+        if use_sketch:  # one count per lookup: the sums of per-id counts, without unique
+            cols = self._sketch_cols(miss).view(-1)
+            flat.index_add_(0, cols, self._one32.expand(cols.numel()))
+        if free_rows == 0:  # full: the counts wait in the sketch for an eviction
+            return empty, empty
+        ids, cnt = torch.unique(miss, return_counts=True)
         if spec.probability is not None:
             u = _hash(ids, step + 1).double() / float(INT64_MAX)
             admit = u < 1 - (1 - spec.probability) ** cnt.double()
             score = cnt
-        elif spec.min_count <= 1:
+        elif not use_sketch:
             admit = torch.ones_like(ids, dtype=torch.bool)
             score = cnt
         else:
-            depth, width = self.sketch.shape
-            x = ids * _MIX[0]  # mix once, then one multiply-shift per sketch row
-            x = x ^ ((x >> 31) & 0x1FFFFFFFF)
-            cols = torch.remainder((x.unsqueeze(0) * self._sketch_mults) >> 16, width)
-            cols += self._sketch_offsets
-            flat = self.sketch.view(-1)
-            flat.index_add_(0, cols.view(-1), cnt.to(flat.dtype).repeat(depth))
-            est = flat[cols].min(dim=0).values.long()
+            est = flat[self._sketch_cols(ids)].min(dim=0).values.long()
             admit = est >= spec.min_count
             score = est
         free = (~self.used).nonzero().squeeze(1)
-        if free.numel() == 0:  # full: the counts wait in the sketch for an eviction
-            return empty, empty
         cand, ccnt, score = ids[admit], cnt[admit], score[admit]
         if cand.numel() > free.numel():  # the most frequent first; ties: the smaller id
             order = torch.argsort(cand)
@@ -261,10 +293,8 @@ class DynamicIdMap(nn.Module):
         return slots, self.fallback_rows(cand)
 
     def _reindex(self) -> None:
-        keys = torch.where(self.used, self.ids, torch.full_like(self.ids, INT64_MAX))
-        sorted_ids, order = torch.sort(keys, stable=True)
-        self.sorted_ids.copy_(sorted_ids)
-        self.sorted_slots.copy_(order)
+        keys = self.ids.masked_fill(~self.used, INT64_MAX)
+        torch.sort(keys, stable=True, out=(self.sorted_ids, self.sorted_slots))
 
     def map_bytes_per_row(self) -> float:
         """Bytes of map state per row of the budget (buffers / num_embeddings)."""
@@ -455,7 +485,7 @@ def end_step(model: nn.Module, step: int, optimizer: Any = None, tracker: Any = 
             reset_rows(weight, optimizer, admitted, fallback, evicted, key)
             if tracker is not None and key in getattr(tracker, "bits", {}):
                 tracker.mark(key, torch.cat([admitted, evicted]))
-        used[m.table] = m.rows_used
+        used[m.table] = m.committed_rows
     return used
 
 

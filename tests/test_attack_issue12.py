@@ -95,10 +95,7 @@ def _break_the_hook_state(manifest: dict) -> None:
 
 @pytest.mark.parametrize("edit", [
     _drop_a_param_from_the_dense_optimizer,
-    pytest.param(_break_the_hook_state, marks=pytest.mark.xfail(strict=True, reason=(
-        "a registered object's load_state_dict raising in the apply phase: the model "
-        "tensors are already copied; needs calls before copies plus rollback of the "
-        "objects already loaded"))),
+    _break_the_hook_state,
 ])
 def test_a_load_state_dict_failing_on_a_checksummed_manifest_changes_nothing(
     tmp_path, edit

@@ -66,6 +66,7 @@ class Transaction:
 
     def __init__(self) -> None:
         self._steps: list[tuple[Optional[TensorReader], Any]] = []
+        self._first: list[Callable[[], Callable[[], None]]] = []
 
     def copy(self, reader: TensorReader, targets: dict[str, Any]) -> None:
         """Queue filling the live ``targets`` from ``reader`` (shapes checked now)."""
@@ -75,6 +76,13 @@ class Transaction:
     def call(self, fn: Callable[[], None]) -> None:
         """Queue ``fn`` (a ``load_state_dict``...) after the copies queued so far."""
         self._steps.append((None, fn))
+
+    def call_first(self, fn: Callable[[], Callable[[], None]]) -> None:
+        """Queue ``fn`` before every copy: it loads objects that need no live tensor
+        (a registered object's or hook's state, which user code may reject) and returns
+        how to undo that. One raising undoes the ones run before it, and nothing live
+        has been written yet."""
+        self._first.append(fn)
 
     def verify(self, keep: bool) -> None:
         for reader, jobs in self._steps:
@@ -102,6 +110,14 @@ class Transaction:
         for reader, step in self._steps:
             if reader is not None:
                 reader.confirm(step)
+        undo: list[Callable[[], None]] = []
+        try:
+            for fn in self._first:
+                undo.append(fn())
+        except BaseException:
+            for back in reversed(undo):
+                back()
+            raise
         for reader, step in self._steps:
             if reader is not None:
                 reader.apply(step)
@@ -186,20 +202,38 @@ def _extra(ctx: PartContext, tree: Any) -> None:
         if name in extra and isinstance(obj, torch.optim.Optimizer):
             _check_param_shapes(ctx, obj, extra[name], f"extra {name!r}")
 
-    def apply() -> None:
-        for name, obj in saver._extra.items():
-            if name not in extra:
-                logger.warning("checkpoint has no extra state %r; keeping its current value",
-                               name)
-                continue
-            loader = getattr(obj, "load_state_dict", None)
-            if callable(loader):
-                loader(extra[name])
-            saver._extra_data[name] = extra[name]
-        for name in set(extra) - set(saver._extra):
-            saver._extra_data[name] = extra[name]
+    def apply() -> Callable[[], None]:
+        data_before = dict(saver._extra_data)
+        loaded: list[tuple[Any, Any]] = []  # (object, its state before), for the undo
 
-    ctx.txn.call(apply)
+        def undo() -> None:
+            for obj, state in reversed(loaded):
+                obj.load_state_dict(state)
+            saver._extra_data.clear()
+            saver._extra_data.update(data_before)
+
+        try:
+            for name, obj in saver._extra.items():
+                if name not in extra:
+                    logger.warning("checkpoint has no extra state %r; keeping its current "
+                                   "value", name)
+                    continue
+                loader = getattr(obj, "load_state_dict", None)
+                if callable(loader):
+                    saved = getattr(obj, "state_dict", None)
+                    if callable(saved):  # (before the load: a half-done one is undone too)
+                        loaded.append((obj, saved()))
+                    loader(extra[name])
+                saver._extra_data[name] = extra[name]
+            for name in set(extra) - set(saver._extra):
+                saver._extra_data[name] = extra[name]
+        except BaseException:
+            undo()
+            raise
+        return undo
+
+    # before the tensor copies: a state its object rejects leaves everything as it was
+    ctx.txn.call_first(apply)
 
 
 def _io_state(ctx: PartContext, per_rank: Any) -> None:

@@ -349,6 +349,11 @@ class CheckpointManager:
             self.global_step = ckpt.step
             self.keep_policy.restored(ckpt.step)
             self._start_timeline(ckpt.step)
+            if global_step is None and ckpt is found[-1]:
+                # the newest: what a run killed between a commit and its retention left
+                # over is pruned now, so kills in a row never pile up checkpoints (not
+                # on a rollback: the newer timeline is moved aside at the first save)
+                self.apply_retention(protect={ckpt.step})
             return ckpt.step
         if found:
             raise CheckpointError(

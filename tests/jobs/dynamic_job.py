@@ -95,7 +95,9 @@ def main() -> None:
         json.dump({"step": trainer.state.global_step,
                    "ids": sorted(set(torch.cat([b.sparse_features.values()[:BATCH]
                                                 for b in batches(rank)]).tolist()))}, f)
-    distributed.barrier()
+    from dist_job import leave_group
+
+    leave_group(out, rank)  # rank 0 (the store's host) leaves last
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def main(out: str) -> None:
     if rank == 0:
         np.savez(f"{out}/gathered.npz", predictions=result.predictions.numpy(),
                  labels=result.labels.numpy(), n=np.array(streamed.num_samples))
-    distributed.barrier()
+    from dist_job import leave_group
+
+    leave_group(out, rank)  # rank 0 (the store's host) leaves last
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 warnings.filterwarnings("ignore")
 
+from dist_job import leave_group  # noqa: E402
+
 from recframe import Trainer, TrainingArguments  # noqa: E402
 from recframe.data import SyntheticCriteo  # noqa: E402
 from recframe.models import DLRM  # noqa: E402
@@ -75,6 +77,7 @@ def run(policy: str, out: str) -> None:
 def main() -> None:
     for policy in ("skip", "raise"):
         run(policy, os.path.join(sys.argv[1], policy))
+    leave_group(sys.argv[1], int(os.environ["RANK"]))  # rank 0 (the store's host) last
 
 
 if __name__ == "__main__":

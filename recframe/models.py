@@ -365,6 +365,37 @@ def check_batch(model: nn.Module, batch: Any) -> None:
                              f"got {values.dtype}")
 
 
+def _embedding_tables(
+    model: nn.Module,
+    owner: str,
+    schema: Optional[FeatureSchema],
+    num_embeddings: Union[int, Sequence[int], None],
+    embedding_dim: Optional[int],
+    num_dense: Optional[int],
+    sparse_features: Optional[Sequence[str]],
+    device: DeviceLike,
+) -> EmbeddingBagCollection:
+    """The tables of a built-in model, from ``schema`` or from the explicit sizes (the
+    defaults: Criteo's 26 features, 10k rows, dim 16, 13 dense), validated; sets the
+    model's ``schema``, ``num_dense``, ``sparse_features`` and ``embedding_dim``."""
+    _schema_overrides(owner, schema, num_embeddings=num_embeddings,
+                      embedding_dim=embedding_dim, num_dense=num_dense,
+                      sparse_features=sparse_features)
+    if schema is not None:
+        embedding_dim, num_dense = schema.embedding_dim, len(schema.dense)
+        sparse_features = schema.feature_names
+    num_embeddings = 10_000 if num_embeddings is None else num_embeddings
+    sparse_features = DEFAULT_CAT_NAMES if sparse_features is None else sparse_features
+    model.schema = schema
+    model.embedding_dim = _positive_int(owner, "embedding_dim",
+                                        16 if embedding_dim is None else embedding_dim)
+    model.num_dense = _positive_int(owner, "num_dense", 13 if num_dense is None else num_dense)
+    model.sparse_features = list(sparse_features)
+    if schema is not None:
+        return build_ebc_from_schema(schema, device)
+    return build_ebc(sparse_features, num_embeddings, model.embedding_dim, device, owner)
+
+
 class DLRM(nn.Module):
     """DLRM (torchrec's `DLRM`: bottom MLP, pairwise dot interactions, top MLP).
 
@@ -391,19 +422,9 @@ class DLRM(nn.Module):
     ) -> None:
         super().__init__()
         owner = "DLRM"
-        _schema_overrides(owner, schema, num_embeddings=num_embeddings,
-                          embedding_dim=embedding_dim, num_dense=num_dense,
-                          sparse_features=sparse_features)
-        if schema is not None:
-            embedding_dim, num_dense = schema.embedding_dim, len(schema.dense)
-            sparse_features = schema.feature_names
-        num_embeddings = 10_000 if num_embeddings is None else num_embeddings
-        embedding_dim = 16 if embedding_dim is None else embedding_dim
-        num_dense = 13 if num_dense is None else num_dense
-        sparse_features = DEFAULT_CAT_NAMES if sparse_features is None else sparse_features
-        self.schema = schema
-        embedding_dim = _positive_int(owner, "embedding_dim", embedding_dim)
-        self.num_dense = _positive_int(owner, "num_dense", num_dense)
+        ebc = _embedding_tables(self, owner, schema, num_embeddings, embedding_dim, num_dense,
+                                sparse_features, device)
+        embedding_dim = self.embedding_dim
         dense_sizes = _layer_sizes(
             owner, "dense_arch", (128, embedding_dim) if dense_arch is None else dense_arch
         )
@@ -415,10 +436,6 @@ class DLRM(nn.Module):
         over_sizes = _layer_sizes(owner, "over_arch", over_arch, min_len=2)
         if over_sizes[-1] != 1:
             raise ValueError(f"DLRM: over_arch must end with 1 (one logit), got {over_sizes}")
-        self.sparse_features = list(sparse_features)
-        self.embedding_dim = embedding_dim
-        ebc = (build_ebc_from_schema(schema, device) if schema is not None else
-               build_ebc(sparse_features, num_embeddings, embedding_dim, device, owner))
         self.model = TorchrecDLRM(
             embedding_bag_collection=ebc,
             dense_in_features=self.num_dense,
@@ -476,24 +493,10 @@ class DeepFM(nn.Module):
     ) -> None:
         super().__init__()
         owner = "DeepFM"
-        _schema_overrides(owner, schema, num_embeddings=num_embeddings,
-                          embedding_dim=embedding_dim, num_dense=num_dense,
-                          sparse_features=sparse_features)
-        if schema is not None:
-            embedding_dim, num_dense = schema.embedding_dim, len(schema.dense)
-            sparse_features = schema.feature_names
-        num_embeddings = 10_000 if num_embeddings is None else num_embeddings
-        embedding_dim = 16 if embedding_dim is None else embedding_dim
-        num_dense = 13 if num_dense is None else num_dense
-        sparse_features = DEFAULT_CAT_NAMES if sparse_features is None else sparse_features
-        self.schema = schema
-        embedding_dim = _positive_int(owner, "embedding_dim", embedding_dim)
-        self.num_dense = _positive_int(owner, "num_dense", num_dense)
+        ebc = _embedding_tables(self, owner, schema, num_embeddings, embedding_dim, num_dense,
+                                sparse_features, device)
+        embedding_dim = self.embedding_dim
         hidden = _layer_sizes(owner, "deep_arch", deep_arch)
-        self.sparse_features = list(sparse_features)
-        self.embedding_dim = embedding_dim
-        ebc = (build_ebc_from_schema(schema, device) if schema is not None else
-               build_ebc(sparse_features, num_embeddings, embedding_dim, device, owner))
         self.embedding_backend = resolve_embedding_backend(embedding_backend, device)
         self.ebc = EmbeddingBagTables.from_ebc(ebc) if self.embedding_backend == "nn" else ebc
         self.dynamic = dynamic_remapper(schema, device)

@@ -308,6 +308,15 @@ def test_served_graph_runs_no_dead_or_copying_nodes(trained, caplog):
     assert targets.count("fbgemm.asynchronous_complete_cumsum.default") == 1
     assert targets.count("aten.index_select.default") == 1  # the interaction's pairs
     assert len(targets) < 40, len(targets)  # 26 features: ~250 before the pruning
+    # no casts to the dtype a tensor already has, no view of a 1-D tensor as 1-D
+    assert "aten.to.dtype" not in targets and "aten.view.default" not in targets, targets
+    # every weight one flat attribute of the served module: a call reads each with one
+    # lookup, not a walk down model.model.dense_arch.model._mlp.0._linear per weight
+    weights = [s.target for s in program.graph_signature.input_specs if s.target]
+    assert weights and not [w for w in weights if "." in w], weights
+    served = program.module()
+    assert not [n for n, _ in served.named_children() if n != "_guards_fn"]
+    assert "getattr(" not in served.code
 
 
 @pytest.mark.parametrize("kinds", [("modulo", "modulo"), ("modulo", "hash"), ("hex", "hash")])

@@ -363,17 +363,27 @@ def _gather_pairs(program: Any) -> int:
                        or v.dtype != torch.int64 for v in (iv, jv))):
             continue
         cols = xv.shape[2]
+        mode = xv.fake_mode
+        i_const, j_const = _constant_of(program, idx[1]), _constant_of(program, idx[2])
+        vals: dict[Any, Any] = {}
+        if i_const is not None and j_const is not None:
+            # fixed pairs (DLRM's triu_indices, a non-persistent buffer): the flat index
+            # is a constant of the program, not two selects, a mul and an add per call
+            flat = _add_constant(program, "pairs_flat_index", i_const * cols + j_const)
+        else:
+            with graph.inserting_before(node):
+                row = graph.call_function(aten.mul.Tensor, (idx[1], cols))
+                flat = graph.call_function(aten.add.Tensor, (row, idx[2]))
+            with mode:
+                vals[row] = iv * cols
+                vals[flat] = vals[row] + jv
         with graph.inserting_before(node):
-            row = graph.call_function(aten.mul.Tensor, (idx[1], cols))
-            flat = graph.call_function(aten.add.Tensor, (row, idx[2]))
             rows = graph.call_function(aten.reshape.default, (x, [-1, xv.shape[1] * cols]))
             out = graph.call_function(aten.index_select.default, (rows, 1, flat))
-        mode = xv.fake_mode
         with mode:
-            vals = {row: iv * cols}
-            vals[flat] = vals[row] + jv
             vals[rows] = xv.reshape(-1, xv.shape[1] * cols)
-            vals[out] = vals[rows].index_select(1, vals[flat])
+            vals[out] = vals[rows].index_select(1, flat.meta["val"] if flat not in vals
+                                               else vals[flat])
         for new, val in vals.items():
             new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
             new.meta["val"] = val
@@ -381,6 +391,50 @@ def _gather_pairs(program: Any) -> int:
         graph.erase_node(node)
         replaced += 1
     return replaced
+
+
+def _constant_of(program: Any, node: Any) -> Optional[torch.Tensor]:
+    """The value of ``node`` when it is fixed at export: a constant tensor or a
+    non-persistent buffer of the program (no checkpoint writes it), or an
+    ``aten.select.int`` of one; else None."""
+    from torch.export.graph_signature import InputKind
+
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "call_function" and node.target == torch.ops.aten.select.int:
+        src = _constant_of(program, node.args[0])
+        return None if src is None else src.select(node.args[1], node.args[2])
+    if node.op != "placeholder":
+        return None
+    for spec in program.graph_signature.input_specs:
+        if spec.arg.name == node.name and (
+                spec.kind == InputKind.CONSTANT_TENSOR
+                or (spec.kind == InputKind.BUFFER and spec.persistent is False)):
+            value = program.constants.get(spec.target)
+            return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _add_constant(program: Any, name: str, value: torch.Tensor) -> Any:
+    """A new constant tensor input of the program (placed before the user inputs, as
+    lifted inputs are); its placeholder node."""
+    from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
+
+    specs = program.graph_signature.input_specs
+    while name in program.constants or name in program.state_dict:
+        name += "_"
+    first_user = next(i for i, s in enumerate(specs) if s.kind == InputKind.USER_INPUT)
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    with program.graph.inserting_before(nodes[specs[first_user].arg.name]):
+        node = program.graph.placeholder(f"c_{name}")
+    fake = next(n.meta["val"] for n in nodes.values()
+                if isinstance(n.meta.get("val"), torch.Tensor)).fake_mode
+    node.meta["val"] = fake.from_tensor(value, static_shapes=True)
+    specs.insert(first_user, InputSpec(kind=InputKind.CONSTANT_TENSOR,
+                                       arg=TensorArgument(name=node.name), target=name,
+                                       persistent=None))
+    program.constants[name] = value.clone()
+    return node
 
 
 def _drop_orphan_item_checks(graph: Any) -> int:
@@ -474,6 +528,8 @@ def _drop_unused_buffers(program: Any) -> None:
         if spec.kind == InputKind.BUFFER and node is not None and not node.users:
             program.graph.erase_node(node)
             program.state_dict.pop(spec.target, None)
+            if spec.persistent is False:  # non-persistent buffers live with the constants
+                program.constants.pop(spec.target, None)
         else:
             keep.append(spec)
     program.graph_signature.input_specs[:] = keep

@@ -310,6 +310,8 @@ def test_served_graph_runs_no_dead_or_copying_nodes(trained, caplog):
     assert len(targets) < 40, len(targets)  # 26 features: ~250 before the pruning
     # no casts to the dtype a tensor already has, no view of a 1-D tensor as 1-D
     assert "aten.to.dtype" not in targets and "aten.view.default" not in targets, targets
+    # the interaction's fixed pairs: one constant flat index, not computed per call
+    assert not [t for t in targets if t.startswith(("aten.select", "aten.mul"))], targets
     # every weight one flat attribute of the served module: a call reads each with one
     # lookup, not a walk down model.model.dense_arch.model._mlp.0._linear per weight
     weights = [s.target for s in program.graph_signature.input_specs if s.target]

@@ -33,6 +33,7 @@ import logging
 import operator
 import os
 import posixpath
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -76,7 +77,12 @@ def raw_id(value: Union[int, str], mapping: Union[IdMapping, Mapping[str, Any]])
     kind = mapping.kind if isinstance(mapping, IdMapping) else mapping["kind"]
     salt = mapping.salt if isinstance(mapping, IdMapping) else int(mapping.get("salt", 0))
     if kind == "modulo":
-        return int(value)
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"id {value!r} is not an integer")
+        out = int(value)
+        if not -(1 << 63) <= out < 1 << 63:
+            raise ValueError(f"id {value!r} is outside int64")
+        return out
     if kind == "hex":
         u = int(str(value), 16)
     elif kind == "hash":
@@ -207,8 +213,17 @@ def _resolve_checkpoint(model: nn.Module, checkpoint: str) -> tuple[Any, str]:
     latest = root.latest_checkpoint()
     if latest is not None:
         return root, latest.path
-    parent = posixpath.dirname(str(checkpoint).rstrip("/")) or "."
-    return Saver(model, output_dir=parent), str(checkpoint).rstrip("/")
+    import fsspec
+
+    path = str(checkpoint).rstrip("/")
+    fs, local = fsspec.core.url_to_fs(path)
+    if not fs.exists(posixpath.join(local, "manifest.json")):
+        what = "does not exist" if not fs.exists(local) else "holds no committed checkpoint"
+        raise ValueError(f"export: checkpoint {checkpoint} {what}; give a run's output_dir "
+                         "(its latest committed checkpoint) or one of its ckpt_<step> "
+                         "directories")
+    parent = posixpath.dirname(path) or "."
+    return Saver(model, output_dir=parent), path
 
 
 def load_checkpoint(model: nn.Module, checkpoint: str) -> dict[str, Any]:
@@ -243,6 +258,14 @@ def _quantize(module: ServingModule, quantize: str) -> None:
     # CPU rows unpadded (the default 16-byte alignment would double an int8 row of 16)
     quant_prep_customize_row_alignment(module, [EmbeddingBagCollection], 1)
     quantize_embeddings(module, dtype=dtype, inplace=True)
+    # fbgemm's default (WARNING) "repairs" ids and offsets that do not fit, e.g. fewer
+    # values than the lengths sum to, and predicts from the repaired input: FATAL
+    # raises instead (the ids themselves are in range by the graph's modulo)
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+
+    for _, sub in _submodules(module):
+        if hasattr(sub, "bounds_check_mode_int"):
+            sub.bounds_check_mode_int = BoundsCheckMode.FATAL.value
 
 
 def _example(schema: FeatureSchema, batch: int = 4) -> tuple[torch.Tensor, ...]:
@@ -716,31 +739,115 @@ def _save(program: Any, meta: dict[str, Any], output: str) -> int:
     return int(fs.size(path))
 
 
+def _open_artifact(artifact: str) -> Any:
+    import fsspec
+
+    try:
+        return fsspec.open(artifact, "rb").open()
+    except FileNotFoundError:
+        raise ValueError(f"{artifact}: no such artifact file; write one with `recframe export "
+                         f"CHECKPOINT {artifact}`") from None
+
+
+def _metadata_of(z: Any, artifact: str) -> dict[str, Any]:
+    found = [n for n in z.namelist() if n.rsplit("/", 1)[-1] == METADATA]
+    if not found:
+        raise ValueError(f"{artifact} is no recframe serving artifact (no {METADATA})")
+    try:
+        meta = json.loads(z.read(found[0]))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{artifact}: {found[0]} is not JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{artifact}: format {got!r}, expected {FORMAT!r}")
+    return meta
+
+
 def read_metadata(artifact: str) -> dict[str, Any]:
     """The artifact's ``recframe.json`` (without loading the program's weights)."""
     import zipfile
 
-    import fsspec
+    with _open_artifact(artifact) as f:
+        try:
+            with zipfile.ZipFile(f) as z:
+                return _metadata_of(z, artifact)
+        except zipfile.BadZipFile:
+            raise ValueError(f"{artifact} is no recframe serving artifact (not a zip "
+                             "archive)") from None
 
-    with fsspec.open(artifact, "rb") as f, zipfile.ZipFile(f) as z:
-        found = [n for n in z.namelist() if n.rsplit("/", 1)[-1] == METADATA]
-        if not found:
-            raise ValueError(f"{artifact} is no recframe serving artifact (no {METADATA})")
-        meta = json.loads(z.read(found[0]))
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{artifact}: format {meta.get('format')!r}, expected {FORMAT!r}")
+
+# what a graph this module exports may call, and what its shape guards may say (the
+# guards become Python source that ``ExportedProgram.module()`` compiles and runs)
+_OPS = ("torch.ops.aten.", "torch.ops.fbgemm.", "_operator.")
+_GUARD = re.compile(r"(?:\s+|L\['[A-Za-z_][A-Za-z0-9_]*'\](?:\.size\(\)\[\d+\])?|\d+"
+                    r"|==|!=|<=|>=|<|>|\+|-|\*|//|%|\(|\)|and|or|not)*")
+
+
+def check_artifact(data: bytes, artifact: str = "artifact") -> dict[str, Any]:
+    """Refuse (ValueError naming the entry) an artifact whose loading could run code:
+    ``torch.export.load`` unpickles payloads marked ``use_pickle`` and custom objects
+    with plain pickle, falls back to ``torch.load(weights_only=False)`` for sample
+    inputs it cannot read safely, and ``.module()`` compiles the stored guards into
+    Python; a graph may name any ``torch.*`` callable. Allowed: tensor payloads only,
+    sample inputs that ``weights_only`` reads, shape comparisons as guards, aten /
+    fbgemm ops; entry names without ``..`` or a leading ``/``. Returns the metadata."""
+    import io
+    import zipfile
+
+    try:
+        z = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise ValueError(f"{artifact} is no recframe serving artifact (not a zip "
+                         "archive)") from None
+    with z:
+        names = z.namelist()
+        for name in names:
+            parts = name.replace("\\", "/").split("/")
+            if name.startswith("/") or ".." in parts or ":" in parts[0]:
+                raise ValueError(f"{artifact}: entry {name!r} points outside the archive")
+        meta = _metadata_of(z, artifact)
+
+        def refuse(name: str, why: str) -> None:
+            raise ValueError(f"{artifact}: refused to load, {name} {why} (loading it could "
+                             "run code); re-export the checkpoint with recframe")
+
+        for name in names:
+            leaf = name.rsplit("/", 1)[-1]
+            if leaf in ("model_weights_config.json", "model_constants_config.json"):
+                config = json.loads(z.read(name)).get("config", {})
+                for key, entry in config.items():
+                    path = str(entry.get("path_name", ""))
+                    if entry.get("use_pickle") or not path.startswith(("weight_", "tensor_")):
+                        refuse(f"{name}: {key!r}", "is a pickled object, not a tensor")
+            elif "/sample_inputs/" in name:
+                try:
+                    torch.load(io.BytesIO(z.read(name)), weights_only=True)
+                except Exception as e:  # noqa: BLE001 (any failure: unsafe to fall back)
+                    refuse(name, f"is not plain tensors ({type(e).__name__})")
+            elif "/models/" in name and leaf.endswith(".json"):
+                program = json.loads(z.read(name))
+                for guard in program.get("guards_code") or []:
+                    if not isinstance(guard, str) or not _GUARD.fullmatch(guard):
+                        refuse(f"{name}: guard {str(guard)[:80]!r}", "is not a shape check")
+                nodes = (program.get("graph_module") or {}).get("graph", {}).get("nodes", [])
+                for node in nodes:
+                    target = str(node.get("target", ""))
+                    if not target.startswith(_OPS):
+                        refuse(f"{name}: node target {target[:80]!r}", "is no aten/fbgemm op")
     return meta
 
 
 def load_artifact(artifact: str) -> tuple[Any, dict[str, Any]]:
     """``(ExportedProgram, metadata)`` (what a serving process does, with recframe's
-    checks: the quantised kernels' ops are registered first)."""
-    import fsspec
+    checks: `check_artifact` first, on the very bytes then loaded, and the quantised
+    kernels' ops registered)."""
+    import io
 
-    meta = read_metadata(artifact)
+    with _open_artifact(artifact) as f:
+        data = f.read()
+    meta = check_artifact(data, artifact)
     import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm: the tables' kernel)
-    with fsspec.open(artifact, "rb") as f:
-        program = torch.export.load(f)
+    program = torch.export.load(io.BytesIO(data))
     return program, meta
 
 
@@ -770,17 +877,23 @@ def check_inputs(meta: Mapping[str, Any], dense: Any, values: Any, lengths: Any)
 
 
 def inputs_from_features(
-    meta: Mapping[str, Any], dense: Mapping[str, Any], sparse: Mapping[str, Any]
+    meta: Mapping[str, Any], dense: Mapping[str, Any], sparse: Mapping[str, Any],
+    ignore_unknown: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The artifact's three inputs from raw values by name: ``dense[column]`` a list of
     B numbers (None: missing), ``sparse[feature]`` a list of B lists of raw ids (ints,
-    hex or plain strings, mapped by `raw_id`). A missing column or feature is an error
-    naming it."""
+    hex or plain strings, mapped by `raw_id`). A missing column or feature, or (unless
+    ``ignore_unknown``) one the artifact does not know, is an error naming it."""
     columns, features = meta["inputs"]["dense"]["columns"], meta["feature_order"]
     missing = [c for c in columns if c not in dense] + [f for f in features if f not in sparse]
     if missing:
         raise ValueError(f"the artifact needs feature(s) {missing}; it reads dense columns "
                          f"{columns} and sparse features {features}")
+    unknown = [c for c in dense if c not in columns] + [f for f in sparse if f not in features]
+    if unknown and not ignore_unknown:
+        raise ValueError(f"feature(s) {unknown} are not in the artifact's schema (dense "
+                         f"columns {columns}, sparse features {features}): a request of a "
+                         "newer schema? drop them, or pass ignore_unknown=True")
     sizes = {len(dense[c]) for c in columns} | {len(sparse[f]) for f in features}
     if len(sizes) != 1:
         raise ValueError(f"every feature needs the same number of samples, got sizes {sizes}")
@@ -851,6 +964,12 @@ def apply_checkpoint(artifact: str, checkpoint: str, output: Optional[str] = Non
     schema = FeatureSchema.from_dict(meta["schema"])
     net = build_serving_model(meta["model"], schema, meta["model_kwargs"])
     manifest = load_checkpoint(net, checkpoint)
+    had, step = (meta.get("source") or {}).get("step"), manifest.get("step")
+    if isinstance(had, int) and isinstance(step, int) and step < had:
+        raise ValueError(
+            f"apply_checkpoint: {checkpoint} is step {step}, older than the step {had} "
+            f"{artifact} holds; deltas only move an artifact forward (to roll back, export "
+            f"that checkpoint in full: recframe export {checkpoint} ...)")
     module = ServingModule(net, schema).eval()
     _quantize(module, meta["quantize"])
     current = _program_tensors(program)

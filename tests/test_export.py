@@ -206,7 +206,7 @@ def test_export_refuses_a_checkpoint_of_another_model_or_schema(trained, tmp_pat
                   embedding_dim=DIM)
     with pytest.raises(ValueError, match="quantize must be one of"):
         ex.export(ckpt, str(tmp_path / "x.pt2"), quantize="int2")
-    with pytest.raises(ValueError, match="no committed checkpoint|not a committed"):
+    with pytest.raises(ValueError, match="checkpoint .*nothing does not exist"):
         ex.export(str(tmp_path / "nothing"), str(tmp_path / "x.pt2"))
     assert not (tmp_path / "x.pt2").exists()
 

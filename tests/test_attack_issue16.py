@@ -274,3 +274,24 @@ def test_a_failed_in_place_apply_leaves_no_temporary_file(runs, tmp_path):
     with pytest.raises(ValueError):
         ex.apply_checkpoint(str(live), str(tmp_path / "nothing"))
     assert sorted(os.listdir(tmp_path)) == ["live.pt2"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_changed_rows_are_found_by_their_bits_across_chunks(dtype, monkeypatch):
+    """apply_checkpoint copies a row whose bits differ even where the values compare
+    equal (``-0.0`` vs ``0.0``), also in a row past the first chunk."""
+    monkeypatch.setattr(ex, "_ROWS_PER_CHUNK", 4)
+    old = torch.zeros(10, 12, dtype=dtype)
+    new = old.clone()
+    if dtype == torch.float32:
+        new[1, 3] = -0.0
+    else:
+        new[1, 3] = 7
+    new[9, 0] = 1
+    assert ex._copy_changed_rows(old, new) == 2
+    assert torch.equal(old.view(torch.uint8), new.view(torch.uint8))
+    packed = torch.zeros(4 * 36 + 4, dtype=torch.uint8)  # int8 rows of 36 bytes at offset 4
+    view = packed.as_strided((4, 36), (36, 1), 4)
+    target = torch.zeros(4, 36, dtype=torch.uint8)
+    target[3, 35] = 5
+    assert ex._copy_changed_rows(view, target) == 1 and int(packed[-1]) == 5

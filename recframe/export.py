@@ -28,6 +28,7 @@ weights into the artifact's tensors; the result equals a full export of that ste
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import operator
@@ -722,6 +723,12 @@ def _metadata(schema: FeatureSchema, model: str, model_kwargs: Any, quantize: st
 def _save(program: Any, meta: dict[str, Any], output: str) -> int:
     """Write the artifact beside ``output`` and rename it over: a reader (or a crash)
     never sees half a file, and an existing artifact stays whole until then."""
+    return _write_atomic(output, lambda f: torch.export.save(
+        program, f, extra_files={METADATA: json.dumps(meta, indent=1)}))
+
+
+def _write_atomic(output: str, write: Any) -> int:
+    """``write(file)`` to a temporary file beside ``output``, then rename it over."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(output)
@@ -731,7 +738,7 @@ def _save(program: Any, meta: dict[str, Any], output: str) -> int:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with fs.open(tmp, "wb") as f:
-            torch.export.save(program, f, extra_files={METADATA: json.dumps(meta, indent=1)})
+            write(f)
         fs.mv(tmp, path)
     finally:
         if fs.exists(tmp):
@@ -978,14 +985,66 @@ def _packed_tables(module: nn.Module, name: str, old: torch.Tensor,
     return out
 
 
+def _payload_views(z: Any, buf: bytearray, expected: Mapping[str, torch.Tensor],
+                   artifact: str) -> dict[str, tuple[str, torch.Tensor]]:
+    """``{program tensor key: (zip entry, tensor viewing buf)}``: the raw tensor payloads
+    of the archive (uncompressed entries, laid out as their ``tensor_meta`` says), as
+    writable views of ``buf``, the archive's bytes; dtype from ``expected[key]``."""
+    import zipfile
+
+    infos = {i.filename: i for i in z.infolist()}
+    out: dict[str, tuple[str, torch.Tensor]] = {}
+    for cfg in [n for n in infos if n.endswith(("/model_weights_config.json",
+                                                "/model_constants_config.json"))]:
+        folder = cfg.rsplit("/", 1)[0]
+        for key, entry in json.loads(z.read(cfg)).get("config", {}).items():
+            if key not in expected:
+                continue
+            name = f"{folder}/{entry['path_name']}"
+            info = infos.get(name)
+            want = expected[key]
+            tmeta = entry.get("tensor_meta") or {}
+            sizes = [d.get("as_int") for d in tmeta.get("sizes", [])]
+            strides = [d.get("as_int") for d in tmeta.get("strides", [])]
+            offset = (tmeta.get("storage_offset") or {}).get("as_int", 0)
+            if (info is None or info.compress_type != zipfile.ZIP_STORED
+                    or sizes != list(want.shape) or info.file_size % want.element_size()):
+                raise ValueError(
+                    f"apply_checkpoint: tensor {key!r} is {sizes} in {artifact} but "
+                    f"{list(want.shape)} {want.dtype} in the checkpoint's model: re-export "
+                    "instead")
+            header = buf[info.header_offset:info.header_offset + 30]
+            start = (info.header_offset + 30 + int.from_bytes(header[26:28], "little")
+                     + int.from_bytes(header[28:30], "little"))
+            raw = torch.frombuffer(buf, dtype=torch.uint8, count=info.file_size,
+                                   offset=start) if info.file_size else torch.empty(
+                                       0, dtype=torch.uint8)
+            storage = raw.view(want.dtype)
+            need = offset + sum((n - 1) * st for n, st in zip(sizes, strides)) + 1
+            if any(n == 0 for n in sizes):
+                need = 0
+            if need > storage.numel():
+                raise ValueError(f"apply_checkpoint: {artifact}: {name} is too short for "
+                                 f"tensor {key!r}")
+            out[key] = (name, storage.as_strided(sizes, strides, offset))
+    return out
+
+
 def apply_checkpoint(artifact: str, checkpoint: str, output: Optional[str] = None) -> ExportInfo:
     """Refresh ``artifact`` (written to ``output``, default in place) with the weights of
     ``checkpoint`` (e.g. the newest incremental one) without tracing the graph: the
     model is rebuilt from the artifact's metadata, loaded, quantised like the artifact,
-    and each table row that differs is copied into the artifact's tensors (the dense
-    weights are replaced). Equal to `export` of that checkpoint."""
+    and each table row that differs is copied into the artifact's tensor payloads (the
+    dense weights are replaced), in the archive's bytes: the program is neither loaded
+    nor serialised again, the other entries are copied as they are. Equal to `export`
+    of that checkpoint."""
+    import io
+    import zipfile
+
     start = time.perf_counter()
-    program, meta = load_artifact(artifact)
+    with _open_artifact(artifact) as f:
+        data = f.read()
+    meta = check_artifact(data, artifact)
     schema = FeatureSchema.from_dict(meta["schema"])
     net = build_serving_model(meta["model"], schema, meta["model_kwargs"])
     manifest = load_checkpoint(net, checkpoint)
@@ -997,18 +1056,16 @@ def apply_checkpoint(artifact: str, checkpoint: str, output: Optional[str] = Non
             f"that checkpoint in full: recframe export {checkpoint} ...)")
     module = ServingModule(net, schema).eval()
     _quantize(module, meta["quantize"])
-    current = _program_tensors(program)
+    buf = bytearray(data)
+    z = zipfile.ZipFile(io.BytesIO(data))
+    expected = {key: _named_tensor(module, name) for key, name in meta["tensors"].items()}
+    current = _payload_views(z, buf, expected, artifact)
     changed: dict[str, int] = {}
     with torch.no_grad():
         for key, name in meta["tensors"].items():
             if key not in current:
                 raise ValueError(f"apply_checkpoint: {artifact} has no tensor {key!r}")
-            old, new = current[key], _named_tensor(module, name)
-            if old.shape != new.shape or old.dtype != new.dtype:
-                raise ValueError(
-                    f"apply_checkpoint: tensor {key!r} is {tuple(old.shape)} {old.dtype} in "
-                    f"{artifact} but {tuple(new.shape)} {new.dtype} in the checkpoint's "
-                    "model: re-export instead")
+            (_, old), new = current[key], expected[key]
             packed = _packed_tables(module, name, old, new)
             if packed:  # fbgemm's buffer of all tables: row by row within each table
                 for table, old_rows, new_rows in packed:
@@ -1024,6 +1081,22 @@ def apply_checkpoint(artifact: str, checkpoint: str, output: Optional[str] = Non
                       "incremental": (manifest.get("incremental") or {}).get("kind", "full")}
     meta["created"] = time.time()
     target = output or artifact
-    nbytes = _save(program, meta, target)  # in place: renamed over the old file when whole
+    payloads = {name for name, _ in current.values()}
+
+    def write(f: Any) -> None:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as out:
+            for info in z.infolist():
+                entry = copy.copy(info)  # writestr sets the copy's offsets, not z's
+                if info.filename.rsplit("/", 1)[-1] == METADATA:
+                    out.writestr(entry, json.dumps(meta, indent=1))
+                elif info.filename in payloads:
+                    head = buf[info.header_offset + 26:info.header_offset + 30]
+                    begin = (info.header_offset + 30 + int.from_bytes(head[:2], "little")
+                             + int.from_bytes(head[2:], "little"))
+                    out.writestr(entry, memoryview(buf)[begin:begin + info.file_size])
+                else:
+                    out.writestr(entry, z.read(info.filename))
+
+    nbytes = _write_atomic(target, write)  # in place: renamed over the old file when whole
     return ExportInfo(target, nbytes, manifest.get("step"), meta["quantize"],
                       time.perf_counter() - start, changed)

@@ -23,7 +23,12 @@ unsigned 64-bit value in an int64, see `raw_id`), so serving runs no recframe co
 
 `apply_checkpoint` refreshes an artifact from a newer (e.g. incremental) checkpoint
 without tracing the graph again: it writes the changed table rows and the dense
-weights into the artifact's tensors; the result equals a full export of that step.
+weights into the archive's tensor payloads and copies every other entry as it is; the
+result equals a full export of that step.
+
+`load_artifact` and `apply_checkpoint` run `check_artifact` on the file's bytes before
+torch reads them: ``torch.export.load`` can run code from a hostile file (pickled
+payloads, sample inputs, guards compiled into Python).
 """
 
 from __future__ import annotations

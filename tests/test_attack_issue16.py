@@ -295,3 +295,50 @@ def test_changed_rows_are_found_by_their_bits_across_chunks(dtype, monkeypatch):
     target = torch.zeros(4, 36, dtype=torch.uint8)
     target[3, 35] = 5
     assert ex._copy_changed_rows(view, target) == 1 and int(packed[-1]) == 5
+
+
+def test_a_two_rank_incremental_chain_exports_like_its_full_checkpoint(tmp_path):
+    """A chain (a full checkpoint and 3 deltas) written by 2 ranks with sharded tables,
+    exported in one process, equals the export of the 2-rank full checkpoint of the same
+    step (tests/jobs/incremental_ranks_job.py writes both)."""
+    import socket
+    import subprocess
+    import sys
+
+    job = os.path.join(os.path.dirname(__file__), "jobs", "incremental_ranks_job.py")
+    sys.path.insert(0, os.path.dirname(job))
+    try:
+        import incremental_ranks_job as ranks_job
+    finally:
+        sys.path.remove(os.path.dirname(job))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, job, str(tmp_path / "run")],
+        env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                 LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                 OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    rows, features = ranks_job.ROWS, ranks_job.FEATURES
+    schema = ex.synthetic_schema(rows, 4, num_sparse=len(features))
+    assert schema.feature_names == list(features)
+    opts = {"model": "dlrm", "schema": schema,
+            "model_kwargs": {"dense_arch": (8, 4), "over_arch": (8, 1)}}
+    run = tmp_path / "run"
+    chain = ex.export(str(run / "ckpt_4"), str(tmp_path / "chain.pt2"), **opts)
+    full = ex.export(str(run / "full" / "ckpt_4"), str(tmp_path / "full.pt2"), **opts)
+    assert ex.read_metadata(chain.path)["source"]["incremental"] == "delta"
+    a, _ = ex.load_artifact(chain.path)
+    b, _ = ex.load_artifact(full.path)
+    ta, tb = ex._program_tensors(a), ex._program_tensors(b)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key

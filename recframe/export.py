@@ -498,8 +498,10 @@ def _drop_dead_nodes(program: Any) -> int:
     """Erase graph nodes whose results nothing reads: the unused labels tensor,
     torchrec's per-key offsets the batched kernel never reads (with the in-place
     ``detach_`` that would keep them alive) and export's dtype re-checks of
-    intermediates (``_assert_tensor_metadata``: fixed by the inputs' dtypes, which the
-    program's input guards check). A served call runs every node one by one, so each
+    intermediates (``_assert_tensor_metadata``: fixed by the inputs' dtypes; the
+    program's guards check shapes only, so `check_inputs` is where a caller's dtypes are
+    checked by name: int32 ids and lengths still map and predict the same, float64
+    dense values fail in the first linear layer). A served call runs every node one by one, so each
     one dropped is time saved at batch 1 (see `_drop_orphan_item_checks` for the
     remaining data checks).
     Returns how many nodes went."""

@@ -58,6 +58,17 @@ def _predict_fn(model: nn.Module) -> Any:
     return fn
 
 
+def _is_empty(batch: Any) -> bool:
+    """Whether ``batch`` holds no samples (a reader's empty last chunk, a filtered
+    batch): torchrec's jagged tensors cannot be split at batch size 0, so the model is
+    not called on it."""
+    for name in ("dense_features", "labels"):
+        t = batch.get(name) if isinstance(batch, dict) else getattr(batch, name, None)
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return t.shape[0] == 0
+    return False
+
+
 def _labels_of(batch: Any) -> Optional[torch.Tensor]:
     labels = getattr(batch, "labels", None)
     if labels is None and isinstance(batch, dict):
@@ -150,7 +161,8 @@ def predict_dataset(
     with_labels = True
     total = 0
     last: Any = None
-    iterator = iter(dataset)
+    # empty batches are skipped: a rank left with fewer batches repeats its last one
+    iterator = (b for b in dataset if not _is_empty(b))
     was_training = model.training
     model.eval()
     try:

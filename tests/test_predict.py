@@ -66,6 +66,22 @@ def test_trainer_predict_returns_predictions_and_labels(tmp_path: Path) -> None:
     assert model.training  # the train/eval mode is given back
 
 
+def test_trainer_predict_skips_an_empty_batch(tmp_path: Path) -> None:
+    """A batch of 0 samples (torchrec cannot split its jagged tensor) contributes
+    nothing instead of failing the whole prediction run."""
+    model = _model()
+    data = _data(2)
+    b = data[0]
+    kjt = b.sparse_features
+    empty = Batch(b.dense_features[:0], KeyedJaggedTensor.from_lengths_sync(
+        kjt.keys(), kjt.values()[:0], torch.zeros(0, dtype=torch.int32)), b.labels[:0])
+    result = _trainer(model, tmp_path).predict([empty, data[0], empty, data[1]])
+    with torch.no_grad():
+        expected = torch.cat([model.predict(x) for x in data])
+    assert result.num_samples == 32 and torch.equal(result.predictions, expected)
+    assert torch.equal(result.labels, torch.cat([x.labels for x in data]))
+
+
 def test_trainer_predict_on_a_dataloader_without_labels(tmp_path: Path) -> None:
     data = _data(2)
 

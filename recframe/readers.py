@@ -932,6 +932,18 @@ class TabularDataset(IterableDataset):
         if not items:
             self._part = len(self._plan)
 
+    def remaining_batches(self) -> Optional[int]:
+        """Batches left in this epoch from the current position (Parquet: exact from the
+        footers, also after a `resplit`; CSV/TSV: None, unknown before reading)."""
+        if self.format != "parquet":
+            return None
+        if self._part >= len(self._plan):
+            return len(self)
+        rows = sum((p.end if p.end is not None else self._rows[p.file])
+                   - (self._offset if i == self._part else p.start)
+                   for i, p in enumerate(self._plan) if i >= self._part)
+        return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+
     def __len__(self) -> int:
         """Batches this rank yields per epoch (Parquet only: exact from the footers)."""
         if self.format != "parquet":

@@ -25,8 +25,10 @@ Errors name the file, the line (or the Parquet row group and row) and the column
 from __future__ import annotations
 
 import io
+import logging
 import math
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,9 +44,17 @@ from torch.utils.data import IterableDataset
 from recframe.data import _check_int, _check_rank, _make_batch
 from recframe.schema import FeatureSchema, SparseColumn, fnv1a64, mix64, parse_hex
 
+logger = logging.getLogger(__name__)
+
 PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
 TEXT_EXTENSIONS = (".csv", ".tsv", ".txt", ".data")
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+NOT_DATA_NAMES = frozenset({"readme", "license", "licence", "notice", "copying", "authors",
+                            "changelog", "makefile", "dockerfile", "success", "manifest"})
+"""Extensionless names that are never data (compared lower-case), beside Criteo's
+``day_0``: a README or LICENSE next to the data is skipped like a ``.md`` or ``.py``."""
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_COMPRESSED_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, ValueError)
 FORMATS = ("parquet", "csv", "tsv")
 
 
@@ -103,7 +113,9 @@ def is_data_file(name: str, fmt: str) -> bool:
         if lower.endswith(comp):
             lower = lower[: -len(comp)]
             break
-    return "." not in lower or lower.endswith(TEXT_EXTENSIONS)
+    if "." not in lower:
+        return lower not in NOT_DATA_NAMES
+    return lower.endswith(TEXT_EXTENSIONS)
 
 
 def list_files(paths: Union[str, Sequence[str]], fmt: str) -> list[str]:
@@ -207,6 +219,13 @@ class _Chunk:
         return int(self.ends.shape[0])
 
 
+def _corrupt_compressed(url: str, pos: int, error: BaseException) -> DataError:
+    return DataError(f"{url}: the compressed file cannot be read after byte {pos} of its "
+                     f"content ({type(error).__name__}: {error}); it is truncated (an "
+                     "interrupted download or copy?) or not compressed as its name says: "
+                     "fetch it again, or rename it")
+
+
 class _RowError(Exception):
     def __init__(self, row: int, column: str, message: str) -> None:
         super().__init__(message)
@@ -221,6 +240,24 @@ def _first_bad(values: Sequence[Any], convert: Callable[[Any], Any]) -> tuple[in
         except (TypeError, ValueError, OverflowError):
             return i, v
     return -1, None
+
+
+def _int64(value: Any) -> int:
+    """``int(value)``, refusing what does not fit int64 (error path only)."""
+    out = int(value)
+    if not _INT64[0] <= out <= _INT64[1]:
+        raise OverflowError(value)
+    return out
+
+
+def _id_problem(value: Any, needs: str) -> str:
+    """Why ``value`` is no integer id (error path only)."""
+    try:
+        int(value)
+    except (TypeError, ValueError):
+        return f"id {value!r} is not an integer ({needs})"
+    return (f"id {value!r} does not fit in 64 bits ({needs}); use mapping hash for ids "
+            "this long")
 
 
 def _float_column(arr: pa.Array, name: str, fill: Optional[float]) -> np.ndarray:
@@ -238,7 +275,13 @@ def _float_column(arr: pa.Array, name: str, fill: Optional[float]) -> np.ndarray
             row = int(np.flatnonzero(~np.asarray(arr.is_valid()))[0])
             raise _RowError(row, name, "is empty")
         arr = arr.fill_null(fill)
-    return np.asarray(pc.cast(arr, pa.float64()), dtype=np.float64)
+    out = np.asarray(pc.cast(arr, pa.float64()), dtype=np.float64)
+    finite = np.isfinite(out)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise _RowError(row, name, f"{float(out[row])} is not a finite number (leave the value "
+                        "empty to take the column's fill)")
+    return out
 
 
 def _string_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -262,9 +305,9 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
             try:
                 flat = pc.cast(flat, pa.int64())
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                i, v = _first_bad(flat.to_pylist(), int)
+                i, v = _first_bad(flat.to_pylist(), _int64)
                 raise _RowError(int(parents[i]), column.name,
-                                f"id {v!r} is not an integer (mapping modulo)") from None
+                                _id_problem(v, "mapping modulo")) from None
         elif not pa.types.is_integer(flat.type):
             raise _RowError(0, column.name, f"has type {flat.type}; mapping modulo needs "
                             "integer ids (use mapping hash for strings)")
@@ -288,15 +331,19 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
             try:
                 flat = pc.cast(flat, pa.int64())
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                i, v = _first_bad(flat.to_pylist(), int)
+                i, v = _first_bad(flat.to_pylist(), _int64)
                 raise _RowError(int(parents[i]), column.name,
-                                f"id {v!r} is not an integer (dynamic ids int64)") from None
+                                _id_problem(v, "dynamic ids int64")) from None
         elif not pa.types.is_integer(flat.type):
             raise _RowError(0, column.name, f"has type {flat.type}; dynamic ids int64 need "
                             "integer ids (use dynamic ids hash for strings)")
         return np.asarray(flat, dtype=np.int64)
     salt = dynamic.salt if dynamic is not None else column.mapping.salt
     if not is_str:  # hash: integers hash by their decimal text
+        if not (pa.types.is_integer(flat.type) or pa.types.is_floating(flat.type)
+                or pa.types.is_boolean(flat.type)):
+            raise _RowError(0, column.name, f"has type {flat.type}; mapping hash needs "
+                            "strings or integers")
         flat = pc.cast(flat, pa.string())
     h = mix64(fnv1a64(*_string_bytes(flat)) ^ np.uint64(salt))
     if dynamic is not None:  # the 64-bit hash is the id (as int64)
@@ -428,6 +475,12 @@ class TabularDataset(IterableDataset):
         self.drop_last = self.world_size > 1 if drop_last is None else bool(drop_last)
         self.feature_names = self.schema.feature_names
         self.dense_names = self.schema.dense_names
+        if format != "parquet":
+            clash = [c.name for c in self.schema.sparse if c.delimiter == self.delimiter]
+            if clash:
+                raise ValueError(f"sparse column(s) {clash} split ids at {self.delimiter!r}, "
+                                 f"the file's own column delimiter: give them another "
+                                 "delimiter (e.g. '|')")
         self.files = list_files(paths, "parquet" if format == "parquet" else "csv")
         self._names = [_basename(u) for u in self.files]
         self._needed = self.schema.input_columns(self.labelled)
@@ -441,6 +494,12 @@ class TabularDataset(IterableDataset):
         self._plan = self.default_plan()
         self._part, self._offset, self._epoch = 0, self._plan[0].start if self._plan else 0, 0
         self._active: Optional[Iterator[Any]] = None
+        if not self._plan and self.world_size > 1:
+            logger.warning(
+                "rank %d of %d has no data to read in %d file(s): there are fewer rows (or "
+                "compressed files, which cannot be split) than ranks; with several ranks "
+                "they all stop at the smallest share: convert to Parquet or use fewer ranks",
+                self.rank, self.world_size, len(self.files))
 
     # ---------------------------------------------------------------- planning
     def _items(self) -> list[tuple[Part, int, bool]]:
@@ -463,6 +522,10 @@ class TabularDataset(IterableDataset):
                 pf = pq.ParquetFile(source)
                 meta, names = pf.metadata, set(pf.schema_arrow.names)
                 pf.close()
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"{url}: not a readable Parquet file ({e}); it may be "
+                                "truncated (an interrupted write) or another format: "
+                                "rewrite it, or move it out of the data directory") from None
             finally:
                 if not isinstance(source, str):
                     source.close()
@@ -497,7 +560,14 @@ class TabularDataset(IterableDataset):
             self._compressed.append(_compression(url) is not None)
             if self.header:
                 with fsspec.open(url, "rb", compression="infer") as f:
-                    first = f.readline().decode("utf-8", "replace").rstrip("\r\n")
+                    try:
+                        first = f.readline().decode("utf-8-sig", "replace").rstrip("\r\n")
+                    except _COMPRESSED_ERRORS as e:
+                        raise _corrupt_compressed(url, 0, e) from None
+                if not first:
+                    raise DataError(f"{url}:1: no header line (the file is empty, or starts "
+                                    "with a blank line); header=True reads column names from "
+                                    "each file's first line")
                 names = first.split(self.delimiter)
                 missing = [c for c in self._needed if c not in names]
                 if missing:
@@ -552,7 +622,11 @@ class TabularDataset(IterableDataset):
             self._local.pq = cache
         g0 = int(self._rg_starts[f][group])
         # one thread per row group: these workers already run several at a time
-        table = cache[1].read_row_group(group, columns=self._needed, use_threads=False)
+        try:
+            table = cache[1].read_row_group(group, columns=self._needed, use_threads=False)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{url}: row group {group} cannot be read ({e}); the file is "
+                            "corrupt: rewrite it") from None
         table = table.slice(lo - g0, hi - lo)
         with self._lock:
             self.bytes_read += self._rg_bytes[f][group]
@@ -590,15 +664,21 @@ class TabularDataset(IterableDataset):
 
         url = self.files[self._plan[part_index].file]
         with fsspec.open(url, "rb", compression="infer") as h:
-            if offset:
-                h.seek(offset)
             pos = offset
+            try:
+                if offset:
+                    h.seek(offset)
+            except _COMPRESSED_ERRORS as e:
+                raise _corrupt_compressed(url, 0, e) from None
             while True:
-                block = h.read(self.block_size)
+                try:
+                    block = h.read(self.block_size)
+                    if block and not block.endswith(b"\n"):
+                        block += h.readline()
+                except _COMPRESSED_ERRORS as e:
+                    raise _corrupt_compressed(url, pos, e) from None
                 if not block:
                     return
-                if not block.endswith(b"\n"):
-                    block += h.readline()
                 run = self._text_raw if raw else self._text_chunk
                 yield lambda pos=pos, block=block, run=run: run(part_index, pos, block)
                 pos += len(block)
@@ -701,7 +781,10 @@ class TabularDataset(IterableDataset):
         count, done = 0, 0
         with fsspec.open(self.files[f], "rb", compression="infer") as h:
             while done < offset:
-                piece = h.read(min(1 << 20, offset - done))
+                try:
+                    piece = h.read(min(1 << 20, offset - done))
+                except _COMPRESSED_ERRORS as e:
+                    raise _corrupt_compressed(self.files[f], done, e) from None
                 if not piece:
                     break
                 count += piece.count(b"\n")
@@ -718,9 +801,15 @@ class TabularDataset(IterableDataset):
             fields = line.split(self.delimiter)
             where = f"{url}:{self._line_number(f, base + int(starts[i]))}"
             if len(fields) != len(names):
-                hint = (" (an unlabelled file, such as Criteo's test.txt, needs labelled=False)"
-                        if self.labelled and len(fields) == len(names) - len(self.schema.labels)
-                        else "")
+                labels = len(self.schema.labels) + (1 if self.schema.weight else 0)
+                hint = ""
+                if self.labelled and len(fields) == len(names) - len(self.schema.labels):
+                    hint = " (an unlabelled file, such as Criteo's test.txt, needs labelled=False)"
+                elif not self.labelled and len(fields) == len(names) + labels:
+                    hint = " (a labelled file? leave out labelled=False / --unlabelled)"
+                elif base + int(starts[i]) == 0:
+                    hint = (f" (not a data file? list the data files, e.g. with a glob, or "
+                            f"check the delimiter {self.delimiter!r})")
                 raise DataError(f"{where}: expected {len(names)} columns {names[:4]}..., got "
                                 f"{len(fields)}{hint}")
             for name, value in zip(names, fields):
@@ -728,11 +817,17 @@ class TabularDataset(IterableDataset):
                 if value == "" or kind is None or kind == pa.string():
                     continue
                 try:
-                    float(value) if kind == pa.float64() else int(value)
+                    float(value) if kind == pa.float64() else _int64(value)
                 except ValueError:
                     what = "a number" if kind == pa.float64() else "an integer id"
-                    raise DataError(f"{where}: column {name!r}: {value!r} is not {what}"
+                    header = base + int(starts[i]) == 0 and not self.header
+                    hint = (" (a header line? pass header=True, --header on the command "
+                            "line)" if header and value.isidentifier() else "")
+                    raise DataError(f"{where}: column {name!r}: {value!r} is not {what}{hint}"
                                     ) from None
+                except OverflowError:
+                    raise DataError(f"{where}: column {name!r}: id {value!r} does not fit in "
+                                    "64 bits; use mapping hash for ids this long") from None
         raise DataError(f"{url} near byte {base}: {error}")
 
     # ---------------------------------------------------------------- chunks in order
@@ -1001,7 +1096,10 @@ def convert_to_parquet(
     transforms and id mappings apply when the Parquet files are read; ``hex`` ids are
     stored parsed, as int64, so reading skips the text parse), with the schema
     as ``schema.yaml`` beside them (not a data file: readers skip it). Every block is
-    decoded on the way, so bad input fails here, naming its line. Returns the parts."""
+    decoded on the way, so bad input fails here, naming its line. Parts are written to
+    a staging directory ``_convert-*`` (readers skip it) and moved into place at the end,
+    ``schema.yaml`` last, so a failed or interrupted convert leaves no parts that look
+    like a complete dataset. Returns the parts."""
     import fsspec
     import pyarrow.parquet as pq
     from tqdm import tqdm
@@ -1009,12 +1107,26 @@ def convert_to_parquet(
     _check_int("rows_per_file", rows_per_file, 1)
     _check_int("row_group_size", row_group_size, 1)
     fs, root = fsspec.core.url_to_fs(output_dir)
+    root = root.rstrip("/")
+    if fs.isfile(root):
+        raise FileExistsError(f"{output_dir} is a file: the output must be a directory (new "
+                              "or without Parquet files)")
     fs.makedirs(root, exist_ok=True)
-    existing = [n for n in fs.ls(root, detail=False) if is_data_file(n, "parquet")]
+    listing = fs.ls(root, detail=False)
+    existing = [n for n in listing if is_data_file(n, "parquet")]
     if existing:
         raise FileExistsError(f"{output_dir} already holds Parquet files ({_basename(existing[0])}"
                               "...); convert into an empty directory")
-    written: list[str] = []
+    stale = [_basename(n) for n in listing if _basename(n).startswith("_convert-")]
+    if stale:
+        logger.warning("%s holds %s, left by an interrupted convert (readers skip it): "
+                       "delete it", output_dir, stale)
+    # parts are written to a staging directory (skipped by readers: its name starts with
+    # "_") and moved into place at the end, schema.yaml last: an interrupted or failed
+    # convert never leaves parts that look like a complete dataset
+    staging = f"{root}/_convert-{uuid.uuid4().hex[:12]}"
+    fs.makedirs(staging, exist_ok=True)
+    staged: list[str] = []
     writer: Optional[pq.ParquetWriter] = None
     handle: Any = None
     in_file = 0
@@ -1029,16 +1141,16 @@ def convert_to_parquet(
             handle.close()
         writer = handle = None
 
+    written: list[str] = []
     try:
         for table in source.raw_tables():
             table = _parse_hex_columns(table, source.schema)
             a = 0
             while a < table.num_rows:
                 if writer is None:
-                    path = f"{root.rstrip('/')}/part-{len(written):05d}.parquet"
-                    handle = fs.open(path, "wb")
+                    staged.append(f"part-{len(staged):05d}.parquet")
+                    handle = fs.open(f"{staging}/{staged[-1]}", "wb")
                     writer = pq.ParquetWriter(handle, table.schema, compression=compression)
-                    written.append(fs.unstrip_protocol(path))
                     in_file = 0
                 b = min(table.num_rows, a + rows_per_file - in_file)
                 writer.write_table(table.slice(a, b - a), row_group_size=row_group_size)
@@ -1049,10 +1161,18 @@ def convert_to_parquet(
             bar.update(source.bytes_read - seen)
             seen = source.bytes_read
         close()
+        if not staged:
+            raise ValueError(f"convert: no rows in {source.files}")
+        for name in staged:
+            fs.mv(f"{staging}/{name}", f"{root}/{name}")
+            written.append(fs.unstrip_protocol(f"{root}/{name}"))
+        source.schema.save(fs.unstrip_protocol(f"{root}/schema.yaml"))
     finally:
         close()
         bar.close()
-    if not written:
-        raise ValueError(f"convert: no rows in {source.files}")
-    source.schema.save(fs.unstrip_protocol(f"{root.rstrip('/')}/schema.yaml"))
+        try:
+            if fs.exists(staging):
+                fs.rm(staging, recursive=True)
+        except OSError:
+            logger.warning("could not remove the staging directory %s", staging)
     return written

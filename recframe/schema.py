@@ -407,7 +407,11 @@ class FeatureSchema:
             raise _fail(owner, f"column(s) {dup} are used more than once")
         by_name = {t.name: t for t in self.tables}
         if len(by_name) != len(self.tables):
-            raise _fail(owner, "two tables have the same name")
+            twice = sorted({t.name for t in self.tables
+                            if sum(u.name == t.name for u in self.tables) > 1})
+            raise _fail(owner, f"table(s) {twice} are listed more than once; list a table "
+                        "once (one num_embeddings and embedding_dim): the columns sharing it "
+                        "name it in their `table`")
         for col in self.sparse:
             if col.table not in by_name:
                 n = self.default_num_embeddings

@@ -107,3 +107,272 @@ def test_remaining_batches_after_a_resplit(tmp_path) -> None:
         assert ds.remaining_batches() == len(list(ds)) == 5  # 100 rows each, not 7 - 5
     assert TabularDataset(files, FeatureSchema.criteo(40), format="parquet",
                           batch_size=20).remaining_batches() == 15
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _read(ds) -> int:
+    return sum(int(b.labels.shape[0]) for b in ds)
+
+
+def _tsv(path: Path, lines: list[str], **kwargs):
+    from recframe.readers import criteo_tsv
+
+    write(path, lines)
+    return criteo_tsv(str(path), num_workers=0, batch_size=8, **kwargs)
+
+
+def _with_field(line: str, index: int, value: str) -> str:
+    fields = line.split("\t")
+    fields[index] = value
+    return "\t".join(fields)
+
+
+def test_header_line_read_as_data_suggests_header(tmp_path) -> None:
+    from recframe.readers import DataError
+
+    names = ["label"] + [f"int_{i}" for i in range(13)] + [f"cat_{i}" for i in range(26)]
+    ds = _tsv(tmp_path / "day_0", ["\t".join(names)] + criteo_lines(5))
+    with pytest.raises(DataError, match=r"day_0:1: column 'label': 'label' is not a number "
+                       r"\(a header line\? pass header=True"):
+        _read(ds)
+    assert _read(_tsv(tmp_path / "day_1", ["\t".join(names)] + criteo_lines(5),
+                      header=True)) == 5
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not gzip"])
+def test_broken_gz_names_the_file(tmp_path, damage) -> None:
+    """Before: EOFError / BadGzipFile from deep inside gzip, no file named."""
+    import gzip
+
+    from recframe.readers import DataError, criteo_tsv
+
+    data = gzip.compress(("\n".join(criteo_lines(400, seed=5)) + "\n").encode())
+    path = tmp_path / "day_0.gz"
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"1\t2\t3\n")
+    with pytest.raises(DataError, match=r"day_0.gz: the compressed file cannot be read.*"
+                       "fetch it again"):
+        _read(criteo_tsv(str(path), num_workers=0, block_size=1024))
+    if damage == "not gzip":  # its first (header) line cannot be read either
+        with pytest.raises(DataError, match="day_0.gz: the compressed file"):
+            criteo_tsv(str(path), header=True)
+
+
+def test_empty_file_with_header_says_so(tmp_path) -> None:
+    from recframe.readers import DataError, criteo_tsv
+
+    (tmp_path / "a.tsv").write_text("")
+    with pytest.raises(DataError, match=r"a.tsv:1: no header line \(the file is empty"):
+        criteo_tsv(str(tmp_path / "a.tsv"), header=True)
+    assert _read(criteo_tsv(str(tmp_path / "a.tsv"))) == 0  # without a header: no rows
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400"])
+def test_non_finite_dense_values_are_errors(tmp_path, value) -> None:
+    """Before: NaN / inf went into the batch (and the loss)."""
+    from recframe.readers import DataError
+
+    lines = criteo_lines(6, seed=8)
+    lines[3] = _with_field(lines[3], 5, value)
+    with pytest.raises(DataError, match=r"day_0:4: column 'int_4': .*is not a finite number"):
+        _read(_tsv(tmp_path / "day_0", lines))
+
+
+def test_nan_in_parquet_dense_and_label(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recframe.readers import DataError, TabularDataset
+    from recframe.schema import FeatureSchema
+
+    schema = FeatureSchema(labels=["y"], dense=["x"], sparse=["s"], default_num_embeddings=9)
+    for y, x, column in (([1.0, 0.0, 1.0], [1.0, float("nan"), 2.0], "x"),
+                         ([1.0, float("nan"), 1.0], [1.0, 2.0, 3.0], "y")):
+        path = tmp_path / f"{column}.parquet"
+        pq.write_table(pa.table({"y": y, "x": x, "s": [1, 2, 3]}), path, row_group_size=2)
+        with pytest.raises(DataError, match=rf"{column}.parquet: row group 0, row 1 .*"
+                           rf"column '{column}': nan is not a finite number"):
+            _read(TabularDataset(str(path), schema, num_workers=0))
+
+
+def test_ids_beyond_int64_name_line_and_column(tmp_path) -> None:
+    """Before: pyarrow's 'CSV conversion error to int64' without line or column name
+    (single-valued), 'id None' on a wrong row (delimited)."""
+    from recframe.readers import DataError, TabularDataset
+    from recframe.schema import FeatureSchema
+
+    schema = FeatureSchema(labels=["y"], columns=["y", "item", "tags"],
+                           sparse=["item", {"name": "tags", "delimiter": "|"}],
+                           default_num_embeddings=50)
+    big = "99999999999999999999999"
+    (tmp_path / "a.csv").write_text(f"1,3,1|2\n0,{big},1\n")
+    with pytest.raises(DataError, match=rf"a.csv:2: column 'item': id '{big}' does not fit in "
+                       "64 bits; use mapping hash"):
+        _read(TabularDataset(str(tmp_path / "a.csv"), schema, format="csv", num_workers=0))
+    (tmp_path / "b.csv").write_text(f"1,3,1|2\n0,4,\n1,5,7|{big}\n")
+    with pytest.raises(DataError, match=rf"b.csv:3: column 'tags': id '{big}' does not fit"):
+        _read(TabularDataset(str(tmp_path / "b.csv"), schema, format="csv", num_workers=0))
+    # negative ids are fine: Python's modulo
+    (tmp_path / "c.csv").write_text("1,-3,-1|-50\n")
+    batch = next(iter(TabularDataset(str(tmp_path / "c.csv"), schema, format="csv")))
+    assert batch.sparse_features.values().tolist() == [47, 49, 0]
+
+
+def test_labelled_file_read_as_unlabelled_says_so(tmp_path) -> None:
+    from recframe.readers import DataError
+
+    with pytest.raises(DataError, match=r"day_0:1: expected 39 columns .*got 40 \(a labelled "
+                       "file\\? leave out labelled=False"):
+        _read(_tsv(tmp_path / "day_0", criteo_lines(3), labelled=False))
+
+
+def test_directory_skips_readme_license_makefile(tmp_path) -> None:
+    """Before: extensionless README / LICENSE / Makefile were read as data (like day_0)."""
+    from recframe.readers import DataError, criteo_tsv
+
+    write(tmp_path / "day_0", criteo_lines(7))
+    for name in ("README", "LICENSE", "Makefile", "_SUCCESS", ".day_0.crc", "part-0.crc",
+                 "run.sh", "convert.py", "schema.yaml"):
+        (tmp_path / name).write_text("not data\n")
+    ds = criteo_tsv(str(tmp_path), num_workers=0)
+    assert [f.rsplit("/", 1)[-1] for f in ds.files] == ["day_0"]
+    assert _read(ds) == 7
+    (tmp_path / "notes.txt").write_text("hello\n")  # a text extension: read, and named
+    with pytest.raises(DataError, match=r"notes.txt:1: expected 40 columns .*not a data "
+                       "file\\?"):
+        _read(criteo_tsv(str(tmp_path), num_workers=0))
+
+
+def test_utf8_bom_before_the_header(tmp_path) -> None:
+    from recframe.readers import TabularDataset
+    from recframe.schema import FeatureSchema
+
+    (tmp_path / "a.csv").write_bytes("\ufeffy,x,s\r\n1,2.5,7\r\n".encode())
+    schema = FeatureSchema(labels=["y"], dense=["x"], sparse=["s"], default_num_embeddings=9)
+    batch = next(iter(TabularDataset(str(tmp_path / "a.csv"), schema, format="csv",
+                                     header=True)))
+    assert batch.dense_features.tolist() == [[2.5]]
+
+
+@pytest.mark.parametrize("content", ["garbage", "empty", "truncated"])
+def test_unreadable_parquet_file_is_named(tmp_path, content) -> None:
+    """Before: ArrowInvalid ('magic bytes not found') without the file's name."""
+    from recframe.readers import DataError, TabularDataset
+    from recframe.schema import FeatureSchema
+
+    good = _to_parquet(tmp_path / "a.parquet", criteo_lines(20), 8)
+    data = Path(good).read_bytes()
+    bad = {"garbage": b"PAR1 not parquet", "empty": b"",
+           "truncated": data[: len(data) // 2]}[content]
+    (tmp_path / "b.parquet").write_bytes(bad)
+    with pytest.raises(DataError, match=r"b.parquet: not a readable Parquet file .*move it "
+                       "out of the data directory"):
+        TabularDataset(str(tmp_path), FeatureSchema.criteo())
+
+
+def test_parquet_column_of_the_wrong_type(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recframe.readers import DataError, TabularDataset
+    from recframe.schema import FeatureSchema
+
+    schema = FeatureSchema(labels=["y"], dense=["x"],
+                           sparse=[{"name": "u", "mapping": "hash"}, "s"],
+                           default_num_embeddings=9)
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"y": [1, 0], "x": [1.0, 2.0], "u": [{"a": 1}, {"a": 2}],
+                             "s": [1, 2]}), path)
+    with pytest.raises(DataError, match="a.parquet: row group 0, .*column 'u': has type "
+                       "struct<a: int64>; mapping hash needs strings or integers"):
+        _read(TabularDataset(str(path), schema, num_workers=0))
+    pq.write_table(pa.table({"y": [1, 0], "x": ["1.5", "cheap"], "u": ["a", "b"],
+                             "s": [1, 2]}), path)
+    with pytest.raises(DataError, match="row group 0, row 1 .*column 'x': 'cheap' is not a "
+                       "number"):
+        _read(TabularDataset(str(path), schema, num_workers=0))
+
+
+def test_sparse_delimiter_equal_to_the_file_delimiter_is_refused(tmp_path) -> None:
+    from recframe.readers import TabularDataset
+    from recframe.schema import FeatureSchema
+
+    (tmp_path / "a.csv").write_text("1,2,3\n")
+    schema = FeatureSchema(labels=["y"], columns=["y", "tags"],
+                           sparse=[{"name": "tags", "delimiter": ","}], default_num_embeddings=9)
+    with pytest.raises(ValueError, match=r"\['tags'\] split ids at ',', the file's own column "
+                       "delimiter"):
+        TabularDataset(str(tmp_path / "a.csv"), schema, format="csv")
+
+
+def test_more_ranks_than_rows_and_a_rank_without_data(tmp_path, caplog) -> None:
+    """Every row is read by exactly one rank however many ranks; a rank left without
+    data says why (a single .gz cannot be split)."""
+    import logging
+
+    from recframe.readers import criteo_tsv
+
+    lines = criteo_lines(3, seed=9)
+    path = write(tmp_path / "day_0", lines)
+    counts = [_read(criteo_tsv(path, rank=r, world_size=8, drop_last=False, num_workers=0))
+              for r in range(8)]
+    assert sum(counts) == 3 and max(counts) == 1
+    gz = write(tmp_path / "day_1.gz", lines)
+    with caplog.at_level(logging.WARNING, logger="recframe.readers"):
+        counts = [_read(criteo_tsv(gz, rank=r, world_size=2, drop_last=False))
+                  for r in range(2)]
+    assert sorted(counts) == [0, 3]
+    assert "rank 0 of 2 has no data to read" in caplog.text
+
+
+def test_schema_with_a_table_listed_twice_names_it(tmp_path) -> None:
+    from recframe.schema import FeatureSchema
+
+    (tmp_path / "s.yaml").write_text(
+        "labels: [y]\nsparse: [{name: a, table: t}, {name: b, table: t}]\n"
+        "tables: [{name: t, num_embeddings: 10, embedding_dim: 4},"
+        " {name: t, num_embeddings: 10, embedding_dim: 8}]\n")
+    with pytest.raises(ValueError, match=r"s.yaml.*table\(s\) \['t'\] are listed more than "
+                       "once"):
+        FeatureSchema.from_file(str(tmp_path / "s.yaml"))
+
+
+def test_failed_convert_leaves_no_parts(tmp_path) -> None:
+    """A convert that fails after writing parts (bad line 300) left part-00000..2 in
+    the output, looking like a complete dataset; now nothing is left, and a rerun
+    works."""
+    from recframe import cli
+    from recframe.readers import DataError, convert_to_parquet, criteo_tsv
+
+    lines = criteo_lines(320, seed=10)
+    lines[299] = _with_field(lines[299], 2, "oops")
+    write(tmp_path / "day_0", lines)
+    out = tmp_path / "pq"
+    source = criteo_tsv(str(tmp_path / "day_0"), num_workers=0, block_size=1024)
+    with pytest.raises(DataError, match="day_0:300: column 'int_1'"):
+        convert_to_parquet(source, str(out), rows_per_file=64, row_group_size=16,
+                           progress=False)
+    assert sorted(p.name for p in out.iterdir()) == []
+    write(tmp_path / "day_0", criteo_lines(320, seed=10))
+    assert cli.main(["data", "convert", str(tmp_path / "day_0"), "--criteo", "--output",
+                     str(out), "--rows_per_file", "64", "--no_progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        *(f"part-0000{i}.parquet" for i in range(5)), "schema.yaml"]
+    assert cli.main(["data", "convert", str(tmp_path / "day_0"), "--criteo", "--output",
+                     str(out), "--no_progress"]) == 1  # refuses to mix with earlier parts
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["data", "convert", str(tmp_path / "day_0"), "--criteo", "--output",
+                     str(tmp_path / "afile"), "--no_progress"]) == 1
+
+
+def test_train_parquet_without_schema_points_at_it(tmp_path, capsys) -> None:
+    from recframe import cli
+
+    _to_parquet(tmp_path / "a.parquet", criteo_lines(20), 8)
+    rc = cli.main(["train", "--data", "parquet", "--train_path", str(tmp_path)])
+    assert rc == 2
+    assert "needs --schema schema.yaml" in capsys.readouterr().err
+    (tmp_path / "schema.yaml").write_text("labels: [label]\n")
+    cli.main(["train", "--data", "parquet", "--train_path", str(tmp_path)])
+    assert f"pass --schema {tmp_path}/schema.yaml" in capsys.readouterr().err

@@ -1000,17 +1000,28 @@ class TabularDataset(IterableDataset):
         they had left this epoch is laid end to end (rank order) and re-split over this
         dataset's world size; the next epoch is split as usual. Exact: every row left is
         read by exactly one rank."""
-        if not states:
-            raise ValueError("resplit: needs every rank's state")
-        old = int(states[0].get("world_size", len(states)))
-        if len(states) != old or sorted(int(s.get("rank", -1)) for s in states) != list(
-                range(old)):
+        if not states or not all(isinstance(s, Mapping) for s in states):
+            raise ValueError("resplit: needs every rank's state (a mapping each)")
+        try:
+            old = int(states[0].get("world_size", len(states)))
+            ranks = sorted(int(s.get("rank", -1)) for s in states)
+            epochs = {int(s.get("epoch", 0)) for s in states}
+            plans = {int(s["rank"]): [Part(int(f), int(a), None if e is None else int(e))
+                                      for f, a, e in s["plan"]] for s in states}
+            for s in states:
+                _check_int("part", s["part"], 0)
+                _check_int("offset", s["offset"], 0)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"resplit: a state is not a TabularDataset position ({e!r}); "
+                             "start the data afresh") from None
+        if len(states) != old or ranks != list(range(old)):
             raise ValueError(f"resplit: needs the states of all {old} ranks, one each")
-        epochs = {int(s.get("epoch", 0)) for s in states}
+        if any(p.file >= len(self.files) for plan in plans.values() for p in plan):
+            raise ValueError("resplit: a plan names a file this dataset lacks")
         items: list[tuple[Part, int, bool]] = []
         for s in sorted(states, key=lambda s: int(s["rank"])):
             self._check_state(s)
-            plan = [Part(int(f), int(a), None if e is None else int(e)) for f, a, e in s["plan"]]
+            plan = plans[int(s["rank"])]
             for i in range(int(s["part"]), len(plan)):
                 p = plan[i]
                 start = int(s["offset"]) if i == int(s["part"]) else p.start

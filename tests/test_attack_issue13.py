@@ -376,3 +376,33 @@ def test_train_parquet_without_schema_points_at_it(tmp_path, capsys) -> None:
     (tmp_path / "schema.yaml").write_text("labels: [label]\n")
     cli.main(["train", "--data", "parquet", "--train_path", str(tmp_path)])
     assert f"pass --schema {tmp_path}/schema.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["no plan", "plan not a list", "file out of range",
+                                    "offset negative", "a rank missing"])
+def test_resplit_refuses_a_hostile_state(tmp_path, damage) -> None:
+    """A checkpoint's positions are data: a damaged one is refused with a ValueError
+    that says so (before: KeyError / TypeError / IndexError from inside resplit)."""
+    from recframe.readers import criteo_tsv
+
+    path = write(tmp_path / "day_0", criteo_lines(40))
+    states = []
+    for rank in range(2):
+        ds = criteo_tsv(path, batch_size=5, rank=rank, world_size=2, num_workers=0)
+        next(iter(ds))
+        states.append(ds.state_dict())
+    bad = dict(states[1])
+    if damage == "no plan":
+        del bad["plan"]
+    elif damage == "plan not a list":
+        bad["plan"] = 7
+    elif damage == "file out of range":
+        bad["plan"] = [[5, 0, 10]]
+    elif damage == "offset negative":
+        bad["offset"] = -1
+    new = criteo_tsv(path, batch_size=5, num_workers=0)
+    given = [states[0]] if damage == "a rank missing" else [states[0], bad]
+    with pytest.raises(ValueError, match="resplit: "):
+        new.resplit(given)
+    new.resplit(states)  # the good states still work
+    assert _read(new) == 30

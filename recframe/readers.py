@@ -268,7 +268,8 @@ def _float_column(arr: pa.Array, name: str, fill: Optional[float]) -> np.ndarray
             row, value = _first_bad(arr.to_pylist(), lambda v: None if v is None else float(v))
             raise _RowError(row, name, f"{value!r} is not a number") from None
     elif not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)
-              or pa.types.is_boolean(arr.type) or pa.types.is_null(arr.type)):
+              or pa.types.is_boolean(arr.type) or pa.types.is_null(arr.type)
+              or pa.types.is_decimal(arr.type) or pa.types.is_dictionary(arr.type)):
         raise _RowError(0, name, f"has type {arr.type}, expected numbers")
     if arr.null_count:
         if fill is None:
@@ -354,8 +355,12 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
 def _sparse(column: SparseColumn, num: int, arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(rows, lengths [n] int32) of one sparse column."""
     n = len(arr)
+    if pa.types.is_dictionary(arr.type):  # e.g. a pandas category written to Parquet
+        arr = arr.dictionary_decode()
     if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
         flat, parents = pc.list_flatten(arr), np.asarray(pc.list_parent_indices(arr))
+        if pa.types.is_dictionary(flat.type):
+            flat = flat.dictionary_decode()
     elif column.delimiter is not None:
         if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
             raise _RowError(0, column.name, f"has type {arr.type}; a delimited column "

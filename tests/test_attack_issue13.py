@@ -406,3 +406,51 @@ def test_resplit_refuses_a_hostile_state(tmp_path, damage) -> None:
         new.resplit(given)
     new.resplit(states)  # the good states still work
     assert _read(new) == 30
+
+
+def test_dictionary_encoded_and_decimal_parquet_columns(tmp_path) -> None:
+    """pandas categories / Spark dictionary pages read back as dictionary arrays: a hex
+    id column of them was refused ('has type dictionary<...>'); decimals are numbers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recframe.readers import TabularDataset
+    from recframe.schema import FeatureSchema
+
+    schema = FeatureSchema(labels=["y"], dense=["x"], sparse=[
+        {"name": "u", "mapping": "hash"}, {"name": "t", "mapping": "hex"}, "tags"],
+        default_num_embeddings=1000)
+    plain = {"y": [1, 0], "x": [1.25, 2.0], "u": ["a", "b"], "t": ["a", "ff"],
+             "tags": [["1", "2"], []]}
+    encoded = {"y": [1, 0], "x": pa.array([125, 200], pa.decimal128(5, 0)),
+               "u": pa.array(["a", "b"]).dictionary_encode(),
+               "t": pa.array(["a", "ff"]).dictionary_encode(),
+               "tags": pa.array([["1", "2"], []],
+                                pa.list_(pa.dictionary(pa.int32(), pa.string())))}
+    batches = []
+    for name, cols in (("plain", plain), ("encoded", encoded)):
+        pq.write_table(pa.table(cols), tmp_path / f"{name}.parquet")
+        batches.append(next(iter(TabularDataset(str(tmp_path / f"{name}.parquet"), schema,
+                                                num_workers=0))))
+    assert batches[1].dense_features.tolist() == [[125.0], [200.0]]
+    a, b = (x.sparse_features for x in batches)
+    assert a.values().tolist() == b.values().tolist()
+    assert a.lengths().tolist() == b.lengths().tolist() == [1, 1, 1, 1, 2, 0]
+
+
+def test_convert_leftover_of_a_killed_run_is_skipped_and_reported(tmp_path, caplog) -> None:
+    """A SIGKILLed convert leaves only its staging directory _convert-*: readers do not
+    see its parts, and the next convert says it can be deleted."""
+    import logging
+
+    from recframe.readers import TabularDataset, convert_to_parquet, criteo_tsv
+    from recframe.schema import FeatureSchema
+
+    out = tmp_path / "pq"
+    (out / "_convert-0123").mkdir(parents=True)
+    _to_parquet(out / "_convert-0123" / "part-00000.parquet", criteo_lines(10), 8)
+    write(tmp_path / "day_0", criteo_lines(30, seed=4))
+    with caplog.at_level(logging.WARNING, logger="recframe.readers"):
+        convert_to_parquet(criteo_tsv(str(tmp_path / "day_0")), str(out), progress=False)
+    assert "_convert-0123" in caplog.text and "interrupted convert" in caplog.text
+    assert _read(TabularDataset(str(out), FeatureSchema.criteo())) == 30

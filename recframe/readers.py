@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import threading
 import uuid
 from collections import deque
@@ -833,6 +834,21 @@ class TabularDataset(IterableDataset):
                 except OverflowError:
                     raise DataError(f"{where}: column {name!r}: id {value!r} does not fit in "
                                     "64 bits; use mapping hash for ids this long") from None
+        # what Python's parse accepts and pyarrow's does not ('+3', bytes that are not
+        # UTF-8, an unbalanced quote): pyarrow names the block's row and the column
+        found = re.search(r"(?:CSV column #(\d+): )?Row #(\d+): (.*)", str(error), re.S)
+        lines = np.flatnonzero(rows)
+        if found and 0 < int(found[2]) <= len(lines):
+            line = lines[int(found[2]) - 1]
+            where = f"{url}:{self._line_number(f, base + int(starts[line]))}"
+            what = found[3].splitlines()[0]
+            if found[1] is not None and int(found[1]) < len(names):
+                where += f": column {names[int(found[1])]!r}"
+            if "UTF8" in what:
+                what += " (re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8)"
+            elif b'"' in block[starts[line]:ends[line]]:
+                what += " (an unbalanced double quote? a quoted value must end on its line)"
+            raise DataError(f"{where}: {what}")
         raise DataError(f"{url} near byte {base}: {error}")
 
     # ---------------------------------------------------------------- chunks in order

@@ -454,3 +454,23 @@ def test_convert_leftover_of_a_killed_run_is_skipped_and_reported(tmp_path, capl
         convert_to_parquet(criteo_tsv(str(tmp_path / "day_0")), str(out), progress=False)
     assert "_convert-0123" in caplog.text and "interrupted convert" in caplog.text
     assert _read(TabularDataset(str(out), FeatureSchema.criteo())) == 30
+
+
+@pytest.mark.parametrize("bad,expected", [
+    (b"0,2,caf\xe9,3", r"a.csv:6: column 'u': .*invalid UTF8 data \(re-encode the file as UTF-8"),
+    (b"0,2,b,+3", r"a.csv:6: column 's': .*invalid value '\+3'"),
+    (b'0,2,"b,3', r"a.csv:6: .*an unbalanced double quote\?"),
+])
+def test_values_pyarrow_rejects_name_line_and_column(tmp_path, bad, expected) -> None:
+    """What Python's own parse accepts but pyarrow's does not (latin-1 bytes, '+3', an
+    unbalanced quote) was reported 'near byte 0' with pyarrow's text, no line."""
+    from recframe.readers import DataError, TabularDataset
+    from recframe.schema import FeatureSchema
+
+    schema = FeatureSchema(labels=["y"], dense=["x"], sparse=[
+        {"name": "u", "mapping": "hash"}, "s"], default_num_embeddings=100)
+    text = b"y,x,u,s\r\n1,2,a,3\r\n\r\n1,2,a,3\r\n0,1,c,4\r\n" + bad + b"\r\n1,1,d,5\r\n"
+    (tmp_path / "a.csv").write_bytes(text)
+    with pytest.raises(DataError, match=expected):
+        _read(TabularDataset(str(tmp_path / "a.csv"), schema, format="csv", header=True,
+                             num_workers=0))

@@ -474,3 +474,24 @@ def test_values_pyarrow_rejects_name_line_and_column(tmp_path, bad, expected) ->
     with pytest.raises(DataError, match=expected):
         _read(TabularDataset(str(tmp_path / "a.csv"), schema, format="csv", header=True,
                              num_workers=0))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("dense: [{name: x, fill: .nan}]", r"dense column 'x': fill must be a finite number"),
+    ("dense: [{name: x, transform: standardize, std: .inf}]", "std must be a finite number"),
+    ("tables: [{name: s, num_embeddings: 100000000000000000000}]",
+     r"table 's': num_embeddings must be an integer in \[1, 2\*\*63\)"),
+    ("sparse: [{name: s, mapping: {kind: hash, salt: 100000000000000000000}}]",
+     r"salt must be an integer in \[0, 2\*\*64\)"),
+])
+def test_schema_numbers_out_of_range(tmp_path, text, expected) -> None:
+    """Before: a NaN fill passed the schema (every empty value became NaN); a table or
+    salt beyond 64 bits raised OverflowError from numpy while reading."""
+    from recframe.schema import FeatureSchema
+
+    base = {"dense": "dense: [x]", "sparse": "sparse: [s]", "tables": "tables: []"}
+    base[text.split(":")[0]] = text
+    (tmp_path / "s.yaml").write_text("labels: [y]\ndefault_num_embeddings: 10\n"
+                                     + "\n".join(base.values()) + "\n")
+    with pytest.raises(ValueError, match=expected):
+        FeatureSchema.from_file(str(tmp_path / "s.yaml"))

@@ -500,6 +500,7 @@ class TabularDataset(IterableDataset):
         self._plan = self.default_plan()
         self._part, self._offset, self._epoch = 0, self._plan[0].start if self._plan else 0, 0
         self._active: Optional[Iterator[Any]] = None
+        self._rest = False  # the plan is the rest of an epoch (see resplit)
         if not self._plan and self.world_size > 1:
             logger.warning(
                 "rank %d of %d has no data to read in %d file(s): there are fewer rows (or "
@@ -932,11 +933,15 @@ class TabularDataset(IterableDataset):
             yield batch
 
     def _next_epoch(self) -> None:
+        self._rest = False
         self._plan = self.default_plan()
         self._part, self._offset = 0, (self._plan[0].start if self._plan else 0)
         self._epoch += 1
 
     def _at_start(self) -> bool:
+        """At the start of an epoch: not mid-epoch, nor the rest of one (`resplit`)."""
+        if self._rest:
+            return False
         return self._part == 0 and (not self._plan or self._offset == self._plan[0].start)
 
     def __iter__(self) -> Iterator[Any]:
@@ -978,6 +983,7 @@ class TabularDataset(IterableDataset):
             "plan": [p.to_list() for p in self._plan],
             "part": self._part,
             "offset": self._offset,
+            "rest": self._rest,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1005,6 +1011,7 @@ class TabularDataset(IterableDataset):
         self._plan, self._part = plan, part
         self._offset = _check_int("offset", state.get("offset"), 0)
         self._epoch = _check_int("epoch", state.get("epoch", 0), 0)
+        self._rest = state.get("rest") is True
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping):
@@ -1056,6 +1063,9 @@ class TabularDataset(IterableDataset):
         self._plan = split_spans(items, self.world_size, self.rank)
         self._part, self._offset = 0, (self._plan[0].start if self._plan else 0)
         self._epoch = max(epochs)
+        # the rest of an epoch: a share without a whole batch goes on with the next one
+        # (as a position mid-epoch does), so the ranks never agree on an empty pass
+        self._rest = bool(items)
         if not items:
             self._part = len(self._plan)
 
@@ -1069,7 +1079,9 @@ class TabularDataset(IterableDataset):
         rows = sum((p.end if p.end is not None else self._rows[p.file])
                    - (self._offset if i == self._part else p.start)
                    for i, p in enumerate(self._plan) if i >= self._part)
-        return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+        left = rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+        # as __iter__: a mid-epoch position with no whole batch left reads the next epoch
+        return len(self) if left == 0 and not self._at_start() else left
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch (Parquet only: exact from the footers)."""

@@ -495,3 +495,22 @@ def test_schema_numbers_out_of_range(tmp_path, text, expected) -> None:
                                      + "\n".join(base.values()) + "\n")
     with pytest.raises(ValueError, match=expected):
         FeatureSchema.from_file(str(tmp_path / "s.yaml"))
+
+
+def test_remaining_batches_when_a_resplit_leaves_less_than_a_batch(tmp_path) -> None:
+    """1 -> 2 ranks with 20 rows left and batches of 20 (drop_last): each new rank has
+    10 rows, no whole batch, and its iterator goes on with the next epoch; the count
+    the Trainer agrees on said 0, which stopped training altogether."""
+    from recframe.readers import TabularDataset
+    from recframe.schema import FeatureSchema
+
+    files = [_to_parquet(tmp_path / "a.parquet", criteo_lines(300, seed=3), 64)]
+    one = TabularDataset(files, FeatureSchema.criteo(40), batch_size=20, num_workers=0)
+    it = iter(one)
+    for _ in range(14):  # 20 rows left: 10 per new rank
+        next(it)
+    for rank in range(2):
+        ds = TabularDataset(files, FeatureSchema.criteo(40), batch_size=20, rank=rank,
+                            world_size=2, num_workers=0)
+        ds.resplit([one.state_dict()])
+        assert ds.remaining_batches() == len(list(ds)) == len(ds) == 7

@@ -202,7 +202,19 @@ def _data_schema(ns: argparse.Namespace) -> Any:
     if ns.data == "criteo":
         return FeatureSchema.criteo(ns.num_embeddings, ns.embedding_dim)
     if not ns.schema:
-        raise ValueError(f"recframe train --data {ns.data} needs --schema schema.yaml")
+        hint = "a YAML file naming the label, dense and sparse columns: see docs/data.md"
+        if ns.train_path and isinstance(ns.train_path, str):
+            beside = ns.train_path.rstrip("/") + "/schema.yaml"
+            import fsspec
+
+            try:
+                fs, path = fsspec.core.url_to_fs(beside)
+                if fs.exists(path):
+                    hint = f"recframe data convert wrote {beside}: pass --schema {beside}"
+            except (OSError, ValueError, ImportError):
+                pass  # only a hint
+        raise ValueError(f"recframe train --data {ns.data} needs --schema schema.yaml, the "
+                         f"feature schema the files are read with ({hint})")
     return FeatureSchema.from_file(ns.schema)
 
 

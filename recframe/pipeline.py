@@ -262,6 +262,20 @@ def _is_torch_loader(dataset: Any) -> bool:
     return isinstance(dataset, torch.utils.data.DataLoader)
 
 
+def remaining_batches(dataset: Any, done: int) -> Optional[int]:
+    """Batches left in the current pass of ``dataset``, ``done`` of them trained: the
+    source's own ``remaining_batches()`` when it has one (after a re-split from another
+    world size ``len() - done`` counts the old ranks' batches), else ``len(dataset) -
+    done``; None for an unsized dataset."""
+    count = getattr(state_source(dataset), "remaining_batches", None)
+    if callable(count):
+        return count()
+    try:
+        return max(0, len(dataset) - done)
+    except TypeError:
+        return None
+
+
 def state_source(dataset: Any) -> Any:
     """The object whose ``state_dict()`` is ``dataset``'s position, or None: the dataset
     itself when stateful (recframe's datasets, torchdata's ``StatefulDataLoader``), or
@@ -538,6 +552,27 @@ class TrainData:
             "loader_rng": self.loader_rng,
             "generators": self.generators,
         }
+
+    def resplit(self, states: list[Any]) -> None:
+        """Resume from a checkpoint saved at another world size: ``states`` holds every
+        old rank's ``state_dict()``, in rank order. A source with ``resplit`` (a
+        `recframe.readers.TabularDataset`) lays the data the old ranks had left this
+        epoch end to end and re-splits it over this run's ranks, so every sample of the
+        epoch is trained once across the change; any other source keeps its position
+        (warned: a resume there cannot be exact)."""
+        self.close()
+        self._bound = self.dataset
+        source = state_source(self._bound)
+        positions = [s.get("position") if isinstance(s, dict) else None for s in states]
+        resplit = getattr(source, "resplit", None)
+        if not callable(resplit) or any(p is None for p in positions):
+            logger.warning(
+                "the checkpoint was saved by %d ranks and train_dataset (%s) cannot re-split "
+                "their positions (it has no resplit(states)): the data restarts at its "
+                "current position", len(states), type(self._bound).__name__)
+            return
+        resplit(positions)
+        self.position, self.loader_rng, self.generators = source.state_dict(), None, None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.close()

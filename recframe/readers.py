@@ -25,8 +25,11 @@ Errors name the file, the line (or the Parquet row group and row) and the column
 from __future__ import annotations
 
 import io
+import logging
 import math
+import re
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,9 +45,17 @@ from torch.utils.data import IterableDataset
 from recframe.data import _check_int, _check_rank, _make_batch
 from recframe.schema import FeatureSchema, SparseColumn, fnv1a64, mix64, parse_hex
 
+logger = logging.getLogger(__name__)
+
 PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
 TEXT_EXTENSIONS = (".csv", ".tsv", ".txt", ".data")
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+NOT_DATA_NAMES = frozenset({"readme", "license", "licence", "notice", "copying", "authors",
+                            "changelog", "makefile", "dockerfile", "success", "manifest"})
+"""Extensionless names that are never data (compared lower-case), beside Criteo's
+``day_0``: a README or LICENSE next to the data is skipped like a ``.md`` or ``.py``."""
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_COMPRESSED_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, ValueError)
 FORMATS = ("parquet", "csv", "tsv")
 
 
@@ -103,7 +114,9 @@ def is_data_file(name: str, fmt: str) -> bool:
         if lower.endswith(comp):
             lower = lower[: -len(comp)]
             break
-    return "." not in lower or lower.endswith(TEXT_EXTENSIONS)
+    if "." not in lower:
+        return lower not in NOT_DATA_NAMES
+    return lower.endswith(TEXT_EXTENSIONS)
 
 
 def list_files(paths: Union[str, Sequence[str]], fmt: str) -> list[str]:
@@ -207,6 +220,13 @@ class _Chunk:
         return int(self.ends.shape[0])
 
 
+def _corrupt_compressed(url: str, pos: int, error: BaseException) -> DataError:
+    return DataError(f"{url}: the compressed file cannot be read after byte {pos} of its "
+                     f"content ({type(error).__name__}: {error}); it is truncated (an "
+                     "interrupted download or copy?) or not compressed as its name says: "
+                     "fetch it again, or rename it")
+
+
 class _RowError(Exception):
     def __init__(self, row: int, column: str, message: str) -> None:
         super().__init__(message)
@@ -223,6 +243,24 @@ def _first_bad(values: Sequence[Any], convert: Callable[[Any], Any]) -> tuple[in
     return -1, None
 
 
+def _int64(value: Any) -> int:
+    """``int(value)``, refusing what does not fit int64 (error path only)."""
+    out = int(value)
+    if not _INT64[0] <= out <= _INT64[1]:
+        raise OverflowError(value)
+    return out
+
+
+def _id_problem(value: Any, needs: str) -> str:
+    """Why ``value`` is no integer id (error path only)."""
+    try:
+        int(value)
+    except (TypeError, ValueError):
+        return f"id {value!r} is not an integer ({needs})"
+    return (f"id {value!r} does not fit in 64 bits ({needs}); use mapping hash for ids "
+            "this long")
+
+
 def _float_column(arr: pa.Array, name: str, fill: Optional[float]) -> np.ndarray:
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         try:
@@ -231,14 +269,21 @@ def _float_column(arr: pa.Array, name: str, fill: Optional[float]) -> np.ndarray
             row, value = _first_bad(arr.to_pylist(), lambda v: None if v is None else float(v))
             raise _RowError(row, name, f"{value!r} is not a number") from None
     elif not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)
-              or pa.types.is_boolean(arr.type) or pa.types.is_null(arr.type)):
+              or pa.types.is_boolean(arr.type) or pa.types.is_null(arr.type)
+              or pa.types.is_decimal(arr.type) or pa.types.is_dictionary(arr.type)):
         raise _RowError(0, name, f"has type {arr.type}, expected numbers")
     if arr.null_count:
         if fill is None:
             row = int(np.flatnonzero(~np.asarray(arr.is_valid()))[0])
             raise _RowError(row, name, "is empty")
         arr = arr.fill_null(fill)
-    return np.asarray(pc.cast(arr, pa.float64()), dtype=np.float64)
+    out = np.asarray(pc.cast(arr, pa.float64()), dtype=np.float64)
+    finite = np.isfinite(out)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise _RowError(row, name, f"{float(out[row])} is not a finite number (leave the value "
+                        "empty to take the column's fill)")
+    return out
 
 
 def _string_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -262,9 +307,9 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
             try:
                 flat = pc.cast(flat, pa.int64())
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                i, v = _first_bad(flat.to_pylist(), int)
+                i, v = _first_bad(flat.to_pylist(), _int64)
                 raise _RowError(int(parents[i]), column.name,
-                                f"id {v!r} is not an integer (mapping modulo)") from None
+                                _id_problem(v, "mapping modulo")) from None
         elif not pa.types.is_integer(flat.type):
             raise _RowError(0, column.name, f"has type {flat.type}; mapping modulo needs "
                             "integer ids (use mapping hash for strings)")
@@ -288,15 +333,19 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
             try:
                 flat = pc.cast(flat, pa.int64())
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                i, v = _first_bad(flat.to_pylist(), int)
+                i, v = _first_bad(flat.to_pylist(), _int64)
                 raise _RowError(int(parents[i]), column.name,
-                                f"id {v!r} is not an integer (dynamic ids int64)") from None
+                                _id_problem(v, "dynamic ids int64")) from None
         elif not pa.types.is_integer(flat.type):
             raise _RowError(0, column.name, f"has type {flat.type}; dynamic ids int64 need "
                             "integer ids (use dynamic ids hash for strings)")
         return np.asarray(flat, dtype=np.int64)
     salt = dynamic.salt if dynamic is not None else column.mapping.salt
     if not is_str:  # hash: integers hash by their decimal text
+        if not (pa.types.is_integer(flat.type) or pa.types.is_floating(flat.type)
+                or pa.types.is_boolean(flat.type)):
+            raise _RowError(0, column.name, f"has type {flat.type}; mapping hash needs "
+                            "strings or integers")
         flat = pc.cast(flat, pa.string())
     h = mix64(fnv1a64(*_string_bytes(flat)) ^ np.uint64(salt))
     if dynamic is not None:  # the 64-bit hash is the id (as int64)
@@ -307,8 +356,12 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
 def _sparse(column: SparseColumn, num: int, arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(rows, lengths [n] int32) of one sparse column."""
     n = len(arr)
+    if pa.types.is_dictionary(arr.type):  # e.g. a pandas category written to Parquet
+        arr = arr.dictionary_decode()
     if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
         flat, parents = pc.list_flatten(arr), np.asarray(pc.list_parent_indices(arr))
+        if pa.types.is_dictionary(flat.type):
+            flat = flat.dictionary_decode()
     elif column.delimiter is not None:
         if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
             raise _RowError(0, column.name, f"has type {arr.type}; a delimited column "
@@ -428,6 +481,12 @@ class TabularDataset(IterableDataset):
         self.drop_last = self.world_size > 1 if drop_last is None else bool(drop_last)
         self.feature_names = self.schema.feature_names
         self.dense_names = self.schema.dense_names
+        if format != "parquet":
+            clash = [c.name for c in self.schema.sparse if c.delimiter == self.delimiter]
+            if clash:
+                raise ValueError(f"sparse column(s) {clash} split ids at {self.delimiter!r}, "
+                                 f"the file's own column delimiter: give them another "
+                                 "delimiter (e.g. '|')")
         self.files = list_files(paths, "parquet" if format == "parquet" else "csv")
         self._names = [_basename(u) for u in self.files]
         self._needed = self.schema.input_columns(self.labelled)
@@ -441,6 +500,13 @@ class TabularDataset(IterableDataset):
         self._plan = self.default_plan()
         self._part, self._offset, self._epoch = 0, self._plan[0].start if self._plan else 0, 0
         self._active: Optional[Iterator[Any]] = None
+        self._rest = False  # the plan is the rest of an epoch (see resplit)
+        if not self._plan and self.world_size > 1:
+            logger.warning(
+                "rank %d of %d has no data to read in %d file(s): there are fewer rows (or "
+                "compressed files, which cannot be split) than ranks; with several ranks "
+                "they all stop at the smallest share: convert to Parquet or use fewer ranks",
+                self.rank, self.world_size, len(self.files))
 
     # ---------------------------------------------------------------- planning
     def _items(self) -> list[tuple[Part, int, bool]]:
@@ -463,6 +529,10 @@ class TabularDataset(IterableDataset):
                 pf = pq.ParquetFile(source)
                 meta, names = pf.metadata, set(pf.schema_arrow.names)
                 pf.close()
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"{url}: not a readable Parquet file ({e}); it may be "
+                                "truncated (an interrupted write) or another format: "
+                                "rewrite it, or move it out of the data directory") from None
             finally:
                 if not isinstance(source, str):
                     source.close()
@@ -497,7 +567,14 @@ class TabularDataset(IterableDataset):
             self._compressed.append(_compression(url) is not None)
             if self.header:
                 with fsspec.open(url, "rb", compression="infer") as f:
-                    first = f.readline().decode("utf-8", "replace").rstrip("\r\n")
+                    try:
+                        first = f.readline().decode("utf-8-sig", "replace").rstrip("\r\n")
+                    except _COMPRESSED_ERRORS as e:
+                        raise _corrupt_compressed(url, 0, e) from None
+                if not first:
+                    raise DataError(f"{url}:1: no header line (the file is empty, or starts "
+                                    "with a blank line); header=True reads column names from "
+                                    "each file's first line")
                 names = first.split(self.delimiter)
                 missing = [c for c in self._needed if c not in names]
                 if missing:
@@ -552,7 +629,11 @@ class TabularDataset(IterableDataset):
             self._local.pq = cache
         g0 = int(self._rg_starts[f][group])
         # one thread per row group: these workers already run several at a time
-        table = cache[1].read_row_group(group, columns=self._needed, use_threads=False)
+        try:
+            table = cache[1].read_row_group(group, columns=self._needed, use_threads=False)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{url}: row group {group} cannot be read ({e}); the file is "
+                            "corrupt: rewrite it") from None
         table = table.slice(lo - g0, hi - lo)
         with self._lock:
             self.bytes_read += self._rg_bytes[f][group]
@@ -590,15 +671,21 @@ class TabularDataset(IterableDataset):
 
         url = self.files[self._plan[part_index].file]
         with fsspec.open(url, "rb", compression="infer") as h:
-            if offset:
-                h.seek(offset)
             pos = offset
+            try:
+                if offset:
+                    h.seek(offset)
+            except _COMPRESSED_ERRORS as e:
+                raise _corrupt_compressed(url, 0, e) from None
             while True:
-                block = h.read(self.block_size)
+                try:
+                    block = h.read(self.block_size)
+                    if block and not block.endswith(b"\n"):
+                        block += h.readline()
+                except _COMPRESSED_ERRORS as e:
+                    raise _corrupt_compressed(url, pos, e) from None
                 if not block:
                     return
-                if not block.endswith(b"\n"):
-                    block += h.readline()
                 run = self._text_raw if raw else self._text_chunk
                 yield lambda pos=pos, block=block, run=run: run(part_index, pos, block)
                 pos += len(block)
@@ -701,7 +788,10 @@ class TabularDataset(IterableDataset):
         count, done = 0, 0
         with fsspec.open(self.files[f], "rb", compression="infer") as h:
             while done < offset:
-                piece = h.read(min(1 << 20, offset - done))
+                try:
+                    piece = h.read(min(1 << 20, offset - done))
+                except _COMPRESSED_ERRORS as e:
+                    raise _corrupt_compressed(self.files[f], done, e) from None
                 if not piece:
                     break
                 count += piece.count(b"\n")
@@ -718,9 +808,15 @@ class TabularDataset(IterableDataset):
             fields = line.split(self.delimiter)
             where = f"{url}:{self._line_number(f, base + int(starts[i]))}"
             if len(fields) != len(names):
-                hint = (" (an unlabelled file, such as Criteo's test.txt, needs labelled=False)"
-                        if self.labelled and len(fields) == len(names) - len(self.schema.labels)
-                        else "")
+                labels = len(self.schema.labels) + (1 if self.schema.weight else 0)
+                hint = ""
+                if self.labelled and len(fields) == len(names) - len(self.schema.labels):
+                    hint = " (an unlabelled file, such as Criteo's test.txt, needs labelled=False)"
+                elif not self.labelled and len(fields) == len(names) + labels:
+                    hint = " (a labelled file? leave out labelled=False / --unlabelled)"
+                elif base + int(starts[i]) == 0:
+                    hint = (f" (not a data file? list the data files, e.g. with a glob, or "
+                            f"check the delimiter {self.delimiter!r})")
                 raise DataError(f"{where}: expected {len(names)} columns {names[:4]}..., got "
                                 f"{len(fields)}{hint}")
             for name, value in zip(names, fields):
@@ -728,11 +824,32 @@ class TabularDataset(IterableDataset):
                 if value == "" or kind is None or kind == pa.string():
                     continue
                 try:
-                    float(value) if kind == pa.float64() else int(value)
+                    float(value) if kind == pa.float64() else _int64(value)
                 except ValueError:
                     what = "a number" if kind == pa.float64() else "an integer id"
-                    raise DataError(f"{where}: column {name!r}: {value!r} is not {what}"
+                    header = base + int(starts[i]) == 0 and not self.header
+                    hint = (" (a header line? pass header=True, --header on the command "
+                            "line)" if header and value.isidentifier() else "")
+                    raise DataError(f"{where}: column {name!r}: {value!r} is not {what}{hint}"
                                     ) from None
+                except OverflowError:
+                    raise DataError(f"{where}: column {name!r}: id {value!r} does not fit in "
+                                    "64 bits; use mapping hash for ids this long") from None
+        # what Python's parse accepts and pyarrow's does not ('+3', bytes that are not
+        # UTF-8, an unbalanced quote): pyarrow names the block's row and the column
+        found = re.search(r"(?:CSV column #(\d+): )?Row #(\d+): (.*)", str(error), re.S)
+        lines = np.flatnonzero(rows)
+        if found and 0 < int(found[2]) <= len(lines):
+            line = lines[int(found[2]) - 1]
+            where = f"{url}:{self._line_number(f, base + int(starts[line]))}"
+            what = found[3].splitlines()[0]
+            if found[1] is not None and int(found[1]) < len(names):
+                where += f": column {names[int(found[1])]!r}"
+            if "UTF8" in what:
+                what += " (re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8)"
+            elif b'"' in block[starts[line]:ends[line]]:
+                what += " (an unbalanced double quote? a quoted value must end on its line)"
+            raise DataError(f"{where}: {what}")
         raise DataError(f"{url} near byte {base}: {error}")
 
     # ---------------------------------------------------------------- chunks in order
@@ -816,11 +933,15 @@ class TabularDataset(IterableDataset):
             yield batch
 
     def _next_epoch(self) -> None:
+        self._rest = False
         self._plan = self.default_plan()
         self._part, self._offset = 0, (self._plan[0].start if self._plan else 0)
         self._epoch += 1
 
     def _at_start(self) -> bool:
+        """At the start of an epoch: not mid-epoch, nor the rest of one (`resplit`)."""
+        if self._rest:
+            return False
         return self._part == 0 and (not self._plan or self._offset == self._plan[0].start)
 
     def __iter__(self) -> Iterator[Any]:
@@ -862,6 +983,7 @@ class TabularDataset(IterableDataset):
             "plan": [p.to_list() for p in self._plan],
             "part": self._part,
             "offset": self._offset,
+            "rest": self._rest,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -889,6 +1011,7 @@ class TabularDataset(IterableDataset):
         self._plan, self._part = plan, part
         self._offset = _check_int("offset", state.get("offset"), 0)
         self._epoch = _check_int("epoch", state.get("epoch", 0), 0)
+        self._rest = state.get("rest") is True
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping):
@@ -905,17 +1028,28 @@ class TabularDataset(IterableDataset):
         they had left this epoch is laid end to end (rank order) and re-split over this
         dataset's world size; the next epoch is split as usual. Exact: every row left is
         read by exactly one rank."""
-        if not states:
-            raise ValueError("resplit: needs every rank's state")
-        old = int(states[0].get("world_size", len(states)))
-        if len(states) != old or sorted(int(s.get("rank", -1)) for s in states) != list(
-                range(old)):
+        if not states or not all(isinstance(s, Mapping) for s in states):
+            raise ValueError("resplit: needs every rank's state (a mapping each)")
+        try:
+            old = int(states[0].get("world_size", len(states)))
+            ranks = sorted(int(s.get("rank", -1)) for s in states)
+            epochs = {int(s.get("epoch", 0)) for s in states}
+            plans = {int(s["rank"]): [Part(int(f), int(a), None if e is None else int(e))
+                                      for f, a, e in s["plan"]] for s in states}
+            for s in states:
+                _check_int("part", s["part"], 0)
+                _check_int("offset", s["offset"], 0)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"resplit: a state is not a TabularDataset position ({e!r}); "
+                             "start the data afresh") from None
+        if len(states) != old or ranks != list(range(old)):
             raise ValueError(f"resplit: needs the states of all {old} ranks, one each")
-        epochs = {int(s.get("epoch", 0)) for s in states}
+        if any(p.file >= len(self.files) for plan in plans.values() for p in plan):
+            raise ValueError("resplit: a plan names a file this dataset lacks")
         items: list[tuple[Part, int, bool]] = []
         for s in sorted(states, key=lambda s: int(s["rank"])):
             self._check_state(s)
-            plan = [Part(int(f), int(a), None if e is None else int(e)) for f, a, e in s["plan"]]
+            plan = plans[int(s["rank"])]
             for i in range(int(s["part"]), len(plan)):
                 p = plan[i]
                 start = int(s["offset"]) if i == int(s["part"]) else p.start
@@ -929,8 +1063,25 @@ class TabularDataset(IterableDataset):
         self._plan = split_spans(items, self.world_size, self.rank)
         self._part, self._offset = 0, (self._plan[0].start if self._plan else 0)
         self._epoch = max(epochs)
+        # the rest of an epoch: a share without a whole batch goes on with the next one
+        # (as a position mid-epoch does), so the ranks never agree on an empty pass
+        self._rest = bool(items)
         if not items:
             self._part = len(self._plan)
+
+    def remaining_batches(self) -> Optional[int]:
+        """Batches left in this epoch from the current position (Parquet: exact from the
+        footers, also after a `resplit`; CSV/TSV: None, unknown before reading)."""
+        if self.format != "parquet":
+            return None
+        if self._part >= len(self._plan):
+            return len(self)
+        rows = sum((p.end if p.end is not None else self._rows[p.file])
+                   - (self._offset if i == self._part else p.start)
+                   for i, p in enumerate(self._plan) if i >= self._part)
+        left = rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+        # as __iter__: a mid-epoch position with no whole batch left reads the next epoch
+        return len(self) if left == 0 and not self._at_start() else left
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch (Parquet only: exact from the footers)."""
@@ -989,7 +1140,10 @@ def convert_to_parquet(
     transforms and id mappings apply when the Parquet files are read; ``hex`` ids are
     stored parsed, as int64, so reading skips the text parse), with the schema
     as ``schema.yaml`` beside them (not a data file: readers skip it). Every block is
-    decoded on the way, so bad input fails here, naming its line. Returns the parts."""
+    decoded on the way, so bad input fails here, naming its line. Parts are written to
+    a staging directory ``_convert-*`` (readers skip it) and moved into place at the end,
+    ``schema.yaml`` last, so a failed or interrupted convert leaves no parts that look
+    like a complete dataset. Returns the parts."""
     import fsspec
     import pyarrow.parquet as pq
     from tqdm import tqdm
@@ -997,12 +1151,26 @@ def convert_to_parquet(
     _check_int("rows_per_file", rows_per_file, 1)
     _check_int("row_group_size", row_group_size, 1)
     fs, root = fsspec.core.url_to_fs(output_dir)
+    root = root.rstrip("/")
+    if fs.isfile(root):
+        raise FileExistsError(f"{output_dir} is a file: the output must be a directory (new "
+                              "or without Parquet files)")
     fs.makedirs(root, exist_ok=True)
-    existing = [n for n in fs.ls(root, detail=False) if is_data_file(n, "parquet")]
+    listing = fs.ls(root, detail=False)
+    existing = [n for n in listing if is_data_file(n, "parquet")]
     if existing:
         raise FileExistsError(f"{output_dir} already holds Parquet files ({_basename(existing[0])}"
                               "...); convert into an empty directory")
-    written: list[str] = []
+    stale = [_basename(n) for n in listing if _basename(n).startswith("_convert-")]
+    if stale:
+        logger.warning("%s holds %s, left by an interrupted convert (readers skip it): "
+                       "delete it", output_dir, stale)
+    # parts are written to a staging directory (skipped by readers: its name starts with
+    # "_") and moved into place at the end, schema.yaml last: an interrupted or failed
+    # convert never leaves parts that look like a complete dataset
+    staging = f"{root}/_convert-{uuid.uuid4().hex[:12]}"
+    fs.makedirs(staging, exist_ok=True)
+    staged: list[str] = []
     writer: Optional[pq.ParquetWriter] = None
     handle: Any = None
     in_file = 0
@@ -1017,16 +1185,16 @@ def convert_to_parquet(
             handle.close()
         writer = handle = None
 
+    written: list[str] = []
     try:
         for table in source.raw_tables():
             table = _parse_hex_columns(table, source.schema)
             a = 0
             while a < table.num_rows:
                 if writer is None:
-                    path = f"{root.rstrip('/')}/part-{len(written):05d}.parquet"
-                    handle = fs.open(path, "wb")
+                    staged.append(f"part-{len(staged):05d}.parquet")
+                    handle = fs.open(f"{staging}/{staged[-1]}", "wb")
                     writer = pq.ParquetWriter(handle, table.schema, compression=compression)
-                    written.append(fs.unstrip_protocol(path))
                     in_file = 0
                 b = min(table.num_rows, a + rows_per_file - in_file)
                 writer.write_table(table.slice(a, b - a), row_group_size=row_group_size)
@@ -1037,10 +1205,18 @@ def convert_to_parquet(
             bar.update(source.bytes_read - seen)
             seen = source.bytes_read
         close()
+        if not staged:
+            raise ValueError(f"convert: no rows in {source.files}")
+        for name in staged:
+            fs.mv(f"{staging}/{name}", f"{root}/{name}")
+            written.append(fs.unstrip_protocol(f"{root}/{name}"))
+        source.schema.save(fs.unstrip_protocol(f"{root}/schema.yaml"))
     finally:
         close()
         bar.close()
-    if not written:
-        raise ValueError(f"convert: no rows in {source.files}")
-    source.schema.save(fs.unstrip_protocol(f"{root.rstrip('/')}/schema.yaml"))
+        try:
+            if fs.exists(staging):
+                fs.rm(staging, recursive=True)
+        except OSError:
+            logger.warning("could not remove the staging directory %s", staging)
     return written

@@ -32,6 +32,7 @@ trained with.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -232,8 +233,10 @@ class IdMapping:
     def __post_init__(self) -> None:
         if self.kind not in ID_MAPPINGS:
             raise ValueError(f"IdMapping: kind must be one of {ID_MAPPINGS}, got {self.kind!r}")
-        if isinstance(self.salt, bool) or not isinstance(self.salt, int) or self.salt < 0:
-            raise ValueError(f"IdMapping: salt must be an integer >= 0, got {self.salt!r}")
+        if (isinstance(self.salt, bool) or not isinstance(self.salt, int) or self.salt < 0
+                or self.salt >= 1 << 64):
+            raise ValueError(f"IdMapping: salt must be an integer in [0, 2**64), got "
+                             f"{self.salt!r}")
         if isinstance(self.dynamic, Mapping):
             self.dynamic = DynamicSpec.from_dict(self.dynamic)
         if self.kind == "dynamic":
@@ -273,8 +276,8 @@ class TableSpec:
             raise ValueError(f"TableSpec: name must be a non-empty string, got {self.name!r}")
         for key in ("num_embeddings", "embedding_dim"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"table {self.name!r}: {key} must be an integer >= 1, "
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 1 << 63:
+                raise ValueError(f"table {self.name!r}: {key} must be an integer in [1, 2**63), "
                                  f"got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -301,8 +304,9 @@ class DenseColumn:
                              f"{DENSE_TRANSFORMS}, got {self.transform!r}")
         for key in ("mean", "std", "fill"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"dense column {self.name!r}: {key} must be a number, "
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value)):
+                raise ValueError(f"dense column {self.name!r}: {key} must be a finite number, "
                                  f"got {value!r}")
             setattr(self, key, float(value))
         if self.transform == "standardize" and not self.std > 0:
@@ -407,7 +411,11 @@ class FeatureSchema:
             raise _fail(owner, f"column(s) {dup} are used more than once")
         by_name = {t.name: t for t in self.tables}
         if len(by_name) != len(self.tables):
-            raise _fail(owner, "two tables have the same name")
+            twice = sorted({t.name for t in self.tables
+                            if sum(u.name == t.name for u in self.tables) > 1})
+            raise _fail(owner, f"table(s) {twice} are listed more than once; list a table "
+                        "once (one num_embeddings and embedding_dim): the columns sharing it "
+                        "name it in their `table`")
         for col in self.sparse:
             if col.table not in by_name:
                 n = self.default_num_embeddings

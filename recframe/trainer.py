@@ -45,7 +45,7 @@ from recframe.optim import (
 )
 from recframe.optim.schedules import build_scheduler
 from recframe.optim.sparse import default_sparse_optimizer, warn_if_dense_optimizer_holds_tables
-from recframe.pipeline import BatchStream, TrainData, is_stateful
+from recframe.pipeline import BatchStream, TrainData, is_stateful, remaining_batches
 from recframe.predict import Predictions, predict_dataset
 from recframe.state import TrainerControl, TrainerState
 
@@ -628,10 +628,7 @@ class Trainer:
         ``dist_sync_steps`` batches. One process: ``(cap, None)``."""
         if distributed.get_world_size() == 1 or not distributed.is_initialized():
             return cap, None
-        try:
-            remaining = max(0, len(dataset) - done)
-        except TypeError:
-            remaining = None
+        remaining = remaining_batches(dataset, done)
         if remaining is None:
             # an endless or unsized dataset: agree as we go (up to the cap, if any)
             return cap, self.args.dist_sync_steps

@@ -243,10 +243,11 @@ def _io_state(ctx: PartContext, per_rank: Any) -> None:
     world = ctx.manifest.get("world_size", 1)
     if world != distributed.get_world_size():
         logger.warning(
-            "checkpoint was saved by %d ranks, this run has %d: dataset positions and "
-            "RNG streams are not restored (data restarts at the current position)",
+            "checkpoint was saved by %d ranks, this run has %d: RNG streams are not "
+            "restored; dataset positions are re-split where the dataset can (resplit)",
             world, distributed.get_world_size(),
         )
+        _io_resplit(ctx, per_rank, world)
         return
     tree = per_rank.get(str(distributed.get_rank()))
     if tree is None:
@@ -262,6 +263,32 @@ def _io_state(ctx: PartContext, per_rank: Any) -> None:
                 obj.load_state_dict(states[name])
             else:
                 logger.warning("checkpoint has no io_state %r", name)
+
+    ctx.txn.call(apply)
+
+
+def _io_resplit(ctx: PartContext, per_rank: Any, world: int) -> None:
+    """Another world size: each io object with ``resplit(states)`` (the train data's
+    position) gets every old rank's state, in rank order; the others start afresh."""
+    from recframe.checkpoint.saver import logger
+
+    takers = {name: obj for name, obj in ctx.saver._io.items()
+              if callable(getattr(obj, "resplit", None))}
+    if not takers:
+        return
+    trees = [per_rank.get(str(r)) if isinstance(per_rank, dict) else None
+             for r in range(world)]
+    if any(tree is None for tree in trees):
+        logger.warning("%s: io_state lacks some of its %d ranks: dataset positions are not "
+                       "restored", ctx.where, world)
+        return
+    states = [_read_fresh(ctx, tree) for tree in trees]
+    if not all(isinstance(state, dict) for state in states):
+        raise _corrupt(ctx, "io_state", "is not a dict of named states")
+
+    def apply() -> None:
+        for name, obj in takers.items():
+            obj.resplit([state.get(name) for state in states])
 
     ctx.txn.call(apply)
 

@@ -56,6 +56,9 @@ from recframe.schema import DynamicSpec, FeatureSchema
 INT64_MAX = torch.iinfo(torch.int64).max
 _MIX = [-4658895280553007687, -7723592293110705685]  # splitmix64's multipliers (signed)
 SKETCH_DEPTH = 2
+MAX_COUNT = 1 << 30
+"""The admission sketch's int32 counters saturate here (and ``min_count`` may not exceed
+it): far from int32's wrap-around, so a hot id's count never turns negative."""
 MAX_PENDING = 4096
 """Training lookups a table queues at most between two step boundaries."""
 
@@ -93,6 +96,9 @@ class DynamicIdMap(nn.Module):
         self.features = list(features or [table])
         owner = f"dynamic table {table!r} (feature(s) {self.features})"
         spec.check(owner)
+        if spec.min_count > MAX_COUNT:
+            raise ValueError(f"{owner}: min_count={spec.min_count} can never be reached: "
+                             f"the admission counters stop at {MAX_COUNT}")
         if num_embeddings <= spec.fallback_rows:
             raise ValueError(f"{owner}: row budget num_embeddings={num_embeddings} is not "
                              f"above fallback_rows={spec.fallback_rows}")
@@ -129,12 +135,18 @@ class DynamicIdMap(nn.Module):
         self.register_buffer("_empty", torch.zeros(0, **i64), persistent=False)
         self.committed_rows = 0
         """Rows in use after the last `end_step` (the hook's metric, without a count)."""
+        self._sketch_added = MAX_COUNT
+        """Sketch counts added since the last clamp to `MAX_COUNT` (unknown at the start
+        and after a restore: the first commit clamps)."""
 
     # --- lookup -------------------------------------------------------------------
-    def check_ids(self, ids: torch.Tensor, feature: str) -> None:
-        if ids.dtype != torch.int64:
-            raise TypeError(f"feature {feature!r} (dynamic table {self.table!r}): ids must be "
-                            f"raw int64 ids, got {ids.dtype}; read the column with the "
+    def check_ids(self, ids: Any, feature: Optional[str] = None) -> None:
+        """A `TypeError` naming the feature unless ``ids`` is an int64 tensor."""
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+            got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+            who = f"feature {feature!r}" if feature else f"feature(s) {self.features}"
+            raise TypeError(f"{who} (dynamic table {self.table!r}): ids must be "
+                            f"raw int64 ids, got {got}; read the column with the "
                             "schema's dynamic mapping (ids int64, or hash for strings)")
 
     def fallback_rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -157,6 +169,8 @@ class DynamicIdMap(nn.Module):
 
     def lookup(self, ids: torch.Tensor, record: bool) -> torch.Tensor:
         """Rows of raw ``ids``; ``record``: queue them for `end_step` (training)."""
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+            self.check_ids(ids)
         if record and ids.numel():
             if len(self._pending) >= MAX_PENDING:
                 raise RuntimeError(
@@ -172,6 +186,7 @@ class DynamicIdMap(nn.Module):
     def discard_pending(self) -> None:
         """Forget the queued ids (a restore replaces the map they were meant for)."""
         self._pending = []
+        self._sketch_added = MAX_COUNT  # the restored sketch: clamp at the next commit
 
     @property
     def rows_used(self) -> int:
@@ -263,6 +278,10 @@ class DynamicIdMap(nn.Module):
         use_sketch = spec.probability is None and spec.min_count > 1
         if use_sketch:  # one count per lookup: the sums of per-id counts, without unique
             cols = self._sketch_cols(miss).view(-1)
+            if self._sketch_added + miss.numel() > MAX_COUNT:  # rare: saturate, never wrap
+                flat.clamp_max_(MAX_COUNT)
+                self._sketch_added = 0
+            self._sketch_added += miss.numel()
             flat.index_add_(0, cols, self._one32.expand(cols.numel()))
         if free_rows == 0:  # full: the counts wait in the sketch for an eviction
             return empty, empty
@@ -293,8 +312,27 @@ class DynamicIdMap(nn.Module):
         return slots, self.fallback_rows(cand)
 
     def _reindex(self) -> None:
-        keys = self.ids.masked_fill(~self.used, INT64_MAX)
-        torch.sort(keys, stable=True, out=(self.sorted_ids, self.sorted_slots))
+        self.sorted_ids.copy_(_sorted_index(self.ids, self.used, self.sorted_slots))
+
+    def check_restored_state(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Refuse a checkpoint's map (``state``: its buffers by name, read before
+        anything live changes) that is not one this class could have written: a
+        `CheckpointCorruptError` naming the table. Restore calls it (part ``dense``)."""
+        from recframe.checkpoint.format import CheckpointCorruptError
+
+        live = self.state_dict()
+        owner = f"{where}: dynamic table {self.table!r}"
+        missing = sorted(set(live) - set(state))
+        if missing:
+            raise CheckpointCorruptError(f"{owner}: the id map lacks {missing}")
+        for name, value in live.items():
+            got = state[name]
+            if got.dtype != value.dtype or got.shape != value.shape:
+                raise CheckpointCorruptError(
+                    f"{owner}: id map tensor {name!r} is {got.dtype} {list(got.shape)}, this "
+                    f"table's is {value.dtype} {list(value.shape)} (budget "
+                    f"{self.num_embeddings}, fallback_rows {self.fallback})")
+        check_map_state(state, owner)
 
     def map_bytes_per_row(self) -> float:
         """Bytes of map state per row of the budget (buffers / num_embeddings)."""
@@ -304,6 +342,73 @@ class DynamicIdMap(nn.Module):
     def extra_repr(self) -> str:
         return (f"table={self.table!r}, budget={self.num_embeddings}, "
                 f"fallback={self.fallback}, eviction={self.spec.eviction!r}")
+
+
+def _sorted_index(ids: torch.Tensor, used: torch.Tensor, slots_out: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
+    """The sorted index lookups search: the used rows' ids ascending (unused rows last,
+    as INT64_MAX; a used id equal to INT64_MAX before them), their slots in
+    ``slots_out``. Returns the sorted keys."""
+    order = torch.argsort(used.logical_not(), stable=True)  # used first
+    keys = ids.masked_fill(~used, INT64_MAX)[order]
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    slots = order[perm]
+    if slots_out is not None:
+        slots_out.copy_(slots)
+    return sorted_keys
+
+
+def check_map_state(state: dict[str, torch.Tensor], owner: str) -> None:
+    """Check that an id map's saved tensors are consistent (`CheckpointCorruptError`
+    starting with ``owner`` otherwise): equal lengths, each used id in one row only,
+    non-negative counts and steps, and the sorted index the one `_reindex` builds."""
+    from recframe.checkpoint.format import CheckpointCorruptError
+
+    def bad(why: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(f"{owner}: corrupt id map: {why}")
+
+    kinds = {"ids": torch.int64, "used": torch.bool, "counts": torch.int64,
+             "last_seen": torch.int64, "sorted_ids": torch.int64,
+             "sorted_slots": torch.int64, "sketch": torch.int32, "step": torch.int64,
+             "totals": torch.int64}
+    for name, dtype in kinds.items():
+        if name not in state:
+            raise bad(f"no {name!r} tensor")
+        if state[name].dtype != dtype:
+            raise bad(f"{name!r} is {state[name].dtype}, not {dtype}")
+    rows = state["ids"].shape
+    if len(rows) != 1 or rows[0] < 1:
+        raise bad(f"'ids' has shape {list(rows)}, not [dynamic rows]")
+    for name in ("used", "counts", "last_seen", "sorted_ids", "sorted_slots"):
+        if state[name].shape != rows:
+            raise bad(f"{name!r} has shape {list(state[name].shape)}, 'ids' {list(rows)}")
+    step, totals, sketch = state["step"], state["totals"], state["sketch"]
+    if step.dim() != 0 or int(step) < 0:
+        raise bad(f"'step' is {step.tolist()}, not a step >= 0")
+    if totals.shape != (2,) or bool((totals < 0).any()):
+        raise bad(f"'totals' is {totals.tolist()[:4]}, not (admitted, evicted) >= 0")
+    if sketch.dim() != 2 or sketch.shape[0] != SKETCH_DEPTH or bool((sketch < 0).any()):
+        raise bad(f"'sketch' ({list(sketch.shape)}) is not {SKETCH_DEPTH} rows of counts >= 0")
+    used, ids = state["used"], state["ids"]
+    held = ids[used]
+    if held.unique().numel() != held.numel():
+        raise bad(f"id(s) held by several rows, e.g. {_duplicates(held)[:3]}")
+    if bool((state["counts"] < 0).any()):
+        raise bad("negative counts")
+    last = state["last_seen"]
+    if bool(((last < 0) | (last > step)).any()):
+        raise bad(f"last-seen steps outside [0, step={int(step)}]")
+    slots = torch.empty_like(ids)
+    sorted_ids = _sorted_index(ids, used, slots)
+    if not (torch.equal(sorted_ids, state["sorted_ids"])
+            and torch.equal(slots, state["sorted_slots"])):
+        raise bad("the sorted index ('sorted_ids', 'sorted_slots': rows out of range or "
+                  "out of order) does not match 'ids' and 'used'")
+
+
+def _duplicates(ids: torch.Tensor) -> list[int]:
+    values, counts = ids.unique(return_counts=True)
+    return values[counts > 1].tolist()
 
 
 class DynamicIdRemapper(nn.Module):
@@ -491,24 +596,32 @@ def end_step(model: nn.Module, step: int, optimizer: Any = None, tracker: Any = 
 
 def dynamic_summary(reader: Any) -> dict[str, dict[str, int]]:
     """Rows used / budget per dynamic table of a checkpoint (``reader``: its
-    `recframe.checkpoint.format.TensorReader`), from the map's ``...maps.<table>.used``
-    and ``totals`` tensors and the table's rows: for ``recframe ckpt inspect``."""
+    `recframe.checkpoint.format.TensorReader`), from the map's ``...maps.<table>.*``
+    tensors (checked as restore checks them: a `CheckpointCorruptError` naming the
+    table) and the table's rows: for ``recframe ckpt inspect``."""
+    from recframe.checkpoint.format import CheckpointCorruptError
+
     out: dict[str, dict[str, int]] = {}
     keys = list(reader.meta)
     for key in keys:
         parts = key.split(".")
         if len(parts) < 3 or parts[-3] != "maps" or parts[-1] != "used":
             continue
-        table = parts[-2]
-        used = reader.read(key)
+        table, prefix = parts[-2], key[: -len("used")]
+        state = {k[len(prefix):]: reader.read(k) for k in keys
+                 if k.startswith(prefix) and "." not in k[len(prefix):]}
+        owner = f"dynamic table {table!r}"
+        check_map_state(state, owner)
+        used, totals = state["used"], state["totals"]
         row = {"rows_used": int(used.sum()), "dynamic_rows": int(used.numel())}
         weights = [k for k in keys if k.endswith(f"embedding_bags.{table}.weight")]
         if len(weights) == 1:
             row["budget"] = int(reader.shape(weights[0])[0])
             row["fallback_rows"] = row["budget"] - row["dynamic_rows"]
-        totals_key = key[: -len("used")] + "totals"
-        if totals_key in reader:
-            totals = reader.read(totals_key)
-            row.update(admitted=int(totals[0]), evicted=int(totals[1]))
+            if row["fallback_rows"] < 1:
+                raise CheckpointCorruptError(
+                    f"{owner}: corrupt id map: {row['dynamic_rows']} dynamic rows for a "
+                    f"budget of {row['budget']} rows")
+        row.update(admitted=int(totals[0]), evicted=int(totals[1]))
         out[table] = row
     return out

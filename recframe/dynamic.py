@@ -79,6 +79,25 @@ def _hash(ids: torch.Tensor, seed: int) -> torch.Tensor:
     return x & INT64_MAX
 
 
+class _Live:
+    """A map's per-step Python state, outside the module: ``nn.Module.__setattr__`` is
+    slow (microseconds a call), and this is written every step."""
+
+    __slots__ = ("pending", "committed_rows", "used_key", "n_used", "sketch_added")
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        """Training lookups since the last step boundary: (ids, hit, slot)."""
+        self.committed_rows = 0
+        """Rows in use after the last `end_step` (the hook's metric, without a count)."""
+        self.used_key: Any = None
+        self.n_used = 0
+        """The count of ``used`` rows, cached while ``used`` is unchanged (its version)."""
+        self.sketch_added = MAX_COUNT
+        """Sketch counts added since the last clamp to `MAX_COUNT` (unknown at the start
+        and after a restore: the first commit clamps)."""
+
+
 class DynamicIdMap(nn.Module):
     """The id->row map of one dynamic table (module docstring: semantics).
 
@@ -120,7 +139,7 @@ class DynamicIdMap(nn.Module):
         """The last step whose ids were committed."""
         self.register_buffer("totals", torch.zeros(2, **i64))
         """(ids admitted, rows evicted) since the start."""
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._live = _Live()
         odd = [m | 1 for m in (_MIX[1], -7046029254386353131, 0x2545F4914F6CDD1D)]
         # constants, moved with the module by .to(device); not part of the state dict
         self.register_buffer("_sketch_mults",
@@ -133,11 +152,11 @@ class DynamicIdMap(nn.Module):
         self.register_buffer("_one32", torch.ones((), dtype=torch.int32, device=device),
                              persistent=False)
         self.register_buffer("_empty", torch.zeros(0, **i64), persistent=False)
-        self.committed_rows = 0
+
+    @property
+    def committed_rows(self) -> int:
         """Rows in use after the last `end_step` (the hook's metric, without a count)."""
-        self._sketch_added = MAX_COUNT
-        """Sketch counts added since the last clamp to `MAX_COUNT` (unknown at the start
-        and after a restore: the first commit clamps)."""
+        return self._live.committed_rows
 
     # --- lookup -------------------------------------------------------------------
     def check_ids(self, ids: Any, feature: Optional[str] = None) -> None:
@@ -158,39 +177,59 @@ class DynamicIdMap(nn.Module):
             return x.bitwise_and_(self.fallback - 1)
         return torch.remainder(x, self.fallback)
 
+    def _used_rows(self) -> int:
+        """Rows in use: a Python int, recounted only when ``used`` changed (a restore or
+        ``load_state_dict`` writes it in place, which bumps its version)."""
+        key = self._version_of_used()
+        live = self._live
+        if key is None or key != live.used_key:
+            live.n_used, live.used_key = int(self.used.sum()), key
+        return live.n_used
+
+    def _version_of_used(self) -> Any:
+        try:
+            return self.used._version, self.used.data_ptr()
+        except RuntimeError:  # an inference-mode tensor keeps no version: always recount
+            return None
+
     def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hit, slot) of each id: whether it has a row, and its slot (row - fallback)."""
-        # searching all but the last entry clamps the position to the last one for free
-        pos = torch.searchsorted(self.sorted_ids[:-1], ids).view(-1)
-        slot = self.sorted_slots.index_select(0, pos)  # index_select: half the cost of [pos]
-        hit = self.sorted_ids.index_select(0, pos) == ids.reshape(-1)
-        hit.logical_and_(self.used.index_select(0, slot))
-        return hit.view(ids.shape), slot.view(ids.shape)
+        """(hit, slot) of each id: whether it has a row, and its slot (row - fallback).
+        The sorted index's first `_used_rows` entries are the used rows' ids, so only
+        they are searched, and a match is a hit without reading ``used``."""
+        n = self._used_rows()
+        flat = ids if ids.dim() == 1 else ids.reshape(-1)
+        if n == 0:
+            hit, slot = torch.zeros_like(flat, dtype=torch.bool), torch.zeros_like(flat)
+        else:  # searching all but the last used entry clamps the position to it for free
+            pos = torch.searchsorted(self.sorted_ids[: n - 1], flat)
+            slot = self.sorted_slots.index_select(0, pos)  # index_select: half [pos]'s cost
+            hit = self.sorted_ids.index_select(0, pos) == flat
+        return (hit, slot) if ids.dim() == 1 else (hit.view(ids.shape), slot.view(ids.shape))
 
     def lookup(self, ids: torch.Tensor, record: bool) -> torch.Tensor:
         """Rows of raw ``ids``; ``record``: queue them for `end_step` (training)."""
         if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
             self.check_ids(ids)
         if record and ids.numel():
-            if len(self._pending) >= MAX_PENDING:
+            if len(self._live.pending) >= MAX_PENDING:
                 raise RuntimeError(
                     f"dynamic table {self.table!r}: {MAX_PENDING} training lookups without "
                     "a step boundary; add recframe.hooks.DynamicEmbeddingHook() to the "
                     "Trainer (or call recframe.dynamic.end_step after each update)")
         hit, slot = self.find(ids)
         if record and ids.numel():
-            self._pending.append((ids.detach(), hit, slot))
+            self._live.pending.append((ids.detach(), hit, slot))
         return torch.where(hit, slot + self.fallback, self.fallback_rows(ids))
 
     # --- the step boundary --------------------------------------------------------
     def discard_pending(self) -> None:
         """Forget the queued ids (a restore replaces the map they were meant for)."""
-        self._pending = []
-        self._sketch_added = MAX_COUNT  # the restored sketch: clamp at the next commit
+        self._live.pending.clear()
+        self._live.sketch_added = MAX_COUNT  # the restored sketch: clamp at the next commit
 
     @property
     def rows_used(self) -> int:
-        return int(self.used.sum())
+        return self._used_rows()
 
     def end_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Commit the ids queued since the last call as step ``step``: update counts,
@@ -202,8 +241,8 @@ class DynamicIdMap(nn.Module):
         the misses' sketch counts; the misses are only deduplicated (``torch.unique``)
         when there are free rows to admit them to."""
         empty = self._empty
-        pending = list(self._pending)
-        self._pending.clear()  # not a new list: nn.Module.__setattr__ is slow
+        live = self._live
+        pending, live.pending = live.pending, []
         self.step.fill_(step)
         if _world_size() > 1:  # a replicated map: every rank commits every rank's ids
             from recframe.distributed import all_gather_cat
@@ -221,16 +260,16 @@ class DynamicIdMap(nn.Module):
             else:
                 self.last_seen.index_fill_(0, seen, step)
             miss = ids.masked_select(hit.logical_not_())
-        used = int(self.used.sum())
+        used = self._used_rows()
         evicted = empty
         if step % self.spec.eviction_interval == 0:
             evicted = self._evict(step)
             used -= evicted.numel()
         admitted, fallback = self._admit(miss, step, self.capacity - used)
-        self.committed_rows = used + admitted.numel()
+        live.committed_rows = used + admitted.numel()
         if not (admitted.numel() or evicted.numel()):
             return empty, empty, empty
-        self._reindex()
+        self._reindex(live.committed_rows)
         self.totals.add_(torch.tensor([admitted.numel(), evicted.numel()],
                                       device=self.totals.device))
         return admitted + self.fallback, fallback, evicted + self.fallback
@@ -240,7 +279,7 @@ class DynamicIdMap(nn.Module):
         if spec.eviction == "ttl":
             slots = (used & (step - self.last_seen >= spec.ttl)).nonzero().squeeze(1)
         else:
-            free = self.capacity - int(used.sum())
+            free = self.capacity - self._used_rows()
             n = max(0, math.ceil(spec.evict_fraction * self.capacity) - free)
             if n == 0:
                 slots = self._empty
@@ -278,10 +317,11 @@ class DynamicIdMap(nn.Module):
         use_sketch = spec.probability is None and spec.min_count > 1
         if use_sketch:  # one count per lookup: the sums of per-id counts, without unique
             cols = self._sketch_cols(miss).view(-1)
-            if self._sketch_added + miss.numel() > MAX_COUNT:  # rare: saturate, never wrap
+            live = self._live
+            if live.sketch_added + miss.numel() > MAX_COUNT:  # rare: saturate, never wrap
                 flat.clamp_max_(MAX_COUNT)
-                self._sketch_added = 0
-            self._sketch_added += miss.numel()
+                live.sketch_added = 0
+            live.sketch_added += miss.numel()
             flat.index_add_(0, cols, self._one32.expand(cols.numel()))
         if free_rows == 0:  # full: the counts wait in the sketch for an eviction
             return empty, empty
@@ -311,8 +351,11 @@ class DynamicIdMap(nn.Module):
         self.last_seen.index_fill_(0, slots, step)
         return slots, self.fallback_rows(cand)
 
-    def _reindex(self) -> None:
-        self.sorted_ids.copy_(_sorted_index(self.ids, self.used, self.sorted_slots))
+    def _reindex(self, n_used: Optional[int] = None) -> None:
+        """Rebuild the sorted index (``n_used``: the used rows, when known)."""
+        n = int(self.used.sum()) if n_used is None else n_used
+        self.sorted_ids.copy_(_sorted_index(self.ids, self.used, self.sorted_slots, n))
+        self._live.n_used, self._live.used_key = n, self._version_of_used()
 
     def check_restored_state(self, state: dict[str, torch.Tensor], where: str) -> None:
         """Refuse a checkpoint's map (``state``: its buffers by name, read before
@@ -344,15 +387,18 @@ class DynamicIdMap(nn.Module):
                 f"fallback={self.fallback}, eviction={self.spec.eviction!r}")
 
 
-def _sorted_index(ids: torch.Tensor, used: torch.Tensor, slots_out: Optional[torch.Tensor] = None
-                  ) -> torch.Tensor:
-    """The sorted index lookups search: the used rows' ids ascending (unused rows last,
-    as INT64_MAX; a used id equal to INT64_MAX before them), their slots in
-    ``slots_out``. Returns the sorted keys."""
-    order = torch.argsort(used.logical_not(), stable=True)  # used first
-    keys = ids.masked_fill(~used, INT64_MAX)[order]
-    sorted_keys, perm = torch.sort(keys, stable=True)
-    slots = order[perm]
+def _sorted_index(ids: torch.Tensor, used: torch.Tensor, slots_out: Optional[torch.Tensor] = None,
+                  n_used: Optional[int] = None) -> torch.Tensor:
+    """The sorted index lookups search: the ``n_used`` used rows' ids ascending first,
+    then the unused rows (as INT64_MAX, by slot); their slots in ``slots_out``. Returns
+    the sorted keys."""
+    n = int(used.sum()) if n_used is None else n_used
+    keys = ids.masked_fill(~used, INT64_MAX)
+    sorted_keys, slots = torch.sort(keys, stable=True)
+    if n and int(sorted_keys[n - 1]) == INT64_MAX:  # rare: a used id is INT64_MAX too
+        order = torch.argsort(used.logical_not(), stable=True)  # used rows first
+        sorted_keys, perm = torch.sort(keys[order], stable=True)
+        slots = order[perm]
     if slots_out is not None:
         slots_out.copy_(slots)
     return sorted_keys
@@ -451,7 +497,8 @@ class DynamicIdRemapper(nn.Module):
         for i, key in enumerate(keys):
             table = self.feature_tables.get(key)
             if table is not None:
-                self.maps[table].check_ids(parts[i], key)
+                if parts[i].dtype != torch.int64:
+                    self.maps[table].check_ids(parts[i], key)
                 parts[i] = self.maps[table].lookup(parts[i], record)
         return KeyedJaggedTensor(
             keys=keys, values=torch.cat(parts) if parts else features.values(),

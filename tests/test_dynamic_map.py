@@ -220,3 +220,16 @@ def test_sketch_counts_fade_at_each_eviction_pass() -> None:
         _see(fast, [42], step)
     assert slow.rows_used == 1  # two sightings within an eviction interval
     assert fast.rows_used == 0  # the first sighting was halved away before the second
+
+
+def test_lookups_follow_a_map_loaded_in_place() -> None:
+    """The used-row count lookups search by is cached: a map written in place (restore,
+    ``load_state_dict``) must be recounted, not searched with the stale count."""
+    a, b = _map(min_count=1), _map(min_count=1)
+    _see(a, [5, 6, 7], 1)
+    ids = torch.tensor([5, 6, 7, 8])
+    assert b.rows_used == 0 and b.lookup(ids, record=False).eq(0).all()  # count cached
+    b.load_state_dict(a.state_dict())
+    assert b.rows_used == 3
+    assert torch.equal(b.lookup(ids, record=False), a.lookup(ids, record=False))
+    assert b.lookup(ids, record=False)[:3].ge(1).all()

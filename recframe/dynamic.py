@@ -61,6 +61,9 @@ MAX_COUNT = 1 << 30
 it): far from int32's wrap-around, so a hot id's count never turns negative."""
 MAX_PENDING = 4096
 """Training lookups a table queues at most between two step boundaries."""
+QUEUE_STEPS = 64
+QUEUE_IDS = 1 << 20
+"""Committed steps (ids) whose counter updates may wait for the next flush at most."""
 
 
 def _world_size() -> int:
@@ -83,11 +86,17 @@ class _Live:
     """A map's per-step Python state, outside the module: ``nn.Module.__setattr__`` is
     slow (microseconds a call), and this is written every step."""
 
-    __slots__ = ("pending", "committed_rows", "used_key", "n_used", "sketch_added")
+    __slots__ = ("pending", "queue", "queued", "committed_rows", "used_key", "n_used",
+                 "sketch_added")
 
     def __init__(self) -> None:
         self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         """Training lookups since the last step boundary: (ids, hit, slot)."""
+        self.queue: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+        """Committed steps whose counter updates wait for `DynamicIdMap.flush`:
+        (ids, hit, slot, step)."""
+        self.queued = 0
+        """Ids in ``queue``."""
         self.committed_rows = 0
         """Rows in use after the last `end_step` (the hook's metric, without a count)."""
         self.used_key: Any = None
@@ -140,6 +149,7 @@ class DynamicIdMap(nn.Module):
         self.register_buffer("totals", torch.zeros(2, **i64))
         """(ids admitted, rows evicted) since the start."""
         self._live = _Live()
+        self.register_state_dict_pre_hook(_flush_before_state_dict)
         odd = [m | 1 for m in (_MIX[1], -7046029254386353131, 0x2545F4914F6CDD1D)]
         # constants, moved with the module by .to(device); not part of the state dict
         self.register_buffer("_sketch_mults",
@@ -225,6 +235,8 @@ class DynamicIdMap(nn.Module):
     def discard_pending(self) -> None:
         """Forget the queued ids (a restore replaces the map they were meant for)."""
         self._live.pending.clear()
+        self._live.queue.clear()
+        self._live.queued = 0
         self._live.sketch_added = MAX_COUNT  # the restored sketch: clamp at the next commit
 
     @property
@@ -250,19 +262,20 @@ class DynamicIdMap(nn.Module):
             local = torch.cat([p[0].reshape(-1) for p in pending]) if pending else empty
             ids = all_gather_cat(local)
             pending = [(ids, *self.find(ids))] if ids.numel() else []
-        miss = empty
         if pending:  # the lookups' own hits: the map did not change since
             ids, hit, slot = (pending[0] if len(pending) == 1
                               else (torch.cat([t.reshape(-1) for t in x]) for x in zip(*pending)))
-            seen = slot.masked_select(hit)
-            if self.spec.eviction == "lfu":  # only the policy's own key is read
-                self.counts.index_add_(0, seen, self._one.expand(seen.numel()))
-            else:
-                self.last_seen.index_fill_(0, seen, step)
-            miss = ids.masked_select(hit.logical_not_())
+            live.queue.append((ids.reshape(-1), hit.reshape(-1), slot.reshape(-1), step))
+            live.queued += ids.numel()
+        due = step % self.spec.eviction_interval == 0
+        if not due and self._used_rows() == self.capacity and len(live.queue) < QUEUE_STEPS \
+                and live.queued < QUEUE_IDS:
+            live.committed_rows = self.capacity  # full, no eviction due: nothing to decide
+            return empty, empty, empty
+        miss = self.flush(step)
         used = self._used_rows()
         evicted = empty
-        if step % self.spec.eviction_interval == 0:
+        if due:
             evicted = self._evict(step)
             used -= evicted.numel()
         admitted, fallback = self._admit(miss, step, self.capacity - used)
@@ -297,6 +310,55 @@ class DynamicIdMap(nn.Module):
         self.sketch.bitwise_right_shift_(1)  # old counts fade
         return slots
 
+    def flush(self, step: Optional[int] = None) -> torch.Tensor:
+        """Apply the counter updates of the committed steps queued so far: the hits'
+        frequency (LFU) or last-seen step (LRU, TTL), the misses' sketch counts. While
+        the table is full and no eviction is due nothing reads them, so `end_step`
+        queues them (a list append) and they are applied in one go before the map
+        next changes, before a ``state_dict`` (a checkpoint), or every `QUEUE_STEPS`
+        steps: the same values as applying them at each step. Returns the misses of
+        step ``step`` (not counted: `end_step` counts them after its eviction)."""
+        live = self._live
+        queue, live.queue, live.queued = live.queue, [], 0
+        if not queue:
+            return self._empty
+        last = queue.pop() if queue[-1][3] == step else None
+        entries = queue + ([last] if last is not None else [])
+        ids, hit, slot = ((entries[0][0], entries[0][1], entries[0][2]) if len(entries) == 1
+                          else (torch.cat([e[k] for e in entries]) for k in range(3)))
+        seen = slot.masked_select(hit)
+        if self.spec.eviction == "lfu":  # only the policy's own key is read
+            self.counts.index_add_(0, seen, self._one.expand(seen.numel()))
+        elif len(entries) == 1:
+            self.last_seen.index_fill_(0, seen, entries[0][3])
+        else:  # the latest step each row was seen in
+            steps = torch.tensor([e[3] for e in entries], device=seen.device)
+            steps = steps.repeat_interleave(
+                torch.tensor([e[1].numel() for e in entries], device=seen.device))
+            self.last_seen.scatter_reduce_(0, seen, steps.masked_select(hit), "amax")
+        counted = self.spec.probability is None and self.spec.min_count > 1
+        if counted and queue:
+            old = queue[0] if len(queue) == 1 else [torch.cat([e[k] for e in queue])
+                                                     for k in range(2)]
+            self._count(old[0].masked_select(old[1].logical_not()))
+        if last is None:
+            return self._empty
+        return last[0].masked_select(last[1].logical_not())
+
+    def _count(self, miss: torch.Tensor) -> None:
+        """Count ``miss`` (one entry per lookup, repeats included) in the sketch:
+        saturating at `MAX_COUNT`, never wrapping."""
+        if miss.numel() == 0:
+            return
+        flat = self.sketch.view(-1)
+        cols = self._sketch_cols(miss).view(-1)
+        live = self._live
+        if live.sketch_added + miss.numel() > MAX_COUNT:  # rare
+            flat.clamp_max_(MAX_COUNT)
+            live.sketch_added = 0
+        live.sketch_added += miss.numel()
+        flat.index_add_(0, cols, self._one32.expand(cols.numel()))
+
     def _sketch_cols(self, ids: torch.Tensor) -> torch.Tensor:
         """The admission sketch's counter of each id in each row: ``[depth, n]`` indices
         into the flattened sketch."""
@@ -315,14 +377,8 @@ class DynamicIdMap(nn.Module):
         spec = self.spec
         flat = self.sketch.view(-1)
         use_sketch = spec.probability is None and spec.min_count > 1
-        if use_sketch:  # one count per lookup: the sums of per-id counts, without unique
-            cols = self._sketch_cols(miss).view(-1)
-            live = self._live
-            if live.sketch_added + miss.numel() > MAX_COUNT:  # rare: saturate, never wrap
-                flat.clamp_max_(MAX_COUNT)
-                live.sketch_added = 0
-            live.sketch_added += miss.numel()
-            flat.index_add_(0, cols, self._one32.expand(cols.numel()))
+        if use_sketch:
+            self._count(miss)
         if free_rows == 0:  # full: the counts wait in the sketch for an eviction
             return empty, empty
         ids, cnt = torch.unique(miss, return_counts=True)
@@ -385,6 +441,10 @@ class DynamicIdMap(nn.Module):
     def extra_repr(self) -> str:
         return (f"table={self.table!r}, budget={self.num_embeddings}, "
                 f"fallback={self.fallback}, eviction={self.spec.eviction!r}")
+
+
+def _flush_before_state_dict(module: DynamicIdMap, prefix: str, keep_vars: bool) -> None:
+    module.flush()
 
 
 def _sorted_index(ids: torch.Tensor, used: torch.Tensor, slots_out: Optional[torch.Tensor] = None,

@@ -10,7 +10,8 @@ use) and, in front of it, a recframe-owned map from raw int64 ids to rows:
 * rows ``[fallback_rows, num_embeddings)``: one admitted id each.
 
 Lookup is vectorised: the admitted ids are kept sorted (``torch.sort`` when the map
-changes) and each batch is mapped with one ``torch.searchsorted``; no Python runs per id.
+changes; the used rows first, so only they are searched) and each batch is mapped with
+one ``torch.searchsorted``; no Python runs per id.
 
 **When the map changes.** Only at a step boundary (`DynamicIdMap.end_step`, run after
 the optimizer update by `recframe.hooks.DynamicEmbeddingHook`): during a step, every
@@ -22,7 +23,10 @@ one count per lookup) or drawn (``probability``) for admission, deduplicated
 ``eviction_interval`` steps rows are evicted first (LFU, LRU or TTL), then admitted ids
 fill the free rows (the most frequent first when there are more than free rows). An id
 admitted at a boundary is looked up in its own row from the next step on. Evaluation
-(``model.eval()`` or no grad) queues nothing, so it never admits an id.
+(``model.eval()`` or no grad) queues nothing, so it never admits an id. While the table
+is full and no eviction is due nothing reads the counters, so their updates wait in a
+queue (`DynamicIdMap.flush`) until the map next changes, a ``state_dict`` is taken (a
+checkpoint), or 64 steps passed: the same values, at a fraction of the per-step cost.
 
 **Row values.** A newly admitted row starts as a copy of the fallback row the id used
 until then (a warm start), an evicted row is zeroed, and the optimizer state of both is
@@ -40,7 +44,9 @@ admissions and evictions.
 steps, the sorted index, the sketch, the step and admission/eviction totals): part of
 the model's state dict, saved with the dense part, in full, in every checkpoint (a delta
 too), as raw tensors (no pickle); resume is bit-identical (no RNG: admission by
-probability hashes id and step).
+probability hashes id and step). Restore checks a checkpoint's map before anything live
+changes (`DynamicIdMap.check_restored_state`: lengths, duplicate ids, rows out of range,
+negative counts; a `CheckpointCorruptError` naming the table).
 """
 
 from __future__ import annotations

@@ -204,7 +204,8 @@ class DynamicIdMap(nn.Module):
 
     def _version_of_used(self) -> Any:
         try:
-            return self.used._version, self.used.data_ptr()
+            used = self.used  # the object (replaced by .to) and its in-place writes
+            return id(used), used._version
         except RuntimeError:  # an inference-mode tensor keeps no version: always recount
             return None
 

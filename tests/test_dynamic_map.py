@@ -220,3 +220,39 @@ def test_sketch_counts_fade_at_each_eviction_pass() -> None:
         _see(fast, [42], step)
     assert slow.rows_used == 1  # two sightings within an eviction interval
     assert fast.rows_used == 0  # the first sighting was halved away before the second
+
+
+def test_lookups_follow_a_map_loaded_in_place() -> None:
+    """The used-row count lookups search by is cached: a map written in place (restore,
+    ``load_state_dict``) must be recounted, not searched with the stale count."""
+    a, b = _map(min_count=1), _map(min_count=1)
+    _see(a, [5, 6, 7], 1)
+    ids = torch.tensor([5, 6, 7, 8])
+    assert b.rows_used == 0 and b.lookup(ids, record=False).eq(0).all()  # count cached
+    b.load_state_dict(a.state_dict())
+    assert b.rows_used == 3
+    assert torch.equal(b.lookup(ids, record=False), a.lookup(ids, record=False))
+    assert b.lookup(ids, record=False)[:3].ge(1).all()
+
+
+def test_deferred_counter_updates_equal_updates_at_every_step() -> None:
+    """While the table is full and no eviction is due, `end_step` queues the counter
+    updates; the decisions and the saved state must equal applying them every step."""
+    from recframe.dynamic import QUEUE_STEPS
+
+    for eviction in ("lru", "lfu"):
+        kw = dict(budget=20, fallback_rows=4, min_count=2, eviction=eviction,
+                  eviction_interval=7, evict_fraction=0.25)
+        deferred, eager = _map(**kw), _map(**kw)
+        g = torch.Generator().manual_seed(0)
+        for step in range(1, 60):
+            ids = torch.randint(0, 40, (24,), generator=g) + 5 * (step // 10)
+            a = [deferred.lookup(ids, record=True), *deferred.end_step(step)]
+            b = [eager.lookup(ids, record=True), *eager.end_step(step)]
+            eager.flush()  # the counters applied at every step
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), (eviction, step)
+            assert len(deferred._live.queue) < QUEUE_STEPS
+        assert len(deferred._live.queue) > 0  # some steps were deferred at the end
+        sa, sb = deferred.state_dict(), eager.state_dict()  # state_dict flushes
+        assert not deferred._live.queue
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), eviction

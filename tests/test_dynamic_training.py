@@ -181,6 +181,26 @@ def test_resume_is_bit_identical(tmp_path) -> None:
             assert torch.equal(torch.as_tensor(tensor), torch.as_tensor(sb["state"][key][name]))
 
 
+def test_resume_from_a_step_with_deferred_counters_is_bit_identical(tmp_path) -> None:
+    """A checkpoint at a step whose counter updates were queued (table full, no
+    eviction due): the saved map must hold them (``state_dict`` flushes)."""
+    schema = _schema(budget=8, eviction_interval=4, min_count=2)
+    data = [_batches(1, size=16, spread=6)[0] for _ in range(8)]  # hits and misses
+    straight = _model(schema)
+    _trainer(straight, tmp_path / "a", data, steps=8).train()
+    first = _model(schema)
+    _trainer(first, tmp_path / "b", data, steps=3, save_steps=3).train()
+    m = first.dynamic.maps["user"]
+    assert m.rows_used == m.capacity
+    loaded = _model(schema, seed=2)
+    assert _trainer(loaded, tmp_path / "b", data, steps=3).restore() == 3
+    m.flush()  # the live map with its queued counter updates applied
+    _assert_equal(_state(first.dynamic), _state(loaded.dynamic))  # the checkpoint has them
+    resumed = _model(schema, seed=1)
+    _trainer(resumed, tmp_path / "b", data, steps=8).train()
+    _assert_equal(_state(straight), _state(resumed))
+
+
 def test_incremental_delta_carries_the_map_and_changed_rows(tmp_path) -> None:
     data = _batches(6)
     model = _model(_schema())

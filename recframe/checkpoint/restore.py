@@ -171,11 +171,50 @@ def _model_part(part: str) -> Callable[[PartContext, Any], None]:
         if missing or unexpected:
             logger.warning("%s part %r: missing %s, unexpected %s (strict=False)",
                            ctx.where, part, missing[:5], unexpected[:5])
-        ctx.txn.copy(ctx.reader, {
+        targets = {
             str(saved[k]): live[k] for k in live if k in saved and saved[k] not in ctx.tracked
-        })
+        }
+        _check_module_states(ctx, targets)
+        ctx.txn.copy(ctx.reader, targets)
 
     return load
+
+
+def _check_module_states(ctx: PartContext, targets: dict[str, Any]) -> None:
+    """Modules with ``check_restored_state(state, where)`` (a dynamic table's id map) see
+    their saved buffers while planning: those are read now (CRC32 checked), checked by
+    the module (which raises `CheckpointCorruptError`), and copied at apply instead.
+    Saved shapes or dtypes other than the live ones are left to the usual copy, which
+    refuses them before reading anything."""
+    checks = {}
+    for module in ctx.saver.model.modules():
+        if callable(getattr(module, "check_restored_state", None)):
+            for name, buf in module.named_buffers(recurse=False):
+                checks[(buf.data_ptr(), tuple(buf.shape), buf.dtype)] = (module, name)
+    found: dict[int, tuple[Any, dict[str, str], dict[str, Any]]] = {}
+    for key, live in list(targets.items()) if checks else []:
+        if is_sharded(live) or not isinstance(live, torch.Tensor) or not live.numel():
+            continue
+        owner = checks.get((live.data_ptr(), tuple(live.shape), live.dtype))
+        if owner is not None:
+            module, name = owner
+            entry = found.setdefault(id(module), (module, {}, {}))
+            entry[1][name], entry[2][name] = key, live
+    for module, keys, live in found.values():
+        if any(key not in ctx.reader or list(ctx.reader.shape(key)) != list(live[name].shape)
+               or ctx.reader.dtype(key) != live[name].dtype for name, key in keys.items()):
+            continue
+        state = {name: ctx.reader.read(key) for name, key in keys.items()}
+        module.check_restored_state(state, ctx.where)
+        for key in keys.values():
+            del targets[key]
+
+        def copy(state: dict[str, Any] = state, live: dict[str, Any] = live) -> None:
+            with torch.no_grad():
+                for name, value in state.items():
+                    live[name].copy_(value)
+
+        ctx.txn.call(copy)
 
 
 def _sparse_opt(ctx: PartContext, tree: Any) -> None:

@@ -350,6 +350,9 @@ class Trainer:
                 logger.info("overwrite_output_dir: deleted %d checkpoint(s) in %s",
                             len(doomed), self.args.output_dir)
         distributed.barrier()
+        # the manager read the deleted latest step when it was built: forget it, or the
+        # new run's save at that step counts as done and is never written
+        self.checkpoint_manager._last_saved_step = -1
 
     def train(self, train_steps: Optional[int] = None) -> dict[str, Any]:
         """Train until ``train_steps`` optimizer updates in all (resumed ones count),

@@ -55,15 +55,18 @@ def _train_parser(sub: Any) -> None:
                    help="feature schema YAML/JSON (needed by --data parquet/csv/tsv; its "
                    "tables size the model, so --num_embeddings/--embedding_dim do not apply)")
     g.add_argument("--header", action="store_true", help="CSV/TSV files start with a header")
-    g.add_argument("--data_workers", type=int, default=2,
+    g.add_argument("--data_workers", type=_int_at_least(0), default=2,
                    help="background decoding threads per reader (0: decode inline)")
-    g.add_argument("--batch_size", type=int, default=512, help="samples per micro-batch")
-    g.add_argument(
-        "--num_train_batches", type=int, default=400, help="synthetic training batches per epoch"
-    )
-    g.add_argument("--num_eval_batches", type=int, default=20, help="synthetic eval batches")
-    g.add_argument("--num_embeddings", type=int, default=10_000, help="rows per table")
-    g.add_argument("--embedding_dim", type=int, default=16, help="embedding width")
+    g.add_argument("--batch_size", type=_int_at_least(1), default=512,
+                   help="samples per micro-batch")
+    g.add_argument("--num_train_batches", type=_int_at_least(1), default=400,
+                   help="synthetic training batches per epoch")
+    g.add_argument("--num_eval_batches", type=_int_at_least(0), default=20,
+                   help="synthetic eval batches (0: no evaluation data)")
+    g.add_argument("--num_embeddings", type=_int_at_least(1), default=10_000,
+                   help="rows per table")
+    g.add_argument("--embedding_dim", type=_int_at_least(1), default=16,
+                   help="embedding width")
     g.add_argument("--lr", dest="learning_rate", type=float, default=argparse.SUPPRESS,
                    help="the same as --learning_rate (the dense optimizer's learning rate)")
     g.add_argument("--sparse_lr", type=float, default=0.05, help="sparse optimizer learning rate")
@@ -86,6 +89,22 @@ def _train_parser(sub: Any) -> None:
     add_arguments(p.add_argument_group("training arguments"))
     _add_log_level(p, default=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
+
+
+def _int_at_least(minimum: int) -> Any:
+    """An argparse type: an integer >= ``minimum`` (argparse names the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
 MODELS = ("dlrm", "deepfm")
@@ -139,20 +158,35 @@ def _load_factory(spec: str, what: str) -> Any:
 
 
 def _call_factory(spec: str, what: str, args: Any, kwargs: dict[str, Any]) -> Any:
+    """Call the user's factory; a section that does not fit its signature is a usage
+    error, an exception inside it one line naming the flag (the traceback at DEBUG)."""
+    import inspect
+
     factory = _load_factory(spec, what)
     try:
-        return factory(args, **kwargs)
-    except TypeError as e:
-        import inspect
-
+        signature: Optional[inspect.Signature] = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to check
+        signature = None
+    if signature is not None:
         try:
-            inspect.signature(factory).bind(args, **kwargs)
+            signature.bind(args, **kwargs)
         except TypeError as bad:  # the call itself does not fit: say which section to fix
             raise ValueError(
                 f"--{what} {spec}: the {what}: section {sorted(kwargs)} does not fit "
-                f"{getattr(factory, '__name__', spec)}{inspect.signature(factory)}: {bad}"
-            ) from e
-        raise
+                f"{getattr(factory, '__name__', spec)}{signature}: {bad}"
+            ) from None
+    try:
+        return factory(args, **kwargs)
+    except Exception as e:
+        log.debug("--%s %s raised:", what, spec, exc_info=True)
+        raise FactoryError(
+            f"--{what} {spec} raised {type(e).__name__}: {e} (--log_level DEBUG shows "
+            "the traceback)"
+        ) from e
+
+
+class FactoryError(Exception):
+    """The user's model or data factory raised (exit status 1)."""
 
 
 def _resolve_factories(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -226,13 +260,21 @@ def _build_data(
         workers = ns.data_workers if workers is None else workers
         common = dict(format=fmt, batch_size=ns.batch_size, header=ns.header,
                       num_workers=workers, **ranks)
-        train = TabularDataset(ns.train_path, schema, **common)
-        evals = TabularDataset(ns.eval_path, schema, **common) if ns.eval_path else None
-        return train, evals
+        opened = []
+        for flag, path in (("--train_path", ns.train_path), ("--eval_path", ns.eval_path)):
+            try:
+                opened.append(TabularDataset(path, schema, **common) if path else None)
+            except FileNotFoundError as e:
+                raise ValueError(f"{flag} {path}: {e}; pass existing files, a glob or a "
+                                 "directory (any fsspec path)") from e
+        return opened[0], opened[1]
     common = dict(batch_size=ns.batch_size, num_embeddings=ns.num_embeddings, **ranks)
     train = SyntheticCriteo(num_batches=ns.num_train_batches, seed=seed, **common)
     # evaluation batches come from the same distribution, past the training batches
-    evals = SyntheticCriteo(num_batches=ns.num_eval_batches, seed=seed + 1_000_003, **common)
+    evals = None
+    if ns.num_eval_batches:
+        evals = SyntheticCriteo(num_batches=ns.num_eval_batches, seed=seed + 1_000_003,
+                                **common)
     return train, evals
 
 
@@ -279,6 +321,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     args = arguments_from_namespace(ns)
     sections = _resolve_factories(ns)
     _check_output_dir(args.output_dir)
+    _check_resume_path(args)
     if _is_import_path(ns.data):
         schema = None
         made = _call_factory(ns.data, "data", args, sections["data"])
@@ -348,6 +391,43 @@ def _check_output_dir(url: str) -> None:
             hint = (" (no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
                     "AWS_PROFILE, plus FSSPEC_S3_ENDPOINT_URL for a non-AWS store)")
         raise OutputDirError(f"cannot use --output_dir {url}{hint}: {text}") from e
+
+
+def _check_resume_path(args: Any) -> None:
+    """``--resume_from_checkpoint PATH`` must name a committed checkpoint (or a
+    ``ckpt_<step>`` of output_dir): a typo or an output_dir is one line, before work."""
+    import re
+
+    from recframe.checkpoint.storage import Storage
+
+    target = args.resume_from_checkpoint
+    if not isinstance(target, str):
+        return
+    flag = f"--resume_from_checkpoint {target}"
+    try:
+        if re.fullmatch(r"ckpt_\d+", target.strip("/")):
+            inside = Storage(args.output_dir)
+            if inside.exists(inside.join(inside.path(target.strip("/")), "manifest.json")):
+                return
+        storage = Storage(target)
+        if storage.exists(storage.join(storage.root, "manifest.json")):
+            return
+        if not storage.exists(storage.root):
+            raise ValueError(f"{flag}: {storage.display(storage.root)} does not exist; pass a "
+                             "checkpoint directory (recframe ckpt list OUTPUT_DIR shows them) "
+                             "or true for output_dir's latest")
+        names = [] if storage.fs.isfile(storage.root) else storage.listdir(storage.root)
+    except ImportError as e:
+        raise ValueError(f"{flag}: {e}") from e
+    steps = sorted(int(n[5:]) for n in names if re.fullmatch(r"ckpt_\d+", n) and storage.exists(
+        storage.join(storage.path(n), "manifest.json")))
+    if steps:
+        raise ValueError(
+            f"{flag} is an output_dir, not a checkpoint: pass one of its checkpoints, e.g. "
+            f"--resume_from_checkpoint {storage.join(storage.root, f'ckpt_{steps[-1]}')}"
+        )
+    raise ValueError(f"{flag}: {storage.display(storage.root)} is not a committed checkpoint "
+                     "(no manifest.json); recframe ckpt list OUTPUT_DIR shows the checkpoints")
 
 
 class OutputDirError(Exception):
@@ -717,8 +797,42 @@ def _version() -> str:
     return __version__
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with an unknown flag's likely intended name: ``--trian_steps`` is
+    ``unrecognized arguments: --trian_steps (did you mean --train_steps?)``."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}"
+                       + _suggestions(self, ns, extras))
+        return ns
+
+
+def _suggestions(parser: argparse.ArgumentParser, ns: argparse.Namespace,
+                 extras: list[str]) -> str:
+    """`` (did you mean --x?)`` for the unknown flags close to a flag of the command."""
+    import difflib
+
+    options: list[str] = []
+    while parser is not None:
+        chosen = None
+        for action in parser._actions:
+            options += [o for o in action.option_strings if o.startswith("--")]
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(ns, action.dest, None) or "")
+        parser = chosen
+    hints = []
+    for token in extras:
+        if token.startswith("--"):
+            close = difflib.get_close_matches(token.split("=", 1)[0], options, n=1,
+                                              cutoff=0.75)
+            hints += [f"{token.split('=', 1)[0]} -> {close[0]}"] if close else []
+    return f" (did you mean: {', '.join(hints)}?)" if hints else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="recframe",
         description="recframe: train recommendation models (dense + sparse optimizers, "
         "gradient accumulation, hooks, crash-proof checkpoints).",
@@ -754,9 +868,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:
         print(f"recframe: error: {e}", file=sys.stderr)
         return 2
-    except OutputDirError as e:
+    except FileNotFoundError as e:  # a path the user named does not exist
+        print(f"recframe: error: {_not_found_text(ns, e)}", file=sys.stderr)
+        return 2
+    except (OutputDirError, FactoryError) as e:
         print(f"recframe: error: {e}", file=sys.stderr)
         return 1
+
+
+def _not_found_text(ns: argparse.Namespace, error: FileNotFoundError) -> str:
+    """A missing file as one line: which path, and for the commands that need one
+    made first (``export --apply-delta``'s artifact), how to make it."""
+    import os
+
+    missing = error.filename or ""
+    if getattr(ns, "command", None) == "export" and getattr(ns, "apply_delta", False):
+        same = missing and os.path.abspath(str(missing)) == os.path.abspath(ns.output)
+        if same or not os.path.exists(ns.output):
+            return (f"recframe export --apply-delta: the artifact {ns.output} does not exist; "
+                    f"--apply-delta updates an artifact that `recframe export CHECKPOINT "
+                    f"{ns.output}` wrote: run that first")
+    return f"{missing}: no such file or directory" if missing else str(error)
 
 
 if __name__ == "__main__":  # pragma: no cover

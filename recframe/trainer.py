@@ -312,6 +312,12 @@ class Trainer:
         except (CheckpointError, ValueError) as e:
             if "does not match" not in str(e):
                 raise
+            if isinstance(target, str):  # the user's path, not output_dir's checkpoint
+                raise CheckpointMismatchError(
+                    f"resume_from_checkpoint={target!r} is a checkpoint of a different "
+                    f"model: {e}. Build the model it was trained with, or leave "
+                    "resume_from_checkpoint unset"
+                ) from e
             raise CheckpointMismatchError(
                 f"{args.output_dir} holds a checkpoint of a different model: {e}. To start "
                 "fresh there, pass overwrite_output_dir=True (recframe train "

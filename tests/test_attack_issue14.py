@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from conftest import ToyCTR, make_batches
 
-from recframe import Trainer, TrainingArguments
+from recframe import Trainer, TrainingArguments, cli
 
 TINY = ["--batch_size", "8", "--num_embeddings", "20", "--embedding_dim", "4",
         "--num_train_batches", "2", "--num_eval_batches", "1", "--disable_tqdm", "true",
@@ -64,3 +64,104 @@ def test_a_users_ckpt_named_directory_is_not_deleted_as_a_leftover(tmp_path):
     Trainer(ToyCTR(), _args(tmp_path, train_steps=1),
             train_dataset=make_batches(2, 8, num_embeddings=32)).train()
     assert (out / "ckpt_7" / "readme.md").read_text() == "not a checkpoint"
+
+
+# --- typos ------------------------------------------------------------------------------
+def test_a_mistyped_flag_names_the_flag_it_resembles(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--trian_steps", "3", "--ouput_dir=x"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--trian_steps -> --train_steps" in err and "--ouput_dir -> --output_dir" in err
+    with pytest.raises(SystemExit):
+        cli.main(["ckpt", "list", "--jsn", "x"])
+    assert "--jsn -> --json" in capsys.readouterr().err
+
+
+def test_a_config_file_with_an_unknown_key_names_the_file_and_the_close_field(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("output_dir: out\ntrain_stepz: 3\n")
+    assert cli.main(["train", "--config", str(config)]) == 2
+    line = _error_line(capsys)
+    assert str(config) in line and "'train_stepz' -> 'train_steps'" in line
+    with pytest.raises(ValueError, match=r"run\.yaml.*'train_stepz' -> 'train_steps'"):
+        TrainingArguments.from_file(str(config))
+
+
+@pytest.mark.parametrize("flag", ["--batch_size", "--num_train_batches", "--num_embeddings"])
+def test_non_positive_sizes_are_usage_errors_naming_the_flag(flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", flag, "0"])
+    assert info.value.code == 2
+    assert f"argument {flag}: must be an integer >= 1" in capsys.readouterr().err
+
+
+# --- data and checkpoint paths ------------------------------------------------------------
+def test_a_missing_train_path_file_is_one_line_naming_the_flag(tmp_path, capsys):
+    missing = str(tmp_path / "nope.tsv")
+    code = cli.main(["train", *TINY, "--data", "criteo", "--train_path", missing,
+                     "--output_dir", str(tmp_path / "o")])
+    assert code == 2
+    line = _error_line(capsys)
+    assert f"--train_path {missing}" in line
+
+
+def _trained_dir(tmp_path) -> str:
+    out = str(tmp_path / "first")
+    assert cli.main(["train", *TINY, "--output_dir", out, "--train_steps", "1"]) == 0
+    return out
+
+
+def test_resume_from_checkpoint_paths_that_are_not_checkpoints(tmp_path, capsys):
+    first = _trained_dir(tmp_path)
+    capsys.readouterr()
+    other = ["--output_dir", str(tmp_path / "second"), "--train_steps", "2"]
+    missing = str(tmp_path / "nope")
+    assert cli.main(["train", *TINY, *other, "--resume_from_checkpoint", missing]) == 2
+    line = _error_line(capsys)
+    assert f"--resume_from_checkpoint {missing}" in line and "does not exist" in line
+    # an output_dir instead of one of its checkpoints: the error names the checkpoint
+    assert cli.main(["train", *TINY, *other, "--resume_from_checkpoint", first]) == 2
+    assert f"--resume_from_checkpoint {first}/ckpt_1" in _error_line(capsys)
+    # the checkpoint named works, and so does ckpt_<n> of output_dir
+    assert cli.main(["train", *TINY, *other, "--resume_from_checkpoint",
+                     first + "/ckpt_1"]) == 0
+    assert cli.main(["train", *TINY, "--output_dir", first, "--train_steps", "2",
+                     "--resume_from_checkpoint", "ckpt_1"]) == 0
+
+
+def test_resume_from_another_models_checkpoint_names_that_checkpoint(tmp_path, capsys):
+    first = _trained_dir(tmp_path)
+    capsys.readouterr()
+    code = cli.main(["train", *TINY, "--embedding_dim", "8", "--output_dir",
+                     str(tmp_path / "fresh"), "--resume_from_checkpoint", first + "/ckpt_1"])
+    assert code == 2
+    line = _error_line(capsys)
+    assert f"resume_from_checkpoint='{first}/ckpt_1'" in line and "different model" in line
+    assert "fresh holds" not in line  # not the output_dir, which holds nothing
+
+
+# --- the user's factories --------------------------------------------------------------------
+def test_a_factory_that_raises_is_one_line_naming_the_flag(tmp_path, monkeypatch, capsys):
+    pkg = tmp_path / "userpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "f.py").write_text(
+        "def model(args):\n    raise RuntimeError('no such table')\n"
+        "def data(args):\n    raise ValueError('bad bucket')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = ["--output_dir", str(tmp_path / "o")]
+    assert cli.main(["train", *TINY, *out, "--model", "userpkg.f:model"]) == 1
+    assert "--model userpkg.f:model raised RuntimeError: no such table" in _error_line(capsys)
+    assert cli.main(["train", *TINY, *out, "--data", "userpkg.f:data"]) == 1
+    assert "--data userpkg.f:data raised ValueError: bad bucket" in _error_line(capsys)
+
+
+def test_export_apply_delta_onto_a_missing_artifact_is_one_line(tmp_path, capsys):
+    first = _trained_dir(tmp_path)
+    capsys.readouterr()
+    artifact = str(tmp_path / "model.pt2")
+    assert cli.main(["export", "--apply-delta", first, artifact]) == 2
+    line = _error_line(capsys)
+    assert artifact in line and f"recframe export CHECKPOINT {artifact}" in line

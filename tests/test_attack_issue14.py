@@ -165,3 +165,32 @@ def test_export_apply_delta_onto_a_missing_artifact_is_one_line(tmp_path, capsys
     assert cli.main(["export", "--apply-delta", first, artifact]) == 2
     line = _error_line(capsys)
     assert artifact in line and f"recframe export CHECKPOINT {artifact}" in line
+
+
+def test_eval_interval_with_no_eval_data_on_the_cli_warns(tmp_path, caplog):
+    """--num_eval_batches 0 is the CLI's way to train without eval data (it was an error
+    naming no flag); --eval_interval_steps then does nothing, and says so."""
+    code = cli.main(["train", *TINY, "--num_eval_batches", "0", "--eval_interval_steps", "1",
+                     "--train_steps", "2", "--output_dir", str(tmp_path / "o")])
+    assert code == 0
+    assert any("eval_interval_steps=1 does nothing" in r.getMessage() for r in caplog.records)
+
+
+def test_user_code_still_gets_torch_jit_deprecation_warnings(tmp_path):
+    """The torch.jit notices are silenced only while torch.distributed.optim imports."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "user.py"
+    script.write_text("import recframe, torch, torch.distributed.optim\n"
+                      "def f(x: int) -> int:\n    return x\n"
+                      "torch.jit.script(f)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    env.pop("PYTHONWARNINGS", None)
+    proc = subprocess.run([sys.executable, "-W", "default", str(script)], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "Warning" in ln]
+    assert len(lines) == 1 and "torch.jit.script` is deprecated" in lines[0], proc.stderr

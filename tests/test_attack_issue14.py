@@ -194,3 +194,18 @@ def test_user_code_still_gets_torch_jit_deprecation_warnings(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if "Warning" in ln]
     assert len(lines) == 1 and "torch.jit.script` is deprecated" in lines[0], proc.stderr
+
+
+def test_metrics_jsonl_and_the_log_agree_on_the_epoch(tmp_path, caplog):
+    """The last update of epoch 0 was logged as epoch=0 but written as "epoch": 1."""
+    import json
+
+    trainer = Trainer(ToyCTR(), _args(tmp_path, log_steps=2, report_to="jsonl",
+                                      eval_interval_steps=2),
+                      train_dataset=make_batches(2, 8), eval_dataset=make_batches(1, 8))
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    assert [(r["kind"], r["step"], r["epoch"]) for r in records] == [
+        ("train", 2, 0), ("eval", 2, 0)]
+    logged = [r.getMessage() for r in caplog.records if "step=2 epoch=" in r.getMessage()]
+    assert logged and all("epoch=0" in m for m in logged), logged

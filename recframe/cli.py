@@ -67,6 +67,10 @@ def _train_parser(sub: Any) -> None:
                    help="rows per table")
     g.add_argument("--embedding_dim", type=_int_at_least(1), default=16,
                    help="embedding width")
+    g.add_argument("--gauc_feature", default=None, metavar="FEATURE",
+                   help="sparse feature whose id groups the eval samples for grouped AUC "
+                   "(gauc), e.g. a user id column of --schema data (synthetic and criteo "
+                   "data: cat_0..cat_25); without it no gauc is computed")
     g.add_argument("--lr", dest="learning_rate", type=float, default=argparse.SUPPRESS,
                    help="the same as --learning_rate (the dense optimizer's learning rate)")
     g.add_argument("--sparse_lr", type=float, default=0.05, help="sparse optimizer learning rate")
@@ -342,8 +346,13 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         model = build_model(
             ns.model, num_embeddings=ns.num_embeddings, embedding_dim=ns.embedding_dim
         )
+    _check_gauc(ns, args, schema)
     dynamic = getattr(model, "dynamic", None) is not None  # before sharding wraps it
     model, sparse_opt = _sparse_side(model, ns, device_kind(args.device))
+    if ns.gauc_feature:
+        from recframe.metrics import group_predictions_by
+
+        group_predictions_by(model, ns.gauc_feature)
     trainer = Trainer(  # the dense optimizer and schedule: from the training arguments
         model=model,
         args=args,
@@ -369,6 +378,27 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         distributed.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _check_gauc(ns: argparse.Namespace, args: Any, schema: Any) -> None:
+    """``--gauc_feature`` must name a sparse feature of the built-in data; a metric
+    choice that needs gauc without one is a usage error naming the flag to add."""
+    from recframe.data import DEFAULT_CAT_NAMES
+
+    builtin = not _is_import_path(ns.data)
+    names = schema.feature_names if schema is not None else DEFAULT_CAT_NAMES
+    if ns.gauc_feature and builtin and ns.gauc_feature not in names:
+        raise ValueError(f"--gauc_feature {ns.gauc_feature}: not a sparse feature of the "
+                         f"{ns.data} data; its features: {', '.join(names)}")
+    if ns.gauc_feature or _is_import_path(ns.model):
+        return  # the user's model may pass add_predictions(..., groups=...) itself
+    for flag in ("keep_best_metric", "metric_for_scheduler"):
+        if getattr(args, flag) in ("gauc", "gauc_groups"):
+            raise ValueError(
+                f"--{flag} {getattr(args, flag)}: gauc (grouped AUC) needs the column that "
+                "groups the samples: add --gauc_feature FEATURE (e.g. a user id column; "
+                "synthetic data: cat_0)"
+            )
 
 
 def _check_output_dir(url: str) -> None:

@@ -5,6 +5,7 @@ result (exit status 2 and one line naming the flag, field or path for usage erro
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import ToyCTR, make_batches
 
 from recframe import Trainer, TrainingArguments, cli
@@ -209,3 +210,49 @@ def test_metrics_jsonl_and_the_log_agree_on_the_epoch(tmp_path, caplog):
         ("train", 2, 0), ("eval", 2, 0)]
     logged = [r.getMessage() for r in caplog.records if "step=2 epoch=" in r.getMessage()]
     assert logged and all("epoch=0" in m for m in logged), logged
+
+
+# --- grouped AUC from the CLI and for models that do not pass groups ----------------------
+def test_groups_of_reads_the_first_id_of_a_sparse_feature_or_a_dict_column():
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recframe.metrics import groups_of
+
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["user", "item"], values=torch.tensor([7, 9, 3, 1, 2, 3, 4]),
+        lengths=torch.tensor([1, 0, 2, 1, 2, 1]))
+    assert groups_of(kjt, "user").tolist() == [7, -1, 9]
+    assert groups_of({"ids": torch.tensor([[5, 1], [6, 2]])}, "ids").tolist() == [5, 6]
+    with pytest.raises(ValueError, match=r"'usr' is not a sparse feature.*\['user', 'item'\]"):
+        groups_of(kjt, "usr")
+
+
+def test_group_predictions_by_gives_the_gauc_of_the_feature_groups(tmp_path):
+    from recframe.metrics import collect_predictions, group_predictions_by, grouped_auc
+
+    model, evals = ToyCTR(), make_batches(3, 16, seed=3, num_embeddings=6)
+    trainer = Trainer(model, _args(tmp_path), train_dataset=make_batches(1, 8),
+                      eval_dataset=evals)
+    assert "gauc" not in trainer.evaluate()  # nothing names the groups
+    handle = group_predictions_by(model, "ids")
+    results = trainer.evaluate()
+    with torch.no_grad(), collect_predictions() as seen:
+        for batch in evals:
+            model(batch)
+    logits, labels = torch.cat(seen.logits), torch.cat(seen.labels)
+    expected, counted = grouped_auc(logits, labels, torch.cat([b["ids"][:, 0] for b in evals]))
+    assert counted > 1 and results["gauc_groups"] == counted
+    assert results["gauc"] == pytest.approx(expected)
+    handle.remove()
+    assert "gauc" not in trainer.evaluate()
+
+
+def test_cli_gauc_feature(tmp_path, capsys):
+    out = ["--output_dir", str(tmp_path / "o"), "--train_steps", "1", "--num_eval_batches", "2"]
+    assert cli.main(["train", *TINY, *out, "--gauc_feature", "cat_0"]) == 0
+    final = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("final eval")]
+    assert '"gauc": ' in final[0] and '"gauc_groups": ' in final[0]
+    assert cli.main(["train", *TINY, *out, "--gauc_feature", "user_id"]) == 2
+    assert "--gauc_feature user_id: not a sparse feature" in _error_line(capsys)
+    assert cli.main(["train", *TINY, *out, "--keep_best_metric", "gauc"]) == 2
+    assert "add --gauc_feature FEATURE" in _error_line(capsys)

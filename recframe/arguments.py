@@ -142,7 +142,8 @@ class TrainingArguments:
     """Warm-up as a share of the run's updates (used when warmup_steps is 0)."""
     dataloader_num_workers: Optional[int] = None
     """Background workers reading the data: the recframe CLI's readers (their decoding
-    threads, --data_workers otherwise) and the user's data factory (--data pkg:fn)."""
+    threads, --data_workers otherwise) and the user's data factory (--data pkg:fn). The
+    Trainer builds no DataLoader: from Python, pass DataLoader(num_workers=...) yourself."""
     load_best_model_at_end: bool = False
     """After train: load the model weights of the checkpoint with the best
     keep_best_metric (default then: the eval loss, min) of the evaluations during

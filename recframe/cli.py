@@ -272,6 +272,9 @@ def _build_data(
                 raise ValueError(f"{flag} {path}: {e}; pass existing files, a glob or a "
                                  "directory (any fsspec path)") from e
         return opened[0], opened[1]
+    if workers is not None:
+        log.warning("--dataloader_num_workers %d does nothing with --data synthetic: its "
+                    "batches are generated in the training process", workers)
     common = dict(batch_size=ns.batch_size, num_embeddings=ns.num_embeddings, **ranks)
     train = SyntheticCriteo(num_batches=ns.num_train_batches, seed=seed, **common)
     # evaluation batches come from the same distribution, past the training batches
@@ -664,6 +667,8 @@ def _ckpt_list(ns: argparse.Namespace) -> int:
             ["name", "step", "state", "kind", "size", "files", "world", "created", "metrics"],
             rows,
         ))
+    else:
+        print("(no ckpt_<step> directories: is PATH the run's --output_dir?)")
     return 0
 
 

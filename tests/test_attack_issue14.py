@@ -256,3 +256,16 @@ def test_cli_gauc_feature(tmp_path, capsys):
     assert "--gauc_feature user_id: not a sparse feature" in _error_line(capsys)
     assert cli.main(["train", *TINY, *out, "--keep_best_metric", "gauc"]) == 2
     assert "add --gauc_feature FEATURE" in _error_line(capsys)
+
+
+def test_dataloader_num_workers_on_synthetic_data_warns(tmp_path, caplog):
+    code = cli.main(["train", *TINY, "--dataloader_num_workers", "2", "--train_steps", "1",
+                     "--output_dir", str(tmp_path / "o")])
+    assert code == 0
+    assert any("--dataloader_num_workers 2 does nothing with --data synthetic"
+               in r.getMessage() for r in caplog.records)
+
+
+def test_ckpt_list_on_an_empty_dir_asks_whether_it_is_the_output_dir(tmp_path, capsys):
+    assert cli.main(["ckpt", "list", str(tmp_path)]) == 0
+    assert "is PATH the run's --output_dir?" in capsys.readouterr().out

@@ -143,14 +143,17 @@ def _is_import_path(text: str) -> bool:
 def _load_factory(spec: str, what: str) -> Any:
     """The callable at ``pkg.module:attr``; errors name the flag and the path."""
     import importlib
+    import os
 
     module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the user's project directory, as `python -m` has
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(
-            f"--{what} {spec}: cannot import {module_name!r} ({e}); is its package on "
-            "PYTHONPATH or installed?"
+            f"--{what} {spec}: cannot import {module_name!r} ({e}); run from the directory "
+            "that holds its package, or put it on PYTHONPATH or install it"
         ) from e
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -269,3 +269,22 @@ def test_dataloader_num_workers_on_synthetic_data_warns(tmp_path, caplog):
 def test_ckpt_list_on_an_empty_dir_asks_whether_it_is_the_output_dir(tmp_path, capsys):
     assert cli.main(["ckpt", "list", str(tmp_path)]) == 0
     assert "is PATH the run's --output_dir?" in capsys.readouterr().out
+
+
+def test_factories_import_from_the_current_directory(tmp_path, monkeypatch, capsys):
+    """`.venv/bin/recframe train --model my_pkg.job:build` from the project directory:
+    the console script's sys.path lacks the current directory (python -m has it)."""
+    import sys
+
+    pkg = tmp_path / "cwdpkg14"
+    pkg.mkdir()
+    (pkg / "job.py").write_text(
+        "from conftest import ToyCTR, make_batches\n"
+        "def model(args):\n    return ToyCTR(num_embeddings=32)\n"
+        "def data(args):\n    return make_batches(2, 8, num_embeddings=32)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    code = cli.main(["train", *TINY, "--model", "cwdpkg14.job:model", "--data",
+                     "cwdpkg14.job:data", "--train_steps", "1", "--output_dir", "o"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "o" / "ckpt_1" / "manifest.json").exists()

@@ -22,8 +22,9 @@ importing torchrec and torchmetrics and building fused tables raise about their 
 internals: fbgemm's optional SSD kernels (``Failed to import ...``) and its deprecated
 ``split_table_batched_embeddings_ops`` module, ``torch.jit.script``/``interface`` while
 ``torch.distributed.optim`` is imported (only during that import, so the user's own
-calls still warn), torchrec's ``apply_optimizer_in_backward`` and torchmetrics'
-``LooseVersion``.
+calls still warn), torchrec's ``apply_optimizer_in_backward``, torchmetrics'
+``LooseVersion``, and torch.ao's quantization notice when torchrec quantizes the tables
+of an int8/int4 export.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ _DEPRECATIONS = (  # (message regex, module regex) of third-party DeprecationWar
     (r"This API is deprecated\. Please use Pytorch Distributed's _apply_optimizer_in_backward",
      r"torchrec\.optim\.apply_optimizer_in_backward\Z"),
     (r"distutils Version classes are deprecated", r"torchmetrics\.utilities\.imports\Z"),
+    # `recframe export --quantize int8/int4`: torchrec's quantize_embeddings calls
+    # torch.ao's quantize_dynamic, which warns there and again from its own convert()
+    (r"torch\.ao\.quantization is deprecated", r"torchrec\.inference\.modules\Z"),
+    (r"torch\.ao\.quantization is deprecated", r"torch\.ao\.quantization\.quantize\Z"),
 )
 _QUIET_IMPORTS = ("fbgemm_gpu", "torch.distributed.optim")
 

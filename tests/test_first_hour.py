@@ -48,6 +48,12 @@ def test_cli_train_prints_no_third_party_warnings(tmp_path):
     assert noisy == [], proc.stderr
     assert any("recframe: step=2 epoch=0" in ln for ln in lines), proc.stderr
     assert "final eval" in proc.stdout
+    # make demo's second command: an int8 export (torch.ao's quantization notice)
+    proc = _run(["-W", "default", "-m", "recframe", "export", str(tmp_path / "run"),
+                 str(tmp_path / "model.pt2"), "--quantize", "int8", "--num_embeddings", "50",
+                 "--embedding_dim", "4"])
+    assert proc.returncode == 0, proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if "warning" in ln.lower()] == [], proc.stderr
 
 
 def test_python_api_logs_progress_at_info_by_default(tmp_path):

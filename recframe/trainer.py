@@ -177,8 +177,10 @@ class Trainer:
             )
         if args.keep_best_metric and eval_dataset is None:
             logger.warning(
-                "TrainingArguments.keep_best_metric=%r does nothing: no eval_dataset was "
-                "given, so no checkpoint gets that metric", args.keep_best_metric,
+                "TrainingArguments.%s does nothing: no eval_dataset was given, so no "
+                "checkpoint gets the metric %r",
+                "load_best_model_at_end=True" if args.load_best_model_at_end
+                else f"keep_best_metric={args.keep_best_metric!r}", args.keep_best_metric,
             )
 
         self.hooks = HookRegistry()

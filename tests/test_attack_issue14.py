@@ -288,3 +288,24 @@ def test_factories_import_from_the_current_directory(tmp_path, monkeypatch, caps
                      "cwdpkg14.job:data", "--train_steps", "1", "--output_dir", "o"])
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "o" / "ckpt_1" / "manifest.json").exists()
+
+
+def test_load_best_model_at_end_without_eval_data_names_that_flag(tmp_path, caplog):
+    """It warned about keep_best_metric='loss', a field the user never set."""
+    Trainer(ToyCTR(), _args(tmp_path, train_steps=1, load_best_model_at_end=True),
+            train_dataset=make_batches(1, 8))
+    hits = [r.getMessage() for r in caplog.records if "does nothing" in r.getMessage()]
+    assert len(hits) == 1 and "load_best_model_at_end=True does nothing" in hits[0], hits
+
+
+def test_keep_best_metric_computed_only_by_compute_metrics_keeps_that_checkpoint(tmp_path,
+                                                                              caplog):
+    values = iter([0.5, 0.1, 0.7, 0.9])
+    trainer = Trainer(
+        ToyCTR(), _args(tmp_path, train_steps=4, save_steps=1, max_to_keep=1,
+                        eval_interval_steps=1, keep_best_metric="mine", keep_best_mode="min"),
+        train_dataset=make_batches(4, 8), eval_dataset=make_batches(1, 8),
+        compute_metrics=lambda p: {"mine": next(values)})
+    trainer.train()
+    assert [c.step for c in trainer.saver.list_checkpoints()] == [2, 4]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -840,11 +840,33 @@ class _Parser(argparse.ArgumentParser):
     ``unrecognized arguments: --trian_steps (did you mean --train_steps?)``."""
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        self._check_order(list(sys.argv[1:] if args is None else args))
         ns, extras = self.parse_known_args(args, namespace)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}"
                        + _suggestions(self, ns, extras))
         return ns
+
+
+    def _check_order(self, argv: list[str]) -> None:
+        """``recframe --train_steps 5 train``: a subcommand's flag before the subcommand
+        is an error saying where it goes (argparse would call the value a command)."""
+        commands: dict[str, argparse.ArgumentParser] = {}
+        own: set[str] = set()
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                commands = dict(action.choices)
+            own.update(action.option_strings)
+        command = next((t for t in argv if t in commands), None)
+        if command is None:
+            return
+        for token in argv[:argv.index(command)]:
+            flag = token.split("=", 1)[0]
+            if token.startswith("-") and flag not in own and any(
+                flag in a.option_strings for a in commands[command]._actions
+            ):
+                self.error(f"{flag} is a flag of `recframe {command}`: put it after the "
+                           f"subcommand (recframe {command} {flag} ...)")
 
 
 def _suggestions(parser: argparse.ArgumentParser, ns: argparse.Namespace,

@@ -79,6 +79,16 @@ def test_a_mistyped_flag_names_the_flag_it_resembles(capsys):
     assert "--jsn -> --json" in capsys.readouterr().err
 
 
+def test_a_subcommand_flag_before_the_subcommand_says_where_it_goes(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--output_dir", "x", "train"])
+    assert info.value.code == 2
+    assert ("--output_dir is a flag of `recframe train`: put it after the subcommand"
+            in capsys.readouterr().err)
+    ns = cli.build_parser().parse_args(["--log_level", "debug", "train", "--output_dir", "x"])
+    assert (ns.log_level, ns.output_dir) == ("DEBUG", "x")
+
+
 def test_a_config_file_with_an_unknown_key_names_the_file_and_the_close_field(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("output_dir: out\ntrain_stepz: 3\n")

@@ -386,9 +386,14 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+BUILTIN_EVAL_METRICS = ("loss", "num_samples", "logloss", "ne", "calibration", "auc")
+"""What an evaluation of a built-in model reports (plus gauc with --gauc_feature)."""
+
+
 def _check_gauc(ns: argparse.Namespace, args: Any, schema: Any) -> None:
-    """``--gauc_feature`` must name a sparse feature of the built-in data; a metric
-    choice that needs gauc without one is a usage error naming the flag to add."""
+    """``--gauc_feature`` must name a sparse feature of the built-in data; a metric the
+    built-in models never compute (``--keep_best_metric aucc``), or one that needs gauc
+    without it, is a usage error naming the flag and the fix, before any training."""
     from recframe.data import DEFAULT_CAT_NAMES
 
     builtin = not _is_import_path(ns.data)
@@ -396,8 +401,20 @@ def _check_gauc(ns: argparse.Namespace, args: Any, schema: Any) -> None:
     if ns.gauc_feature and builtin and ns.gauc_feature not in names:
         raise ValueError(f"--gauc_feature {ns.gauc_feature}: not a sparse feature of the "
                          f"{ns.data} data; its features: {', '.join(names)}")
-    if ns.gauc_feature or _is_import_path(ns.model):
+    if _is_import_path(ns.model):
         return  # the user's model may pass add_predictions(..., groups=...) itself
+    known = BUILTIN_EVAL_METRICS + (("gauc", "gauc_groups") if ns.gauc_feature else ())
+    best = args.keep_best_metric
+    if best and best not in known and best not in ("gauc", "gauc_groups"):
+        import difflib
+
+        close = difflib.get_close_matches(best, known, n=1)
+        raise ValueError(
+            f"--keep_best_metric {best}: the {ns.model} model's evaluations compute "
+            f"{', '.join(known)}" + (f" (did you mean {close[0]}?)" if close else "")
+        )
+    if ns.gauc_feature:
+        return
     for flag in ("keep_best_metric", "metric_for_scheduler"):
         if getattr(args, flag) in ("gauc", "gauc_groups"):
             raise ValueError(

@@ -268,6 +268,18 @@ def test_cli_gauc_feature(tmp_path, capsys):
     assert "add --gauc_feature FEATURE" in _error_line(capsys)
 
 
+def test_cli_keep_best_metric_the_builtin_models_never_compute_is_a_usage_error(tmp_path,
+                                                                                capsys):
+    """It trained the whole run and warned only at the first evaluation."""
+    out = ["--output_dir", str(tmp_path / "o"), "--train_steps", "1"]
+    assert cli.main(["train", *TINY, *out, "--keep_best_metric", "aucc"]) == 2
+    line = _error_line(capsys)
+    assert "--keep_best_metric aucc" in line and "did you mean auc?" in line
+    assert not (tmp_path / "o").exists()
+    assert cli.main(["train", *TINY, *out, "--keep_best_metric", "ne",
+                     "--keep_best_mode", "min"]) == 0
+
+
 def test_dataloader_num_workers_on_synthetic_data_warns(tmp_path, caplog):
     code = cli.main(["train", *TINY, "--dataloader_num_workers", "2", "--train_steps", "1",
                      "--output_dir", str(tmp_path / "o")])

@@ -940,6 +940,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not getattr(ns, "func", None):
         parser.print_help()
         return 2
+    from recframe.checkpoint.lock import WriterLockError
+
     try:
         return int(ns.func(ns) or 0)
     except ValueError as e:
@@ -948,7 +950,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except FileNotFoundError as e:  # a path the user named does not exist
         print(f"recframe: error: {_not_found_text(ns, e)}", file=sys.stderr)
         return 2
-    except (OutputDirError, FactoryError) as e:
+    except (OutputDirError, FactoryError, WriterLockError) as e:  # e.g. a second job
         print(f"recframe: error: {e}", file=sys.stderr)
         return 1
 

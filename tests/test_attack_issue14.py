@@ -331,3 +331,18 @@ def test_keep_best_metric_computed_only_by_compute_metrics_keeps_that_checkpoint
     trainer.train()
     assert [c.step for c in trainer.saver.list_checkpoints()] == [2, 4]
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_second_job_on_the_same_output_dir_is_one_line(tmp_path, capsys):
+    """A live job of another host holds the output dir: a traceback ended the second."""
+    import json
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    now = time.time()
+    (out / ".recframe-writer.lock").write_text(json.dumps({
+        "run_id": "other-run", "host": "another-host", "pid": 4242, "renewed_unix": now,
+        "expires_unix": now + 600, "lease_seconds": 600}))
+    assert cli.main(["train", *TINY, "--output_dir", str(out)]) == 1
+    assert "is in use by another job: run other-run" in _error_line(capsys)

@@ -409,8 +409,13 @@ def _check_str(args: Any, name: str, optional: bool = False, nonempty: bool = Fa
 
 
 def _check_choice(args: Any, name: str, choices: tuple[str, ...]) -> None:
-    if getattr(args, name) not in choices:
-        _fail(args, name, "one of " + ", ".join(repr(c) for c in choices))
+    value = getattr(args, name)
+    if value not in choices:
+        import difflib
+
+        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+        _fail(args, name, "one of " + ", ".join(repr(c) for c in choices)
+              + (f" (did you mean {close[0]!r}?)" if close else ""))
 
 
 def _report_targets(value: Any) -> Optional[list[str]]:

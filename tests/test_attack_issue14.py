@@ -99,6 +99,13 @@ def test_a_config_file_with_an_unknown_key_names_the_file_and_the_close_field(tm
         TrainingArguments.from_file(str(config))
 
 
+def test_a_mistyped_choice_names_the_close_one(capsys):
+    with pytest.raises(ValueError, match=r"lr_scheduler_type='cosin'.*did you mean 'cosine'"):
+        TrainingArguments(lr_scheduler_type="cosin")
+    assert cli.main(["train", "--device", "cdua"]) == 2
+    assert "did you mean 'cuda'?" in _error_line(capsys)
+
+
 @pytest.mark.parametrize("flag", ["--batch_size", "--num_train_batches", "--num_embeddings"])
 def test_non_positive_sizes_are_usage_errors_naming_the_flag(flag, capsys):
     with pytest.raises(SystemExit) as info:

@@ -142,7 +142,8 @@ class TrainingArguments:
     """Warm-up as a share of the run's updates (used when warmup_steps is 0)."""
     dataloader_num_workers: Optional[int] = None
     """Background workers reading the data: the recframe CLI's readers (their decoding
-    threads, --data_workers otherwise) and the user's data factory (--data pkg:fn)."""
+    threads, --data_workers otherwise) and the user's data factory (--data pkg:fn). The
+    Trainer builds no DataLoader: from Python, pass DataLoader(num_workers=...) yourself."""
     load_best_model_at_end: bool = False
     """After train: load the model weights of the checkpoint with the best
     keep_best_metric (default then: the eval loss, min) of the evaluations during
@@ -240,11 +241,10 @@ class TrainingArguments:
         if not isinstance(values, dict):
             raise ValueError(f"TrainingArguments config must be a mapping, got {type(values)}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(set(values) - names, key=str)
         if unknown:
-            raise ValueError(
-                f"unknown TrainingArguments field(s) {unknown}; valid fields: {sorted(names)}"
-            )
+            raise ValueError(f"unknown TrainingArguments field(s) {unknown}"
+                             + _close_names(unknown, names) + f"; valid fields: {sorted(names)}")
         return cls(**values)
 
     @classmethod
@@ -252,7 +252,10 @@ class TrainingArguments:
         """Load a YAML (.yaml/.yml) or JSON (.json) file from any fsspec path."""
         values = load_config_file(path)
         values.update(overrides)
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except ValueError as e:
+            raise ValueError(f"config file {os.fspath(path)!r}: {e}") from e
 
     @classmethod
     def from_cli(cls, argv: Optional[list[str]] = None) -> TrainingArguments:
@@ -344,10 +347,26 @@ def arguments_from_namespace(ns: argparse.Namespace) -> TrainingArguments:
         for name in CONFIG_SECTIONS:
             values.pop(name, None)
     values.update({k: v for k, v in vars(ns).items() if k in names})
-    return TrainingArguments.from_dict(values)
+    try:
+        return TrainingArguments.from_dict(values)
+    except ValueError as e:
+        if config and not set(values) <= names:  # the file's keys are the unknown ones
+            raise ValueError(f"config file {config!r}: {e}") from e
+        raise
 
 
 # --- helpers ------------------------------------------------------------------------
+def _close_names(unknown: list[Any], names: set[str]) -> str:
+    """`` (did you mean 'train_steps'?)`` for unknown keys close to a field name."""
+    import difflib
+
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.75)
+        hints += [f"{key!r} -> {close[0]!r}"] if close else []
+    return f" (did you mean: {', '.join(hints)}?)" if hints else ""
+
+
 def _fail(args: Any, name: str, allowed: str) -> None:
     value = getattr(args, name)
     raise ValueError(f"TrainingArguments.{name}={value!r} is invalid: must be {allowed}")
@@ -390,8 +409,13 @@ def _check_str(args: Any, name: str, optional: bool = False, nonempty: bool = Fa
 
 
 def _check_choice(args: Any, name: str, choices: tuple[str, ...]) -> None:
-    if getattr(args, name) not in choices:
-        _fail(args, name, "one of " + ", ".join(repr(c) for c in choices))
+    value = getattr(args, name)
+    if value not in choices:
+        import difflib
+
+        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+        _fail(args, name, "one of " + ", ".join(repr(c) for c in choices)
+              + (f" (did you mean {close[0]!r}?)" if close else ""))
 
 
 def _report_targets(value: Any) -> Optional[list[str]]:

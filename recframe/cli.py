@@ -55,15 +55,22 @@ def _train_parser(sub: Any) -> None:
                    help="feature schema YAML/JSON (needed by --data parquet/csv/tsv; its "
                    "tables size the model, so --num_embeddings/--embedding_dim do not apply)")
     g.add_argument("--header", action="store_true", help="CSV/TSV files start with a header")
-    g.add_argument("--data_workers", type=int, default=2,
+    g.add_argument("--data_workers", type=_int_at_least(0), default=2,
                    help="background decoding threads per reader (0: decode inline)")
-    g.add_argument("--batch_size", type=int, default=512, help="samples per micro-batch")
-    g.add_argument(
-        "--num_train_batches", type=int, default=400, help="synthetic training batches per epoch"
-    )
-    g.add_argument("--num_eval_batches", type=int, default=20, help="synthetic eval batches")
-    g.add_argument("--num_embeddings", type=int, default=10_000, help="rows per table")
-    g.add_argument("--embedding_dim", type=int, default=16, help="embedding width")
+    g.add_argument("--batch_size", type=_int_at_least(1), default=512,
+                   help="samples per micro-batch")
+    g.add_argument("--num_train_batches", type=_int_at_least(1), default=400,
+                   help="synthetic training batches per epoch")
+    g.add_argument("--num_eval_batches", type=_int_at_least(0), default=20,
+                   help="synthetic eval batches (0: no evaluation data)")
+    g.add_argument("--num_embeddings", type=_int_at_least(1), default=10_000,
+                   help="rows per table")
+    g.add_argument("--embedding_dim", type=_int_at_least(1), default=16,
+                   help="embedding width")
+    g.add_argument("--gauc_feature", default=None, metavar="FEATURE",
+                   help="sparse feature whose id groups the eval samples for grouped AUC "
+                   "(gauc), e.g. a user id column of --schema data (synthetic and criteo "
+                   "data: cat_0..cat_25); without it no gauc is computed")
     g.add_argument("--lr", dest="learning_rate", type=float, default=argparse.SUPPRESS,
                    help="the same as --learning_rate (the dense optimizer's learning rate)")
     g.add_argument("--sparse_lr", type=float, default=0.05, help="sparse optimizer learning rate")
@@ -86,6 +93,22 @@ def _train_parser(sub: Any) -> None:
     add_arguments(p.add_argument_group("training arguments"))
     _add_log_level(p, default=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_train)
+
+
+def _int_at_least(minimum: int) -> Any:
+    """An argparse type: an integer >= ``minimum`` (argparse names the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
 MODELS = ("dlrm", "deepfm")
@@ -120,14 +143,17 @@ def _is_import_path(text: str) -> bool:
 def _load_factory(spec: str, what: str) -> Any:
     """The callable at ``pkg.module:attr``; errors name the flag and the path."""
     import importlib
+    import os
 
     module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the user's project directory, as `python -m` has
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(
-            f"--{what} {spec}: cannot import {module_name!r} ({e}); is its package on "
-            "PYTHONPATH or installed?"
+            f"--{what} {spec}: cannot import {module_name!r} ({e}); run from the directory "
+            "that holds its package, or put it on PYTHONPATH or install it"
         ) from e
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -139,20 +165,35 @@ def _load_factory(spec: str, what: str) -> Any:
 
 
 def _call_factory(spec: str, what: str, args: Any, kwargs: dict[str, Any]) -> Any:
+    """Call the user's factory; a section that does not fit its signature is a usage
+    error, an exception inside it one line naming the flag (the traceback at DEBUG)."""
+    import inspect
+
     factory = _load_factory(spec, what)
     try:
-        return factory(args, **kwargs)
-    except TypeError as e:
-        import inspect
-
+        signature: Optional[inspect.Signature] = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to check
+        signature = None
+    if signature is not None:
         try:
-            inspect.signature(factory).bind(args, **kwargs)
+            signature.bind(args, **kwargs)
         except TypeError as bad:  # the call itself does not fit: say which section to fix
             raise ValueError(
                 f"--{what} {spec}: the {what}: section {sorted(kwargs)} does not fit "
-                f"{getattr(factory, '__name__', spec)}{inspect.signature(factory)}: {bad}"
-            ) from e
-        raise
+                f"{getattr(factory, '__name__', spec)}{signature}: {bad}"
+            ) from None
+    try:
+        return factory(args, **kwargs)
+    except Exception as e:
+        log.debug("--%s %s raised:", what, spec, exc_info=True)
+        raise FactoryError(
+            f"--{what} {spec} raised {type(e).__name__}: {e} (--log_level DEBUG shows "
+            "the traceback)"
+        ) from e
+
+
+class FactoryError(Exception):
+    """The user's model or data factory raised (exit status 1)."""
 
 
 def _resolve_factories(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -238,13 +279,24 @@ def _build_data(
         workers = ns.data_workers if workers is None else workers
         common = dict(format=fmt, batch_size=ns.batch_size, header=ns.header,
                       num_workers=workers, **ranks)
-        train = TabularDataset(ns.train_path, schema, **common)
-        evals = TabularDataset(ns.eval_path, schema, **common) if ns.eval_path else None
-        return train, evals
+        opened = []
+        for flag, path in (("--train_path", ns.train_path), ("--eval_path", ns.eval_path)):
+            try:
+                opened.append(TabularDataset(path, schema, **common) if path else None)
+            except FileNotFoundError as e:
+                raise ValueError(f"{flag} {path}: {e}; pass existing files, a glob or a "
+                                 "directory (any fsspec path)") from e
+        return opened[0], opened[1]
+    if workers is not None:
+        log.warning("--dataloader_num_workers %d does nothing with --data synthetic: its "
+                    "batches are generated in the training process", workers)
     common = dict(batch_size=ns.batch_size, num_embeddings=ns.num_embeddings, **ranks)
     train = SyntheticCriteo(num_batches=ns.num_train_batches, seed=seed, **common)
     # evaluation batches come from the same distribution, past the training batches
-    evals = SyntheticCriteo(num_batches=ns.num_eval_batches, seed=seed + 1_000_003, **common)
+    evals = None
+    if ns.num_eval_batches:
+        evals = SyntheticCriteo(num_batches=ns.num_eval_batches, seed=seed + 1_000_003,
+                                **common)
     return train, evals
 
 
@@ -291,6 +343,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     args = arguments_from_namespace(ns)
     sections = _resolve_factories(ns)
     _check_output_dir(args.output_dir)
+    _check_resume_path(args)
     if _is_import_path(ns.data):
         schema = None
         made = _call_factory(ns.data, "data", args, sections["data"])
@@ -311,8 +364,13 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         model = build_model(
             ns.model, num_embeddings=ns.num_embeddings, embedding_dim=ns.embedding_dim
         )
+    _check_gauc(ns, args, schema)
     dynamic = getattr(model, "dynamic", None) is not None  # before sharding wraps it
     model, sparse_opt = _sparse_side(model, ns, device_kind(args.device))
+    if ns.gauc_feature:
+        from recframe.metrics import group_predictions_by
+
+        group_predictions_by(model, ns.gauc_feature)
     trainer = Trainer(  # the dense optimizer and schedule: from the training arguments
         model=model,
         args=args,
@@ -340,6 +398,44 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+BUILTIN_EVAL_METRICS = ("loss", "num_samples", "logloss", "ne", "calibration", "auc")
+"""What an evaluation of a built-in model reports (plus gauc with --gauc_feature)."""
+
+
+def _check_gauc(ns: argparse.Namespace, args: Any, schema: Any) -> None:
+    """``--gauc_feature`` must name a sparse feature of the built-in data; a metric the
+    built-in models never compute (``--keep_best_metric aucc``), or one that needs gauc
+    without it, is a usage error naming the flag and the fix, before any training."""
+    from recframe.data import DEFAULT_CAT_NAMES
+
+    builtin = not _is_import_path(ns.data)
+    names = schema.feature_names if schema is not None else DEFAULT_CAT_NAMES
+    if ns.gauc_feature and builtin and ns.gauc_feature not in names:
+        raise ValueError(f"--gauc_feature {ns.gauc_feature}: not a sparse feature of the "
+                         f"{ns.data} data; its features: {', '.join(names)}")
+    if _is_import_path(ns.model):
+        return  # the user's model may pass add_predictions(..., groups=...) itself
+    known = BUILTIN_EVAL_METRICS + (("gauc", "gauc_groups") if ns.gauc_feature else ())
+    best = args.keep_best_metric
+    if best and best not in known and best not in ("gauc", "gauc_groups"):
+        import difflib
+
+        close = difflib.get_close_matches(best, known, n=1)
+        raise ValueError(
+            f"--keep_best_metric {best}: the {ns.model} model's evaluations compute "
+            f"{', '.join(known)}" + (f" (did you mean {close[0]}?)" if close else "")
+        )
+    if ns.gauc_feature:
+        return
+    for flag in ("keep_best_metric", "metric_for_scheduler"):
+        if getattr(args, flag) in ("gauc", "gauc_groups"):
+            raise ValueError(
+                f"--{flag} {getattr(args, flag)}: gauc (grouped AUC) needs the column that "
+                "groups the samples: add --gauc_feature FEATURE (e.g. a user id column; "
+                "synthetic data: cat_0)"
+            )
+
+
 def _check_output_dir(url: str) -> None:
     """A remote output_dir must be reachable before any work: a missing credential or
     bucket is one line naming the URL and the fix, not a traceback after the model is
@@ -360,6 +456,43 @@ def _check_output_dir(url: str) -> None:
             hint = (" (no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
                     "AWS_PROFILE, plus FSSPEC_S3_ENDPOINT_URL for a non-AWS store)")
         raise OutputDirError(f"cannot use --output_dir {url}{hint}: {text}") from e
+
+
+def _check_resume_path(args: Any) -> None:
+    """``--resume_from_checkpoint PATH`` must name a committed checkpoint (or a
+    ``ckpt_<step>`` of output_dir): a typo or an output_dir is one line, before work."""
+    import re
+
+    from recframe.checkpoint.storage import Storage
+
+    target = args.resume_from_checkpoint
+    if not isinstance(target, str):
+        return
+    flag = f"--resume_from_checkpoint {target}"
+    try:
+        if re.fullmatch(r"ckpt_\d+", target.strip("/")):
+            inside = Storage(args.output_dir)
+            if inside.exists(inside.join(inside.path(target.strip("/")), "manifest.json")):
+                return
+        storage = Storage(target)
+        if storage.exists(storage.join(storage.root, "manifest.json")):
+            return
+        if not storage.exists(storage.root):
+            raise ValueError(f"{flag}: {storage.display(storage.root)} does not exist; pass a "
+                             "checkpoint directory (recframe ckpt list OUTPUT_DIR shows them) "
+                             "or true for output_dir's latest")
+        names = [] if storage.fs.isfile(storage.root) else storage.listdir(storage.root)
+    except ImportError as e:
+        raise ValueError(f"{flag}: {e}") from e
+    steps = sorted(int(n[5:]) for n in names if re.fullmatch(r"ckpt_\d+", n) and storage.exists(
+        storage.join(storage.path(n), "manifest.json")))
+    if steps:
+        raise ValueError(
+            f"{flag} is an output_dir, not a checkpoint: pass one of its checkpoints, e.g. "
+            f"--resume_from_checkpoint {storage.join(storage.root, f'ckpt_{steps[-1]}')}"
+        )
+    raise ValueError(f"{flag}: {storage.display(storage.root)} is not a committed checkpoint "
+                     "(no manifest.json); recframe ckpt list OUTPUT_DIR shows the checkpoints")
 
 
 class OutputDirError(Exception):
@@ -566,6 +699,8 @@ def _ckpt_list(ns: argparse.Namespace) -> int:
             ["name", "step", "state", "kind", "size", "files", "world", "created", "metrics"],
             rows,
         ))
+    else:
+        print("(no ckpt_<step> directories: is PATH the run's --output_dir?)")
     return 0
 
 
@@ -729,8 +864,64 @@ def _version() -> str:
     return __version__
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with an unknown flag's likely intended name: ``--trian_steps`` is
+    ``unrecognized arguments: --trian_steps (did you mean --train_steps?)``."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        self._check_order(list(sys.argv[1:] if args is None else args))
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}"
+                       + _suggestions(self, ns, extras))
+        return ns
+
+
+    def _check_order(self, argv: list[str]) -> None:
+        """``recframe --train_steps 5 train``: a subcommand's flag before the subcommand
+        is an error saying where it goes (argparse would call the value a command)."""
+        commands: dict[str, argparse.ArgumentParser] = {}
+        own: set[str] = set()
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                commands = dict(action.choices)
+            own.update(action.option_strings)
+        command = next((t for t in argv if t in commands), None)
+        if command is None:
+            return
+        for token in argv[:argv.index(command)]:
+            flag = token.split("=", 1)[0]
+            if token.startswith("-") and flag not in own and any(
+                flag in a.option_strings for a in commands[command]._actions
+            ):
+                self.error(f"{flag} is a flag of `recframe {command}`: put it after the "
+                           f"subcommand (recframe {command} {flag} ...)")
+
+
+def _suggestions(parser: argparse.ArgumentParser, ns: argparse.Namespace,
+                 extras: list[str]) -> str:
+    """`` (did you mean --x?)`` for the unknown flags close to a flag of the command."""
+    import difflib
+
+    options: list[str] = []
+    while parser is not None:
+        chosen = None
+        for action in parser._actions:
+            options += [o for o in action.option_strings if o.startswith("--")]
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(ns, action.dest, None) or "")
+        parser = chosen
+    hints = []
+    for token in extras:
+        if token.startswith("--"):
+            close = difflib.get_close_matches(token.split("=", 1)[0], options, n=1,
+                                              cutoff=0.75)
+            hints += [f"{token.split('=', 1)[0]} -> {close[0]}"] if close else []
+    return f" (did you mean: {', '.join(hints)}?)" if hints else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="recframe",
         description="recframe: train recommendation models (dense + sparse optimizers, "
         "gradient accumulation, hooks, crash-proof checkpoints).",
@@ -761,14 +952,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not getattr(ns, "func", None):
         parser.print_help()
         return 2
+    from recframe.checkpoint.lock import WriterLockError
+
     try:
         return int(ns.func(ns) or 0)
     except ValueError as e:
         print(f"recframe: error: {e}", file=sys.stderr)
         return 2
-    except OutputDirError as e:
+    except FileNotFoundError as e:  # a path the user named does not exist
+        print(f"recframe: error: {_not_found_text(ns, e)}", file=sys.stderr)
+        return 2
+    except (OutputDirError, FactoryError, WriterLockError) as e:  # e.g. a second job
         print(f"recframe: error: {e}", file=sys.stderr)
         return 1
+
+
+def _not_found_text(ns: argparse.Namespace, error: FileNotFoundError) -> str:
+    """A missing file as one line: which path, and for the commands that need one
+    made first (``export --apply-delta``'s artifact), how to make it."""
+    import os
+
+    missing = error.filename or ""
+    if getattr(ns, "command", None) == "export" and getattr(ns, "apply_delta", False):
+        same = missing and os.path.abspath(str(missing)) == os.path.abspath(ns.output)
+        if same or not os.path.exists(ns.output):
+            return (f"recframe export --apply-delta: the artifact {ns.output} does not exist; "
+                    f"--apply-delta updates an artifact that `recframe export CHECKPOINT "
+                    f"{ns.output}` wrote: run that first")
+    return f"{missing}: no such file or directory" if missing else str(error)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,15 @@ libraries still shows:
 - torchrec logs its process sub-groups (``[Connection] intra_group: ...``) at WARNING;
 - torchrec's collectives call ``all_gather_into_tensor``/``reduce_scatter_tensor``,
   which torch deprecates (a FutureWarning per process).
+
+Shown only under ``python -W default`` (or pytest), the DeprecationWarnings that
+importing torchrec and torchmetrics and building fused tables raise about their own
+internals: fbgemm's optional SSD kernels (``Failed to import ...``) and its deprecated
+``split_table_batched_embeddings_ops`` module, ``torch.jit.script``/``interface`` while
+``torch.distributed.optim`` is imported (only during that import, so the user's own
+calls still warn), torchrec's ``apply_optimizer_in_backward``, torchmetrics'
+``LooseVersion``, and torch.ao's quantization notice when torchrec quantizes the tables
+of an int8/int4 export.
 """
 
 from __future__ import annotations
@@ -54,12 +63,30 @@ _LOG_FILTERS = (
 _installed = False
 
 
+_DEPRECATIONS = (  # (message regex, module regex) of third-party DeprecationWarnings
+    (r"\x1b\[93m\s*Failed to import: fbgemm_gpu\.split_embedding_codegen_lookup_invokers\.",
+     r"fbgemm_gpu\.split_embedding_codegen_lookup_invokers\Z"),
+    (r"\x1b\[93m\s*The Python module fbgemm_gpu\.split_table_batched_embeddings_ops is now "
+     r"DEPRECATED", r"fbgemm_gpu\.split_table_batched_embeddings_ops\Z"),
+    (r"This API is deprecated\. Please use Pytorch Distributed's _apply_optimizer_in_backward",
+     r"torchrec\.optim\.apply_optimizer_in_backward\Z"),
+    (r"distutils Version classes are deprecated", r"torchmetrics\.utilities\.imports\Z"),
+    # `recframe export --quantize int8/int4`: torchrec's quantize_embeddings calls
+    # torch.ao's quantize_dynamic, which warns there and again from its own convert()
+    (r"torch\.ao\.quantization is deprecated", r"torchrec\.inference\.modules\Z"),
+    (r"torch\.ao\.quantization is deprecated", r"torch\.ao\.quantization\.quantize\Z"),
+)
+_QUIET_IMPORTS = ("fbgemm_gpu", "torch.distributed.optim")
+
+
 class _FbgemmImportGuard(importlib.abc.MetaPathFinder):
     """Imports ``fbgemm_gpu`` with a `logging.NullHandler` on an otherwise handler-less
-    root logger, so its import-time ``logging.info`` does not configure logging."""
+    root logger, so its import-time ``logging.info`` does not configure logging; and
+    ``torch.distributed.optim`` (torchrec's fused optimizers import it) without the
+    ``torch.jit`` deprecation notices its module-level ``torch.jit.script`` calls raise."""
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Optional[Any]:
-        if name != "fbgemm_gpu":
+        if name not in _QUIET_IMPORTS:
             return None
         sys.meta_path.remove(self)  # find the real spec, once
         try:
@@ -77,7 +104,12 @@ class _FbgemmImportGuard(importlib.abc.MetaPathFinder):
             if placeholder is not None:
                 root.addHandler(placeholder)
             try:
-                original(module)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings(
+                        "ignore", message=r"`torch\.jit\.(script|interface)` is deprecated",
+                        category=DeprecationWarning, module=r"torch\.jit\._script\Z",
+                    )
+                    original(module)
             finally:
                 if placeholder is not None:
                     root.removeHandler(placeholder)
@@ -92,8 +124,11 @@ def install_filters() -> None:
     if _installed:
         return
     _installed = True
-    if "fbgemm_gpu" not in sys.modules:
+    if not all(name in sys.modules for name in _QUIET_IMPORTS):
         sys.meta_path.insert(0, _FbgemmImportGuard())
+    for message, module in _DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=DeprecationWarning,
+                                module=module)
     for name, flt in _LOG_FILTERS:
         logger = logging.getLogger() if name == "root" else logging.getLogger(name)
         logger.addFilter(flt)

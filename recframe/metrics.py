@@ -5,6 +5,10 @@ adds to the current step's metrics. ``add_predictions(logits, labels, groups=Non
 lets a model hand its predictions to an active evaluation, which turns them into log
 loss, normalized entropy, calibration, AUC and (with a group id such as the user per
 sample) grouped AUC; outside an evaluation it costs one attribute check.
+
+Grouped AUC needs a group id per sample. A model can pass ``groups`` itself; a model
+that does not (the built-in DLRM and DeepFM) gets them from a feature of its input with
+`group_predictions_by` (``recframe train --gauc_feature user_id``).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class PredictionCollector:
         self.labels: list[torch.Tensor] = []
         self.groups: list[torch.Tensor] = []
         self._ungrouped = 0  # calls without groups: GAUC is then not computed
+        self.pending_groups: Optional[torch.Tensor] = None  # from `group_predictions_by`
 
     def update(
         self, logits: torch.Tensor, labels: torch.Tensor, groups: Optional[torch.Tensor] = None
@@ -72,6 +77,8 @@ class PredictionCollector:
                 f"add_predictions: {logits.numel()} logits but {labels.numel()} labels; "
                 "pass one logit per label"
             )
+        if groups is None and self.pending_groups is not None:
+            groups, self.pending_groups = self.pending_groups, None
         if groups is None:
             self._ungrouped += 1
         else:
@@ -207,6 +214,47 @@ def add_predictions(
     collector: Optional[PredictionCollector] = getattr(_local, "collector", None)
     if collector is not None:
         collector.update(logits, labels, groups)
+
+
+def groups_of(batch: Any, feature: str) -> torch.Tensor:
+    """One group id per sample from ``feature`` of ``batch``: the first id of a torchrec
+    ``Batch``'s (or a ``KeyedJaggedTensor``'s) sparse feature, -1 for a sample without
+    one; or a dict batch's ``batch[feature]`` (one value, or its first column, per sample)."""
+    kjt = getattr(batch, "sparse_features", batch)
+    if hasattr(kjt, "keys") and hasattr(kjt, "to_dict") and not isinstance(kjt, dict):
+        if feature not in kjt.keys():
+            raise ValueError(f"gauc group feature {feature!r} is not a sparse feature of the "
+                             f"batch; its features: {list(kjt.keys())}")
+        jagged = kjt[feature]
+        lengths = jagged.lengths().long()
+        offsets = torch.cumsum(lengths, 0) - lengths
+        values = jagged.values().long()
+        first = values[offsets.clamp(max=max(values.numel() - 1, 0))] if values.numel() else (
+            torch.zeros_like(lengths))
+        return torch.where(lengths > 0, first, torch.full_like(first, -1))
+    if isinstance(batch, dict):
+        if feature not in batch:
+            raise ValueError(f"gauc group feature {feature!r} is not a key of the batch; its "
+                             f"keys: {list(batch)}")
+        value = torch.as_tensor(batch[feature])
+        return value[:, 0] if value.dim() == 2 else value.reshape(-1)
+    raise ValueError(f"gauc group feature {feature!r}: cannot read features from a "
+                     f"{type(batch).__name__} batch; pass add_predictions(..., groups=...)")
+
+
+def group_predictions_by(model: torch.nn.Module, feature: str) -> Any:
+    """Compute grouped AUC (``gauc``) for ``model``'s evaluations, grouping samples by
+    ``feature`` of its input (e.g. the user id column): the groups of each batch go with
+    the model's next ``add_predictions`` call. Returns the hook handle (``.remove()``)."""
+    if not isinstance(feature, str) or not feature:
+        raise ValueError(f"group_predictions_by: feature must be a feature name, got {feature!r}")
+
+    def remember_groups(module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
+        collector: Optional[PredictionCollector] = getattr(_local, "collector", None)
+        if collector is not None and inputs:
+            collector.pending_groups = groups_of(inputs[0], feature)
+
+    return model.register_forward_pre_hook(remember_groups)
 
 
 @contextmanager

@@ -177,8 +177,10 @@ class Trainer:
             )
         if args.keep_best_metric and eval_dataset is None:
             logger.warning(
-                "TrainingArguments.keep_best_metric=%r does nothing: no eval_dataset was "
-                "given, so no checkpoint gets that metric", args.keep_best_metric,
+                "TrainingArguments.%s does nothing: no eval_dataset was given, so no "
+                "checkpoint gets the metric %r",
+                "load_best_model_at_end=True" if args.load_best_model_at_end
+                else f"keep_best_metric={args.keep_best_metric!r}", args.keep_best_metric,
             )
 
         self.hooks = HookRegistry()
@@ -312,6 +314,12 @@ class Trainer:
         except (CheckpointError, ValueError) as e:
             if "does not match" not in str(e):
                 raise
+            if isinstance(target, str):  # the user's path, not output_dir's checkpoint
+                raise CheckpointMismatchError(
+                    f"resume_from_checkpoint={target!r} is a checkpoint of a different "
+                    f"model: {e}. Build the model it was trained with, or leave "
+                    "resume_from_checkpoint unset"
+                ) from e
             raise CheckpointMismatchError(
                 f"{args.output_dir} holds a checkpoint of a different model: {e}. To start "
                 "fresh there, pass overwrite_output_dir=True (recframe train "
@@ -350,6 +358,9 @@ class Trainer:
                 logger.info("overwrite_output_dir: deleted %d checkpoint(s) in %s",
                             len(doomed), self.args.output_dir)
         distributed.barrier()
+        # the manager read the deleted latest step when it was built: forget it, or the
+        # new run's save at that step counts as done and is never written
+        self.checkpoint_manager._last_saved_step = -1
 
     def train(self, train_steps: Optional[int] = None) -> dict[str, Any]:
         """Train until ``train_steps`` optimizer updates in all (resumed ones count),

@@ -36,15 +36,24 @@ def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
 # --- item 2: quiet, readable output ------------------------------------------------
 def test_cli_train_prints_no_third_party_warnings(tmp_path):
     """torchrec's topology / storage reservation / LOCAL_WORLD_SIZE warnings, the fx
-    tracing notice and fbgemm's library lines are gone; recframe's own log stays."""
-    proc = _run(["-m", "recframe", "train", "--output_dir", str(tmp_path / "run"),
-                 "--train_steps", "3", *TINY])
+    tracing notice and fbgemm's library lines are gone; recframe's own log stays. Under
+    ``-W default`` too: the import-time DeprecationWarnings of fbgemm, torch.jit (while
+    torch.distributed.optim is imported), torchrec and torchmetrics are gone as well."""
+    proc = _run(["-W", "default", "-m", "recframe", "train", "--output_dir",
+                 str(tmp_path / "run"), "--train_steps", "3", "--report_to",
+                 "tensorboard,jsonl", *TINY])
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
     noisy = [ln for ln in lines if "warning" in ln.lower() or "Successfully loaded" in ln]
     assert noisy == [], proc.stderr
     assert any("recframe: step=2 epoch=0" in ln for ln in lines), proc.stderr
     assert "final eval" in proc.stdout
+    # make demo's second command: an int8 export (torch.ao's quantization notice)
+    proc = _run(["-W", "default", "-m", "recframe", "export", str(tmp_path / "run"),
+                 str(tmp_path / "model.pt2"), "--quantize", "int8", "--num_embeddings", "50",
+                 "--embedding_dim", "4"])
+    assert proc.returncode == 0, proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if "warning" in ln.lower()] == [], proc.stderr
 
 
 def test_python_api_logs_progress_at_info_by_default(tmp_path):

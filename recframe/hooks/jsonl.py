@@ -5,6 +5,7 @@ One strict-JSON object per line in ``<output_dir>/metrics.jsonl``::
     {"kind": "train", "step": 100, "epoch": 0, "loss": 0.51, "lr": 0.001, "samples_per_sec": ...}
     {"kind": "eval", "step": 100, "epoch": 0, "auc": 0.71, "ne": 0.93, ...}
 
+``epoch`` is the pass the update belongs to, as in the log line and the progress bar.
 Easy to read back with ``pandas.read_json(path, lines=True)``. The file is written
 through fsspec (`AppendingFile`), so an ``s3://`` output dir uses the same credentials
 and configuration as its checkpoints. A run resumed from a checkpoint first drops the
@@ -23,7 +24,13 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from recframe.checkpoint.storage import Storage, StorageError
 from recframe.hooks.base import Hook
-from recframe.hooks.logger import RESERVED_STEP_KEYS, IntervalMeter, log_due, scalar_value
+from recframe.hooks.logger import (
+    RESERVED_STEP_KEYS,
+    IntervalMeter,
+    log_due,
+    scalar_value,
+    update_epoch,
+)
 
 if TYPE_CHECKING:
     from recframe.trainer import Trainer
@@ -174,7 +181,7 @@ class JsonlLoggerHook(Hook):
     def _write_train(self, trainer: Trainer) -> None:
         self._open(trainer)
         record: dict[str, Any] = {"kind": "train", "step": int(trainer.state.global_step),
-                                  "epoch": int(trainer.state.epoch)}
+                                  "epoch": update_epoch(trainer.state)}
         loss = self._meter.mean_loss()
         if loss is not None:
             record["loss"] = loss
@@ -202,7 +209,7 @@ class JsonlLoggerHook(Hook):
             return
         self._open(trainer)
         record: dict[str, Any] = {"kind": "eval", "step": int(trainer.state.global_step),
-                                  "epoch": int(trainer.state.epoch)}
+                                  "epoch": update_epoch(trainer.state)}
         record.update({k: v for k, v in metrics.items() if scalar_value(v) is not None})
         record["time"] = time.time()
         self._append(record)

@@ -9,6 +9,7 @@ import torch
 from conftest import ToyCTR, make_batches
 
 from recframe import Trainer, TrainingArguments, cli
+from recframe.checkpoint import CheckpointError
 
 TINY = ["--batch_size", "8", "--num_embeddings", "20", "--embedding_dim", "4",
         "--num_train_batches", "2", "--num_eval_batches", "1", "--disable_tqdm", "true",
@@ -55,9 +56,6 @@ def test_overwrite_output_dir_never_deletes_files_recframe_did_not_write(tmp_pat
     assert (out / "ckpt_1" / "manifest.json").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint/saver.py (not this branch's file): a "
-                   "ckpt_<n> directory without manifest counts as a leftover of an "
-                   "interrupted save and is deleted whatever it holds")
 def test_a_users_ckpt_named_directory_is_not_deleted_as_a_leftover(tmp_path):
     out = tmp_path / "out"
     (out / "ckpt_7").mkdir(parents=True)
@@ -65,6 +63,16 @@ def test_a_users_ckpt_named_directory_is_not_deleted_as_a_leftover(tmp_path):
     Trainer(ToyCTR(), _args(tmp_path, train_steps=1),
             train_dataset=make_batches(2, 8, num_embeddings=32)).train()
     assert (out / "ckpt_7" / "readme.md").read_text() == "not a checkpoint"
+
+
+def test_a_save_onto_a_users_ckpt_named_directory_is_refused_not_deleted(tmp_path):
+    out = tmp_path / "out"
+    (out / "ckpt_1").mkdir(parents=True)
+    (out / "ckpt_1" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"ckpt_1 .*notes\.txt.*move it out"):
+        Trainer(ToyCTR(), _args(tmp_path, train_steps=1),
+                train_dataset=make_batches(2, 8, num_embeddings=32)).train()
+    assert (out / "ckpt_1" / "notes.txt").read_text() == "mine"
 
 
 # --- typos ------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -57,6 +58,9 @@ PER_RANK_PARTS = ("io_state", "delta")
 """Parts each rank writes its own tree of (``delta``: an incremental checkpoint's rows)."""
 _CKPT_RE = re.compile(r"^ckpt_(0|[1-9][0-9]*)\Z")  # as manifest.CKPT_NAME_RE
 _STAGING_RE = re.compile(r"^ckpt_(0|[1-9][0-9]*)\.staging\Z")
+# every name a save writes inside a checkpoint directory (format.write_tensors' data
+# files, the manifest and its tmp): a leftover holding anything else is not recframe's
+_OWN_FILE_RE = re.compile(r"^(manifest\.json(\.tmp)?|data-r[0-9]{5}-[0-9]{3,}\.bin)\Z")
 
 
 class CheckpointError(RuntimeError):
@@ -265,13 +269,25 @@ class Saver:
             path = self.storage.path(name)
             if self.is_foreign(path):
                 continue  # a symlink (another run's checkpoint): never ours to clean
-            if _STAGING_RE.match(name):
-                leftovers.append(path)
-            elif _CKPT_RE.match(name) and not self.storage.exists(
+            if _STAGING_RE.match(name) or (_CKPT_RE.match(name) and not self.storage.exists(
                 self.storage.join(path, MANIFEST)
-            ):
+            )):
+                foreign = self.foreign_files(path)
+                if foreign:
+                    logger.warning(
+                        "leaving %s alone: it is named like a checkpoint but holds files a "
+                        "save never writes (%s); move it out of the output dir",
+                        self.storage.display(path), ", ".join(foreign[:3]))
+                    continue
                 leftovers.append(path)
         return leftovers
+
+    def foreign_files(self, path: str) -> list[str]:
+        """Entries of the checkpoint-named directory ``path`` that no save writes (a
+        user's own ``ckpt_7`` folder): such a directory is never deleted as a leftover."""
+        if self.storage.is_local and os.path.isfile(path):
+            return [os.path.basename(path)]
+        return [n for n in self.storage.listdir(path) if not _OWN_FILE_RE.match(n)]
 
     def clean_uncommitted(self) -> None:
         """Delete leftovers of interrupted saves (rank 0); failures are only logged.
@@ -331,6 +347,13 @@ class Saver:
             # a delete cut short) would mix with the new files or block the rename
             for leftover in dict.fromkeys((staging, final)):
                 if self.storage.exists(leftover):
+                    foreign = self.foreign_files(leftover)
+                    if foreign:
+                        raise CheckpointError(
+                            f"cannot save {name}: {self.storage.display(leftover)} exists and "
+                            f"holds files a save never writes ({', '.join(foreign[:3])}); "
+                            "move it out of the output dir"
+                        )
                     self.storage.remove_tree(leftover)
             self.storage.makedirs(self.storage.root)
             self.storage.makedirs(staging)

@@ -279,3 +279,69 @@ def test_a_filesystem_that_cannot_map_files_is_read_instead(saved, tmp_path, mon
     with pytest.raises(CheckpointCorruptError, match="checksum mismatch"):
         other.saver.load(ckpt_id=1)
     assert _same(other.snapshot(), before)
+
+
+def test_a_restore_opens_each_data_file_once_and_checks_the_manifest_once(tmp_path,
+                                                                          monkeypatch):
+    """A restore used to open (and resolve, and check the place of) a data file once per
+    chunk and phase, and to parse and validate the manifest twice (choosing the newest
+    checkpoint, then loading it): each file is now opened once for both phases, and the
+    manifest's checks run once for its text."""
+    from recframe.checkpoint import manifest as mf
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(300, 8), nn.Linear(8, 8))
+    saver = Saver(model, output_dir=str(tmp_path / "run"), chunk_bytes=512, concurrency=2)
+    saver.save(1)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    ckpt = os.path.join(saver.output_dir, "ckpt_1")
+    with open(os.path.join(ckpt, "manifest.json")) as f:
+        manifest = json.load(f)
+    chunks = sum(len(sh["chunks"]) for e in manifest["tensors"].values() for sh in e["shards"])
+    assert chunks > 2 * len(manifest["files"])  # several chunks per file
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    mf._valid.clear()
+    opened: list[str] = []
+    checked: list[str] = []
+    open_member, parse_checked = fmt.open_member, mf._parse_checked
+
+    def count_open(storage, directory, name, *a, **k):
+        opened.append(name)
+        return open_member(storage, directory, name, *a, **k)
+
+    def count_checks(raw, where):
+        checked.append(where)
+        return parse_checked(raw, where)
+
+    monkeypatch.setattr(fmt, "open_member", count_open)
+    monkeypatch.setattr(mf, "_parse_checked", count_checks)
+    Saver(model, output_dir=str(tmp_path / "run"), chunk_bytes=512, concurrency=2).load()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    data = sorted(n for n in opened if n.endswith(".bin"))
+    assert data == sorted(manifest["files"])
+    assert len(checked) == 1
+
+
+def test_a_manifest_changed_after_it_was_checked_is_checked_again(tmp_path):
+    """The validation cache is keyed by the manifest's text: an edit made after a
+    successful load (here: a chunk's extent, with the manifest's checksum fixed up) is
+    not let through by the earlier check."""
+    from recframe.checkpoint import manifest as mf
+
+    model = nn.Linear(4, 4)
+    saver = Saver(model, output_dir=str(tmp_path / "run"))
+    saver.save(1)
+    saver.load()
+    path = os.path.join(saver.output_dir, "ckpt_1", "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    entry = manifest["tensors"]["dense.weight"]["shards"][0]["chunks"][0]
+    entry["offset"] = -8
+    manifest[mf.CHECKSUM_KEY] = mf.hashlib.sha256(mf._canonical(manifest)).hexdigest()
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(CheckpointCorruptError, match="not a valid manifest"):
+        Saver(model, output_dir=str(tmp_path / "run")).load(ckpt_id=1)

@@ -547,6 +547,8 @@ class TensorReader:
         self.concurrency = max(1, concurrency)
         self._scratch = threading.local()
         self._verified: dict[str, tuple[int, ...]] = {}  # local file: identity at verify
+        self._files: Optional[dict[str, tuple[Any, int]]] = None  # `session`'s open files
+        self._files_lock = threading.Lock()
         self.pool: Optional[Executor] = None
         """Worker threads to use (a `restore.Transaction`'s, shared by its steps);
         None: a pool per call."""
@@ -559,6 +561,47 @@ class TensorReader:
         if buf is None or buf.numel() < nbytes:
             buf = self._scratch.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         return buf[:nbytes].view(job.dest.dtype).reshape(job.box_size)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Within it, each local file is opened (and its name and place checked) once
+        and shared by the reader's threads (positional reads), instead of once per
+        chunk and phase; all are closed when the outermost session ends. `verify` and
+        `apply` of a transaction run in one session, so they read the very file (the
+        open inode) whose identity was recorded."""
+        if self._files is not None:
+            yield
+            return
+        self._files = {}
+        try:
+            yield
+        finally:
+            files, self._files = self._files, None
+            for f, _size in files.values():
+                f.close()
+
+    @contextlib.contextmanager
+    def _member(self, name: str, need: int, sized: bool = True) -> Iterator[Any]:
+        """The open file ``name``, which must hold ``need`` bytes (`open_member`'s
+        checks): the session's shared one for a local file (read it only with
+        positional reads: `read_into`, ``mmap``), else one of its own, closed on exit."""
+        files = self._files
+        if files is None or not self.storage.is_local:
+            f, _size = open_member(self.storage, self.directory, name, need, sized=sized)
+            with f:
+                yield f
+            return
+        with self._files_lock:
+            entry = files.get(name)
+            if entry is None:
+                entry = files[name] = open_member(self.storage, self.directory, name, need)
+        f, size = entry
+        if size < need:
+            raise CheckpointCorruptError(
+                f"{self._display(name)} is truncated: {size} bytes, the manifest places "
+                f"{need} bytes in it"
+            )
+        yield f
 
     def _threads(self, fn: Callable[[int], Any], n: int) -> list[Any]:
         return _run_threads(fn, n, self.concurrency, self.pool)
@@ -580,6 +623,10 @@ class TensorReader:
         """Fill each target (a tensor, a ShardedTensor, or None to allocate) from the
         checkpoint. New tensors are read in place; given targets only after all their
         chunks verified (`plan`, `verify`, `apply`)."""
+        with self.session():
+            return self._read_many(targets)
+
+    def _read_many(self, targets: dict[str, Any]) -> dict[str, Any]:
         results: dict[str, Any] = {}
         fresh: dict[str, Any] = {}
         live: dict[str, Any] = {}
@@ -613,8 +660,8 @@ class TensorReader:
                     end = chunk["offset"] + chunk["nbytes"]
                     need[chunk["file"]] = max(need.get(chunk["file"], 0), end)
         for name, end in need.items():
-            f, _size = open_member(self.storage, self.directory, name, end)
-            f.close()
+            with self._member(name, end):
+                pass
 
     def _entry(self, key: str) -> dict[str, Any]:
         try:
@@ -689,7 +736,8 @@ class TensorReader:
                 return str(e)
             return None
 
-        return [p for p in self._threads(one, len(jobs)) if p]
+        with self.session():
+            return [p for p in self._threads(one, len(jobs)) if p]
 
     def confirm(self, jobs: list[_Job]) -> None:
         """Before `apply` writes anything: every local file `verify` checked for
@@ -700,9 +748,15 @@ class TensorReader:
         for name in sorted({j.chunk["file"] for j in jobs if j.staged is None}):
             known = self._verified.get(name)
             if known is not None:
-                f, _size = open_member(self.storage, self.directory, name)
-                with f:
+                with self._member(name, 0) as f:
                     self._same_file(name, f, known)
+                if self._files is not None:  # the name must still lead to that file
+                    try:
+                        st = os.stat(self.storage.join(self.directory, name))
+                    except OSError as e:
+                        raise StorageError(f"reading {self._display(name)} failed: {e}") from e
+                    if _identity(st) != known:
+                        raise self._changed(name)
 
     def apply(self, jobs: list[_Job]) -> None:
         """Fill the targets with the verified chunks (`confirm` first): a kept chunk is
@@ -794,16 +848,17 @@ class TensorReader:
 
     def _open(self, job: _Job) -> Any:
         chunk = job.chunk
-        f, _size = open_member(self.storage, self.directory, chunk["file"],
-                               chunk["offset"] + chunk["nbytes"], sized=False)
-        return f
+        return self._member(chunk["file"], chunk["offset"] + chunk["nbytes"], sized=False)
+
+    def _changed(self, name: str, when: str = "") -> CheckpointCorruptError:
+        return CheckpointCorruptError(
+            f"{self._display(name)} changed after its checksums were verified"
+            f"{when}; refused (is another process writing to this checkpoint?)"
+        )
 
     def _same_file(self, name: str, f: Any, known: tuple[int, ...], when: str = "") -> None:
         if _identity(os.fstat(f.fileno())) != known:
-            raise CheckpointCorruptError(
-                f"{self._display(name)} changed after its checksums were verified"
-                f"{when}; refused (is another process writing to this checkpoint?)"
-            )
+            raise self._changed(name, when)
 
     def _settle(self, ends: dict[str, int]) -> None:
         """Record the identity of each local file (``ends``: name -> the bytes it must
@@ -847,8 +902,7 @@ class TensorReader:
         )
 
     def _stat(self, name: str, need: int) -> os.stat_result:
-        f, _size = open_member(self.storage, self.directory, name, need)
-        with f:
+        with self._member(name, need) as f:
             return os.fstat(f.fileno())
 
     def _check_chunk(self, job: _Job) -> None:

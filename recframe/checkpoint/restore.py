@@ -36,6 +36,7 @@ checkpoint (one writer per output dir, data files written once, in a staging dir
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -94,8 +95,10 @@ class Transaction:
         (not a pool per step and phase)."""
         readers = list({id(r): r for r, _ in self._steps if r is not None}.values())
         workers = max([r.concurrency for r in readers], default=1)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt") as pool:
-            for reader in readers:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt") as pool, \
+                contextlib.ExitStack() as sessions:
+            for reader in readers:  # each file opened once, for both phases
+                sessions.enter_context(reader.session())
                 reader.pool = pool
             try:
                 self.verify(keep)

@@ -29,6 +29,12 @@ every registered object exactly as they were:
    writer racing the copy itself is reported, not silent. Then the queued calls run
    in order.
 
+Phases 2 and 3 run in one `TensorReader.session` per reader: each local file is opened
+once and read by every thread with positional reads, so the copy reads the very file
+(the open inode) whose identity and checksums were verified. What the two passes cost
+against a plain read is measured in ``docs/checkpoints.md`` ("What verify-before-apply
+costs").
+
 The guarantee assumes the filesystem moves a file's ctime (or inode) when its bytes
 change, as POSIX filesystems do; recframe's own writers never touch a committed
 checkpoint (one writer per output dir, data files written once, in a staging dir).

@@ -536,6 +536,8 @@ class TensorReader:
     recording each file's identity), `apply` confirms every local file is the one
     verified, then reads each chunk straight into its live tensor (through a scratch
     buffer, checked again, where the tensor's region is not one contiguous block).
+    Within a `session` (`read_many`, `check`, a transaction's verify and apply) each
+    local file is opened once and shared by the threads.
     """
 
     def __init__(

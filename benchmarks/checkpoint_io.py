@@ -386,7 +386,8 @@ def timed(fn: Callable[[], Any], memory: bool = False) -> dict[str, Any]:
         fn()
     end = common.LoadSample.now()
     load = common.Load.between(start, end)
-    out = {"seconds": end.wall - start.wall, "own_cores": load.own_cores,
+    out = {"seconds": end.wall - start.wall, "cpu_seconds": end.own_cpu - start.own_cpu,
+           "own_cores": load.own_cores,
            "others_cores": load.others_cores, "busy_neighbour": load.busy_neighbour,
            "minor_faults": load.minor_faults}
     if memory:
@@ -517,6 +518,58 @@ def components(cfg, model, opt, nbytes: int) -> dict[str, Any]:
     return out
 
 
+def verify_bound(cfg, model, opt, nbytes: int, workdir: str) -> dict[str, Any]:
+    """What verify-before-apply costs by itself (issue 12: bytes are checksum-verified
+    before they reach a live tensor): interleaved rounds of the warm raw read into the
+    live tensors (the ceiling), recframe's verify pass alone (every chunk's CRC32 from
+    a memory map of its file, as a restore's first phase does: `inspect.verify`) and a
+    whole recframe restore, c = ``--default_concurrency``. A restore that verifies
+    every byte before copying it needs at least raw + verify, so raw / (raw + verify)
+    bounds its ratio to the raw read ("bound")."""
+    from recframe.checkpoint import Saver, inspect
+    from recframe.checkpoint.storage import Storage
+
+    c = cfg.default_concurrency
+    base = os.path.join(workdir, "bound")
+    shutil.rmtree(base, ignore_errors=True)
+    rf, raw = recframe_variant(model, opt, c, iter([1])), raw_variant(model, opt, c)
+    rf.save(os.path.join(base, "rf"))
+    raw.save(os.path.join(base, "raw"))
+    saver = Saver(model, opt, output_dir=os.path.join(base, "rf"))
+    ckpt = saver.latest_checkpoint()
+    storage = Storage(ckpt.path)
+
+    def verify() -> None:
+        problems = inspect.verify(storage, storage.root, ckpt.manifest, c)
+        if problems:
+            raise RuntimeError(f"verify pass: {problems[:3]}")
+
+    steps = {"raw": lambda: raw.restore(os.path.join(base, "raw")), "verify": verify,
+             "restore": lambda: rf.restore(os.path.join(base, "rf"))}
+    wall: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(max(5, cfg.repeats)):
+        names = list(steps)[r % 3:] + list(steps)[:r % 3]
+        for name in names:
+            c0, t0 = time.process_time(), time.perf_counter()
+            steps[name]()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    shutil.rmtree(base, ignore_errors=True)
+    med = {k: sorted(v)[len(v) // 2] for k, v in wall.items()}
+    med_cpu = {k: sorted(v)[len(v) // 2] for k, v in cpu.items()}
+    return {
+        "concurrency": c,
+        **{f"{k}_warm_ms": med[k] * 1e3 for k in steps},
+        **{f"{k}_warm_cpu_ms": med_cpu[k] * 1e3 for k in steps},
+        **{f"{k}_warm_gbps": nbytes / med[k] / 1e9 for k in steps},
+        "bound": med["raw"] / (med["raw"] + med["verify"]),
+        "bound_cpu": med_cpu["raw"] / (med_cpu["raw"] + med_cpu["verify"]),
+        "restore_vs_raw": med["raw"] / med["restore"],
+        "restore_vs_raw_cpu": med_cpu["raw"] / med_cpu["restore"],
+    }
+
+
 def profile(cfg, model, opt, workdir: str) -> str:
     from recframe.checkpoint import Saver
 
@@ -569,11 +622,12 @@ def summarize(cfg, records: list[dict[str, Any]], nbytes: int) -> dict[str, Any]
             or r["restore_warm"]["busy_neighbour"])
         per[name] = entry
 
-    def ratio(num: str, den: str, phase: str) -> Optional[dict[str, Any]]:
+    def ratio(num: str, den: str, phase: str, what: str = "seconds"
+              ) -> Optional[dict[str, Any]]:
         by_round: dict[int, dict[str, float]] = {}
         for r in rows:
-            if r["variant"] in (num, den) and phase in r:
-                by_round.setdefault(r["round"], {})[r["variant"]] = r[phase]["seconds"]
+            if r["variant"] in (num, den) and phase in r and r[phase].get(what):
+                by_round.setdefault(r["round"], {})[r["variant"]] = r[phase][what]
         vals = [d[den] / d[num] for d in by_round.values() if num in d and den in d]
         return common.summarize(vals) if vals else None
 
@@ -591,6 +645,9 @@ def summarize(cfg, records: list[dict[str, Any]], nbytes: int) -> dict[str, Any]
             if not cfg.no_dcp:
                 ratios[f"{phase} c{c} vs dcp c{c}"] = ratio(rf, f"dcp c{c}", phase)
             ratios[f"{phase} c{c} vs raw c{c}"] = ratio(rf, f"raw c{c}", phase)
+            # CPU seconds: steadier than wall time while other processes load the cores
+            ratios[f"{phase} c{c} vs raw c{c} (cpu)"] = ratio(rf, f"raw c{c}", phase,
+                                                                "cpu_seconds")
 
     sync_name = f"recframe c{cfg.default_concurrency}"
     sync = {r["round"]: r["save"]["seconds"] for r in rows if r["variant"] == sync_name}
@@ -689,6 +746,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             variants.append(raw_variant(model, opt, c))
         records = run_rounds(cfg, variants, model, opt, nbytes, workdir, check)
         comp = components(cfg, model, opt, nbytes)
+        bound = verify_bound(cfg, model, opt, nbytes, workdir)
         prof = profile(cfg, model, opt, workdir) if cfg.profile else None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -722,6 +780,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("\nratios recframe / other (per-round, median (min-max); >1: recframe faster)")
     print(common.format_table(["comparison", "ratio"],
                               [[k, _cell(v)] for k, v in summary["ratios"].items() if v]))
+    c = cfg.default_concurrency
+    print(f"\nrestore / raw read (issue 12: no regression; before it, warm 0.94x and cold "
+          f"0.58x in wall time; >1: recframe faster), c{c}:")
+    print(common.format_table(["", "wall", "cpu seconds"], [
+        [phase, _cell(summary["ratios"].get(f"restore_{phase} c{c} vs raw c{c}")),
+         _cell(summary["ratios"].get(f"restore_{phase} c{c} vs raw c{c} (cpu)"))]
+        for phase in (("warm",) if cfg.no_cold else ("warm", "cold"))
+    ]))
+    print(f"verify-before-apply (warm, c{c}, medians of interleaved rounds): raw read "
+          f"{bound['raw_warm_ms']:.1f} ms ({bound['raw_warm_gbps']:.1f} GB/s), verify pass "
+          f"{bound['verify_warm_ms']:.1f} ms ({bound['verify_warm_gbps']:.1f} GB/s), restore "
+          f"{bound['restore_warm_ms']:.1f} ms; bound raw / (raw + verify) "
+          f"{bound['bound']:.2f} (cpu {bound['bound_cpu']:.2f}), restore / raw "
+          f"{bound['restore_vs_raw']:.2f} (cpu {bound['restore_vs_raw_cpu']:.2f})")
     goals = goal_rows(cfg, summary)
     print("\ngoals")
     print(common.format_table(["goal", "measured", "target", ""], goals))
@@ -740,6 +812,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "summary": summary,
         "goals": [dict(zip(["goal", "measured", "target", "result"], g)) for g in goals],
         "components": comp,
+        "verify_bound": bound,
         "records": records,
         "notes": [
             "warm restores read files just written (page cache); cold restores read after "

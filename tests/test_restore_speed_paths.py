@@ -113,10 +113,14 @@ def test_a_file_changed_between_verify_and_apply_is_refused_and_nothing_changes(
     assert _same(fresh.snapshot(), before)
 
 
-def test_each_live_chunk_is_checked_once_and_read_once(tmp_path, monkeypatch):
-    """Locally, a chunk bound for a live tensor costs one CRC32 pass over a memory map of
-    the file and one read straight into the tensor (the old path read and checked every
-    chunk twice and copied it once more)."""
+@pytest.mark.parametrize("mapping", [False, True], ids=["read", "mapped"])
+def test_each_live_chunk_is_checked_once_and_read_once(tmp_path, monkeypatch, mapping):
+    """Locally, a chunk bound for a live tensor costs one CRC32 pass (over small slices
+    read into a per-thread buffer, or over a memory map of the file) and one read
+    straight into the tensor (the old path read and checked every chunk twice and
+    copied it once more)."""
+    monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", mapping)
+    monkeypatch.setattr(fmt, "VERIFY_SLICE_BYTES", 256)  # several slices per chunk
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(300, 8), nn.Linear(8, 8))
     saver = Saver(model, output_dir=str(tmp_path / "run"), chunk_bytes=1024, concurrency=2)
@@ -148,7 +152,10 @@ def test_each_live_chunk_is_checked_once_and_read_once(tmp_path, monkeypatch):
     monkeypatch.setattr(fmt, "_mapped_crc32", count_mapped)
     saver.load(ckpt_id=1)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
-    assert counted == {"read": nbytes, "crc": nbytes, "mapped": nbytes}
+    if mapping:  # files just written are in the page cache: checked from the map
+        assert counted == {"read": nbytes, "crc": nbytes, "mapped": nbytes}
+    else:
+        assert counted == {"read": 2 * nbytes, "crc": nbytes, "mapped": 0}
 
 
 def test_a_region_that_is_not_one_block_goes_through_checked_scratch(tmp_path, monkeypatch):
@@ -246,15 +253,22 @@ def test_a_file_changed_while_read_into_a_live_tensor_fails_loudly(saved, tmp_pa
     ckpt = os.path.join(saved.saver.output_dir, "ckpt_1")
     read_into = fmt.read_into
     changed: list[str] = []
+    applying: list[bool] = []
+    apply = restore.Transaction.apply
+
+    def apply_marked(self):
+        applying.append(True)
+        return apply(self)
 
     def read_then_change(f, offset, out, path):
         read_into(f, offset, out, path)
-        if not changed and path.endswith(".bin"):
+        if applying and not changed and path.endswith(".bin"):
             changed.append(path)
             _rewrite_in_place(os.path.join(ckpt, os.path.basename(path)), 0)
 
     fresh = Run(tmp_path / "run", seed=7)
-    fresh.saver.concurrency = 1  # the first read is the one followed by the change
+    fresh.saver.concurrency = 1  # the first read of the copy is followed by the change
+    monkeypatch.setattr(restore.Transaction, "apply", apply_marked)
     monkeypatch.setattr(fmt, "read_into", read_then_change)
     with pytest.raises(CheckpointCorruptError, match="while it was read into"):
         fresh.saver.load(ckpt_id=1, load_conf={"load": ["sparse", "dense"]})
@@ -263,6 +277,7 @@ def test_a_file_changed_while_read_into_a_live_tensor_fails_loudly(saved, tmp_pa
 def test_a_filesystem_that_cannot_map_files_is_read_instead(saved, tmp_path, monkeypatch):
     """mmap fails with ENODEV on some filesystems: the chunk is read and checked."""
     monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", True)
 
     def no_mapping(fd, offset, nbytes):
         raise OSError(19, "No such device")
@@ -279,3 +294,117 @@ def test_a_filesystem_that_cannot_map_files_is_read_instead(saved, tmp_path, mon
     with pytest.raises(CheckpointCorruptError, match="checksum mismatch"):
         other.saver.load(ckpt_id=1)
     assert _same(other.snapshot(), before)
+
+
+def test_a_restore_opens_each_data_file_once_and_checks_the_manifest_once(tmp_path,
+                                                                          monkeypatch):
+    """A restore used to open (and resolve, and check the place of) a data file once per
+    chunk and phase, and to parse and validate the manifest twice (choosing the newest
+    checkpoint, then loading it): each file is now opened once for both phases, and the
+    manifest's checks run once for its text."""
+    from recframe.checkpoint import manifest as mf
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(300, 8), nn.Linear(8, 8))
+    saver = Saver(model, output_dir=str(tmp_path / "run"), chunk_bytes=512, concurrency=2)
+    saver.save(1)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    ckpt = os.path.join(saver.output_dir, "ckpt_1")
+    with open(os.path.join(ckpt, "manifest.json")) as f:
+        manifest = json.load(f)
+    chunks = sum(len(sh["chunks"]) for e in manifest["tensors"].values() for sh in e["shards"])
+    assert chunks > 2 * len(manifest["files"])  # several chunks per file
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    mf._valid.clear()
+    opened: list[str] = []
+    checked: list[str] = []
+    open_member, parse_checked = fmt.open_member, mf._parse_checked
+
+    def count_open(storage, directory, name, *a, **k):
+        opened.append(name)
+        return open_member(storage, directory, name, *a, **k)
+
+    def count_checks(raw, where):
+        checked.append(where)
+        return parse_checked(raw, where)
+
+    monkeypatch.setattr(fmt, "open_member", count_open)
+    monkeypatch.setattr(mf, "_parse_checked", count_checks)
+    Saver(model, output_dir=str(tmp_path / "run"), chunk_bytes=512, concurrency=2).load()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    data = sorted(n for n in opened if n.endswith(".bin"))
+    assert data == sorted(manifest["files"])
+    assert len(checked) == 1
+
+
+def test_a_manifest_changed_after_it_was_checked_is_checked_again(tmp_path):
+    """The validation cache is keyed by the manifest's text: an edit made after a
+    successful load (here: a chunk's extent, with the manifest's checksum fixed up) is
+    not let through by the earlier check."""
+    from recframe.checkpoint import manifest as mf
+
+    model = nn.Linear(4, 4)
+    saver = Saver(model, output_dir=str(tmp_path / "run"))
+    saver.save(1)
+    saver.load()
+    path = os.path.join(saver.output_dir, "ckpt_1", "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    entry = manifest["tensors"]["dense.weight"]["shards"][0]["chunks"][0]
+    entry["offset"] = -8
+    manifest[mf.CHECKSUM_KEY] = mf.hashlib.sha256(mf._canonical(manifest)).hexdigest()
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(CheckpointCorruptError, match="not a valid manifest"):
+        Saver(model, output_dir=str(tmp_path / "run")).load(ckpt_id=1)
+
+
+@pytest.mark.parametrize("how", ["slices", "not_cached"])
+def test_a_chunk_checked_by_reading_slices_finds_a_flipped_byte(saved, tmp_path,
+                                                                 monkeypatch, how):
+    """The slice-by-slice check carries the CRC32 across slices (a chunk spanning many
+    slices restores intact) and finds a byte flipped in a middle slice; with mapping on,
+    a chunk not all in the page cache (``mincore``) takes the same path."""
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    monkeypatch.setattr(fmt, "VERIFY_SLICE_BYTES", 64)
+    if how == "not_cached":
+        monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", True)
+        monkeypatch.setattr(fmt, "_resident", lambda mapped: False)
+    fresh = Run(tmp_path / "run", seed=7)
+    fresh.saver.load(ckpt_id=1)
+    assert _same(fresh.snapshot(), saved.snapshot())
+    ckpt = os.path.join(saved.saver.output_dir, "ckpt_1")
+    chunk = _chunk_of(ckpt, "sparse.emb.weight")
+    assert chunk["nbytes"] > 3 * 64
+    _rewrite_in_place(os.path.join(ckpt, chunk["file"]), chunk["offset"] + 2 * 64 + 5)
+    other = Run(tmp_path / "run", seed=9)
+    before = other.snapshot()
+    with pytest.raises(CheckpointCorruptError, match="checksum mismatch"):
+        other.saver.load(ckpt_id=1)
+    assert _same(other.snapshot(), before)
+
+
+def test_resident_tells_cached_from_evicted_pages(tmp_path):
+    """`format._resident` (mincore) on a real file: cached after a read, not after the
+    pages were written back and dropped (where the kernel drops them on request)."""
+    import mmap
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, 1 << 20, 0)
+        with mmap.mmap(fd, 1 << 20, prot=mmap.PROT_READ) as m:
+            assert fmt._resident(m)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with mmap.mmap(fd, 1 << 20, prot=mmap.PROT_READ) as m:
+            evicted = not fmt._resident(m)
+        if not evicted:
+            pytest.skip("this filesystem keeps the pages (tmpfs)")
+        assert fmt._mapped_crc32(fd, 4096, 4096) is None
+    finally:
+        os.close(fd)

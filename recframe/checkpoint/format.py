@@ -31,12 +31,22 @@ from recframe.checkpoint.storage import Storage, StorageError, crc32, read_into
 
 DEFAULT_CHUNK_BYTES = 64 << 20
 
-VERIFY_BY_MAPPING: bool = True
-"""Check the CRC32 of a local chunk straight from a read-only memory map of its file
-(no copy into a buffer: several times cheaper than reading it). False: read each chunk
-into a scratch buffer instead, for filesystems where paging in can fail (a soft-mounted
-NFS export): a failed read is a clean error, a failed page-in kills the process with
-SIGBUS, as does a file truncated by another process while it is mapped."""
+VERIFY_BY_MAPPING: bool = False
+"""How a local chunk is checked before anything live is written. False (default): read
+in `VERIFY_SLICE_BYTES` slices through a per-thread buffer, each slice checked while in
+the CPU cache (positional reads of the file opened once; a failed or short read is a
+clean error). True: from a read-only memory map of its file when all its pages are in
+the page cache (``mincore``; else read as above: page faults on evicted pages cost
+about twice the CPU of reads). Measured on the 2-core machine (docs/checkpoints.md):
+mapping is 5-15% faster on files checked again and again from the cache, but slower
+on files just written (the benchmark's warm restore) and on a loaded machine, and it
+risks SIGBUS (a failed page-in on a soft-mounted NFS export, or a file truncated by
+another process while mapped, kills the process)."""
+
+VERIFY_SLICE_BYTES = 512 << 10
+"""Slice size of a local chunk checked by reading (not cached, or not mapped): each
+slice is read into a per-thread buffer this size and checked while it is in the CPU
+cache (256 KiB-1 MiB measured alike, 4 MiB slower on this machine's 1 MiB L2)."""
 
 RACY_WINDOW_NS = 20_000_000
 """How long after a local file's last change (its ctime) its identity (inode, size,
@@ -536,6 +546,8 @@ class TensorReader:
     recording each file's identity), `apply` confirms every local file is the one
     verified, then reads each chunk straight into its live tensor (through a scratch
     buffer, checked again, where the tensor's region is not one contiguous block).
+    Within a `session` (`read_many`, `check`, a transaction's verify and apply) each
+    local file is opened once and shared by the threads.
     """
 
     def __init__(
@@ -547,6 +559,8 @@ class TensorReader:
         self.concurrency = max(1, concurrency)
         self._scratch = threading.local()
         self._verified: dict[str, tuple[int, ...]] = {}  # local file: identity at verify
+        self._files: Optional[dict[str, tuple[Any, int]]] = None  # `session`'s open files
+        self._files_lock = threading.Lock()
         self.pool: Optional[Executor] = None
         """Worker threads to use (a `restore.Transaction`'s, shared by its steps);
         None: a pool per call."""
@@ -559,6 +573,47 @@ class TensorReader:
         if buf is None or buf.numel() < nbytes:
             buf = self._scratch.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         return buf[:nbytes].view(job.dest.dtype).reshape(job.box_size)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Within it, each local file is opened (and its name and place checked) once
+        and shared by the reader's threads (positional reads), instead of once per
+        chunk and phase; all are closed when the outermost session ends. `verify` and
+        `apply` of a transaction run in one session, so they read the very file (the
+        open inode) whose identity was recorded."""
+        if self._files is not None:
+            yield
+            return
+        self._files = {}
+        try:
+            yield
+        finally:
+            files, self._files = self._files, None
+            for f, _size in files.values():
+                f.close()
+
+    @contextlib.contextmanager
+    def _member(self, name: str, need: int, sized: bool = True) -> Iterator[Any]:
+        """The open file ``name``, which must hold ``need`` bytes (`open_member`'s
+        checks): the session's shared one for a local file (read it only with
+        positional reads: `read_into`, ``mmap``), else one of its own, closed on exit."""
+        files = self._files
+        if files is None or not self.storage.is_local:
+            f, _size = open_member(self.storage, self.directory, name, need, sized=sized)
+            with f:
+                yield f
+            return
+        with self._files_lock:
+            entry = files.get(name)
+            if entry is None:
+                entry = files[name] = open_member(self.storage, self.directory, name, need)
+        f, size = entry
+        if size < need:
+            raise CheckpointCorruptError(
+                f"{self._display(name)} is truncated: {size} bytes, the manifest places "
+                f"{need} bytes in it"
+            )
+        yield f
 
     def _threads(self, fn: Callable[[int], Any], n: int) -> list[Any]:
         return _run_threads(fn, n, self.concurrency, self.pool)
@@ -580,6 +635,10 @@ class TensorReader:
         """Fill each target (a tensor, a ShardedTensor, or None to allocate) from the
         checkpoint. New tensors are read in place; given targets only after all their
         chunks verified (`plan`, `verify`, `apply`)."""
+        with self.session():
+            return self._read_many(targets)
+
+    def _read_many(self, targets: dict[str, Any]) -> dict[str, Any]:
         results: dict[str, Any] = {}
         fresh: dict[str, Any] = {}
         live: dict[str, Any] = {}
@@ -613,8 +672,8 @@ class TensorReader:
                     end = chunk["offset"] + chunk["nbytes"]
                     need[chunk["file"]] = max(need.get(chunk["file"], 0), end)
         for name, end in need.items():
-            f, _size = open_member(self.storage, self.directory, name, end)
-            f.close()
+            with self._member(name, end):
+                pass
 
     def _entry(self, key: str) -> dict[str, Any]:
         try:
@@ -660,8 +719,8 @@ class TensorReader:
         ``keep``: read the bytes and hold them for `apply` (one read; memory: the
         chunks). Else, on a local filesystem: record each file's identity (waiting out
         a change in its current clock tick, see `RACY_WINDOW_NS`) for `apply` to
-        compare, then check each chunk from a memory map of its file (no copy; into a
-        scratch buffer without `VERIFY_BY_MAPPING`); on other stores each chunk is read
+        compare, then check each chunk by reading it in small slices (from a memory
+        map of its file with `VERIFY_BY_MAPPING`); on other stores each chunk is read
         into scratch, to be read and checked again by `apply`."""
         if keep:
             def stage(i: int) -> None:
@@ -689,7 +748,8 @@ class TensorReader:
                 return str(e)
             return None
 
-        return [p for p in self._threads(one, len(jobs)) if p]
+        with self.session():
+            return [p for p in self._threads(one, len(jobs)) if p]
 
     def confirm(self, jobs: list[_Job]) -> None:
         """Before `apply` writes anything: every local file `verify` checked for
@@ -700,9 +760,15 @@ class TensorReader:
         for name in sorted({j.chunk["file"] for j in jobs if j.staged is None}):
             known = self._verified.get(name)
             if known is not None:
-                f, _size = open_member(self.storage, self.directory, name)
-                with f:
+                with self._member(name, 0) as f:
                     self._same_file(name, f, known)
+                if self._files is not None:  # the name must still lead to that file
+                    try:
+                        st = os.stat(self.storage.join(self.directory, name))
+                    except OSError as e:
+                        raise StorageError(f"reading {self._display(name)} failed: {e}") from e
+                    if _identity(st) != known:
+                        raise self._changed(name)
 
     def apply(self, jobs: list[_Job]) -> None:
         """Fill the targets with the verified chunks (`confirm` first): a kept chunk is
@@ -794,16 +860,17 @@ class TensorReader:
 
     def _open(self, job: _Job) -> Any:
         chunk = job.chunk
-        f, _size = open_member(self.storage, self.directory, chunk["file"],
-                               chunk["offset"] + chunk["nbytes"], sized=False)
-        return f
+        return self._member(chunk["file"], chunk["offset"] + chunk["nbytes"], sized=False)
+
+    def _changed(self, name: str, when: str = "") -> CheckpointCorruptError:
+        return CheckpointCorruptError(
+            f"{self._display(name)} changed after its checksums were verified"
+            f"{when}; refused (is another process writing to this checkpoint?)"
+        )
 
     def _same_file(self, name: str, f: Any, known: tuple[int, ...], when: str = "") -> None:
         if _identity(os.fstat(f.fileno())) != known:
-            raise CheckpointCorruptError(
-                f"{self._display(name)} changed after its checksums were verified"
-                f"{when}; refused (is another process writing to this checkpoint?)"
-            )
+            raise self._changed(name, when)
 
     def _settle(self, ends: dict[str, int]) -> None:
         """Record the identity of each local file (``ends``: name -> the bytes it must
@@ -847,33 +914,54 @@ class TensorReader:
         )
 
     def _stat(self, name: str, need: int) -> os.stat_result:
-        f, _size = open_member(self.storage, self.directory, name, need)
-        with f:
+        with self._member(name, need) as f:
             return os.fstat(f.fileno())
 
     def _check_chunk(self, job: _Job) -> None:
-        """Check one chunk's size and CRC32 without keeping its bytes: locally from a
-        memory map of its file (compared with the identity `verify` recorded, if it
-        did), else read into this thread's scratch buffer."""
-        if not (self.storage.is_local and VERIFY_BY_MAPPING and hasattr(mmap, "MAP_SHARED")):
-            self._read_checked(job, self._scratch_for(job),
-                               self._verified.get(job.chunk["file"]))
+        """Check one chunk's size and CRC32 without keeping its bytes (the file's
+        identity compared with the one `verify` recorded, if it did). Locally: from a
+        memory map of its file when all its pages are cached, else read in slices
+        through this thread's small buffer; on other stores: read into this thread's
+        scratch buffer (one request per chunk)."""
+        known = self._verified.get(job.chunk["file"])
+        if not self.storage.is_local:
+            self._read_checked(job, self._scratch_for(job), known)
             return
         nbytes = self._box_nbytes(job)
         offset = job.chunk["offset"]
-        known = self._verified.get(job.chunk["file"])
         with self._open(job) as f:
             if known is not None:
                 self._same_file(job.chunk["file"], f, known)
-            try:
-                crc = _mapped_crc32(f.fileno(), offset, nbytes) if nbytes else 0
-            except (OSError, ValueError):  # a filesystem that cannot map files: read
-                crc = None
-        if crc is None:
-            self._read_checked(job, self._scratch_for(job), known)
-            return
+            crc: Optional[int] = None
+            if VERIFY_BY_MAPPING and hasattr(mmap, "MAP_SHARED") and nbytes:
+                try:
+                    crc = _mapped_crc32(f.fileno(), offset, nbytes)
+                except (OSError, ValueError):  # a filesystem that cannot map files: read
+                    crc = None
+            if crc is None:
+                crc = self._read_crc32(f, job, offset, nbytes)
         if crc != job.chunk["crc32"]:
             raise self._mismatch(job)
+
+    def _read_crc32(self, f: Any, job: _Job, offset: int, nbytes: int) -> int:
+        """CRC32 of ``nbytes`` at ``offset`` of the local file ``f``, read in
+        `VERIFY_SLICE_BYTES` slices into this thread's buffer (each checked while in
+        the CPU cache; memory: one slice per thread)."""
+        buf = getattr(self._scratch, "slice", None)
+        if buf is None or len(buf) != VERIFY_SLICE_BYTES:
+            buf = self._scratch.slice = bytearray(max(1, VERIFY_SLICE_BYTES))
+        view = memoryview(buf)
+        crc = 0
+        done = 0
+        while done < nbytes:
+            part = view[:min(len(buf), nbytes - done)]
+            try:
+                read_into(f, offset + done, part, self._display(job.chunk["file"]))
+            except StorageError as e:
+                raise CheckpointCorruptError(str(e)) from e
+            crc = crc32(part, crc)
+            done += part.nbytes
+        return crc
 
     def _read_verified(self, job: _Job, known: tuple[int, ...]) -> None:
         """Read a verified chunk straight into its live target (one contiguous block):
@@ -921,6 +1009,33 @@ class TensorReader:
             raise self._mismatch(job)
 
 
+_libc: Any = None
+
+
+def _resident(mapped: mmap.mmap) -> bool:
+    """Whether every page of ``mapped`` is in the page cache (``mincore``; True where
+    that cannot be asked: the mapping is then read as before)."""
+    global _libc
+    try:
+        if _libc is None:
+            import ctypes
+            import ctypes.util
+
+            _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+            _libc.mincore.restype = ctypes.c_int
+        pages = -(-len(mapped) // mmap.PAGESIZE)
+        vec = np.zeros(pages, dtype=np.uint8)
+        whole = np.frombuffer(mapped, dtype=np.uint8)  # (an export: dropped below)
+        try:
+            failed = _libc.mincore(whole.ctypes.data, len(mapped), vec.ctypes.data)
+        finally:
+            del whole
+    except (OSError, AttributeError, TypeError, ValueError):  # no libc/mincore here
+        return True
+    return bool(failed) or bool((vec & 1).all())
+
+
 def _identity(st: os.stat_result) -> tuple[int, ...]:
     """What changes when a file's bytes do: its inode, size, mtime and ctime."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -933,16 +1048,18 @@ def _window(st: os.stat_result) -> int:
     return RACY_WINDOW_NS
 
 
-def _mapped_crc32(fd: int, offset: int, nbytes: int) -> int:
+def _mapped_crc32(fd: int, offset: int, nbytes: int) -> Optional[int]:
     """CRC32 of ``nbytes`` bytes at ``offset`` of the open file ``fd``, read through a
     read-only shared mapping of just that range (no copy; the mapping is gone on
-    return). The caller checked the file holds those bytes. Pages are faulted in as
-    read: ``MAP_POPULATE`` measured slower on cached files, ``MADV_WILLNEED`` slower
-    on evicted ones (a cold check runs at ~0.9x of reading the chunk into a buffer,
-    a warm one several times faster)."""
+    return), or None when not every page of the range is in the page cache (the
+    caller reads it instead). The caller checked the file holds those bytes. Measured
+    on cached files: ``MAP_POPULATE`` and ``MADV_WILLNEED`` slower than plain faults,
+    ``MADV_SEQUENTIAL`` the same (docs/checkpoints.md)."""
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
     with mmap.mmap(fd, offset + nbytes - start, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
                    offset=start) as mapped:
+        if not _resident(mapped):
+            return None
         view = memoryview(mapped)
         part = view[offset - start:]
         try:

@@ -13,10 +13,11 @@ every registered object exactly as they were:
    live is written. With ``keep`` (`STAGE_IN_MEMORY`, default on object stores) the
    bytes are read and kept for phase 3: one download of each chunk, extra host memory
    of the live tensors' size. Without (default on local disks) each file's identity
-   (inode, size, mtime, ctime) is recorded and each chunk's CRC32 computed from a
-   read-only memory map of its file: no copy, no buffer, a pass over the page cache
-   that costs a fraction of a read (`format.VERIFY_BY_MAPPING`); a file changed in
-   the last clock tick is stat-ed again once the tick has passed (`RACY_WINDOW_NS`).
+   (inode, size, mtime, ctime) is recorded and each chunk's CRC32 computed by
+   reading it in small slices, each checked while in the CPU cache (memory: one
+   slice per thread; `format.VERIFY_SLICE_BYTES`, `format.VERIFY_BY_MAPPING`); a file
+   changed in the last clock tick is stat-ed again once the tick has passed
+   (`RACY_WINDOW_NS`).
    On an object store without ``keep`` each chunk is read into a scratch buffer,
    then read and checked again at apply;
 3. *apply*: first every file verified without keeping is confirmed to be the one
@@ -29,6 +30,12 @@ every registered object exactly as they were:
    writer racing the copy itself is reported, not silent. Then the queued calls run
    in order.
 
+Phases 2 and 3 run in one `TensorReader.session` per reader: each local file is opened
+once and read by every thread with positional reads, so the copy reads the very file
+(the open inode) whose identity and checksums were verified. What the two passes cost
+against a plain read is measured in ``docs/checkpoints.md`` ("What verify-before-apply
+costs").
+
 The guarantee assumes the filesystem moves a file's ctime (or inode) when its bytes
 change, as POSIX filesystems do; recframe's own writers never touch a committed
 checkpoint (one writer per output dir, data files written once, in a staging dir).
@@ -36,6 +43,7 @@ checkpoint (one writer per output dir, data files written once, in a staging dir
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -94,8 +102,10 @@ class Transaction:
         (not a pool per step and phase)."""
         readers = list({id(r): r for r, _ in self._steps if r is not None}.values())
         workers = max([r.concurrency for r in readers], default=1)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt") as pool:
-            for reader in readers:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt") as pool, \
+                contextlib.ExitStack() as sessions:
+            for reader in readers:  # each file opened once, for both phases
+                sessions.enter_context(reader.session())
                 reader.pool = pool
             try:
                 self.verify(keep)

@@ -20,6 +20,7 @@ files in ``~/.config/fsspec``, read when fsspec is imported), or ``storage_optio
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import posixpath
 import zlib
@@ -329,24 +330,35 @@ class Storage:
 
 def read_into(f: Any, offset: int, out: memoryview, path: str) -> None:
     """Fill ``out`` from byte ``offset`` of the open file ``f``; a short read means the
-    file was truncated."""
-    f.seek(offset)
+    file was truncated. A local file is read with ``pread`` (positional: no seek, and
+    threads may share one open file)."""
     view = out.cast("B") if out.format != "B" else out
     got = 0
-    readinto = getattr(f, "readinto", None)
-    while got < view.nbytes:
-        if readinto is not None:
-            n = readinto(view[got:])
-        else:
-            data = f.read(view.nbytes - got)
-            n = len(data)
-            view[got : got + n] = data
-        if not n:
-            raise StorageError(
-                f"{path} is truncated: expected {view.nbytes} bytes at offset {offset}, "
-                f"got {got}"
-            )
-        got += n
+    if isinstance(f, io.FileIO):
+        fd = f.fileno()
+        while got < view.nbytes:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if not n:
+                break
+            got += n
+    else:
+        f.seek(offset)
+        readinto = getattr(f, "readinto", None)
+        while got < view.nbytes:
+            if readinto is not None:
+                n = readinto(view[got:])
+            else:
+                data = f.read(view.nbytes - got)
+                n = len(data)
+                view[got : got + n] = data
+            if not n:
+                break
+            got += n
+    if got < view.nbytes:
+        raise StorageError(
+            f"{path} is truncated: expected {view.nbytes} bytes at offset {offset}, "
+            f"got {got}"
+        )
 
 
 try:  # ISA-L's CRC32: the same polynomial and values as zlib's, several times faster

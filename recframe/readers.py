@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -483,6 +484,10 @@ class TabularDataset(IterableDataset):
             ``block_size``, the bytes of CSV per block).
         drop_last: drop the epoch's final partial batch; default: only with several
             ranks (torchrec's sharded lookups need the same batch size on every rank).
+
+    Counters (all passes so far): ``bytes_read``, the data bytes read, and
+    ``decode_cpu_seconds``, the CPU time the read-and-decode tasks took (to weigh
+    input against a training step).
     """
 
     def __init__(
@@ -524,7 +529,8 @@ class TabularDataset(IterableDataset):
         self.files = list_files(paths, "parquet" if format == "parquet" else "csv")
         self._names = [_basename(u) for u in self.files]
         self._needed = self.schema.input_columns(self.labelled)
-        self.bytes_read = 0
+        self.bytes_read = 0  # bytes of data read (compressed Parquet column chunks)
+        self.decode_cpu_seconds = 0.0  # CPU time of the read-and-decode tasks
         self._lock = threading.Lock()
         self._local = threading.local()
         if format == "parquet":
@@ -836,10 +842,19 @@ class TabularDataset(IterableDataset):
                 offset = self._offset if i == self._part else self._plan[i].start
                 yield from self._tasks(i, offset)
 
+        def timed(task: Callable[[], Optional[_Chunk]]) -> Optional[_Chunk]:
+            start = time.thread_time()
+            try:
+                return task()
+            finally:
+                spent = time.thread_time() - start
+                with self._lock:
+                    self.decode_cpu_seconds += spent
+
         source = tasks()
         if self.num_workers == 0:
             for task in source:
-                chunk = task()
+                chunk = timed(task)
                 if chunk is not None and len(chunk):
                     yield chunk
             return
@@ -848,7 +863,7 @@ class TabularDataset(IterableDataset):
         pending: deque[Future] = deque()
         try:
             for task in source:
-                pending.append(pool.submit(task))
+                pending.append(pool.submit(timed, task))
                 while len(pending) >= self.prefetch:
                     chunk = pending.popleft().result()
                     if chunk is not None and len(chunk):

@@ -201,3 +201,17 @@ def test_decoding_threads_run_at_a_lower_priority(tmp_path) -> None:
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
     with pytest.raises(ValueError, match="worker_nice"):
         criteo_tsv(str(path), worker_nice=-1)
+
+
+def test_decode_cpu_seconds_counts_the_tasks(tmp_path) -> None:
+    line = "1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0000abcd"] * 26)
+    path = tmp_path / "day_0"
+    path.write_text((line + "\n") * 300)
+    for workers in (0, 2):
+        ds = criteo_tsv(str(path), batch_size=64, num_workers=workers, block_size=4096)
+        assert ds.decode_cpu_seconds == 0.0
+        assert sum(b.labels.shape[0] for b in ds) == 300
+        first = ds.decode_cpu_seconds
+        assert first > 0.0
+        list(ds)
+        assert ds.decode_cpu_seconds > first

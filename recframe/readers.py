@@ -274,25 +274,11 @@ def _string_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) -> np.ndarray:
     """Table rows of the (null-free) raw ids ``flat``; ``parents``: each id's row."""
     kind = column.mapping.kind
+    dynamic = column.mapping.dynamic
     is_str = pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)
-    if kind == "modulo":
-        if is_str:
-            try:
-                flat = pc.cast(flat, pa.int64())
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                i, v = _first_bad(flat.to_pylist(), int)
-                raise _RowError(int(parents[i]), column.name,
-                                f"id {v!r} is not an integer (mapping modulo)") from None
-        elif not pa.types.is_integer(flat.type):
-            raise _RowError(0, column.name, f"has type {flat.type}; mapping modulo needs "
-                            "integer ids (use mapping hash for strings)")
-        if pa.types.is_uint64(flat.type):  # ids beyond int64 stay positive
-            return _map_int_ids(column, num, np.asarray(flat, dtype=np.uint64))
-        return np.remainder(np.asarray(flat, dtype=np.int64), num)
     if kind == "hex":
         if pa.types.is_integer(flat.type):  # already parsed (recframe data convert)
-            value = np.asarray(pc.cast(flat, pa.int64()), dtype=np.int64).view(np.uint64)
-            return (value % np.uint64(num)).astype(np.int64)
+            return _map_int_ids(column, num, _int_array(flat))
         if not is_str:
             raise _RowError(0, column.name, f"has type {flat.type}; mapping hex needs strings "
                             "(or integers: the parsed ids)")
@@ -302,19 +288,22 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
             raise _RowError(int(parents[i]), column.name,
                             f"id {flat[i].as_py()!r} is not a hexadecimal id of 1-16 digits")
         return (value % np.uint64(num)).astype(np.int64)
-    dynamic = column.mapping.dynamic
-    if dynamic is not None and dynamic.ids == "int64":  # raw ids; the model maps them
+    if kind == "modulo" or (dynamic is not None and dynamic.ids == "int64"):
+        # modulo ids map to rows; dynamic ids int64 stay raw (the model maps them)
+        what, other = (("mapping modulo", "mapping hash") if kind == "modulo"
+                       else ("dynamic ids int64", "dynamic ids hash"))
         if is_str:
             try:
                 flat = pc.cast(flat, pa.int64())
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 i, v = _first_bad(flat.to_pylist(), int)
                 raise _RowError(int(parents[i]), column.name,
-                                f"id {v!r} is not an integer (dynamic ids int64)") from None
+                                f"id {v!r} is not an integer ({what})") from None
         elif not pa.types.is_integer(flat.type):
-            raise _RowError(0, column.name, f"has type {flat.type}; dynamic ids int64 need "
-                            "integer ids (use dynamic ids hash for strings)")
-        return np.asarray(flat, dtype=np.int64)
+            raise _RowError(0, column.name, f"has type {flat.type}; {what} "
+                            f"need{'s' if kind == 'modulo' else ''} integer ids (use {other} "
+                            "for strings)")
+        return _map_int_ids(column, num, _int_array(flat))
     salt = dynamic.salt if dynamic is not None else column.mapping.salt
     if not is_str:  # hash: integers hash by their decimal text
         flat = pc.cast(flat, pa.string())
@@ -325,6 +314,12 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
 
 
 _INT_IDS = ("modulo", "hex")
+
+
+def _int_array(arr: pa.Array) -> np.ndarray:
+    """A null-free integer Arrow array as int64 (uint64 kept: ids beyond int64)."""
+    ids = np.asarray(arr)
+    return ids if ids.dtype == np.uint64 else ids.astype(np.int64, copy=False)
 
 
 def _map_int_ids(column: SparseColumn, num: int, ids: np.ndarray) -> np.ndarray:

@@ -204,7 +204,7 @@ class _Chunk:
     values: np.ndarray  # int64, key-major
     lengths: np.ndarray  # int32 [features, rows]
     starts: np.ndarray = field(init=False)  # where each feature's ids start in values
-    _cursor: tuple[int, Optional[np.ndarray]] = field(init=False)  # (row, its offsets)
+    _cursor: tuple[int, np.ndarray] = field(init=False)  # (row, its offsets)
 
     def __post_init__(self) -> None:
         self.starts = np.zeros(self.lengths.shape[0], dtype=np.int64)
@@ -218,7 +218,7 @@ class _Chunk:
         """Each feature's ``[start, end)`` in ``values`` for rows ``[a, b)``: sums of
         the lengths from the previous span's end (batches take rows in order)."""
         row, lo = self._cursor
-        if row != a or lo is None:
+        if row != a:
             lo = self.starts + self.lengths[:, :a].sum(axis=1, dtype=np.int64)
         hi = lo + self.lengths[:, a:b].sum(axis=1, dtype=np.int64)
         self._cursor = (b, hi)
@@ -282,12 +282,7 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
         if not is_str:
             raise _RowError(0, column.name, f"has type {flat.type}; mapping hex needs strings "
                             "(or integers: the parsed ids)")
-        value, ok = parse_hex(*_string_bytes(flat))
-        if not ok.all():
-            i = int(np.flatnonzero(~ok)[0])
-            raise _RowError(int(parents[i]), column.name,
-                            f"id {flat[i].as_py()!r} is not a hexadecimal id of 1-16 digits")
-        return (value % np.uint64(num)).astype(np.int64)
+        return _hex_rows(column, num, *_string_bytes(flat), lambda i: int(parents[i]))
     if kind == "modulo" or (dynamic is not None and dynamic.ids == "int64"):
         # modulo ids map to rows; dynamic ids int64 stay raw (the model maps them)
         what, other = (("mapping modulo", "mapping hash") if kind == "modulo"
@@ -313,7 +308,17 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
     return (h % np.uint64(num)).astype(np.int64)
 
 
-_INT_IDS = ("modulo", "hex")
+def _hex_rows(column: SparseColumn, num: int, data: np.ndarray, starts: np.ndarray,
+              lengths: np.ndarray, row_of: Callable[[int], int]) -> np.ndarray:
+    """Table rows of the hexadecimal ids ``data[starts[i]:][:lengths[i]]``; ``row_of(i)``:
+    the row of id ``i`` (error path)."""
+    value, ok = parse_hex(data, starts, lengths)
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        text = data[starts[i]:starts[i] + lengths[i]].tobytes().decode("utf-8", "replace")
+        raise _RowError(row_of(i), column.name,
+                        f"id {text!r} is not a hexadecimal id of 1-16 digits")
+    return (value % np.uint64(num)).astype(np.int64)
 
 
 def _int_array(arr: pa.Array) -> np.ndarray:
@@ -340,7 +345,7 @@ def _single_fast(column: SparseColumn, num: int, arr: pa.Array) -> Optional[
     strings, straight from the Arrow buffers: no filtered copy of the column, hex ids
     parsed whole-column; None where it does not apply (the general path handles it)."""
     mapping = column.mapping
-    integer_ids = mapping.kind in _INT_IDS or (
+    integer_ids = mapping.kind in ("modulo", "hex") or (
         mapping.dynamic is not None and mapping.dynamic.ids == "int64")
     if not integer_ids or column.delimiter is not None:
         return None
@@ -361,13 +366,10 @@ def _single_fast(column: SparseColumn, num: int, arr: pa.Array) -> Optional[
     valid = lengths > 0
     if arr.null_count:
         valid &= np.asarray(arr.is_valid())
-    # the ids laid end to end (empty slots take no bytes): parse_hex's one-width path
-    value, ok = parse_hex(data, starts[valid], lengths[valid])
-    if not ok.all():
-        row = int(np.flatnonzero(valid)[np.flatnonzero(~ok)[0]])
-        raise _RowError(row, column.name,
-                        f"id {arr[row].as_py()!r} is not a hexadecimal id of 1-16 digits")
-    return (value % np.uint64(num)).astype(np.int64), valid.astype(np.int32)
+    # the ids lie end to end (empty slots take no bytes): parse_hex's one-width path
+    rows = _hex_rows(column, num, data, starts[valid], lengths[valid],
+                     lambda i: int(np.flatnonzero(valid)[i]))
+    return rows, valid.astype(np.int32)
 
 
 def _sparse(column: SparseColumn, num: int, arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -434,11 +436,11 @@ def decode_table(
         elif d.transform == "standardize":
             x = (x - d.mean) / d.std
         dense[:, j] = x
-    rows = {t.name: t.num_embeddings for t in schema.tables}
+    table_rows = {t.name: t.num_embeddings for t in schema.tables}
     values: list[np.ndarray] = []
     lengths = np.empty((len(schema.sparse), n), dtype=np.int32)
     for k, s in enumerate(schema.sparse):
-        v, lengths[k] = _sparse(s, rows[s.table], col(s.name))  # type: ignore[index]
+        v, lengths[k] = _sparse(s, table_rows[s.table], col(s.name))  # type: ignore[index]
         values.append(v)
     flat = np.concatenate(values) if values else np.zeros(0, dtype=np.int64)
     return _Chunk(part, ends, labels.astype(np.float32), weights, dense, flat, lengths)

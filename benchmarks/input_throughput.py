@@ -13,11 +13,18 @@ round by round (the order rotates) with the CPU other processes used recorded:
   Criteo schema) over batches decoded beforehand and held in memory: the step rate
   with no input cost (what training on pre-generated synthetic data runs at);
 * ``train_parquet`` / ``train_tsv``: the same `Trainer` reading the Parquet / TSV
-  files through the readers (real-data training).
+  files through the readers (real-data training);
+* ``train_parquet_nice0``: as ``train_parquet`` with the decoding threads at the
+  trainer's own priority (``worker_nice=0``): what the readers' default lower priority
+  buys.
 
 Goals: new_tsv >= 10x old_tsv, parquet >= 20x old_tsv, both >= 2x train_memory, and
-train_parquet / train_memory >= 0.95. Also reported: the bytes each of 2 ranks reads
-(goal <= 0.55 of the dataset), from readers built for rank 0 and 1 of 2.
+train_parquet / train_memory >= 0.95. Each ratio is given in wall time (the goal) and
+in CPU time (samples per CPU-second of this process: steadier on a loaded machine). For
+the training variants, ``decode share`` is the readers' read-and-decode CPU time
+(`TabularDataset.decode_cpu_seconds`) over the process's CPU time in the round: what
+input costs a step. Also reported: the bytes each of 2 ranks reads (goal <= 0.55 of the
+dataset), from readers built for rank 0 and 1 of 2.
 
     .venv/bin/python benchmarks/input_throughput.py            # ~ a few minutes
     .venv/bin/python benchmarks/input_throughput.py --quick    # smoke run, ~30 s
@@ -46,6 +53,7 @@ import _common as common  # noqa: E402
 GOALS = {"new_tsv/old_tsv": 10.0, "parquet/old_tsv": 20.0, "new_tsv/train_memory": 2.0,
          "parquet/train_memory": 2.0, "train_parquet/train_memory": 0.95,
          "train_tsv/train_memory": 0.95}
+INFO = ("train_parquet_nice0/train_memory",)  # ratios shown without a goal
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                             "input_throughput.json")
 
@@ -127,11 +135,16 @@ class TrainLoop:
         self.trainer.checkpoint_manager.step = lambda *a, **k: None  # no checkpoints
         self.steps = cfg.train_steps
 
-    def run(self, _round: int) -> int:
+    def run(self, _round: int) -> common.Timed:
         t = self.trainer
         before = t.state.samples_seen
+        decode = getattr(t.train_dataset, "decode_cpu_seconds", None)
+        wall, cpu = time.perf_counter(), time.process_time()
         t.train(train_steps=t.global_step + self.steps)
-        return t.state.samples_seen - before
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        extra = {} if decode is None else {
+            "decode_cpu_seconds": t.train_dataset.decode_cpu_seconds - decode}
+        return common.Timed(t.state.samples_seen - before, wall, cpu, extra)
 
 
 def bytes_per_rank(cfg: argparse.Namespace, files: list[str], pq_dir: str) -> dict[str, Any]:
@@ -186,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
             "train_tsv": TrainLoop(cfg, criteo_tsv(files, num_embeddings=n, batch_size=b,
                                                    num_workers=w, drop_last=True),
                                    os.path.join(root, "t")),
+            "train_parquet_nice0": TrainLoop(cfg, TabularDataset(
+                pq_dir, schema, batch_size=b, num_workers=w, drop_last=True, worker_nice=0),
+                os.path.join(root, "p0")),
         }
         variants = {
             "old_tsv": lambda r: one_pass(CriteoTSVDataset(files, batch_size=b,
@@ -210,19 +226,30 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     rates = {name: common.summarize([x.samples_per_sec for x in common.per_variant(
         results, name)]) for name in variants}
+    cpu_rates = {name: common.summarize([x.samples_per_cpu_sec for x in common.per_variant(
+        results, name)]) for name in variants}
     ratios = {}
-    for key, goal in GOALS.items():
+    for key, goal in [*GOALS.items(), *((k, None) for k in INFO)]:
         num, den = key.split("/")
         per_round = common.round_ratios(results, num, den)
         median = common.summarize(per_round)["median"]
-        ratios[key] = {"median": median, "per_round": per_round, "goal": goal,
-                       "meets_goal": None if median is None else median >= goal}
+        cpu = common.summarize(common.round_ratios(results, num, den, cpu=True))["median"]
+        ratios[key] = {"median": median, "per_round": per_round, "cpu_median": cpu,
+                       "goal": goal, "meets_goal": None if median is None or goal is None
+                       else median >= goal}
+    decode_share = {name: common.summarize([
+        x.extra["decode_cpu_seconds"] / x.cpu_seconds for x in common.per_variant(
+            results, name) if "decode_cpu_seconds" in x.extra and x.cpu_seconds > 0]
+    )["median"] for name in loops if name != "train_memory"}
     print(common.format_table(
-        ["variant", "samples/s (median)"],
-        [[k, f"{v['median']:,.0f}"] for k, v in rates.items()]))
+        ["variant", "samples/s (median)", "samples/CPU-s", "decode share"],
+        [[k, f"{v['median']:,.0f}", f"{cpu_rates[k]['median']:,.0f}",
+          "" if decode_share.get(k) is None else f"{decode_share[k]:.3f}"]
+         for k, v in rates.items()]))
     print(common.format_table(
-        ["ratio", "median", "goal", "met"],
-        [[k, f"{v['median']:.2f}", v["goal"], v["meets_goal"]] for k, v in ratios.items()]))
+        ["ratio", "median", "CPU-time", "goal", "met"],
+        [[k, f"{v['median']:.2f}", f"{v['cpu_median']:.2f}", v["goal"] or "-",
+          v["meets_goal"]] for k, v in ratios.items()]))
     print(f"bytes read per rank of 2 (share of the data set): TSV "
           f"{[round(s, 3) for s in shares['tsv']]}, Parquet "
           f"{[round(s, 3) for s in shares['parquet']]} (goal <= 0.55)")
@@ -235,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         "packages": common.package_versions(["torch", "torchrec", "pyarrow", "numpy"]),
         "config": vars(cfg),
         "rates": rates,
+        "cpu_rates": cpu_rates,
+        "decode_share": decode_share,
         "ratios": ratios,
         "bytes_per_rank_of_2": shares,
         "rounds": [x.to_dict() for x in results],

@@ -86,20 +86,31 @@ def _byte_view(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.
 
 def fnv1a64(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """64-bit FNV-1a of the byte strings ``data[starts[i] : starts[i] + lengths[i]]``,
-    vectorised over the strings (one numpy pass per byte position)."""
+    vectorised over the strings: one numpy pass per byte position, over the strings
+    that long (sorted longest first, so each pass works on a prefix, in place)."""
     starts, lengths, longest = _byte_view(starts, lengths)
-    h = np.full(starts.shape, FNV_OFFSET, dtype=_U64)
+    n = starts.shape[0]
     prime = _U64(FNV_PRIME)
+    if n and int(lengths.min()) == longest:  # one length: no sorting
+        order, idx, count = None, starts, np.full(longest, n)  # starts: a copy
+    else:
+        order = np.argsort(-lengths, kind="stable")
+        idx = starts[order]
+        # count[k]: how many strings have more than k bytes (a prefix of the order)
+        count = np.searchsorted(-lengths[order], -np.arange(longest), side="left")
+    h = np.full(n, FNV_OFFSET, dtype=_U64)
     with np.errstate(over="ignore"):
         for k in range(longest):
-            active = np.flatnonzero(lengths > k)
-            if active.size == h.size:
-                h ^= data[starts + k].astype(_U64)
-                h *= prime
-            else:
-                sub = h[active] ^ data[starts[active] + k].astype(_U64)
-                h[active] = sub * prime
-    return h
+            m = int(count[k])
+            head, at = h[:m], idx[:m]
+            head ^= data[at]
+            head *= prime
+            at += 1
+    if order is None:
+        return h
+    out = np.empty_like(h)
+    out[order] = h
+    return out
 
 
 def hash_strings(strings: Sequence[str], salt: int = 0) -> np.ndarray:
@@ -120,12 +131,47 @@ for _i, _c in enumerate("0123456789abcdef"):
     _HEX_TABLE[ord(_c.upper())] = _i
 
 
+def _nibbles_to_u32(x: np.ndarray) -> np.ndarray:
+    """Each uint64 of 8 nibbles (one per byte, the first in the lowest byte) -> the 32-bit
+    number they spell (SWAR: pairs, then pairs of pairs, in place on the whole array)."""
+    x = ((x & _U64(0x000F000F000F000F)) << _U64(4)) | ((x >> _U64(8)) & _U64(0x000F000F000F000F))
+    x = ((x & _U64(0x000000FF000000FF)) << _U64(8)) | ((x >> _U64(16)) & _U64(0x000000FF000000FF))
+    return ((x & _U64(0xFFFF)) << _U64(16)) | ((x >> _U64(32)) & _U64(0xFFFF))
+
+
+def _parse_hex_uniform(data: np.ndarray, start: int, count: int, width: int) -> tuple[
+    np.ndarray, np.ndarray
+]:
+    """``parse_hex`` of ``count`` strings of ``width`` (1-16) digits laid end to end from
+    ``data[start]`` (an Arrow string column's ids): whole-array ops, no per-digit pass."""
+    digits = np.take(_HEX_TABLE, data[start:start + count * width])
+    if digits.size and int(digits.max()) == 255:
+        ok = digits.reshape(count, width).max(axis=1) != 255
+    else:
+        ok = np.ones(count, dtype=bool)
+    padded = 8 if width <= 8 else 16
+    if width != padded:  # right-align: leading zero digits
+        nibbles = np.zeros((count, padded), dtype=np.uint8)
+        nibbles[:, padded - width:] = digits.reshape(count, width)
+        digits = nibbles
+    words = _nibbles_to_u32(digits.reshape(-1).view("<u8").copy())
+    if padded == 8:
+        return words, ok
+    words = words.reshape(count, 2)
+    return (words[:, 0] << _U64(32)) | words[:, 1], ok
+
+
 def parse_hex(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[
     np.ndarray, np.ndarray
 ]:
     """(uint64 values, bool ok) of hexadecimal byte strings; not ok: empty, longer
-    than 16 digits, or a non-hex character."""
+    than 16 digits, or a non-hex character. Strings of one width laid end to end (the
+    usual case: Criteo's ids) take a whole-matrix path; others one pass per digit."""
     starts, lengths, longest = _byte_view(starts, lengths)
+    n = starts.shape[0]
+    if n and 0 < longest <= 16 and int(lengths.min()) == longest and (
+            n == 1 or bool((np.diff(starts) == longest).all())):
+        return _parse_hex_uniform(data, int(starts[0]), n, longest)
     ok = (lengths > 0) & (lengths <= 16)
     value = np.zeros(starts.shape, dtype=_U64)
     shortest = int(lengths.min()) if lengths.size else 0

@@ -184,9 +184,10 @@ class HookRegistry:
                 return
             self._ended = True
         first_error: Optional[HookError] = None
+        name = event.value
         for hook in self._dispatch.get(event, ()):
             try:
-                getattr(hook, event.value)(trainer, *args)
+                getattr(hook, name)(trainer, *args)
             except Exception as e:  # noqa: BLE001 - re-raised with the hook's name
                 error = _named_error(hook, event, e)
                 if event is not Event.END:

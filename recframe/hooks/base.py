@@ -183,9 +183,12 @@ class HookRegistry:
             if self._ended:
                 return
             self._ended = True
+        hooks = self._dispatch.get(event, ())
+        if not hooks:
+            return
         first_error: Optional[HookError] = None
         name = event.value
-        for hook in self._dispatch.get(event, ()):
+        for hook in hooks:
             try:
                 getattr(hook, name)(trainer, *args)
             except Exception as e:  # noqa: BLE001 - re-raised with the hook's name

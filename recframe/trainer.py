@@ -657,10 +657,7 @@ class Trainer:
             self.hooks.fire(Event.BEFORE_STEP, self)
             if self.control.should_stop:  # a before_step hook stops before this update
                 break
-            self.window.reset(self.state.global_step + 1)
-            self.dense_optimizer.new_window()
-            self.sparse_optimizer.new_window()
-            self.dense_lr_scheduler.new_window()
+            self.window.reset(self.state.global_step + 1)  # and its views' windows
             step_metrics: dict[str, Any] = {}
             samples = 0
             start = (self.state.epoch_batches, self.state.micro_step, feed.position,
@@ -669,8 +666,9 @@ class Trainer:
                 for index in range(k):
                     item = feed.take()
                     size = index + 1 if item.is_last else k
-                    samples += batch_size_of(item.batch)
-                    self._run_micro_batch(item.batch, index, size, step_metrics)
+                    n = batch_size_of(item.batch)
+                    samples += n
+                    self._run_micro_batch(item.batch, index, size, step_metrics, n)
                     self.state.epoch_batches += 1
                     feed.trained(item)
                     if item.is_last:
@@ -698,16 +696,17 @@ class Trainer:
         return True
 
     def _run_micro_batch(
-        self, batch: Any, index: int, size: int, step_metrics: dict[str, Any]
+        self, batch: Any, index: int, size: int, step_metrics: dict[str, Any],
+        samples: Optional[int] = None,
     ) -> None:
         metrics: dict[str, Any] = {}
-        self.window.begin(index, size, metrics, batch_size_of(batch))
-        sync_ctx = (
-            _no_sync(self.model) if not self.window.is_boundary else contextlib.nullcontext()
-        )
+        self.window.begin(index, size, metrics,
+                          batch_size_of(batch) if samples is None else samples)
+        boundary = self.window.is_boundary
+        sync_ctx = _no_sync(self.model) if not boundary else contextlib.nullcontext()
         with sync_ctx, self.device.autocast(self.args.bf16):
             self._train_step(batch, self.state.epoch, metrics)
-        if not self.window.is_boundary:
+        if not boundary:
             # lazy devices (XLA): one graph per micro-batch, whatever k (the update's own
             # graph is cut by _finish_update); a no-op on eager devices
             self.device.mark_step()

@@ -183,10 +183,14 @@ class HookRegistry:
             if self._ended:
                 return
             self._ended = True
+        hooks = self._dispatch.get(event, ())
+        if not hooks:
+            return
         first_error: Optional[HookError] = None
-        for hook in self._dispatch.get(event, ()):
+        name = event.value
+        for hook in hooks:
             try:
-                getattr(hook, event.value)(trainer, *args)
+                getattr(hook, name)(trainer, *args)
             except Exception as e:  # noqa: BLE001 - re-raised with the hook's name
                 error = _named_error(hook, event, e)
                 if event is not Event.END:

@@ -62,16 +62,25 @@ def format_value(value: Union[int, float], digits: int = 6) -> str:
     return f"{value:.{digits}g}"
 
 
+FOLD_LOSSES = 256
+"""An interval's loss tensors are summed into one (on their device, no sync) every this
+many updates, so a long interval (a progress bar redrawn every 30 s) holds a bounded
+list."""
+
+
 class IntervalMeter:
     """Loss, samples and wall time accumulated since the last log.
 
     Losses are kept as detached tensors (numbers are accepted too) and summed only
-    in `mean_loss`, so accumulating costs no device sync. Time spent between
-    `pause` and `resume` (evaluation) is left out of the interval.
+    in `mean_loss`, so accumulating costs no device sync (every `FOLD_LOSSES` of them
+    are summed into one tensor on their device). Time spent between `pause` and
+    `resume` (evaluation) is left out of the interval.
     """
 
     def __init__(self) -> None:
         self._losses: list[torch.Tensor] = []
+        self._folded: Optional[torch.Tensor] = None
+        self._folded_count = 0
         self._float_losses: list[float] = []
         self.samples = 0
         self.steps = 0
@@ -81,6 +90,8 @@ class IntervalMeter:
     def reset(self) -> None:
         """Start a new interval now."""
         self._losses.clear()
+        self._folded = None
+        self._folded_count = 0
         self._float_losses.clear()
         self.samples = 0
         self.steps = 0
@@ -91,7 +102,10 @@ class IntervalMeter:
         """Record one optimizer update's ``loss`` and ``samples``."""
         loss = metrics.get("loss")
         if isinstance(loss, torch.Tensor):
-            self._losses.append(loss.detach())
+            # the trainer's loss is detached already: no new tensor per update then
+            self._losses.append(loss.detach() if loss.requires_grad else loss)
+            if len(self._losses) >= FOLD_LOSSES:
+                self._fold()
         elif loss is not None:
             self._float_losses.append(float(loss))
         samples = metrics.get("samples")
@@ -110,17 +124,32 @@ class IntervalMeter:
             self.start += time.perf_counter() - self._paused_at
             self._paused_at = None
 
+    @staticmethod
+    def _sum(losses: list[torch.Tensor]) -> torch.Tensor:
+        """The sum of ``losses`` (a tensor's mean where it holds several values)."""
+        stacked = torch.stack(
+            [t.reshape(()) if t.numel() == 1 else t.float().mean() for t in losses]
+        )
+        return stacked.float().sum()
+
+    def _fold(self) -> None:
+        """Sum the losses held so far into one tensor (on their device: no sync)."""
+        total = self._sum(self._losses)
+        if self._folded is not None:
+            total = total + self._folded.to(total.device)
+        self._folded, self._folded_count = total, self._folded_count + len(self._losses)
+        self._losses.clear()
+
     def mean_loss(self) -> Optional[float]:
         """Mean loss of the interval (one device sync), or None without losses."""
-        count = len(self._losses) + len(self._float_losses)
+        count = self._folded_count + len(self._losses) + len(self._float_losses)
         if count == 0:
             return None
         total = math.fsum(self._float_losses)
         if self._losses:
-            stacked = torch.stack(
-                [t.reshape(()) if t.numel() == 1 else t.float().mean() for t in self._losses]
-            )
-            total += stacked.float().sum().item()
+            self._fold()
+        if self._folded is not None:
+            total += self._folded.item()
         return total / count
 
     def samples_per_sec(self) -> float:
@@ -182,6 +211,7 @@ class LoggerHook(Hook):
         self._meter = IntervalMeter()
         self._user: dict[str, Any] = {}
         self._lr: Any = None
+        self._main: Optional[bool] = None  # the rank's role, read once per train() call
 
     def _interval(self, trainer: Trainer) -> int:
         return self.log_steps if self.log_steps is not None else int(trainer.args.log_steps)
@@ -189,9 +219,10 @@ class LoggerHook(Hook):
     def before_train(self, trainer: Trainer) -> None:
         self._meter.reset()
         self._user.clear()
+        self._main = bool(trainer.is_main_process)
 
     def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        if not trainer.is_main_process:
+        if not (self._main if self._main is not None else trainer.is_main_process):
             return
         self._meter.add(metrics)
         for key, value in metrics.items():

@@ -138,6 +138,7 @@ class TensorBoardHook(Hook):
         self._meter = IntervalMeter()
         self._user: dict[str, Any] = {}
         self._lr: Any = None
+        self._main: Optional[bool] = None  # the rank's role, read once per train() call
 
     # --- writer lifecycle ----------------------------------------------------------
     def _open(self, trainer: Trainer) -> None:
@@ -168,9 +169,10 @@ class TensorBoardHook(Hook):
         self._open(trainer)
         self._meter.reset()
         self._user.clear()
+        self._main = bool(trainer.is_main_process)
 
     def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        if not trainer.is_main_process:
+        if not (self._main if self._main is not None else trainer.is_main_process):
             return
         self._meter.add(metrics)
         for key, value in metrics.items():

@@ -241,22 +241,28 @@ class AccumulationWindow:
         if self._skip is not None:
             return self._skip
         losses = self._current_losses()
-        flags: list[torch.Tensor] = []
-        if losses:
-            flags.append(torch.isfinite(torch.stack([x.float().reshape(()) for x in losses]))
-                         .all())
         grads: list[torch.Tensor] = []
         if self.nonfinite_policy == "skip":  # every optimizer's: none steps if one is bad
             for view in self.optimizers:
                 grads.extend(view.gradients())
-        if grads:
-            norms = torch._foreach_norm(grads, math.inf)  # max |g|: NaN and inf survive it
-            device = flags[0].device if flags else norms[0].device
-            flags.append(torch.isfinite(torch.stack([n.float().to(device) for n in norms]))
-                         .all())
-        ok = torch.stack(flags).tolist() if flags else []  # one host sync
-        loss_ok = ok[0] if losses else True
-        grads_ok = ok[-1] if grads else True
+        if grads or len(losses) > 1:
+            flags: list[torch.Tensor] = []
+            if losses:
+                flags.append(torch.isfinite(torch.stack([x.float().reshape(()) for x in losses]))
+                             .all())
+            if grads:
+                norms = torch._foreach_norm(grads, math.inf)  # max |g|: NaN and inf survive it
+                device = flags[0].device if flags else norms[0].device
+                flags.append(torch.isfinite(torch.stack([n.float().to(device) for n in norms]))
+                             .all())
+            ok = torch.stack(flags).tolist()  # one host sync
+            loss_ok = ok[0] if losses else True
+            grads_ok = ok[-1] if grads else True
+        else:
+            # the usual update (one loss, no gradient check): the same one host sync,
+            # without the five small ops that stacking flags takes
+            loss_ok = not losses or math.isfinite(losses[0].item())
+            grads_ok = True
         # several processes decide together (2: a bad loss, 1: bad gradients): a rank
         # that stepped while another skipped would diverge, or hang in the sharded
         # tables' backward (a collective)

@@ -23,14 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from recframe.checkpoint.storage import Storage, StorageError
-from recframe.hooks.base import Hook
-from recframe.hooks.logger import (
-    RESERVED_STEP_KEYS,
-    IntervalMeter,
-    log_due,
-    scalar_value,
-    update_epoch,
-)
+from recframe.hooks.logger import IntervalReportHook, scalar_value, update_epoch
 
 if TYPE_CHECKING:
     from recframe.trainer import Trainer
@@ -114,7 +107,7 @@ def json_safe(value: Any) -> Any:
     return str(value)
 
 
-class JsonlLoggerHook(Hook):
+class JsonlLoggerHook(IntervalReportHook):
     """Appends one JSON line per ``log_steps`` updates and per evaluation (main process).
 
     Args:
@@ -127,18 +120,9 @@ class JsonlLoggerHook(Hook):
     def __init__(self, path: Optional[str] = None, log_steps: Optional[int] = None) -> None:
         if path is not None and (not isinstance(path, (str, os.PathLike)) or not str(path)):
             raise ValueError(f"JsonlLoggerHook: path must be a non-empty path, got {path!r}")
-        if log_steps is not None and (
-            isinstance(log_steps, bool) or not isinstance(log_steps, int) or log_steps < 1
-        ):
-            raise ValueError(
-                f"JsonlLoggerHook: log_steps must be an integer >= 1, got {log_steps!r}"
-            )
+        super().__init__(log_steps)
         self.path = None if path is None else os.fspath(path)
-        self.log_steps = log_steps
         self.file: Optional[AppendingFile] = None
-        self._meter = IntervalMeter()
-        self._user: dict[str, Any] = {}
-        self._lr: Any = None
 
     def _open(self, trainer: Trainer) -> None:
         if self.file is not None or not trainer.is_main_process:
@@ -163,20 +147,7 @@ class JsonlLoggerHook(Hook):
 
     def before_train(self, trainer: Trainer) -> None:
         self._open(trainer)
-        self._meter.reset()
-        self._user.clear()
-
-    def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        if not trainer.is_main_process:
-            return
-        self._meter.add(metrics)
-        for key, value in metrics.items():
-            if key not in RESERVED_STEP_KEYS:
-                self._user[key] = value
-        self._lr = metrics.get("lr")
-        interval = self.log_steps if self.log_steps is not None else int(trainer.args.log_steps)
-        if log_due(trainer, interval):
-            self._write_train(trainer)
+        super().before_train(trainer)
 
     def _write_train(self, trainer: Trainer) -> None:
         self._open(trainer)
@@ -193,20 +164,8 @@ class JsonlLoggerHook(Hook):
                 record[key] = value
         record["time"] = time.time()
         self._append(record)
-        self._meter.reset()
-        self._user.clear()
 
-    def after_train(self, trainer: Trainer) -> None:
-        if trainer.is_main_process and self._meter.steps > 0:
-            self._write_train(trainer)
-
-    def before_evaluate(self, trainer: Trainer) -> None:
-        self._meter.pause()
-
-    def after_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        self._meter.resume()
-        if not trainer.is_main_process:
-            return
+    def _write_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self._open(trainer)
         record: dict[str, Any] = {"kind": "eval", "step": int(trainer.state.global_step),
                                   "epoch": update_epoch(trainer.state)}

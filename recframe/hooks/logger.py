@@ -183,7 +183,73 @@ def log_due(trainer: Trainer, log_steps: int) -> bool:
     return bool(getattr(trainer.control, "should_log", False))
 
 
-class LoggerHook(Hook):
+class IntervalReportHook(Hook):
+    """Base of the hooks that report training every ``log_steps`` updates (the log line,
+    TensorBoard, metrics.jsonl): it gathers each update's loss, samples, lr and the
+    user's step metrics in one place, on the main process only, and pauses its clock
+    during evaluations; a subclass writes a report in `_write_train` / `_write_eval`.
+    ``log_steps``: None follows ``TrainingArguments.log_steps``."""
+
+    def __init__(self, log_steps: Optional[int] = None) -> None:
+        if log_steps is not None and (
+            isinstance(log_steps, bool) or not isinstance(log_steps, int) or log_steps < 1
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: log_steps must be an integer >= 1, got {log_steps!r}"
+            )
+        self.log_steps = log_steps
+        self._meter = IntervalMeter()
+        self._user: dict[str, Any] = {}
+        self._lr: Any = None
+        self._main: Optional[bool] = None  # the rank's role, read once per train() call
+
+    def _interval(self, trainer: Trainer) -> int:
+        return self.log_steps if self.log_steps is not None else int(trainer.args.log_steps)
+
+    def _report_train(self, trainer: Trainer) -> None:
+        self._write_train(trainer)
+        self._meter.reset()
+        self._user.clear()
+
+    def _write_train(self, trainer: Trainer) -> None:
+        """Write one training report from ``_meter``, ``_lr`` and ``_user``."""
+        raise NotImplementedError
+
+    def _write_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        """Write one evaluation report (main process only)."""
+        raise NotImplementedError
+
+    def before_train(self, trainer: Trainer) -> None:
+        self._meter.reset()
+        self._user.clear()
+        self._main = bool(trainer.is_main_process)
+
+    def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        if not (self._main if self._main is not None else trainer.is_main_process):
+            return
+        self._meter.add(metrics)
+        for key, value in metrics.items():
+            if key not in RESERVED_STEP_KEYS:
+                self._user[key] = value
+        self._lr = metrics.get("lr")
+        if log_due(trainer, self._interval(trainer)):
+            self._report_train(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        # a run that ended off the log grid (epochs, early stop) still reports its tail
+        if trainer.is_main_process and self._meter.steps > 0:
+            self._report_train(trainer)
+
+    def before_evaluate(self, trainer: Trainer) -> None:
+        self._meter.pause()
+
+    def after_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self._meter.resume()
+        if trainer.is_main_process:
+            self._write_eval(trainer, metrics)
+
+
+class LoggerHook(IntervalReportHook):
     """Logs training progress on the main process to the ``recframe`` logger.
 
     Args:
@@ -200,44 +266,12 @@ class LoggerHook(Hook):
     priority = 100
 
     def __init__(self, log_steps: Optional[int] = None, loss_digits: int = 4) -> None:
-        if log_steps is not None and (
-            isinstance(log_steps, bool) or not isinstance(log_steps, int) or log_steps < 1
-        ):
-            raise ValueError(f"LoggerHook: log_steps must be an integer >= 1, got {log_steps!r}")
-        self.log_steps = log_steps
+        super().__init__(log_steps)
         self.loss_digits = loss_digits
         self.last_logged: dict[str, Any] = {}
         self.last_eval_logged: dict[str, Any] = {}
-        self._meter = IntervalMeter()
-        self._user: dict[str, Any] = {}
-        self._lr: Any = None
-        self._main: Optional[bool] = None  # the rank's role, read once per train() call
 
-    def _interval(self, trainer: Trainer) -> int:
-        return self.log_steps if self.log_steps is not None else int(trainer.args.log_steps)
-
-    def before_train(self, trainer: Trainer) -> None:
-        self._meter.reset()
-        self._user.clear()
-        self._main = bool(trainer.is_main_process)
-
-    def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        if not (self._main if self._main is not None else trainer.is_main_process):
-            return
-        self._meter.add(metrics)
-        for key, value in metrics.items():
-            if key not in RESERVED_STEP_KEYS:
-                self._user[key] = value
-        self._lr = metrics.get("lr")
-        if log_due(trainer, self._interval(trainer)):
-            self._write_train_line(trainer)
-
-    def after_train(self, trainer: Trainer) -> None:
-        # a run that ended off the log grid (epochs, early stop) still logs its tail
-        if trainer.is_main_process and self._meter.steps > 0:
-            self._write_train_line(trainer)
-
-    def _write_train_line(self, trainer: Trainer) -> None:
+    def _write_train(self, trainer: Trainer) -> None:
         state = trainer.state
         values: dict[str, Any] = {"step": int(state.global_step), "epoch": update_epoch(state)}
         loss = self._meter.mean_loss()
@@ -262,16 +296,8 @@ class LoggerHook(Hook):
             parts.append(f"{key}={text}")
         logger.info(" ".join(parts))
         self.last_logged = values
-        self._meter.reset()
-        self._user.clear()
 
-    def before_evaluate(self, trainer: Trainer) -> None:
-        self._meter.pause()
-
-    def after_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        self._meter.resume()
-        if not trainer.is_main_process:
-            return
+    def _write_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         state = trainer.state
         values: dict[str, Any] = {"step": int(state.global_step), "epoch": update_epoch(state)}
         for key, value in metrics.items():
@@ -284,5 +310,6 @@ class LoggerHook(Hook):
 
 
 __all__ = [
-    "IntervalMeter", "LoggerHook", "format_value", "log_due", "scalar_value", "update_epoch",
+    "IntervalMeter", "IntervalReportHook", "LoggerHook", "format_value", "log_due",
+    "scalar_value", "update_epoch",
 ]

@@ -24,9 +24,8 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from recframe.checkpoint.storage import Storage
-from recframe.hooks.base import Hook
 from recframe.hooks.jsonl import AppendingFile
-from recframe.hooks.logger import RESERVED_STEP_KEYS, IntervalMeter, log_due, scalar_value
+from recframe.hooks.logger import IntervalReportHook, scalar_value
 
 if TYPE_CHECKING:
     from recframe.trainer import Trainer
@@ -105,7 +104,7 @@ class EventFile:
         self._file.close()
 
 
-class TensorBoardHook(Hook):
+class TensorBoardHook(IntervalReportHook):
     """Writes scalars to TensorBoard event files under ``log_dir``.
 
     Args:
@@ -124,21 +123,11 @@ class TensorBoardHook(Hook):
             raise ValueError(
                 f"TensorBoardHook: log_dir must be a non-empty string, got {log_dir!r}"
             )
-        if log_steps is not None and (
-            isinstance(log_steps, bool) or not isinstance(log_steps, int) or log_steps < 1
-        ):
-            raise ValueError(
-                f"TensorBoardHook: log_steps must be an integer >= 1, got {log_steps!r}"
-            )
+        super().__init__(log_steps)
         self.log_dir = log_dir
-        self.log_steps = log_steps
         self.writer: Optional[EventFile] = None
         self.resolved_log_dir: Optional[str] = None
         """Directory of the open (or last opened) writer."""
-        self._meter = IntervalMeter()
-        self._user: dict[str, Any] = {}
-        self._lr: Any = None
-        self._main: Optional[bool] = None  # the rank's role, read once per train() call
 
     # --- writer lifecycle ----------------------------------------------------------
     def _open(self, trainer: Trainer) -> None:
@@ -167,21 +156,7 @@ class TensorBoardHook(Hook):
     # --- events --------------------------------------------------------------------
     def before_train(self, trainer: Trainer) -> None:
         self._open(trainer)
-        self._meter.reset()
-        self._user.clear()
-        self._main = bool(trainer.is_main_process)
-
-    def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        if not (self._main if self._main is not None else trainer.is_main_process):
-            return
-        self._meter.add(metrics)
-        for key, value in metrics.items():
-            if key not in RESERVED_STEP_KEYS:
-                self._user[key] = value
-        self._lr = metrics.get("lr")
-        interval = self.log_steps if self.log_steps is not None else int(trainer.args.log_steps)
-        if log_due(trainer, interval):
-            self._write_train(trainer)
+        super().before_train(trainer)
 
     def _write_train(self, trainer: Trainer) -> None:
         self._open(trainer)
@@ -198,23 +173,17 @@ class TensorBoardHook(Hook):
             number = scalar_value(value)
             if number is not None:
                 self.writer.add_scalar(f"train/{key}", number, step)
-        self._meter.reset()
-        self._user.clear()
         self._flush()
 
     def after_train(self, trainer: Trainer) -> None:
-        if trainer.is_main_process and self._meter.steps > 0:
-            self._write_train(trainer)
+        super().after_train(trainer)
         self._flush()
 
     def before_evaluate(self, trainer: Trainer) -> None:
         self._open(trainer)
-        self._meter.pause()
+        super().before_evaluate(trainer)
 
-    def after_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        self._meter.resume()
-        if not trainer.is_main_process:
-            return
+    def _write_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self._open(trainer)
         assert self.writer is not None
         step = int(trainer.state.global_step)

@@ -96,13 +96,13 @@ def test_log_and_bar_agree_on_the_epoch_of_an_epochs_last_update(tmp_path):
                              report_to="none", train_epoch=2)
     trainer = Trainer(ToyCTR(), args, train_dataset=make_batches(2, 8), hooks=[hook])
     seen = []
-    orig = hook._write_train_line
+    orig = hook._write_train
 
     def spy(t):
         orig(t)
         seen.append(dict(hook.last_logged))
 
-    hook._write_train_line = spy
+    hook._write_train = spy
     trainer.train()
     assert [(v["step"], v["epoch"]) for v in seen] == [(2, 0), (4, 1)]
 

@@ -97,6 +97,25 @@ def test_steps_and_seconds_combine(tmp_path, monkeypatch):
     assert saved == [2, 4, 8]
 
 
+def test_step_decides_only_where_a_rule_can_fire(tmp_path, monkeypatch):
+    """The per-update check is O(1) between the steps where the policy can act; a
+    SIGTERM or a forced save on a quiet step still acts at once."""
+    manager = CheckpointManager(Saver(make_model(), output_dir=str(tmp_path), max_keep=10),
+                                save_interval=5)
+    decided = []
+    decide = manager.save_policy.decide
+    monkeypatch.setattr(manager.save_policy, "decide",
+                        lambda ctx: decided.append(ctx.step) or decide(ctx))
+    saved = [s for s in range(1, 13) if manager.step(s)]
+    assert saved == [5, 10] and decided == [1, 5, 10]
+    assert manager.step(12, force=True).endswith("ckpt_12")  # forced on a quiet step
+    manager._sigterm_seen = manager.preemption_requested = True  # one rank's SIGTERM
+    assert manager.step(13).endswith("ckpt_13") and decided[-1] == 13
+    manager.start()  # a new train() call: preemption cleared, the fast path again
+    assert manager.step(3) is None and manager.step(4) is None and decided[-1] == 3
+    assert manager.step(15).endswith("ckpt_15")
+
+
 # --- retention ---------------------------------------------------------------------------
 def test_max_keep_keeps_the_newest(tmp_path):
     model = make_model()

@@ -88,3 +88,31 @@ def test_keep_policy_owns_latest_best_restored_and_chains():
     chain = [_info(1, chain=["ckpt_1"]), _info(2, chain=["ckpt_1", "ckpt_2"]),
              _info(3, chain=["ckpt_1", "ckpt_2", "ckpt_3"])]
     assert KeepPolicy(LatestN(1)).deletable(chain) == []  # the kept delta needs its chain
+
+
+def test_next_decision_step_skips_only_steps_where_decide_says_no():
+    """Every step before ``next_decision_step`` is one where `decide` (no force, no local
+    preemption) saves nothing and runs no collective: the manager may skip it."""
+    configs = [(IntervalPolicy(steps=5), False), (IntervalPolicy(), False),
+               (IntervalPolicy(), True), (IntervalPolicy(steps=6, seconds=10), False),
+               (IntervalPolicy(seconds=10), True), (IntervalPolicy(steps=7), True)]
+    for interval, on_preemption in configs:
+        for world in (1, 2):
+            for agree in (1, 4):
+                ranks = Ranks(theirs=SaveDecisionPolicy.PREEMPTION)  # the worst case
+                policy = SaveDecisionPolicy(interval, agree, on_preemption, reduce_max=ranks)
+                step = 0
+                while step < 40:
+                    nxt = policy.next_decision_step(step, world)
+                    assert nxt > step
+                    for quiet in range(step + 1, min(nxt, 41)):
+                        decision = policy.decide(ctx(quiet, secs=1e9, world_size=world))
+                        assert not decision.save and not decision.preempt, (interval, quiet)
+                    assert ranks.calls == []  # no agreement step was skipped
+                    step = nxt
+                    if step <= 40:  # where it may act, it does (a save or an agreement)
+                        decision = policy.decide(ctx(step, secs=1e9, world_size=world))
+                        assert decision.save or ranks.calls, (interval, world, agree, step)
+                        ranks.calls.clear()
+    # one rank, no rule: never
+    assert SaveDecisionPolicy(IntervalPolicy()).next_decision_step(10, 1) > 10**15

@@ -129,6 +129,8 @@ class CheckpointManager:
         self.metrics_provider: Optional[Callable[[], dict[str, float]]] = None
         self.preemption_requested = False
         self._sigterm_seen = False
+        self._quiet_after, self._quiet_until = 0, 0
+        """Steps strictly between these need no save decision (`step`'s fast path)."""
         self._last_saved_step = -1
         self._last_saved_time = time.monotonic()
         self._previous_handler: Any = None
@@ -151,6 +153,7 @@ class CheckpointManager:
     @agree_every.setter
     def agree_every(self, value: int) -> None:
         self.save_policy.agree_every = max(1, int(value))
+        self._quiet_until = 0  # the agreement steps moved: decide again
 
     @property
     def async_save(self) -> bool:
@@ -186,12 +189,18 @@ class CheckpointManager:
         else:
             self.global_step = global_step
         step = self.global_step
+        if (self._quiet_after < step < self._quiet_until and not force
+                and not (self._sigterm_seen or self.preemption_requested)):
+            return None  # no rule can fire before _quiet_until (the usual update: O(1))
+        world_size = distributed.get_world_size()
+        self._quiet_after = step
+        self._quiet_until = self.save_policy.next_decision_step(step, world_size)
         decision = self.save_policy.decide(SaveContext(
             step=step,
             last_saved_step=self._last_saved_step,
             seconds_since_save=time.monotonic() - self._last_saved_time,
             preemption=self._sigterm_seen or self.preemption_requested,
-            world_size=distributed.get_world_size(),
+            world_size=world_size,
             force=force or self.preemption_requested,
         ))
         if decision.preempt:
@@ -436,6 +445,7 @@ class CheckpointManager:
             self._acquire()
         self.preemption_requested = False
         self._sigterm_seen = False
+        self._quiet_until = 0  # the policy or the world size may have changed since
         if self.save_on_sigterm and self._previous_handler is None:
             self._install_sigterm()
 

@@ -29,8 +29,11 @@ from typing import Optional, Protocol
 from recframe import distributed
 from recframe.checkpoint.saver import CheckpointInfo
 
-
 # --- when to save ---------------------------------------------------------------------
+NEVER = 2**62
+"""A step no run reaches: `SaveDecisionPolicy.next_decision_step` when no rule can fire."""
+
+
 @dataclass(frozen=True)
 class SaveContext:
     """What a save decision sees at one optimizer update."""
@@ -102,6 +105,23 @@ class SaveDecisionPolicy:
         self.agree_every = max(1, int(agree_every))
         self.on_preemption = on_preemption
         self.reduce_max = reduce_max
+
+    def next_decision_step(self, step: int, world_size: int) -> int:
+        """The first step after ``step`` at which `decide` can answer anything but "no
+        save" when nothing forces a save and this rank saw no preemption signal: the
+        next multiple of the step interval, every step under a wall-time interval (one
+        rank), the next agreement step where ranks look at rank-local signals. Steps
+        before it need no `decide` (the caller's per-update check is then O(1))."""
+        steps, local = self.interval.steps, bool(self.interval.seconds)
+        if world_size > 1:
+            local = local or self.on_preemption
+            if local and self.agree_every == 1:
+                return step + 1
+        elif local:
+            return step + 1  # the wall-time rule may fire at any step
+        candidates = [(step // n + 1) * n for n in (steps, self.agree_every if local else None)
+                      if n]
+        return min(candidates) if candidates else NEVER
 
     def decide(self, ctx: SaveContext) -> SaveDecision:
         signal = self.PREEMPTION if ctx.preemption else (

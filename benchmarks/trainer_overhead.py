@@ -577,19 +577,33 @@ def run_tiny(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
         "rounds": [x.to_dict() for x in results],
     }
     if cfg.profile:
-        out["profile_top"] = profile_tiny(rec, batches)
+        out["profile_top"] = profile_tiny(rec, batches, hand)
     return out
 
 
-def profile_tiny(rec: RecframeLoop, batches: list[Any], top: int = 25) -> str:
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(3):
-        rec.run(batches, len(batches))
-    prof.disable()
+def profile_tiny(rec: RecframeLoop, batches: list[Any], hand: TinyHand | None = None,
+                 top: int = 25) -> str:
+    """cProfile's top entries of the recframe tiny loop, headed by the Python calls per
+    update of each loop (deterministic, unlike time on a shared machine; recframe's
+    include its per-``train``-call work spread over the round)."""
+    def calls_per_update(run: Any) -> tuple[float, pstats.Stats]:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(3):
+            run()
+        prof.disable()
+        stats = pstats.Stats(prof)
+        return stats.total_calls / (3 * len(batches)), stats
+
+    rec_calls, stats = calls_per_update(lambda: rec.run(batches, len(batches)))
     buf = io.StringIO()
-    stats = pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime")
-    stats.print_stats(top)
+    line = f"Python calls per update: recframe {rec_calls:.1f}"
+    if hand is not None:
+        hand_calls, _ = calls_per_update(lambda: hand.run(batches))
+        line += f", hand {hand_calls:.1f} (+{rec_calls - hand_calls:.1f})"
+    buf.write(line + "\n")
+    stats.stream = buf
+    stats.strip_dirs().sort_stats("tottime").print_stats(top)
     return buf.getvalue()
 
 

@@ -584,6 +584,10 @@ class Trainer:
         self.control.should_stop = False
         self.model.train()
         self.checkpoint_manager.start()
+        # read once per call, not per update: the skip decision agrees across ranks only
+        # where there are several
+        self.window.single_process = (not distributed.is_initialized()
+                                      or distributed.get_world_size() == 1)
         failed = True
         try:
             self.hooks.fire(Event.BEFORE_TRAIN, self)
@@ -703,9 +707,12 @@ class Trainer:
         self.window.begin(index, size, metrics,
                           batch_size_of(batch) if samples is None else samples)
         boundary = self.window.is_boundary
-        sync_ctx = _no_sync(self.model) if not boundary else contextlib.nullcontext()
-        with sync_ctx, self.device.autocast(self.args.bf16):
+        if boundary and not self.args.bf16:  # the usual micro-batch: no context to enter
             self._train_step(batch, self.state.epoch, metrics)
+        else:
+            sync_ctx = _no_sync(self.model) if not boundary else contextlib.nullcontext()
+            with sync_ctx, self.device.autocast(self.args.bf16):
+                self._train_step(batch, self.state.epoch, metrics)
         if not boundary:
             # lazy devices (XLA): one graph per micro-batch, whatever k (the update's own
             # graph is cut by _finish_update); a no-op on eager devices
@@ -720,10 +727,14 @@ class Trainer:
                 "_train_step did not record the loss (metrics.update(loss=loss)); loss is "
                 "neither logged nor checked for NaN/inf"
             )
-        for key, value in metrics.items():
-            if key != "loss":
-                step_metrics[key] = value.detach() if isinstance(value, torch.Tensor) else value
-        step_metrics.update(pop_global_metrics())
+        if len(metrics) > 1 or loss is None:  # metrics of the user's beside the loss
+            for key, value in metrics.items():
+                if key != "loss":
+                    step_metrics[key] = (value.detach() if isinstance(value, torch.Tensor)
+                                         else value)
+        recorded = pop_global_metrics()
+        if recorded:
+            step_metrics.update(recorded)
 
     def _finish_update(self, step_metrics: dict[str, Any], samples: int, skipped: bool) -> None:
         self.state.global_step += 1

@@ -109,6 +109,42 @@ def test_a_hook_added_during_training_gets_the_next_events(tmp_path):
     assert late.calls == 3
 
 
+# --- per-update decisions ----------------------------------------------------------------
+def test_one_process_decides_skip_once_and_saves_only_where_a_rule_can_fire(
+    tmp_path, monkeypatch
+):
+    """Per update on one process: one skip decision per window, with no agreement call
+    (no other rank), and the save policy asked only at the steps where it can act."""
+    from recframe import distributed
+    from recframe.checkpoint.policies import SaveDecisionPolicy
+    from recframe.optim.core import AccumulationWindow
+
+    counts = {"skip": 0, "reduce": 0}
+    decided: list[tuple[int, bool]] = []
+    should_skip, decide = AccumulationWindow.should_skip, SaveDecisionPolicy.decide
+
+    def counted_skip(self):
+        counts["skip"] += 1
+        return should_skip(self)
+
+    def counted_decide(self, ctx):
+        decided.append((ctx.step, ctx.force))
+        return decide(self, ctx)
+
+    monkeypatch.setattr(AccumulationWindow, "should_skip", counted_skip)
+    monkeypatch.setattr(SaveDecisionPolicy, "decide", counted_decide)
+    monkeypatch.setattr(distributed, "all_reduce_max_int",
+                        lambda v: counts.__setitem__("reduce", counts["reduce"] + 1) or v)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), save_steps=4,
+                             report_to="none", disable_tqdm=True)
+    trainer = Trainer(ToyCTR(), args, train_dataset=make_batches(10, 4))
+    calls_before = counts["skip"]
+    trainer.train(train_steps=8)
+    assert counts["skip"] - calls_before == 8 and counts["reduce"] == 0
+    assert sorted({s for s, _ in decided}) == [1, 4, 8] and (8, True) in decided
+    assert [c.step for c in trainer.checkpoint_manager.list()] == [4, 8]
+
+
 # --- host allocator ----------------------------------------------------------------------
 FAULTS = textwrap.dedent("""
     import resource, sys, torch

@@ -115,6 +115,8 @@ def _named_error(hook: Hook, event: Event, error: Exception) -> HookError:
 
 
 _EVENTS = tuple(Event)
+_METHOD = {event: event.value for event in _EVENTS}
+"""Each event's `Hook` method name (a dict read: ``fire`` runs twice per update)."""
 
 
 def _overrides(hook: Hook, event: Event) -> bool:
@@ -187,7 +189,7 @@ class HookRegistry:
         if not hooks:
             return
         first_error: Optional[HookError] = None
-        name = event.value
+        name = _METHOD[event]
         for hook in hooks:
             try:
                 getattr(hook, name)(trainer, *args)

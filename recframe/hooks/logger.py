@@ -202,6 +202,7 @@ class IntervalReportHook(Hook):
         self._user: dict[str, Any] = {}
         self._lr: Any = None
         self._main: Optional[bool] = None  # the rank's role, read once per train() call
+        self._every: Optional[int] = None  # the interval, read once per train() call
 
     def _interval(self, trainer: Trainer) -> int:
         return self.log_steps if self.log_steps is not None else int(trainer.args.log_steps)
@@ -223,6 +224,7 @@ class IntervalReportHook(Hook):
         self._meter.reset()
         self._user.clear()
         self._main = bool(trainer.is_main_process)
+        self._every = self._interval(trainer)
 
     def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         if not (self._main if self._main is not None else trainer.is_main_process):
@@ -232,7 +234,8 @@ class IntervalReportHook(Hook):
             if key not in RESERVED_STEP_KEYS:
                 self._user[key] = value
         self._lr = metrics.get("lr")
-        if log_due(trainer, self._interval(trainer)):
+        every = self._every if self._every is not None else self._interval(trainer)
+        if log_due(trainer, every):
             self._report_train(trainer)
 
     def after_train(self, trainer: Trainer) -> None:

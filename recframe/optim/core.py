@@ -161,7 +161,11 @@ class AccumulationWindow:
         self.schedulers: list[SchedulerView] = []
         self._reference = 0
         self._skip: Optional[bool] = None
+        self._factor: Optional[float] = None
         self._warned: set[str] = set()
+        self.single_process = False
+        """Set (by the trainer, once per ``train`` call) when no other rank takes part:
+        the skip decision then needs no agreement call."""
 
     def reset(self, step_number: int) -> None:
         """Start a new window for optimizer update number ``step_number``."""
@@ -173,8 +177,11 @@ class AccumulationWindow:
         self.samples = []
         self._reference = 0
         self._skip = None
-        for view in (*self.optimizers, *self.schedulers):
+        self._factor = None
+        for view in self.optimizers:
             view.new_window()
+        for scheduler in self.schedulers:
+            scheduler.new_window()
 
     def begin(
         self, index: int, size: int, metrics: dict[str, Any], samples: Optional[int] = None
@@ -184,6 +191,7 @@ class AccumulationWindow:
         self.index = index
         self.size = size
         self.metrics = metrics
+        self._factor = None
         if samples is None:
             return
         self.samples.append(int(samples))
@@ -205,12 +213,17 @@ class AccumulationWindow:
 
     def update_factor(self) -> float:
         """What the summed gradients are multiplied by at the update: n_last/N per
-        sample (after the rescales of `begin`), 1/m per micro-batch."""
+        sample (after the rescales of `begin`), 1/m per micro-batch (worked out once
+        per window: every optimizer's update uses it)."""
+        if self._factor is not None:
+            return self._factor
         total = sum(self.samples)
         if (self.weighting == "samples" and self._reference > 0 and total > 0
                 and len(self.samples) == self.size):
-            return self._reference / total
-        return 1.0 / self.size
+            self._factor = self._reference / total
+        else:
+            self._factor = 1.0 / self.size
+        return self._factor
 
     def mean_loss(self) -> Optional[torch.Tensor]:
         """The window's loss, as its update weighs it: per sample (n_i/N) by default,
@@ -240,7 +253,11 @@ class AccumulationWindow:
         ``FloatingPointError`` on a non-finite loss under ``'raise'``."""
         if self._skip is not None:
             return self._skip
-        losses = self._current_losses()
+        if self.losses:
+            losses = self._current_losses()
+        else:  # the usual window (k=1): only this micro-batch's loss; no copy, no detach
+            current = self.metrics.get("loss") if self.metrics else None
+            losses = [current] if isinstance(current, torch.Tensor) else []
         grads: list[torch.Tensor] = []
         if self.nonfinite_policy == "skip":  # every optimizer's: none steps if one is bad
             for view in self.optimizers:
@@ -267,7 +284,7 @@ class AccumulationWindow:
         # that stepped while another skipped would diverge, or hang in the sharded
         # tables' backward (a collective)
         code = 2 if not loss_ok else (0 if grads_ok else 1)
-        agreed = distributed.all_reduce_max_int(code)
+        agreed = code if self.single_process else distributed.all_reduce_max_int(code)
         where = "" if agreed == code else " on another rank"
         if agreed == 2:
             if self.nonfinite_policy == "raise":
@@ -304,7 +321,8 @@ class AccumulationWindow:
     def step(self, view: OptimizerView) -> Any:
         """The update of ``view``'s optimizer for this window, unless it is skipped."""
         view.done = True
-        if self.should_skip():
+        skip = self._skip if self._skip is not None else self.should_skip()
+        if skip:
             return None
         return view.apply(self.update_factor())
 
@@ -312,7 +330,7 @@ class AccumulationWindow:
         """End the window (the trainer, after its last micro-batch): run the steps
         requested on earlier micro-batches only, then the scheduler's; zero every
         optimizer's gradients. Returns whether the update was skipped."""
-        skipped = self.should_skip()
+        skipped = self._skip if self._skip is not None else self.should_skip()
         for view in self.optimizers:
             if view.optimizer is None:
                 continue
@@ -448,8 +466,9 @@ class OptimizerView:
         if self.optimizer is None:
             return None
         self.requested = True
-        if self.window.is_boundary and not self.done:
-            return self.window.step(self)
+        window = self.window
+        if window.index >= window.size - 1 and not self.done:  # the window's boundary
+            return window.step(self)
         return None
 
     def gradients(self) -> list[torch.Tensor]:

@@ -76,10 +76,14 @@ def batch_size_of(batch: Any) -> int:
 def _find_batch_size(obj: Any) -> Optional[int]:
     if isinstance(obj, torch.Tensor):
         return int(obj.shape[0]) if obj.dim() > 0 else None
-    if isinstance(obj, Mapping):
+    if type(obj) is dict or isinstance(obj, Mapping):  # a dict skips the ABC check
         for key in ("labels", "label"):
             if key in obj:
-                found = _find_batch_size(obj[key])
+                value = obj[key]
+                if isinstance(value, torch.Tensor):  # the usual labels: no recursion
+                    found = int(value.shape[0]) if value.dim() > 0 else None
+                else:
+                    found = _find_batch_size(value)
                 if found is not None:
                     return found
         for value in obj.values():

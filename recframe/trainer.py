@@ -763,7 +763,8 @@ class Trainer:
         self.control.reset_step_flags()
 
     def _save_checkpoint(self, final: bool) -> None:
-        self._note_stop()
+        if self.control.should_stop:
+            self._note_stop()
         path = self.checkpoint_manager.step(
             self.state.global_step, force=final or self.control.should_save
         )

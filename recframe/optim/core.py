@@ -324,7 +324,7 @@ class AccumulationWindow:
         skip = self._skip if self._skip is not None else self.should_skip()
         if skip:
             return None
-        return view.apply(self.update_factor())
+        return view.apply(self._factor if self._factor is not None else self.update_factor())
 
     def update(self) -> bool:
         """End the window (the trainer, after its last micro-batch): run the steps
@@ -456,7 +456,7 @@ class OptimizerView:
         backward and accumulates nothing (the fused back end at k=1) is passed the call
         on a window's first micro-batch: it is where its ``lr`` reaches its kernels."""
         self.set_to_none = set_to_none
-        if (self.optimizer is not None and self.window.is_first
+        if (self.optimizer is not None and self.window.index == 0  # the window's first
                 and getattr(self.optimizer, "updates_in_backward", False)):
             self.optimizer.zero_grad(set_to_none=set_to_none)
 

@@ -116,3 +116,10 @@ def test_a_long_interval_holds_a_bounded_number_of_loss_tensors():
     assert meter.samples == 2 * len(values) and meter.steps == len(values)
     meter.reset()
     assert meter.mean_loss() is None
+    # a user's losses of other shapes and dtypes (a mean over several values) fold too
+    odd = [torch.tensor([1.0]), torch.tensor([2.0, 4.0]), torch.tensor(5.0, dtype=torch.bfloat16)]
+    for i in range(FOLD_LOSSES + 1):
+        meter.add({"loss": odd[i % 3]})
+    expected = [1.0, 3.0, 5.0]
+    assert abs(meter.mean_loss()
+               - sum(expected[i % 3] for i in range(FOLD_LOSSES + 1)) / (FOLD_LOSSES + 1)) < 1e-4

@@ -127,6 +127,8 @@ class IntervalMeter:
     @staticmethod
     def _sum(losses: list[torch.Tensor]) -> torch.Tensor:
         """The sum of ``losses`` (a tensor's mean where it holds several values)."""
+        if all(t.dim() == 0 for t in losses):  # the trainer's scalar losses: one stack
+            return torch.stack(losses).float().sum()
         stacked = torch.stack(
             [t.reshape(()) if t.numel() == 1 else t.float().mean() for t in losses]
         )

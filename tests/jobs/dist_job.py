@@ -263,7 +263,8 @@ def main() -> None:
 def leave_group(out: str, rank: int) -> None:
     """Destroy the process group; then rank 0, which hosts the rendezvous store here
     (torchrun would host it in its agent), waits until every rank has left: a store
-    host that exits while a peer still tears down aborts that peer."""
+    host that exits while a peer still tears down aborts that peer. Ends the process
+    (exit status 0): call it last, once the job's results are written."""
     import torch.distributed as dist
 
     from recframe import distributed
@@ -278,6 +279,12 @@ def leave_group(out: str, rank: int) -> None:
         others = [os.path.join(out, f"left-{tag}-r{r}") for r in range(1, world)]
         while not all(map(os.path.exists, others)) and time.monotonic() < deadline:
             time.sleep(0.02)
+    # the results are written and the group is gone: exit without the interpreter's and
+    # the C++ runtime's teardown, where a gloo/store thread still being torn down can
+    # abort the process ("terminate called without an active exception", seen in CI)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -115,22 +115,20 @@ MODELS = ("dlrm", "deepfm")
 DATA = ("synthetic", "criteo", "parquet", "csv", "tsv")
 
 
-def _model_choice(text: str) -> str:
-    if text in MODELS or _is_import_path(text):
-        return text
-    raise argparse.ArgumentTypeError(
-        f"{text!r} is neither a model of the zoo ({', '.join(MODELS)}) nor an import path "
-        "pkg.module:factory"
-    )
+def _builtin_or_import_path(builtin: tuple[str, ...], what: str) -> Any:
+    """An argparse ``type`` taking one of ``builtin`` or a ``pkg.module:factory`` path."""
+    def choice(text: str) -> str:
+        if text in builtin or _is_import_path(text):
+            return text
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither {what} ({', '.join(builtin)}) nor an import path "
+            "pkg.module:factory"
+        )
+    return choice
 
 
-def _data_choice(text: str) -> str:
-    if text in DATA or _is_import_path(text):
-        return text
-    raise argparse.ArgumentTypeError(
-        f"{text!r} is neither built-in data ({', '.join(DATA)}) nor an import path "
-        "pkg.module:factory"
-    )
+_model_choice = _builtin_or_import_path(MODELS, "a model of the zoo")
+_data_choice = _builtin_or_import_path(DATA, "built-in data")
 
 
 def _is_import_path(text: str) -> bool:

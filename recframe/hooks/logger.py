@@ -14,6 +14,7 @@ sync) when a line is written, never on every step.
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import numbers
@@ -185,7 +186,7 @@ def log_due(trainer: Trainer, log_steps: int) -> bool:
     return bool(getattr(trainer.control, "should_log", False))
 
 
-class IntervalReportHook(Hook):
+class IntervalReportHook(Hook, abc.ABC):
     """Base of the hooks that report training every ``log_steps`` updates (the log line,
     TensorBoard, metrics.jsonl): it gathers each update's loss, samples, lr and the
     user's step metrics in one place, on the main process only, and pauses its clock
@@ -214,13 +215,13 @@ class IntervalReportHook(Hook):
         self._meter.reset()
         self._user.clear()
 
+    @abc.abstractmethod
     def _write_train(self, trainer: Trainer) -> None:
         """Write one training report from ``_meter``, ``_lr`` and ``_user``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _write_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """Write one evaluation report (main process only)."""
-        raise NotImplementedError
 
     def before_train(self, trainer: Trainer) -> None:
         self._meter.reset()

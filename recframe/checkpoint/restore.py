@@ -93,9 +93,14 @@ class Transaction:
         self._first.append(fn)
 
     def verify(self, keep: bool) -> None:
+        """Check every queued copy's chunks, each reader's in one `TensorReader.verify`
+        (one hand-off to the threads, not one per part)."""
+        by_reader: dict[int, tuple[TensorReader, list[Any]]] = {}
         for reader, jobs in self._steps:
             if reader is not None:
-                reader.verify(jobs, keep)
+                by_reader.setdefault(id(reader), (reader, []))[1].extend(jobs)
+        for reader, jobs in by_reader.values():
+            reader.verify(jobs, keep)
 
     def run(self, keep: bool) -> None:
         """`verify`, then `apply`, on one pool of worker threads shared by every step

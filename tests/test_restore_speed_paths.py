@@ -88,7 +88,7 @@ def _replace(path: str, offset: int) -> None:
     os.replace(path + ".new", path)
 
 
-@pytest.mark.parametrize("mapping", [True, False], ids=["mapped", "read"])
+@pytest.mark.parametrize("mapping", [True, False, None], ids=["mapped", "read", "default"])
 @pytest.mark.parametrize("change", [_rewrite_in_place, _replace], ids=["in_place", "replaced"])
 def test_a_file_changed_between_verify_and_apply_is_refused_and_nothing_changes(
     saved, tmp_path, monkeypatch, change, mapping
@@ -404,3 +404,122 @@ def test_cached_tells_cached_from_evicted_pages(tmp_path):
         assert not fmt._cached(fd, 0, 1 << 20)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("mapping", [None, True], ids=["default", "mapped"])
+def test_a_truncated_file_is_refused_before_it_is_mapped(saved, tmp_path, monkeypatch,
+                                                          mapping):
+    """A data file shorter than its chunks need is a named corrupt checkpoint (fstat
+    before any mapping: touching a mapped page past the end of a file is SIGBUS), and
+    nothing live changes."""
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", mapping)
+    ckpt = os.path.join(saved.saver.output_dir, "ckpt_1")
+    chunk = _chunk_of(ckpt, "sparse.emb.weight")
+    os.truncate(os.path.join(ckpt, chunk["file"]), chunk["offset"] + chunk["nbytes"] // 2)
+    mapped: list[int] = []
+    monkeypatch.setattr(fmt, "_mapped_crc32",
+                        lambda fd, offset, n: mapped.append(n) or 0)  # never reached
+    fresh = Run(tmp_path / "run", seed=7)
+    before = fresh.snapshot()
+    with pytest.raises(CheckpointCorruptError, match=f"{chunk['file']} is truncated"):
+        fresh.saver.load(ckpt_id=1)
+    assert _same(fresh.snapshot(), before)
+    assert mapped == []
+
+
+@pytest.mark.parametrize("when", ["after_identity", "before_mapping"])
+def test_a_file_truncated_during_the_mapped_check_is_refused_not_sigbus(
+    saved, tmp_path, monkeypatch, when
+):
+    """A file truncated between the recorded identity and the check of its chunks (the
+    file's identity no longer matches), or right before a chunk is mapped (``mmap``
+    refuses a range past the end of the file: the chunk is read, and the short read
+    reported): a `CheckpointCorruptError`, never a SIGBUS, and nothing live changes."""
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", True)
+    ckpt = os.path.join(saved.saver.output_dir, "ckpt_1")
+    chunk = _chunk_of(ckpt, "sparse.emb.weight")
+    path = os.path.join(ckpt, chunk["file"])
+    size = chunk["offset"] + chunk["nbytes"] // 2
+    if when == "after_identity":
+        settle = fmt.TensorReader._settle
+
+        def settle_then_truncate(self, ends):
+            settle(self, ends)
+            os.truncate(path, size)
+
+        monkeypatch.setattr(fmt.TensorReader, "_settle", settle_then_truncate)
+        expected = f"{chunk['file']} changed after its checksums were verified"
+    else:
+        mapped_crc32 = fmt._mapped_crc32
+
+        def truncate_then_probe(fd, offset, nbytes):
+            os.truncate(path, size)
+            return True  # as if cached: the chunk is mapped
+
+        def refused(fd, offset, nbytes):
+            try:
+                return mapped_crc32(fd, offset, nbytes)
+            except ValueError as e:
+                mapping_refused.append(str(e))
+                raise
+
+        mapping_refused: list[str] = []
+        monkeypatch.setattr(fmt, "_cached", truncate_then_probe)
+        monkeypatch.setattr(fmt, "_mapped_crc32", refused)
+        # no identity recorded: the path `recframe ckpt inspect --verify` takes
+        monkeypatch.setattr(fmt.TensorReader, "_settle", lambda self, ends: None)
+        expected = f"{chunk['file']} is truncated"
+    fresh = Run(tmp_path / "run", seed=7)
+    before = fresh.snapshot()
+    with pytest.raises(CheckpointCorruptError, match=expected):
+        fresh.saver.load(ckpt_id=1)
+    assert _same(fresh.snapshot(), before)
+    if when == "before_mapping":
+        assert mapping_refused  # mmap itself refused the range past the end
+
+
+def test_an_object_store_never_maps(tmp_path, monkeypatch):
+    """On an object store (``memory://``) chunks are read and checked, never mapped,
+    whatever `VERIFY_BY_MAPPING` says; the restore is intact, and a flipped byte is
+    refused with nothing live changed."""
+    import uuid
+
+    import fsspec
+
+    monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", True)
+    url = f"memory://restore-speed-{uuid.uuid4().hex}"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(300, 8), nn.Linear(8, 8))
+    saver = Saver(model, output_dir=url, chunk_bytes=1024, concurrency=2)
+    saver.save(1)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    probed: list[int] = []
+    monkeypatch.setattr(fmt, "_cached", lambda fd, offset, n: probed.append(n) or True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        Saver(model, output_dir=url, chunk_bytes=1024, concurrency=2).load()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+        assert probed == []
+        with fs.open(f"{root}/ckpt_1/manifest.json") as f:
+            manifest = json.load(f)
+        key = next(k for k in manifest["tensors"] if k.endswith("0.weight"))
+        entry = manifest["tensors"][key]["shards"][0]["chunks"][0]
+        path = f"{root}/ckpt_1/{entry['file']}"
+        data = bytearray(fs.cat_file(path))
+        data[entry["offset"]] ^= 0xFF
+        fs.pipe_file(path, bytes(data))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        with pytest.raises(CheckpointCorruptError, match="checksum mismatch"):
+            Saver(model, output_dir=url, chunk_bytes=1024, concurrency=2).load(ckpt_id=1)
+        assert all(not p.any() for p in model.parameters())
+        assert probed == []
+    finally:
+        if fs.exists(root):
+            fs.rm(root, recursive=True)

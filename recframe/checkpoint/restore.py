@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -58,6 +57,7 @@ from recframe.checkpoint.format import (
     decode_tree,
     encode_tree,
     is_sharded,
+    reader_pool,
     tree_tensor_keys,
 )
 
@@ -104,11 +104,11 @@ class Transaction:
 
     def run(self, keep: bool) -> None:
         """`verify`, then `apply`, on one pool of worker threads shared by every step
-        (not a pool per step and phase)."""
+        (`format.reader_pool`: not a pool per step and phase, nor per restore)."""
         readers = list({id(r): r for r, _ in self._steps if r is not None}.values())
         workers = max([r.concurrency for r in readers], default=1)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt") as pool, \
-                contextlib.ExitStack() as sessions:
+        pool = reader_pool(workers)
+        with contextlib.ExitStack() as sessions:
             for reader in readers:  # each file opened once, for both phases
                 sessions.enter_context(reader.session())
                 reader.pool = pool

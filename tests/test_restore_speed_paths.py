@@ -523,3 +523,43 @@ def test_an_object_store_never_maps(tmp_path, monkeypatch):
     finally:
         if fs.exists(root):
             fs.rm(root, recursive=True)
+
+
+def test_reader_threads_are_kept_between_restores_and_a_forked_child_gets_its_own(
+    saved, tmp_path, monkeypatch
+):
+    """A restore used to start a fresh pool of reader threads (~1 ms a thread on a busy
+    machine): the second restore now starts none. A forked child (the async writer
+    forks) does not inherit the parent's threads, so it gets a pool of its own."""
+    import threading
+
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    fresh = Run(tmp_path / "run", seed=7)
+    fresh.saver.load(ckpt_id=1)
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def count_start(self):
+        started.append(self.name)
+        return start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", count_start)
+    fresh.saver.load(ckpt_id=1)
+    assert _same(fresh.snapshot(), saved.snapshot())
+    assert started == []
+    monkeypatch.undo()
+    parent = fmt.reader_pool(2)
+    pid = os.fork()
+    if pid == 0:  # the child: its own pool, which runs tasks
+        import signal
+
+        signal.alarm(20)
+        ok = False
+        try:
+            pool = fmt.reader_pool(2)
+            ok = pool is not parent and pool.submit(lambda: 42).result(timeout=10) == 42
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert fmt.reader_pool(2) is parent

@@ -563,3 +563,30 @@ def test_reader_threads_are_kept_between_restores_and_a_forked_child_gets_its_ow
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert fmt.reader_pool(2) is parent
+
+
+def test_the_parts_of_one_checkpoint_are_verified_and_copied_in_one_hand_off(
+    saved, tmp_path, monkeypatch
+):
+    """The model's and the optimizers' tensors of one checkpoint are verified in one
+    call to the threads and copied in one (each part used to be its own, each waiting
+    for its slowest chunk), the optimizers' ``load_state_dict`` still after the copies."""
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    calls: list[tuple[str, int]] = []
+    verify, apply = fmt.TensorReader.verify, fmt.TensorReader.apply
+
+    def count_verify(self, jobs, keep):
+        calls.append(("verify", len(jobs)))
+        return verify(self, jobs, keep)
+
+    def count_apply(self, jobs):
+        calls.append(("apply", len(jobs)))
+        return apply(self, jobs)
+
+    monkeypatch.setattr(fmt.TensorReader, "verify", count_verify)
+    monkeypatch.setattr(fmt.TensorReader, "apply", count_apply)
+    fresh = Run(tmp_path / "run", seed=7)
+    fresh.saver.load(ckpt_id=1)
+    assert _same(fresh.snapshot(), saved.snapshot())
+    assert [c[0] for c in calls] == ["verify", "apply"]
+    assert calls[0][1] == calls[1][1] > 2

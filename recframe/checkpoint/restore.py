@@ -133,11 +133,23 @@ class Transaction:
             for back in reversed(undo):
                 back()
             raise
-        for reader, step in self._steps:
+        for reader, step in self._merged():
             if reader is not None:
                 reader.apply(step)
             else:
                 step()
+
+    def _merged(self) -> list[tuple[Optional[TensorReader], Any]]:
+        """The steps, consecutive copies from one reader joined into one (one hand-off
+        to the threads, no wait for the slowest chunk of each part; copies from one
+        checkpoint are independent of one another), calls where they were."""
+        merged: list[tuple[Optional[TensorReader], Any]] = []
+        for reader, step in self._steps:
+            if reader is not None and merged and merged[-1][0] is reader:
+                merged[-1] = (reader, merged[-1][1] + step)
+            else:
+                merged.append((reader, step))
+        return merged
 
 
 @dataclass

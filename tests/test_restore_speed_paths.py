@@ -590,3 +590,51 @@ def test_the_parts_of_one_checkpoint_are_verified_and_copied_in_one_hand_off(
     assert _same(fresh.snapshot(), saved.snapshot())
     assert [c[0] for c in calls] == ["verify", "apply"]
     assert calls[0][1] == calls[1][1] > 2
+
+
+def test_run_threads_hands_each_thread_one_task_and_reports_the_first_failure():
+    """`format._run_threads` runs every index once on the caller's thread plus the
+    pool's (one task per thread, not a future per item), returns results in order, and
+    after a failure starts no new item, waits for the running ones and raises the
+    failure of the lowest index that ran."""
+    import threading
+    import time
+
+    pool = fmt.reader_pool(3)
+    seen: list[int] = []
+    threads: set[int] = set()
+
+    def work(i: int) -> int:
+        seen.append(i)
+        threads.add(threading.get_ident())
+        time.sleep(0.001)
+        return i * i
+
+    submitted: list[int] = []
+    submit = pool.submit
+
+    def count_submit(fn, *a, **k):
+        submitted.append(1)
+        return submit(fn, *a, **k)
+
+    pool.submit = count_submit  # type: ignore[method-assign]
+    try:
+        assert fmt._run_threads(work, 40, 3, pool) == [i * i for i in range(40)]
+    finally:
+        del pool.submit
+    assert sorted(seen) == list(range(40))
+    assert len(submitted) == 2 and threading.get_ident() in threads
+    running: list[int] = []
+    done: list[int] = []
+
+    def fail(i: int) -> None:
+        running.append(i)
+        if i in (5, 7):
+            raise ValueError(f"item {i}")
+        time.sleep(0.002)
+        done.append(i)
+
+    with pytest.raises(ValueError, match="item [57]"):
+        fmt._run_threads(fail, 200, 3, pool)
+    assert len(running) < 200  # stopped handing out items
+    assert sorted(done) == sorted(i for i in running if i not in (5, 7))  # none left running

@@ -13,11 +13,13 @@ every registered object exactly as they were:
    live is written. With ``keep`` (`STAGE_IN_MEMORY`, default on object stores) the
    bytes are read and kept for phase 3: one download of each chunk, extra host memory
    of the live tensors' size. Without (default on local disks) each file's identity
-   (inode, size, mtime, ctime) is recorded and each chunk's CRC32 computed by
+   (inode, size, mtime, ctime) is recorded and each chunk's CRC32 computed from a
+   read-only memory map of the chunk where its pages are cached (no copy), else by
    reading it in small slices, each checked while in the CPU cache (memory: one
-   slice per thread; `format.VERIFY_SLICE_BYTES`, `format.VERIFY_BY_MAPPING`); a file
-   changed in the last clock tick is stat-ed again once the tick has passed
-   (`RACY_WINDOW_NS`).
+   slice per thread; `format.VERIFY_BY_MAPPING`, `format.VERIFY_SLICE_BYTES`); a
+   file changed in the last clock tick is stat-ed again once the tick has passed
+   (`RACY_WINDOW_NS`). The chunks of every part read from one checkpoint go to the
+   threads (`format.reader_pool`, kept between restores) in one hand-off.
    On an object store without ``keep`` each chunk is read into a scratch buffer,
    then read and checked again at apply;
 3. *apply*: first every file verified without keeping is confirmed to be the one

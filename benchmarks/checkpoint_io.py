@@ -98,6 +98,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    "default: the system temp dir; must be a real disk, not tmpfs)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--json", default=DEFAULT_JSON, help="where to write the JSON report")
+    p.add_argument("--versions", default=None,
+                   help="instead of the variants: restore / raw read of recframe checkouts "
+                   "side by side, NAME=PATH,... (e.g. before=/work/wt-pre12,now=.), one "
+                   "process per checkout importing its recframe, their rounds interleaved "
+                   "(--repeats rounds warm, then as many cold; c = --default_concurrency)")
+    p.add_argument("--version_worker", default=None, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     ns.concurrency = sorted({int(x) for x in str(ns.concurrency).split(",") if x.strip()})
     if not ns.concurrency or min(ns.concurrency) < 1 or ns.default_concurrency < 1:
@@ -741,8 +747,105 @@ def _cell(entry: Optional[dict[str, Any]]) -> str:
 
 
 # --- main ------------------------------------------------------------------------
+# --- versions side by side ----------------------------------------------------------
+def version_worker(cfg: argparse.Namespace) -> int:
+    """One checkout's side of `compare_versions`: saves once (recframe and raw), then
+    per line on stdin ("warm" or "cold") times a raw read and a recframe restore, in
+    alternating order, and answers one JSON line of (wall, cpu) seconds."""
+    import json
+
+    torch.set_num_threads(cfg.threads)
+    model, opt = build_state(cfg)
+    c = cfg.default_concurrency
+    workdir = tempfile.mkdtemp(prefix="recframe-ckpt-versions-", dir=cfg.dir)
+    try:
+        rf, raw = recframe_variant(model, opt, c, iter([1])), raw_variant(model, opt, c)
+        steps = {"raw": (raw, os.path.join(workdir, "raw")),
+                 "restore": (rf, os.path.join(workdir, "rf"))}
+        for v, path in steps.values():
+            v.save(path)
+        print("ready", flush=True)
+        for n, line in enumerate(sys.stdin):
+            phase = line.strip()
+            if phase not in ("warm", "cold"):
+                break
+            out: dict[str, Any] = {}
+            for name in (["raw", "restore"] if n % 2 == 0 else ["restore", "raw"]):
+                v, path = steps[name]
+                if phase == "cold":
+                    evict(path)
+                else:  # warm: the files in the page cache, whatever ran before
+                    v.restore(path)
+                c0, t0 = time.process_time(), time.perf_counter()
+                v.restore(path)
+                out[name] = [time.perf_counter() - t0, time.process_time() - c0]
+            print(json.dumps(out), flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def compare_versions(cfg: argparse.Namespace) -> int:
+    """Restore / raw read of several recframe checkouts on this machine at once: one
+    worker process per checkout (``PYTHONPATH`` = the checkout, this script's state and
+    variants), each timing its own raw read and restore; the checkouts' rounds are
+    interleaved (rotated each round), so drift in the machine's load hits all alike.
+    Prints medians (min-max) of the per-round ratios and writes them to ``--json``."""
+    import json
+
+    versions = dict(item.split("=", 1) for item in cfg.versions.split(",") if item)
+    argv = [sys.executable, os.path.abspath(__file__), "--scale", str(cfg.scale),
+            "--tables", str(cfg.tables), "--dim", str(cfg.dim), "--threads",
+            str(cfg.threads), "--default_concurrency", str(cfg.default_concurrency)]
+    argv += ["--dir", cfg.dir] if cfg.dir else []
+    procs = {}
+    for name, root in versions.items():
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(root))
+        procs[name] = subprocess.Popen(argv + ["--version_worker", name], env=env,
+                                       cwd=os.path.abspath(root), stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True)
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {n: {} for n in versions}
+    try:
+        for name, proc in procs.items():
+            if proc.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
+                raise RuntimeError(f"the worker of {name} ({versions[name]}) failed")
+        names = list(versions)
+        for phase in ("warm",) if cfg.no_cold else ("warm", "cold"):
+            for r in range(cfg.repeats):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    proc = procs[name]
+                    proc.stdin.write(phase + "\n")  # type: ignore[union-attr]
+                    proc.stdin.flush()  # type: ignore[union-attr]
+                    answer = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+                    results[name].setdefault(phase, []).append(answer)
+    finally:
+        for proc in procs.values():
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # type: ignore[union-attr]
+            proc.wait()
+    rows, summary = [], {}
+    for name, phases in results.items():
+        for phase, rounds_ in phases.items():
+            wall = common.summarize([r["raw"][0] / r["restore"][0] for r in rounds_])
+            cpu = common.summarize([r["raw"][1] / r["restore"][1] for r in rounds_])
+            summary[f"{name} {phase}"] = {"wall": wall, "cpu": cpu, "rounds": rounds_}
+            rows.append([name, phase, _cell(wall), _cell(cpu)])
+    print(f"restore / raw read, c{cfg.default_concurrency}, medians (min-max) of per-round "
+          "ratios (>1: recframe faster):")
+    print(common.format_table(["version", "", "wall", "cpu seconds"], rows))
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.json)) or ".", exist_ok=True)
+    with open(cfg.json, "w") as f:
+        json.dump({"versions": versions, "scale": cfg.scale, "results": summary}, f, indent=1)
+    print(f"wrote {cfg.json}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse_args(argv)
+    if cfg.version_worker:
+        return version_worker(cfg)
+    if cfg.versions:
+        return compare_versions(cfg)
     torch.set_num_threads(cfg.threads)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)

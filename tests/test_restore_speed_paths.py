@@ -96,6 +96,7 @@ def test_a_file_changed_between_verify_and_apply_is_refused_and_nothing_changes(
     """The changed chunk is a dense layer's, applied after the sparse table: re-reading
     and re-checking at apply (the old way) fails only after the table was overwritten."""
     monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", mapping)
+    monkeypatch.setattr(fmt, "VERIFY_MAP_MIN_BYTES", 0)  # these tiny chunks too
     ckpt = os.path.join(saved.saver.output_dir, "ckpt_1")
     chunk = _chunk_of(ckpt, "dense.mlp.2.weight")
     verify = restore.Transaction.verify
@@ -120,6 +121,7 @@ def test_each_live_chunk_is_checked_once_and_read_once(tmp_path, monkeypatch, ma
     straight into the tensor (the old path read and checked every chunk twice and
     copied it once more)."""
     monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", mapping)
+    monkeypatch.setattr(fmt, "VERIFY_MAP_MIN_BYTES", 0)  # these tiny chunks too
     monkeypatch.setattr(fmt, "VERIFY_SLICE_BYTES", 256)  # several slices per chunk
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(300, 8), nn.Linear(8, 8))
@@ -277,6 +279,7 @@ def test_a_file_changed_while_read_into_a_live_tensor_fails_loudly(saved, tmp_pa
 def test_a_filesystem_that_cannot_map_files_is_read_instead(saved, tmp_path, monkeypatch):
     """mmap fails with ENODEV on some filesystems: the chunk is read and checked."""
     monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    monkeypatch.setattr(fmt, "VERIFY_MAP_MIN_BYTES", 0)  # these tiny chunks too
     monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", True)
 
     def no_mapping(fd, offset, nbytes):
@@ -414,6 +417,7 @@ def test_a_truncated_file_is_refused_before_it_is_mapped(saved, tmp_path, monkey
     nothing live changes."""
     monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
     monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", mapping)
+    monkeypatch.setattr(fmt, "VERIFY_MAP_MIN_BYTES", 0)  # these tiny chunks too
     ckpt = os.path.join(saved.saver.output_dir, "ckpt_1")
     chunk = _chunk_of(ckpt, "sparse.emb.weight")
     os.truncate(os.path.join(ckpt, chunk["file"]), chunk["offset"] + chunk["nbytes"] // 2)
@@ -438,6 +442,7 @@ def test_a_file_truncated_during_the_mapped_check_is_refused_not_sigbus(
     reported): a `CheckpointCorruptError`, never a SIGBUS, and nothing live changes."""
     monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
     monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", True)
+    monkeypatch.setattr(fmt, "VERIFY_MAP_MIN_BYTES", 0)  # these tiny chunks too
     ckpt = os.path.join(saved.saver.output_dir, "ckpt_1")
     chunk = _chunk_of(ckpt, "sparse.emb.weight")
     path = os.path.join(ckpt, chunk["file"])
@@ -638,3 +643,26 @@ def test_run_threads_hands_each_thread_one_task_and_reports_the_first_failure():
         fmt._run_threads(fail, 200, 3, pool)
     assert len(running) < 200  # stopped handing out items
     assert sorted(done) == sorted(i for i in running if i not in (5, 7))  # none left running
+
+
+def test_a_small_chunk_is_read_not_mapped(tmp_path, monkeypatch):
+    """Chunks under `VERIFY_MAP_MIN_BYTES` are checked by reading (a mapping's fixed
+    cost is more than such a read), big ones from the mapping; both restore intact."""
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", True)
+    monkeypatch.setattr(fmt, "VERIFY_MAP_MIN_BYTES", 4096)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(1024, 8), nn.Linear(8, 8))  # 32 KiB and tiny
+    saver = Saver(model, output_dir=str(tmp_path / "run"), chunk_bytes=8192)
+    saver.save(1)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    mapped: list[int] = []
+    mapped_crc32 = fmt._mapped_crc32
+    monkeypatch.setattr(fmt, "_mapped_crc32",
+                        lambda fd, offset, n: mapped.append(n) or mapped_crc32(fd, offset, n))
+    saver.load(ckpt_id=1)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    assert mapped == [8192] * 4  # the table's chunks; the Linear's (<= 256 bytes) read

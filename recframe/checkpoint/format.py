@@ -34,17 +34,16 @@ DEFAULT_CHUNK_BYTES = 64 << 20
 
 VERIFY_BY_MAPPING: Optional[bool] = None
 """How a local chunk is checked before anything live is written. None (default): from
-a read-only memory map of its file when the file lies on a local disk or in memory
-(ext4, xfs, btrfs, tmpfs...: `MAPPABLE_FILESYSTEMS`) and the chunk's pages are all in
-the page cache (one ``mincore`` per file), else by reading. True: map on any local
-filesystem; False: always read (in `VERIFY_SLICE_BYTES` slices through a per-thread
-buffer, each slice checked while in the CPU cache). Each file is mapped once per verify,
-over exactly the bytes the chunks need once ``fstat`` showed the file holds them.
-Measured (docs/checkpoints.md): the mapped check is 20-40% faster on cached pages (no
-copy), page faults on evicted pages cost more CPU than reads (so those are read). The
-risk it takes: a file truncated by another process while it is being checked, or a
-failed page-in on a network filesystem (not mapped by default), raises SIGBUS where a
-read returns an error."""
+a read-only memory map of just that chunk when its file lies on a local disk or in
+memory (ext4, xfs, btrfs, tmpfs...: `MAPPABLE_FILESYSTEMS`), holds the chunk (``fstat``)
+and the chunk looks cached (`_cached`) and is at least `VERIFY_MAP_MIN_BYTES`, else by
+reading. True: the same on any local filesystem; False: always read (in
+`VERIFY_SLICE_BYTES` slices through a per-thread buffer, each slice checked while in the
+CPU cache). Measured (docs/checkpoints.md): the mapped check is 20-40% faster on cached
+pages (no copy); page faults on evicted pages cost more CPU than reads (so those are
+read). The risk it takes: a file truncated by another process while its chunk is being
+checked, or a failed page-in on a network filesystem (not mapped by default), raises
+SIGBUS where a read returns an error."""
 
 VERIFY_MAP_MIN_BYTES = 2 << 20
 """Chunks smaller than this are read, not mapped, whatever `VERIFY_BY_MAPPING` says:
@@ -679,7 +678,7 @@ class TensorReader:
         yield f
 
     def _threads(self, fn: Callable[[int], Any], n: int) -> list[Any]:
-        if n <= 1 or self.concurrency == 1:
+        if n <= 1 or self.concurrency == 1:  # no pool needed
             return [fn(i) for i in range(n)]
         return _run_threads(fn, n, self.concurrency,
                             self.pool or reader_pool(self.concurrency))
@@ -822,7 +821,7 @@ class TensorReader:
     def _mapping(self, ends: dict[str, int]) -> Iterator[None]:
         """Within it, `_check_chunk` checks the cached chunks of the local files of
         ``ends`` (name -> the bytes its chunks need) that may be mapped
-        (`VERIFY_BY_MAPPING`, `_map`) from a read-only mapping of each chunk."""
+        (`VERIFY_BY_MAPPING`, `_may_map`) from a read-only mapping of each chunk."""
         if not ends or VERIFY_BY_MAPPING is False or self._maps is not None:
             yield
             return
@@ -1013,10 +1012,10 @@ class TensorReader:
 
     def _check_chunk(self, job: _Job) -> None:
         """Check one chunk's size and CRC32 without keeping its bytes (the file's
-        identity compared with the one `verify` recorded, if it did). Locally: from
-        the `_mapping` of its file when all its pages are cached, else read in slices
-        through this thread's small buffer; on other stores: read into this thread's
-        scratch buffer (one request per chunk)."""
+        identity compared with the one `verify` recorded, if it did). Locally: from a
+        mapping of the chunk where `_mapping` allows it and the chunk looks cached
+        (`_cached`), else read in slices through this thread's small buffer; on other
+        stores: read into this thread's scratch buffer (one request per chunk)."""
         known = self._verified.get(job.chunk["file"])
         if not self.storage.is_local:
             self._read_checked(job, self._scratch_for(job), known)

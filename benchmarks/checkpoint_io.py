@@ -98,6 +98,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    "default: the system temp dir; must be a real disk, not tmpfs)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--json", default=DEFAULT_JSON, help="where to write the JSON report")
+    p.add_argument("--versions", default=None,
+                   help="instead of the variants: restore / raw read of recframe checkouts "
+                   "side by side, NAME=PATH,... (e.g. before=/work/wt-pre12,now=.), one "
+                   "process per checkout importing its recframe, their rounds interleaved "
+                   "(--repeats rounds warm, then as many cold; c = --default_concurrency)")
+    p.add_argument("--version_worker", default=None, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     ns.concurrency = sorted({int(x) for x in str(ns.concurrency).split(",") if x.strip()})
     if not ns.concurrency or min(ns.concurrency) < 1 or ns.default_concurrency < 1:
@@ -520,13 +526,17 @@ def components(cfg, model, opt, nbytes: int) -> dict[str, Any]:
 
 def verify_bound(cfg, model, opt, nbytes: int, workdir: str) -> dict[str, Any]:
     """What verify-before-apply costs by itself (issue 12: bytes are checksum-verified
-    before they reach a live tensor): interleaved rounds of the warm raw read into the
-    live tensors (the ceiling), recframe's verify pass alone (every chunk's CRC32 from
-    a memory map of its file, as a restore's first phase does: `inspect.verify`) and a
-    whole recframe restore, c = ``--default_concurrency``. A restore that verifies
+    before they reach a live tensor): interleaved rounds of the raw read into the live
+    tensors (the ceiling), recframe's verify pass alone (every chunk's CRC32 as a
+    restore's first phase checks it: `inspect.verify`) and a whole recframe restore,
+    c = ``--default_concurrency``; the verify pass and the restore both by default
+    (cached chunks checked from a memory map) and with `format.VERIFY_BY_MAPPING` =
+    False ("_read": read in slices). Warm: files in the page cache; cold (unless
+    ``--no_cold``, fewer rounds): each step after evicting them. A restore that verifies
     every byte before copying it needs at least raw + verify, so raw / (raw + verify)
     bounds its ratio to the raw read ("bound")."""
     from recframe.checkpoint import Saver, inspect
+    from recframe.checkpoint import format as ckpt_format
     from recframe.checkpoint.storage import Storage
 
     c = cfg.default_concurrency
@@ -538,36 +548,60 @@ def verify_bound(cfg, model, opt, nbytes: int, workdir: str) -> dict[str, Any]:
     saver = Saver(model, opt, output_dir=os.path.join(base, "rf"))
     ckpt = saver.latest_checkpoint()
     storage = Storage(ckpt.path)
+    default = ckpt_format.VERIFY_BY_MAPPING
+
+    def mapping(value: Any, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            ckpt_format.VERIFY_BY_MAPPING = value
+            try:
+                fn()
+            finally:
+                ckpt_format.VERIFY_BY_MAPPING = default
+        return run
 
     def verify() -> None:
         problems = inspect.verify(storage, storage.root, ckpt.manifest, c)
         if problems:
             raise RuntimeError(f"verify pass: {problems[:3]}")
 
+    def restore() -> None:
+        rf.restore(os.path.join(base, "rf"))
+
     steps = {"raw": lambda: raw.restore(os.path.join(base, "raw")), "verify": verify,
-             "restore": lambda: rf.restore(os.path.join(base, "rf"))}
-    wall: dict[str, list[float]] = {k: [] for k in steps}
-    cpu: dict[str, list[float]] = {k: [] for k in steps}
-    for r in range(max(5, cfg.repeats)):
-        names = list(steps)[r % 3:] + list(steps)[:r % 3]
-        for name in names:
-            c0, t0 = time.process_time(), time.perf_counter()
-            steps[name]()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
+             "restore": restore, "verify_read": mapping(False, verify),
+             "restore_read": mapping(False, restore)}
+    out: dict[str, Any] = {"concurrency": c}
+    phases = [("warm", steps, max(5, cfg.repeats))]
+    if not cfg.no_cold:
+        phases.append(("cold", {k: steps[k] for k in ("raw", "verify", "restore")},
+                       max(3, cfg.repeats // 2)))
+    for phase, chosen, rounds in phases:
+        wall: dict[str, list[float]] = {k: [] for k in chosen}
+        cpu: dict[str, list[float]] = {k: [] for k in chosen}
+        for r in range(rounds):
+            names = list(chosen)[r % len(chosen):] + list(chosen)[:r % len(chosen)]
+            for name in names:
+                if phase == "cold":
+                    evict(base)
+                c0, t0 = time.process_time(), time.perf_counter()
+                chosen[name]()
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+        med = {k: sorted(v)[len(v) // 2] for k, v in wall.items()}
+        med_cpu = {k: sorted(v)[len(v) // 2] for k, v in cpu.items()}
+        out.update({f"{k}_{phase}_ms": med[k] * 1e3 for k in chosen})
+        out.update({f"{k}_{phase}_cpu_ms": med_cpu[k] * 1e3 for k in chosen})
+        out.update({f"{k}_{phase}_gbps": nbytes / med[k] / 1e9 for k in chosen})
+        out[f"bound_{phase}"] = med["raw"] / (med["raw"] + med["verify"])
+        out[f"bound_{phase}_cpu"] = med_cpu["raw"] / (med_cpu["raw"] + med_cpu["verify"])
+        for k in chosen:
+            if k.startswith("restore"):
+                per_round = sorted(a / b for a, b in zip(wall["raw"], wall[k]))
+                per_round_cpu = sorted(a / b for a, b in zip(cpu["raw"], cpu[k]))
+                out[f"{k}_{phase}_vs_raw"] = per_round[len(per_round) // 2]
+                out[f"{k}_{phase}_vs_raw_cpu"] = per_round_cpu[len(per_round_cpu) // 2]
     shutil.rmtree(base, ignore_errors=True)
-    med = {k: sorted(v)[len(v) // 2] for k, v in wall.items()}
-    med_cpu = {k: sorted(v)[len(v) // 2] for k, v in cpu.items()}
-    return {
-        "concurrency": c,
-        **{f"{k}_warm_ms": med[k] * 1e3 for k in steps},
-        **{f"{k}_warm_cpu_ms": med_cpu[k] * 1e3 for k in steps},
-        **{f"{k}_warm_gbps": nbytes / med[k] / 1e9 for k in steps},
-        "bound": med["raw"] / (med["raw"] + med["verify"]),
-        "bound_cpu": med_cpu["raw"] / (med_cpu["raw"] + med_cpu["verify"]),
-        "restore_vs_raw": med["raw"] / med["restore"],
-        "restore_vs_raw_cpu": med_cpu["raw"] / med_cpu["restore"],
-    }
+    return out
 
 
 def profile(cfg, model, opt, workdir: str) -> str:
@@ -713,8 +747,105 @@ def _cell(entry: Optional[dict[str, Any]]) -> str:
 
 
 # --- main ------------------------------------------------------------------------
+# --- versions side by side ----------------------------------------------------------
+def version_worker(cfg: argparse.Namespace) -> int:
+    """One checkout's side of `compare_versions`: saves once (recframe and raw), then
+    per line on stdin ("warm" or "cold") times a raw read and a recframe restore, in
+    alternating order, and answers one JSON line of (wall, cpu) seconds."""
+    import json
+
+    torch.set_num_threads(cfg.threads)
+    model, opt = build_state(cfg)
+    c = cfg.default_concurrency
+    workdir = tempfile.mkdtemp(prefix="recframe-ckpt-versions-", dir=cfg.dir)
+    try:
+        rf, raw = recframe_variant(model, opt, c, iter([1])), raw_variant(model, opt, c)
+        steps = {"raw": (raw, os.path.join(workdir, "raw")),
+                 "restore": (rf, os.path.join(workdir, "rf"))}
+        for v, path in steps.values():
+            v.save(path)
+        print("ready", flush=True)
+        for n, line in enumerate(sys.stdin):
+            phase = line.strip()
+            if phase not in ("warm", "cold"):
+                break
+            out: dict[str, Any] = {}
+            for name in (["raw", "restore"] if n % 2 == 0 else ["restore", "raw"]):
+                v, path = steps[name]
+                if phase == "cold":
+                    evict(path)
+                else:  # warm: the files in the page cache, whatever ran before
+                    v.restore(path)
+                c0, t0 = time.process_time(), time.perf_counter()
+                v.restore(path)
+                out[name] = [time.perf_counter() - t0, time.process_time() - c0]
+            print(json.dumps(out), flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def compare_versions(cfg: argparse.Namespace) -> int:
+    """Restore / raw read of several recframe checkouts on this machine at once: one
+    worker process per checkout (``PYTHONPATH`` = the checkout, this script's state and
+    variants), each timing its own raw read and restore; the checkouts' rounds are
+    interleaved (rotated each round), so drift in the machine's load hits all alike.
+    Prints medians (min-max) of the per-round ratios and writes them to ``--json``."""
+    import json
+
+    versions = dict(item.split("=", 1) for item in cfg.versions.split(",") if item)
+    argv = [sys.executable, os.path.abspath(__file__), "--scale", str(cfg.scale),
+            "--tables", str(cfg.tables), "--dim", str(cfg.dim), "--threads",
+            str(cfg.threads), "--default_concurrency", str(cfg.default_concurrency)]
+    argv += ["--dir", cfg.dir] if cfg.dir else []
+    procs = {}
+    for name, root in versions.items():
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(root))
+        procs[name] = subprocess.Popen(argv + ["--version_worker", name], env=env,
+                                       cwd=os.path.abspath(root), stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True)
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {n: {} for n in versions}
+    try:
+        for name, proc in procs.items():
+            if proc.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
+                raise RuntimeError(f"the worker of {name} ({versions[name]}) failed")
+        names = list(versions)
+        for phase in ("warm",) if cfg.no_cold else ("warm", "cold"):
+            for r in range(cfg.repeats):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    proc = procs[name]
+                    proc.stdin.write(phase + "\n")  # type: ignore[union-attr]
+                    proc.stdin.flush()  # type: ignore[union-attr]
+                    answer = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+                    results[name].setdefault(phase, []).append(answer)
+    finally:
+        for proc in procs.values():
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # type: ignore[union-attr]
+            proc.wait()
+    rows, summary = [], {}
+    for name, phases in results.items():
+        for phase, rounds_ in phases.items():
+            wall = common.summarize([r["raw"][0] / r["restore"][0] for r in rounds_])
+            cpu = common.summarize([r["raw"][1] / r["restore"][1] for r in rounds_])
+            summary[f"{name} {phase}"] = {"wall": wall, "cpu": cpu, "rounds": rounds_}
+            rows.append([name, phase, _cell(wall), _cell(cpu)])
+    print(f"restore / raw read, c{cfg.default_concurrency}, medians (min-max) of per-round "
+          "ratios (>1: recframe faster):")
+    print(common.format_table(["version", "", "wall", "cpu seconds"], rows))
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.json)) or ".", exist_ok=True)
+    with open(cfg.json, "w") as f:
+        json.dump({"versions": versions, "scale": cfg.scale, "results": summary}, f, indent=1)
+    print(f"wrote {cfg.json}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse_args(argv)
+    if cfg.version_worker:
+        return version_worker(cfg)
+    if cfg.versions:
+        return compare_versions(cfg)
     torch.set_num_threads(cfg.threads)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -788,12 +919,22 @@ def main(argv: Optional[list[str]] = None) -> int:
          _cell(summary["ratios"].get(f"restore_{phase} c{c} vs raw c{c} (cpu)"))]
         for phase in (("warm",) if cfg.no_cold else ("warm", "cold"))
     ]))
-    print(f"verify-before-apply (warm, c{c}, medians of interleaved rounds): raw read "
-          f"{bound['raw_warm_ms']:.1f} ms ({bound['raw_warm_gbps']:.1f} GB/s), verify pass "
-          f"{bound['verify_warm_ms']:.1f} ms ({bound['verify_warm_gbps']:.1f} GB/s), restore "
-          f"{bound['restore_warm_ms']:.1f} ms; bound raw / (raw + verify) "
-          f"{bound['bound']:.2f} (cpu {bound['bound_cpu']:.2f}), restore / raw "
-          f"{bound['restore_vs_raw']:.2f} (cpu {bound['restore_vs_raw_cpu']:.2f})")
+    print(f"verify-before-apply (c{c}, medians of interleaved rounds; restore / raw: "
+          "medians of per-round ratios, >1: recframe faster):")
+    rows = []
+    for phase in (("warm",) if cfg.no_cold else ("warm", "cold")):
+        for k in ("raw", "verify", "verify_read", "restore", "restore_read"):
+            if f"{k}_{phase}_ms" not in bound:
+                continue
+            ratio = bound.get(f"{k}_{phase}_vs_raw")
+            rows.append([phase, k, f"{bound[f'{k}_{phase}_ms']:.1f}",
+                         f"{bound[f'{k}_{phase}_gbps']:.1f}",
+                         f"{bound[f'{k}_{phase}_cpu_ms']:.1f}",
+                         "" if ratio is None else
+                         f"{ratio:.2f} (cpu {bound[f'{k}_{phase}_vs_raw_cpu']:.2f})"])
+        rows.append([phase, "bound raw / (raw + verify)", "", "",
+                     "", f"{bound[f'bound_{phase}']:.2f} (cpu {bound[f'bound_{phase}_cpu']:.2f})"])
+    print(common.format_table(["", "pass", "ms", "GB/s", "cpu ms", "restore / raw"], rows))
     goals = goal_rows(cfg, summary)
     print("\ngoals")
     print(common.format_table(["goal", "measured", "target", ""], goals))

@@ -88,7 +88,7 @@ def _replace(path: str, offset: int) -> None:
     os.replace(path + ".new", path)
 
 
-@pytest.mark.parametrize("mapping", [True, False], ids=["mapped", "read"])
+@pytest.mark.parametrize("mapping", [True, False, None], ids=["mapped", "read", "default"])
 @pytest.mark.parametrize("change", [_rewrite_in_place, _replace], ids=["in_place", "replaced"])
 def test_a_file_changed_between_verify_and_apply_is_refused_and_nothing_changes(
     saved, tmp_path, monkeypatch, change, mapping
@@ -96,6 +96,7 @@ def test_a_file_changed_between_verify_and_apply_is_refused_and_nothing_changes(
     """The changed chunk is a dense layer's, applied after the sparse table: re-reading
     and re-checking at apply (the old way) fails only after the table was overwritten."""
     monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", mapping)
+    monkeypatch.setattr(fmt, "VERIFY_MAP_MIN_BYTES", 0)  # these tiny chunks too
     ckpt = os.path.join(saved.saver.output_dir, "ckpt_1")
     chunk = _chunk_of(ckpt, "dense.mlp.2.weight")
     verify = restore.Transaction.verify
@@ -113,13 +114,14 @@ def test_a_file_changed_between_verify_and_apply_is_refused_and_nothing_changes(
     assert _same(fresh.snapshot(), before)
 
 
-@pytest.mark.parametrize("mapping", [False, True], ids=["read", "mapped"])
+@pytest.mark.parametrize("mapping", [False, True, None], ids=["read", "mapped", "default"])
 def test_each_live_chunk_is_checked_once_and_read_once(tmp_path, monkeypatch, mapping):
     """Locally, a chunk bound for a live tensor costs one CRC32 pass (over small slices
     read into a per-thread buffer, or over a memory map of the file) and one read
     straight into the tensor (the old path read and checked every chunk twice and
     copied it once more)."""
     monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", mapping)
+    monkeypatch.setattr(fmt, "VERIFY_MAP_MIN_BYTES", 0)  # these tiny chunks too
     monkeypatch.setattr(fmt, "VERIFY_SLICE_BYTES", 256)  # several slices per chunk
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(300, 8), nn.Linear(8, 8))
@@ -152,7 +154,7 @@ def test_each_live_chunk_is_checked_once_and_read_once(tmp_path, monkeypatch, ma
     monkeypatch.setattr(fmt, "_mapped_crc32", count_mapped)
     saver.load(ckpt_id=1)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
-    if mapping:  # files just written are in the page cache: checked from the map
+    if mapping is not False:  # files just written are cached: checked from the map
         assert counted == {"read": nbytes, "crc": nbytes, "mapped": nbytes}
     else:
         assert counted == {"read": 2 * nbytes, "crc": nbytes, "mapped": 0}
@@ -277,6 +279,7 @@ def test_a_file_changed_while_read_into_a_live_tensor_fails_loudly(saved, tmp_pa
 def test_a_filesystem_that_cannot_map_files_is_read_instead(saved, tmp_path, monkeypatch):
     """mmap fails with ENODEV on some filesystems: the chunk is read and checked."""
     monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    monkeypatch.setattr(fmt, "VERIFY_MAP_MIN_BYTES", 0)  # these tiny chunks too
     monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", True)
 
     def no_mapping(fd, offset, nbytes):
@@ -367,12 +370,12 @@ def test_a_chunk_checked_by_reading_slices_finds_a_flipped_byte(saved, tmp_path,
                                                                  monkeypatch, how):
     """The slice-by-slice check carries the CRC32 across slices (a chunk spanning many
     slices restores intact) and finds a byte flipped in a middle slice; with mapping on,
-    a chunk not all in the page cache (``mincore``) takes the same path."""
+    a chunk not in the page cache (``_cached``) takes the same path."""
     monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
     monkeypatch.setattr(fmt, "VERIFY_SLICE_BYTES", 64)
     if how == "not_cached":
         monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", True)
-        monkeypatch.setattr(fmt, "_resident", lambda mapped: False)
+        monkeypatch.setattr(fmt, "_cached", lambda fd, offset, nbytes: False)
     fresh = Run(tmp_path / "run", seed=7)
     fresh.saver.load(ckpt_id=1)
     assert _same(fresh.snapshot(), saved.snapshot())
@@ -387,24 +390,279 @@ def test_a_chunk_checked_by_reading_slices_finds_a_flipped_byte(saved, tmp_path,
     assert _same(other.snapshot(), before)
 
 
-def test_resident_tells_cached_from_evicted_pages(tmp_path):
-    """`format._resident` (mincore) on a real file: cached after a read, not after the
-    pages were written back and dropped (where the kernel drops them on request)."""
-    import mmap
-
+def test_cached_tells_cached_from_evicted_pages(tmp_path):
+    """`format._cached` (``preadv2(RWF_NOWAIT)`` probes) on a real file: cached after a
+    read, not after the pages were written back and dropped (where the kernel drops
+    them on request and the filesystem answers RWF_NOWAIT)."""
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(1 << 20))
     fd = os.open(path, os.O_RDONLY)
     try:
         os.pread(fd, 1 << 20, 0)
-        with mmap.mmap(fd, 1 << 20, prot=mmap.PROT_READ) as m:
-            assert fmt._resident(m)
+        if not fmt._cached(fd, 0, 1 << 20):
+            pytest.skip("this filesystem cannot tell (no RWF_NOWAIT)")
+        assert fmt._cached(fd, 4096, 8192)
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        with mmap.mmap(fd, 1 << 20, prot=mmap.PROT_READ) as m:
-            evicted = not fmt._resident(m)
-        if not evicted:
-            pytest.skip("this filesystem keeps the pages (tmpfs)")
-        assert fmt._mapped_crc32(fd, 4096, 4096) is None
+        assert not fmt._cached(fd, 0, 1 << 20)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("mapping", [None, True], ids=["default", "mapped"])
+def test_a_truncated_file_is_refused_before_it_is_mapped(saved, tmp_path, monkeypatch,
+                                                          mapping):
+    """A data file shorter than its chunks need is a named corrupt checkpoint (fstat
+    before any mapping: touching a mapped page past the end of a file is SIGBUS), and
+    nothing live changes."""
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", mapping)
+    monkeypatch.setattr(fmt, "VERIFY_MAP_MIN_BYTES", 0)  # these tiny chunks too
+    ckpt = os.path.join(saved.saver.output_dir, "ckpt_1")
+    chunk = _chunk_of(ckpt, "sparse.emb.weight")
+    os.truncate(os.path.join(ckpt, chunk["file"]), chunk["offset"] + chunk["nbytes"] // 2)
+    mapped: list[int] = []
+    monkeypatch.setattr(fmt, "_mapped_crc32",
+                        lambda fd, offset, n: mapped.append(n) or 0)  # never reached
+    fresh = Run(tmp_path / "run", seed=7)
+    before = fresh.snapshot()
+    with pytest.raises(CheckpointCorruptError, match=f"{chunk['file']} is truncated"):
+        fresh.saver.load(ckpt_id=1)
+    assert _same(fresh.snapshot(), before)
+    assert mapped == []
+
+
+@pytest.mark.parametrize("when", ["after_identity", "before_mapping"])
+def test_a_file_truncated_during_the_mapped_check_is_refused_not_sigbus(
+    saved, tmp_path, monkeypatch, when
+):
+    """A file truncated between the recorded identity and the check of its chunks (the
+    file's identity no longer matches), or right before a chunk is mapped (``mmap``
+    refuses a range past the end of the file: the chunk is read, and the short read
+    reported): a `CheckpointCorruptError`, never a SIGBUS, and nothing live changes."""
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", True)
+    monkeypatch.setattr(fmt, "VERIFY_MAP_MIN_BYTES", 0)  # these tiny chunks too
+    ckpt = os.path.join(saved.saver.output_dir, "ckpt_1")
+    chunk = _chunk_of(ckpt, "sparse.emb.weight")
+    path = os.path.join(ckpt, chunk["file"])
+    size = chunk["offset"] + chunk["nbytes"] // 2
+    if when == "after_identity":
+        settle = fmt.TensorReader._settle
+
+        def settle_then_truncate(self, ends):
+            settle(self, ends)
+            os.truncate(path, size)
+
+        monkeypatch.setattr(fmt.TensorReader, "_settle", settle_then_truncate)
+        expected = f"{chunk['file']} changed after its checksums were verified"
+    else:
+        mapped_crc32 = fmt._mapped_crc32
+
+        def truncate_then_probe(fd, offset, nbytes):
+            os.truncate(path, size)
+            return True  # as if cached: the chunk is mapped
+
+        def refused(fd, offset, nbytes):
+            try:
+                return mapped_crc32(fd, offset, nbytes)
+            except ValueError as e:
+                mapping_refused.append(str(e))
+                raise
+
+        mapping_refused: list[str] = []
+        monkeypatch.setattr(fmt, "_cached", truncate_then_probe)
+        monkeypatch.setattr(fmt, "_mapped_crc32", refused)
+        # no identity recorded: the path `recframe ckpt inspect --verify` takes
+        monkeypatch.setattr(fmt.TensorReader, "_settle", lambda self, ends: None)
+        expected = f"{chunk['file']} is truncated"
+    fresh = Run(tmp_path / "run", seed=7)
+    before = fresh.snapshot()
+    with pytest.raises(CheckpointCorruptError, match=expected):
+        fresh.saver.load(ckpt_id=1)
+    assert _same(fresh.snapshot(), before)
+    if when == "before_mapping":
+        assert mapping_refused  # mmap itself refused the range past the end
+
+
+def test_an_object_store_never_maps(tmp_path, monkeypatch):
+    """On an object store (``memory://``) chunks are read and checked, never mapped,
+    whatever `VERIFY_BY_MAPPING` says; the restore is intact, and a flipped byte is
+    refused with nothing live changed."""
+    import uuid
+
+    import fsspec
+
+    monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", True)
+    url = f"memory://restore-speed-{uuid.uuid4().hex}"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(300, 8), nn.Linear(8, 8))
+    saver = Saver(model, output_dir=url, chunk_bytes=1024, concurrency=2)
+    saver.save(1)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    probed: list[int] = []
+    monkeypatch.setattr(fmt, "_cached", lambda fd, offset, n: probed.append(n) or True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        Saver(model, output_dir=url, chunk_bytes=1024, concurrency=2).load()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+        assert probed == []
+        with fs.open(f"{root}/ckpt_1/manifest.json") as f:
+            manifest = json.load(f)
+        key = next(k for k in manifest["tensors"] if k.endswith("0.weight"))
+        entry = manifest["tensors"][key]["shards"][0]["chunks"][0]
+        path = f"{root}/ckpt_1/{entry['file']}"
+        data = bytearray(fs.cat_file(path))
+        data[entry["offset"]] ^= 0xFF
+        fs.pipe_file(path, bytes(data))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        with pytest.raises(CheckpointCorruptError, match="checksum mismatch"):
+            Saver(model, output_dir=url, chunk_bytes=1024, concurrency=2).load(ckpt_id=1)
+        assert all(not p.any() for p in model.parameters())
+        assert probed == []
+    finally:
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+
+
+def test_reader_threads_are_kept_between_restores_and_a_forked_child_gets_its_own(
+    saved, tmp_path, monkeypatch
+):
+    """A restore used to start a fresh pool of reader threads (~1 ms a thread on a busy
+    machine): the second restore now starts none. A forked child (the async writer
+    forks) does not inherit the parent's threads, so it gets a pool of its own."""
+    import threading
+
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    fresh = Run(tmp_path / "run", seed=7)
+    fresh.saver.load(ckpt_id=1)
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def count_start(self):
+        started.append(self.name)
+        return start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", count_start)
+    fresh.saver.load(ckpt_id=1)
+    assert _same(fresh.snapshot(), saved.snapshot())
+    assert started == []
+    monkeypatch.undo()
+    parent = fmt.reader_pool(2)
+    pid = os.fork()
+    if pid == 0:  # the child: its own pool, which runs tasks
+        import signal
+
+        signal.alarm(20)
+        ok = False
+        try:
+            pool = fmt.reader_pool(2)
+            ok = pool is not parent and pool.submit(lambda: 42).result(timeout=10) == 42
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert fmt.reader_pool(2) is parent
+
+
+def test_the_parts_of_one_checkpoint_are_verified_and_copied_in_one_hand_off(
+    saved, tmp_path, monkeypatch
+):
+    """The model's and the optimizers' tensors of one checkpoint are verified in one
+    call to the threads and copied in one (each part used to be its own, each waiting
+    for its slowest chunk), the optimizers' ``load_state_dict`` still after the copies."""
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    calls: list[tuple[str, int]] = []
+    verify, apply = fmt.TensorReader.verify, fmt.TensorReader.apply
+
+    def count_verify(self, jobs, keep):
+        calls.append(("verify", len(jobs)))
+        return verify(self, jobs, keep)
+
+    def count_apply(self, jobs):
+        calls.append(("apply", len(jobs)))
+        return apply(self, jobs)
+
+    monkeypatch.setattr(fmt.TensorReader, "verify", count_verify)
+    monkeypatch.setattr(fmt.TensorReader, "apply", count_apply)
+    fresh = Run(tmp_path / "run", seed=7)
+    fresh.saver.load(ckpt_id=1)
+    assert _same(fresh.snapshot(), saved.snapshot())
+    assert [c[0] for c in calls] == ["verify", "apply"]
+    assert calls[0][1] == calls[1][1] > 2
+
+
+def test_run_threads_hands_each_thread_one_task_and_reports_the_first_failure():
+    """`format._run_threads` runs every index once on the caller's thread plus the
+    pool's (one task per thread, not a future per item), returns results in order, and
+    after a failure starts no new item, waits for the running ones and raises the
+    failure of the lowest index that ran."""
+    import threading
+    import time
+
+    pool = fmt.reader_pool(3)
+    seen: list[int] = []
+    threads: set[int] = set()
+
+    def work(i: int) -> int:
+        seen.append(i)
+        threads.add(threading.get_ident())
+        time.sleep(0.001)
+        return i * i
+
+    submitted: list[int] = []
+    submit = pool.submit
+
+    def count_submit(fn, *a, **k):
+        submitted.append(1)
+        return submit(fn, *a, **k)
+
+    pool.submit = count_submit  # type: ignore[method-assign]
+    try:
+        assert fmt._run_threads(work, 40, 3, pool) == [i * i for i in range(40)]
+    finally:
+        del pool.submit
+    assert sorted(seen) == list(range(40))
+    assert len(submitted) == 2 and threading.get_ident() in threads
+    running: list[int] = []
+    done: list[int] = []
+
+    def fail(i: int) -> None:
+        running.append(i)
+        if i in (5, 7):
+            raise ValueError(f"item {i}")
+        time.sleep(0.002)
+        done.append(i)
+
+    with pytest.raises(ValueError, match="item [57]"):
+        fmt._run_threads(fail, 200, 3, pool)
+    assert len(running) < 200  # stopped handing out items
+    assert sorted(done) == sorted(i for i in running if i not in (5, 7))  # none left running
+
+
+def test_a_small_chunk_is_read_not_mapped(tmp_path, monkeypatch):
+    """Chunks under `VERIFY_MAP_MIN_BYTES` are checked by reading (a mapping's fixed
+    cost is more than such a read), big ones from the mapping; both restore intact."""
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    monkeypatch.setattr(fmt, "VERIFY_BY_MAPPING", True)
+    monkeypatch.setattr(fmt, "VERIFY_MAP_MIN_BYTES", 4096)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(1024, 8), nn.Linear(8, 8))  # 32 KiB and tiny
+    saver = Saver(model, output_dir=str(tmp_path / "run"), chunk_bytes=8192)
+    saver.save(1)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    mapped: list[int] = []
+    mapped_crc32 = fmt._mapped_crc32
+    monkeypatch.setattr(fmt, "_mapped_crc32",
+                        lambda fd, offset, n: mapped.append(n) or mapped_crc32(fd, offset, n))
+    saver.load(ckpt_id=1)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    assert mapped == [8192] * 4  # the table's chunks; the Linear's (<= 256 bytes) read

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import math
 import mmap
 import os
@@ -31,17 +32,31 @@ from recframe.checkpoint.storage import Storage, StorageError, crc32, read_into
 
 DEFAULT_CHUNK_BYTES = 64 << 20
 
-VERIFY_BY_MAPPING: bool = False
-"""How a local chunk is checked before anything live is written. False (default): read
-in `VERIFY_SLICE_BYTES` slices through a per-thread buffer, each slice checked while in
-the CPU cache (positional reads of the file opened once; a failed or short read is a
-clean error). True: from a read-only memory map of its file when all its pages are in
-the page cache (``mincore``; else read as above: page faults on evicted pages cost
-about twice the CPU of reads). Measured on the 2-core machine (docs/checkpoints.md):
-mapping is 5-15% faster on files checked again and again from the cache, but slower
-on files just written (the benchmark's warm restore) and on a loaded machine, and it
-risks SIGBUS (a failed page-in on a soft-mounted NFS export, or a file truncated by
-another process while mapped, kills the process)."""
+VERIFY_BY_MAPPING: Optional[bool] = None
+"""How a local chunk is checked before anything live is written. None (default): from
+a read-only memory map of just that chunk when its file lies on a local disk or in
+memory (ext4, xfs, btrfs, tmpfs...: `MAPPABLE_FILESYSTEMS`), holds the chunk (``fstat``)
+and the chunk looks cached (`_cached`) and is at least `VERIFY_MAP_MIN_BYTES`, else by
+reading. True: the same on any local filesystem; False: always read (in
+`VERIFY_SLICE_BYTES` slices through a per-thread buffer, each slice checked while in the
+CPU cache). Measured (docs/checkpoints.md): the mapped check is 20-40% faster on cached
+pages (no copy); page faults on evicted pages cost more CPU than reads (so those are
+read). The risk it takes: a file truncated by another process while its chunk is being
+checked, or a failed page-in on a network filesystem (not mapped by default), raises
+SIGBUS where a read returns an error."""
+
+VERIFY_MAP_MIN_BYTES = 2 << 20
+"""Chunks smaller than this are read, not mapped, whatever `VERIFY_BY_MAPPING` says:
+a mapping's fixed cost (three probes, ``mmap``, ``munmap``: ~10 us) is more than
+reading such a chunk costs (measured on cached files: 4 KiB read 1.5 us / mapped 11.5,
+1 MiB 52 / 81, 4 MiB 456 / 129)."""
+
+MAPPABLE_FILESYSTEMS = frozenset({
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "zfs", "bcachefs", "nilfs2",
+    "reiserfs", "tmpfs", "ramfs", "overlay",
+})
+"""Filesystem types (``/proc/self/mountinfo``) whose files `VERIFY_BY_MAPPING` = None
+maps: local disks and memory, where reading a cached page cannot fail."""
 
 VERIFY_SLICE_BYTES = 512 << 10
 """Slice size of a local chunk checked by reading (not cached, or not mapped): each
@@ -410,17 +425,64 @@ def naming_errors(storage: Storage, what: str, path: str) -> Iterator[None]:
 def _run_threads(
     fn: Callable[[int], Any], n: int, concurrency: int, pool: Optional[Executor] = None
 ) -> list[Any]:
-    """``[fn(i) for i in range(n)]`` on ``concurrency`` threads (``pool``'s when given:
-    starting threads costs ~1 ms each on a busy machine); all done when it returns."""
+    """``[fn(i) for i in range(n)]`` on ``concurrency`` threads: the caller's and
+    ``concurrency - 1`` of ``pool`` (a fresh one when None), each taking the next
+    index until none is left (one hand-off per thread, not per item: a future per
+    item cost ~30 us of the GIL each, and the caller no longer sleeps while the pool's
+    threads wake). After a failure no new item starts; all are done when it returns,
+    which raises the failure of the lowest index that ran."""
     if n <= 1 or concurrency == 1:
         return [fn(i) for i in range(n)]
+    helpers = min(n, concurrency) - 1
     if pool is None:
-        with ThreadPoolExecutor(max_workers=min(n, concurrency),
-                                thread_name_prefix="ckpt") as ex:
+        with ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="ckpt") as ex:
             return _run_threads(fn, n, concurrency, ex)
-    futures = [pool.submit(fn, i) for i in range(n)]
-    wait(futures)  # no task outlives the call, even when one failed
-    return [f.result() for f in futures]
+    results: list[Any] = [None] * n
+    errors: dict[int, BaseException] = {}
+    indices = itertools.count()  # next() is atomic: each index is taken once
+
+    def take() -> None:
+        for i in indices:
+            if i >= n or errors:
+                return
+            try:
+                results[i] = fn(i)
+            except BaseException as e:  # re-raised below, lowest index first
+                errors[i] = e
+
+    futures = [pool.submit(take) for _ in range(helpers)]
+    try:
+        take()
+    finally:
+        wait(futures)  # no item outlives the call, even when one failed
+    for f in futures:
+        f.result()  # a failure outside fn (none expected)
+    if errors:
+        raise errors[min(errors)]
+    return results
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+_pools_pid = os.getpid()
+
+
+def reader_pool(workers: int) -> Executor:
+    """A process-wide pool of ``workers`` reader threads, kept from restore to restore:
+    starting a thread costs ~1 ms on a busy machine, and the 4 a fresh pool started
+    per restore were ~15% of a warm 160 MB one. Its tasks never wait on the pool
+    themselves (no deadlock); a forked child makes its own (the parent's threads do not
+    exist there)."""
+    global _pools_pid
+    with _pools_lock:
+        if _pools_pid != os.getpid():
+            _pools.clear()
+            _pools_pid = os.getpid()
+        pool = _pools.get(workers)
+        if pool is None:
+            pool = _pools[workers] = ThreadPoolExecutor(max_workers=workers,
+                                                        thread_name_prefix="ckpt-read")
+        return pool
 
 
 # --- reading ---------------------------------------------------------------------
@@ -561,9 +623,9 @@ class TensorReader:
         self._verified: dict[str, tuple[int, ...]] = {}  # local file: identity at verify
         self._files: Optional[dict[str, tuple[Any, int]]] = None  # `session`'s open files
         self._files_lock = threading.Lock()
+        self._maps: Optional[dict[str, int]] = None  # `_mapping`'s files: bytes held
         self.pool: Optional[Executor] = None
-        """Worker threads to use (a `restore.Transaction`'s, shared by its steps);
-        None: a pool per call."""
+        """Worker threads to use; None: `reader_pool` (``concurrency`` threads)."""
 
     def _scratch_for(self, job: _Job) -> torch.Tensor:
         """This thread's scratch buffer viewed as ``job``'s chunk box: reused from chunk
@@ -616,7 +678,10 @@ class TensorReader:
         yield f
 
     def _threads(self, fn: Callable[[int], Any], n: int) -> list[Any]:
-        return _run_threads(fn, n, self.concurrency, self.pool)
+        if n <= 1 or self.concurrency == 1:  # no pool needed
+            return [fn(i) for i in range(n)]
+        return _run_threads(fn, n, self.concurrency,
+                            self.pool or reader_pool(self.concurrency))
 
     def __contains__(self, key: str) -> bool:
         return key in self.meta
@@ -719,9 +784,10 @@ class TensorReader:
         ``keep``: read the bytes and hold them for `apply` (one read; memory: the
         chunks). Else, on a local filesystem: record each file's identity (waiting out
         a change in its current clock tick, see `RACY_WINDOW_NS`) for `apply` to
-        compare, then check each chunk by reading it in small slices (from a memory
-        map of its file with `VERIFY_BY_MAPPING`); on other stores each chunk is read
-        into scratch, to be read and checked again by `apply`."""
+        compare, then check each chunk from a read-only memory map of its file where
+        its pages are cached, else by reading it in small slices (`VERIFY_BY_MAPPING`);
+        on other stores each chunk is read into scratch, to be read and checked again by
+        `apply`."""
         if keep:
             def stage(i: int) -> None:
                 job = jobs[i]
@@ -730,13 +796,13 @@ class TensorReader:
 
             self._threads(stage, len(jobs))
             return
-        if self.storage.is_local:
-            ends: dict[str, int] = {}
-            for job in jobs:
-                name, end = job.chunk["file"], job.chunk["offset"] + job.chunk["nbytes"]
-                ends[name] = max(ends.get(name, 0), end)
-            self._settle(ends)
-        self._threads(lambda i: self._check_chunk(jobs[i]), len(jobs))
+        if not self.storage.is_local:
+            self._threads(lambda i: self._check_chunk(jobs[i]), len(jobs))
+            return
+        ends = _ends(jobs)
+        self._settle(ends)
+        with self._mapping(ends):
+            self._threads(lambda i: self._check_chunk(jobs[i]), len(jobs))
 
     def check(self, jobs: list[_Job]) -> list[str]:
         """Like `verify` without keeping anything, and going on past a bad chunk: the
@@ -748,8 +814,35 @@ class TensorReader:
                 return str(e)
             return None
 
-        with self.session():
+        with self.session(), self._mapping(_ends(jobs) if self.storage.is_local else {}):
             return [p for p in self._threads(one, len(jobs)) if p]
+
+    @contextlib.contextmanager
+    def _mapping(self, ends: dict[str, int]) -> Iterator[None]:
+        """Within it, `_check_chunk` checks the cached chunks of the local files of
+        ``ends`` (name -> the bytes its chunks need) that may be mapped
+        (`VERIFY_BY_MAPPING`, `_may_map`) from a read-only mapping of each chunk."""
+        if not ends or VERIFY_BY_MAPPING is False or self._maps is not None:
+            yield
+            return
+        self._maps = {name: end for name, end in ends.items() if self._may_map(name, end)}
+        try:
+            yield
+        finally:
+            self._maps = None
+
+    def _may_map(self, name: str, end: int) -> bool:
+        """Whether the chunks in the first ``end`` bytes of the local file ``name`` may
+        be checked from a mapping: it holds them (``fstat``: a mapping past the end of
+        a file raises SIGBUS where touched) and, with `VERIFY_BY_MAPPING` None, lies on
+        a filesystem of `MAPPABLE_FILESYSTEMS`."""
+        try:
+            with self._member(name, end) as f:
+                st = os.fstat(f.fileno())
+        except (CheckpointCorruptError, OSError):  # StorageError: an OSError
+            return False  # the chunk check reports it
+        return end > 0 and st.st_size >= end and (VERIFY_BY_MAPPING is True
+                                                  or _mappable(st.st_dev))
 
     def confirm(self, jobs: list[_Job]) -> None:
         """Before `apply` writes anything: every local file `verify` checked for
@@ -920,20 +1013,23 @@ class TensorReader:
     def _check_chunk(self, job: _Job) -> None:
         """Check one chunk's size and CRC32 without keeping its bytes (the file's
         identity compared with the one `verify` recorded, if it did). Locally: from a
-        memory map of its file when all its pages are cached, else read in slices
-        through this thread's small buffer; on other stores: read into this thread's
-        scratch buffer (one request per chunk)."""
+        mapping of the chunk where `_mapping` allows it and the chunk looks cached
+        (`_cached`), else read in slices through this thread's small buffer; on other
+        stores: read into this thread's scratch buffer (one request per chunk)."""
         known = self._verified.get(job.chunk["file"])
         if not self.storage.is_local:
             self._read_checked(job, self._scratch_for(job), known)
             return
         nbytes = self._box_nbytes(job)
         offset = job.chunk["offset"]
+        maps = self._maps
+        end = maps.get(job.chunk["file"], 0) if maps else 0
         with self._open(job) as f:
             if known is not None:
                 self._same_file(job.chunk["file"], f, known)
             crc: Optional[int] = None
-            if VERIFY_BY_MAPPING and hasattr(mmap, "MAP_SHARED") and nbytes:
+            if (max(1, VERIFY_MAP_MIN_BYTES) <= nbytes and offset + nbytes <= end
+                    and _cached(f.fileno(), offset, nbytes)):
                 try:
                     crc = _mapped_crc32(f.fileno(), offset, nbytes)
                 except (OSError, ValueError):  # a filesystem that cannot map files: read
@@ -951,12 +1047,13 @@ class TensorReader:
         if buf is None or len(buf) != VERIFY_SLICE_BYTES:
             buf = self._scratch.slice = bytearray(max(1, VERIFY_SLICE_BYTES))
         view = memoryview(buf)
+        display = self._display(job.chunk["file"])
         crc = 0
         done = 0
         while done < nbytes:
             part = view[:min(len(buf), nbytes - done)]
             try:
-                read_into(f, offset + done, part, self._display(job.chunk["file"]))
+                read_into(f, offset + done, part, display)
             except StorageError as e:
                 raise CheckpointCorruptError(str(e)) from e
             crc = crc32(part, crc)
@@ -1009,31 +1106,72 @@ class TensorReader:
             raise self._mismatch(job)
 
 
-_libc: Any = None
+_probe = threading.local()
 
 
-def _resident(mapped: mmap.mmap) -> bool:
-    """Whether every page of ``mapped`` is in the page cache (``mincore``; True where
-    that cannot be asked: the mapping is then read as before)."""
-    global _libc
-    try:
-        if _libc is None:
-            import ctypes
-            import ctypes.util
-
-            _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-            _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-            _libc.mincore.restype = ctypes.c_int
-        pages = -(-len(mapped) // mmap.PAGESIZE)
-        vec = np.zeros(pages, dtype=np.uint8)
-        whole = np.frombuffer(mapped, dtype=np.uint8)  # (an export: dropped below)
+def _cached(fd: int, offset: int, nbytes: int) -> bool:
+    """Whether bytes [offset, offset + nbytes) of the file ``fd`` look cached: its first,
+    middle and last byte are (``preadv2(RWF_NOWAIT)``, ~1 us each, where a ``mincore``
+    of every page cost ~70 ns per page: 0.7 ms per 40 MB file). Evicted files (a
+    restore after a reboot, on another host) are read instead of faulted in; False
+    where the kernel or filesystem cannot tell (EOPNOTSUPP)."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None:  # pragma: no cover - not Linux
+        return False
+    buf = getattr(_probe, "buf", None)
+    if buf is None:
+        buf = _probe.buf = memoryview(bytearray(1))
+    for at in (offset, offset + nbytes // 2, offset + nbytes - 1):
         try:
-            failed = _libc.mincore(whole.ctypes.data, len(mapped), vec.ctypes.data)
-        finally:
-            del whole
-    except (OSError, AttributeError, TypeError, ValueError):  # no libc/mincore here
-        return True
-    return bool(failed) or bool((vec & 1).all())
+            if os.preadv(fd, [buf], at, flag) != 1:
+                return False
+        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: cannot tell
+            return False
+    return True
+
+
+def _mapped_crc32(fd: int, offset: int, nbytes: int) -> int:
+    """CRC32 of ``nbytes`` bytes at ``offset`` of the open file ``fd``, read through a
+    read-only shared mapping of just that range, made by the checking thread (no copy;
+    unmapped on return; one mapping of the whole file shared by the threads measured
+    50% slower: its faults and unmap contend). The caller checked the file holds those
+    bytes. Measured on cached files: ``MAP_POPULATE`` and ``MADV_POPULATE_READ`` slower
+    than plain faults, ``MADV_SEQUENTIAL`` the same (docs/checkpoints.md)."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, offset + nbytes - start, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
+                   offset=start) as mapped:
+        with memoryview(mapped) as view, view[offset - start:] as part:
+            return crc32(part)
+
+
+_fs_types: dict[int, str] = {}
+
+
+def _mappable(dev: int) -> bool:
+    """Whether the filesystem of device ``dev`` (``st_dev``) is in
+    `MAPPABLE_FILESYSTEMS` (``/proc/self/mountinfo``; False where it cannot be told)."""
+    if dev not in _fs_types:
+        want = f"{os.major(dev)}:{os.minor(dev)}"
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 2 and fields[2] == want and " - " in line:
+                        _fs_types[dev] = line.split(" - ", 1)[1].split()[0]
+                        break
+        except OSError:
+            pass
+        _fs_types.setdefault(dev, "")
+    return _fs_types[dev] in MAPPABLE_FILESYSTEMS
+
+
+def _ends(jobs: list[_Job]) -> dict[str, int]:
+    """Each file of ``jobs``' chunks -> the bytes they need in it."""
+    ends: dict[str, int] = {}
+    for job in jobs:
+        name, end = job.chunk["file"], job.chunk["offset"] + job.chunk["nbytes"]
+        ends[name] = max(ends.get(name, 0), end)
+    return ends
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
@@ -1046,24 +1184,3 @@ def _window(st: os.stat_result) -> int:
     if st.st_ctime_ns % 1_000_000_000 == 0 and st.st_mtime_ns % 1_000_000_000 == 0:
         return max(RACY_WINDOW_NS, 2_000_000_000)
     return RACY_WINDOW_NS
-
-
-def _mapped_crc32(fd: int, offset: int, nbytes: int) -> Optional[int]:
-    """CRC32 of ``nbytes`` bytes at ``offset`` of the open file ``fd``, read through a
-    read-only shared mapping of just that range (no copy; the mapping is gone on
-    return), or None when not every page of the range is in the page cache (the
-    caller reads it instead). The caller checked the file holds those bytes. Measured
-    on cached files: ``MAP_POPULATE`` and ``MADV_WILLNEED`` slower than plain faults,
-    ``MADV_SEQUENTIAL`` the same (docs/checkpoints.md)."""
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    with mmap.mmap(fd, offset + nbytes - start, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
-                   offset=start) as mapped:
-        if not _resident(mapped):
-            return None
-        view = memoryview(mapped)
-        part = view[offset - start:]
-        try:
-            return crc32(part)
-        finally:  # no export may outlive the mapping (closing it would fail)
-            part.release()
-            view.release()

@@ -13,11 +13,13 @@ every registered object exactly as they were:
    live is written. With ``keep`` (`STAGE_IN_MEMORY`, default on object stores) the
    bytes are read and kept for phase 3: one download of each chunk, extra host memory
    of the live tensors' size. Without (default on local disks) each file's identity
-   (inode, size, mtime, ctime) is recorded and each chunk's CRC32 computed by
+   (inode, size, mtime, ctime) is recorded and each chunk's CRC32 computed from a
+   read-only memory map of the chunk where its pages are cached (no copy), else by
    reading it in small slices, each checked while in the CPU cache (memory: one
-   slice per thread; `format.VERIFY_SLICE_BYTES`, `format.VERIFY_BY_MAPPING`); a file
-   changed in the last clock tick is stat-ed again once the tick has passed
-   (`RACY_WINDOW_NS`).
+   slice per thread; `format.VERIFY_BY_MAPPING`, `format.VERIFY_SLICE_BYTES`); a
+   file changed in the last clock tick is stat-ed again once the tick has passed
+   (`RACY_WINDOW_NS`). The chunks of every part read from one checkpoint go to the
+   threads (`format.reader_pool`, kept between restores) in one hand-off.
    On an object store without ``keep`` each chunk is read into a scratch buffer,
    then read and checked again at apply;
 3. *apply*: first every file verified without keeping is confirmed to be the one
@@ -46,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -58,6 +59,7 @@ from recframe.checkpoint.format import (
     decode_tree,
     encode_tree,
     is_sharded,
+    reader_pool,
     tree_tensor_keys,
 )
 
@@ -93,17 +95,22 @@ class Transaction:
         self._first.append(fn)
 
     def verify(self, keep: bool) -> None:
+        """Check every queued copy's chunks, each reader's in one `TensorReader.verify`
+        (one hand-off to the threads, not one per part)."""
+        by_reader: dict[int, tuple[TensorReader, list[Any]]] = {}
         for reader, jobs in self._steps:
             if reader is not None:
-                reader.verify(jobs, keep)
+                by_reader.setdefault(id(reader), (reader, []))[1].extend(jobs)
+        for reader, jobs in by_reader.values():
+            reader.verify(jobs, keep)
 
     def run(self, keep: bool) -> None:
         """`verify`, then `apply`, on one pool of worker threads shared by every step
-        (not a pool per step and phase)."""
+        (`format.reader_pool`: not a pool per step and phase, nor per restore)."""
         readers = list({id(r): r for r, _ in self._steps if r is not None}.values())
         workers = max([r.concurrency for r in readers], default=1)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt") as pool, \
-                contextlib.ExitStack() as sessions:
+        pool = reader_pool(workers)
+        with contextlib.ExitStack() as sessions:
             for reader in readers:  # each file opened once, for both phases
                 sessions.enter_context(reader.session())
                 reader.pool = pool
@@ -128,11 +135,23 @@ class Transaction:
             for back in reversed(undo):
                 back()
             raise
-        for reader, step in self._steps:
+        for reader, step in self._merged():
             if reader is not None:
                 reader.apply(step)
             else:
                 step()
+
+    def _merged(self) -> list[tuple[Optional[TensorReader], Any]]:
+        """The steps, consecutive copies from one reader joined into one (one hand-off
+        to the threads, no wait for the slowest chunk of each part; copies from one
+        checkpoint are independent of one another), calls where they were."""
+        merged: list[tuple[Optional[TensorReader], Any]] = []
+        for reader, step in self._steps:
+            if reader is not None and merged and merged[-1][0] is reader:
+                merged[-1] = (reader, merged[-1][1] + step)
+            else:
+                merged.append((reader, step))
+        return merged
 
 
 @dataclass

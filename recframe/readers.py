@@ -464,10 +464,11 @@ def _sparse(column: SparseColumn, num: int, arr: pa.Array) -> tuple[np.ndarray, 
     return rows, np.bincount(parents, minlength=n).astype(np.int32)
 
 
-def decode_table(
+def _decode_columns(
     table: pa.Table, schema: FeatureSchema, labelled: bool, part: int, ends: np.ndarray
 ) -> _Chunk:
-    """Decode an Arrow table under ``schema`` (raises `_RowError` on bad input)."""
+    """`decode_table` column by column: the general path (any column type), and the one
+    that finds and names bad input for the whole-table path (raises `_RowError`)."""
     def col(name: str) -> pa.Array:
         column = table.column(name)
         return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
@@ -475,6 +476,7 @@ def decode_table(
     n = table.num_rows
     if labelled:
         labels = np.stack([_float_column(col(c), c, None) for c in schema.labels], axis=1)
+        _check_labels(labels, schema.labels)
         labels = labels[:, 0] if labels.shape[1] == 1 else labels
         weights = (_float_column(col(schema.weight), schema.weight, None).astype(np.float32)
                    if schema.weight else None)
@@ -497,6 +499,220 @@ def decode_table(
         values.append(v)
     flat = np.concatenate(values) if values else np.zeros(0, dtype=np.int64)
     return _Chunk(part, ends, labels.astype(np.float32), weights, dense, flat, lengths)
+
+
+def _check_labels(labels: np.ndarray, names: Sequence[str]) -> None:
+    """Labels are BCE targets: every one in [0, 1] (NaN is refused before)."""
+    ok = (labels >= 0.0) & (labels <= 1.0)
+    if not ok.all():
+        row, j = (int(i[0]) for i in np.nonzero(~ok))
+        raise _RowError(row, names[j], f"label {float(labels[row, j])} is outside [0, 1] "
+                        "(the loss is binary cross-entropy: labels are 0/1 or a "
+                        "probability)")
+
+
+_NUMERIC = {pa.float64(): np.float64, pa.float32(): np.float32, pa.int64(): np.int64,
+            pa.int32(): np.int32, pa.int16(): np.int16, pa.int8(): np.int8,
+            pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32}
+
+
+def _valid_bits(arr: pa.Array, out: np.ndarray) -> None:
+    """Write ``arr``'s validity (1 = a value, 0 = null) into the uint8 row ``out``."""
+    n, off = len(arr), arr.offset
+    bitmap = arr.buffers()[0]
+    if bitmap is None:
+        out[:] = 1
+        return
+    bits = np.frombuffer(bitmap, dtype=np.uint8)[off // 8: (off + n + 7) // 8 + 1]
+    out[:] = np.unpackbits(bits, bitorder="little")[off % 8: off % 8 + n]
+
+
+@dataclass
+class _Plan:
+    """What the whole-table decode does for a schema, worked out once: the float
+    columns (labels, weight, dense) in one ``[columns, rows]`` array with their fills
+    and transforms, and which sparse columns map integer ids with one vectorised op."""
+
+    floats: list[str]  # labels, weight, dense: rows of the float array
+    fills: np.ndarray  # NaN where a null is an error (labels, weight)
+    n_labels: int
+    weighted: bool
+    log1p: np.ndarray  # float-array rows taking log1p
+    standardize: np.ndarray  # float-array rows standardised
+    mean: np.ndarray
+    std: np.ndarray
+    int_ids: list[int]  # sparse columns that may map integer ids here (single-valued)
+    nums: np.ndarray  # their tables' rows (uint64)
+    signed: np.ndarray  # bool: modulo of a signed id (else unsigned: hex, uint64 ids)
+    raw: np.ndarray  # bool: dynamic int64 ids, kept as they are
+
+    @classmethod
+    def build(cls, schema: FeatureSchema, labelled: bool) -> _Plan:
+        labels = list(schema.labels) if labelled else []
+        weight = [schema.weight] if labelled and schema.weight else []
+        floats = labels + weight + [d.name for d in schema.dense]
+        fills = np.array([math.nan] * len(labels + weight)
+                         + [math.nan if d.fill is None else d.fill for d in schema.dense],
+                         dtype=np.float64)
+        base = len(labels + weight)
+        logs = [base + j for j, d in enumerate(schema.dense) if d.transform == "log1p"]
+        stds = [(base + j, d) for j, d in enumerate(schema.dense)
+                if d.transform == "standardize"]
+        table_rows = {t.name: t.num_embeddings for t in schema.tables}
+        int_ids = [k for k, s in enumerate(schema.sparse) if s.delimiter is None and (
+            s.mapping.kind in ("modulo", "hex")
+            or (s.mapping.dynamic is not None and s.mapping.dynamic.ids == "int64"))]
+        cols = [schema.sparse[k] for k in int_ids]
+        return cls(
+            floats, fills, len(labels), bool(weight), np.array(logs, dtype=np.int64),
+            np.array([i for i, _ in stds], dtype=np.int64),
+            np.array([float(d.mean) for _, d in stds], dtype=np.float64)[:, None],
+            np.array([float(d.std) for _, d in stds], dtype=np.float64)[:, None],
+            int_ids, np.array([table_rows[c.table] for c in cols], dtype=np.uint64)[:, None],
+            np.array([c.mapping.kind == "modulo" for c in cols], dtype=bool),
+            np.array([c.mapping.kind not in ("modulo", "hex") for c in cols], dtype=bool))
+
+
+def decode_table(
+    table: pa.Table, schema: FeatureSchema, labelled: bool, part: int, ends: np.ndarray
+) -> _Chunk:
+    """Decode an Arrow table under ``schema`` (raises `_RowError` on bad input).
+
+    Whole-table where the columns allow: the float columns (labels, weight, dense) as
+    one ``[columns, rows]`` array (one null fill, one finiteness check, the transforms
+    over all their columns at once) and the single-valued integer id columns as one
+    ``[features, rows]`` array (one null mask, one modulo with each feature's table
+    size broadcast); other columns (strings, lists, ...) column by column. Any bad
+    value sends the table to `_decode_columns`, which names it."""
+    plan = _Plan.build(schema, labelled)  # ~50 us: nothing to cache for
+    n = table.num_rows
+    if n == 0:
+        return _decode_columns(table, schema, labelled, part, ends)
+
+    def col(name: str) -> pa.Array:
+        column = table.column(name)
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+    # ---- float columns: labels, weight, dense
+    x = np.empty((len(plan.floats), n), dtype=np.float64)
+    bits = np.empty(n, dtype=np.uint8)
+    for j, name in enumerate(plan.floats):
+        arr = col(name)
+        dtype = _NUMERIC.get(arr.type)
+        buffers = arr.buffers()
+        if dtype is None or buffers[1] is None or (arr.null_count and np.isnan(
+                plan.fills[j])):  # strings, decimals..., an empty label: general path
+            return _decode_columns(table, schema, labelled, part, ends)
+        x[j] = np.frombuffer(buffers[1], dtype=dtype, count=n,
+                             offset=arr.offset * np.dtype(dtype).itemsize)
+        if arr.null_count:
+            # zero the nulls arithmetically (a masked copy costs several times more);
+            # a NaN or inf under a null stays NaN and goes to the general path
+            _valid_bits(arr, bits)
+            with np.errstate(invalid="ignore"):  # inf * 0 under a null: NaN, checked below
+                np.multiply(x[j], bits, out=x[j])
+            if plan.fills[j] != 0.0:
+                x[j] += (1 - bits) * plan.fills[j]
+    if not np.isfinite(x).all():  # NaN, inf: named by the general path
+        return _decode_columns(table, schema, labelled, part, ends)
+    labels = x[:plan.n_labels]
+    if plan.n_labels and not ((labels >= 0.0) & (labels <= 1.0)).all():
+        return _decode_columns(table, schema, labelled, part, ends)
+    if len(plan.log1p):
+        logs = x[plan.log1p]
+        np.maximum(logs, 0.0, out=logs)
+        x[plan.log1p] = np.log1p(logs, out=logs)
+    if len(plan.standardize):
+        x[plan.standardize] = (x[plan.standardize] - plan.mean) / plan.std
+    first = plan.n_labels + plan.weighted
+    dense = np.ascontiguousarray(x[first:].T, dtype=np.float32)
+    if not labelled:
+        labels32 = np.zeros(n, dtype=np.float32)
+    elif plan.n_labels == 1:
+        labels32 = labels[0].astype(np.float32)
+    else:
+        labels32 = np.ascontiguousarray(labels.T, dtype=np.float32)
+    weights = x[plan.n_labels].astype(np.float32) if plan.weighted else None
+
+    # ---- sparse columns: integer ids together, the others one by one
+    lengths = np.empty((len(schema.sparse), n), dtype=np.int32)
+    ids = np.empty((len(plan.int_ids), n), dtype=np.int64)
+    ids_valid: Optional[np.ndarray] = None
+    fast = np.zeros(len(plan.int_ids), dtype=bool)
+    unsigned = ~plan.signed
+    for j, k in enumerate(plan.int_ids):
+        arr = col(schema.sparse[k].name)
+        if arr.type == pa.int64() or arr.type == pa.uint64():
+            pass
+        elif pa.types.is_integer(arr.type):
+            arr = pc.cast(arr, pa.int64())
+        else:
+            continue  # strings (hex text, ids to parse): column by column
+        if arr.buffers()[1] is None:
+            continue
+        fast[j] = True
+        if arr.type == pa.uint64():
+            unsigned[j] = True  # ids beyond int64 stay positive (as `_map_int_ids`)
+        ids[j] = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=n,
+                               offset=arr.offset * 8)
+        if arr.null_count:
+            if ids_valid is None:
+                ids_valid = np.ones(ids.shape, dtype=np.uint8)
+            _valid_bits(arr, ids_valid[j])
+    table_rows = {t.name: t.num_embeddings for t in schema.tables}
+    pieces: dict[int, np.ndarray] = {}
+    if fast.any():
+        if not fast.all():
+            ids, unsigned_rows, nums = ids[fast], unsigned[fast], plan.nums[fast]
+            raw = plan.raw[fast]
+            ids_valid = None if ids_valid is None else ids_valid[fast]
+        else:
+            unsigned_rows, nums, raw = unsigned, plan.nums, plan.raw
+        _map_id_rows(ids, nums, unsigned_rows & ~raw, ~unsigned_rows & ~raw)
+        keys = [k for j, k in enumerate(plan.int_ids) if fast[j]]
+        if ids_valid is None:
+            lengths[keys] = 1
+            flat = ids.reshape(-1)
+            counts = np.full(len(keys), n, dtype=np.int64)
+        else:
+            lengths[keys] = ids_valid
+            flat = ids[ids_valid.view(bool)]  # row-major: feature by feature
+        if len(keys) == len(schema.sparse):
+            return _Chunk(part, ends, labels32, weights, dense, flat, lengths)
+        if ids_valid is not None:
+            counts = ids_valid.sum(axis=1, dtype=np.int64)
+        for k, v in zip(keys, np.split(flat, np.cumsum(counts)[:-1])):
+            pieces[k] = v
+    values: list[np.ndarray] = []
+    try:
+        for k, s in enumerate(schema.sparse):
+            if k not in pieces:
+                pieces[k], lengths[k] = _sparse(s, table_rows[s.table], col(s.name))
+            values.append(pieces[k])
+    except _RowError:  # named as the general path names it (its first bad column)
+        return _decode_columns(table, schema, labelled, part, ends)
+    flat = np.concatenate(values) if values else np.zeros(0, dtype=np.int64)
+    return _Chunk(part, ends, labels32, weights, dense, flat, lengths)
+
+
+def _map_id_rows(ids: np.ndarray, nums: np.ndarray, unsigned: np.ndarray,
+                 signed: np.ndarray) -> None:
+    """Map ``[features, rows]`` int64 ids to table rows in place: ``unsigned`` features
+    (hex ids' 64 bits, uint64 ids) modulo their table as unsigned 64-bit, ``signed``
+    ones by Python's modulo (``-3 mod 50 = 47``); the others (dynamic) stay raw.
+
+    As ``x - (x // m) * m`` with a scalar ``m`` per feature: numpy divides by a scalar
+    with a precomputed reciprocal (libdivide), 3-5x faster than ``np.remainder``."""
+    for j in range(ids.shape[0]):
+        if unsigned[j]:
+            x, m = ids[j].view(np.uint64), np.uint64(nums[j, 0])
+        elif signed[j]:
+            x, m = ids[j], np.int64(nums[j, 0])  # floor division: Python's modulo
+        else:
+            continue
+        q = np.floor_divide(x, m)
+        np.multiply(q, m, out=q)
+        np.subtract(x, q, out=x)
 
 
 def _lower_priority(increment: int) -> None:

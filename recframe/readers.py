@@ -751,9 +751,11 @@ class TabularDataset(IterableDataset):
         drop_last: drop the epoch's final partial batch; default: only with several
             ranks (torchrec's sharded lookups need the same batch size on every rank).
 
-    Counters (all passes so far): ``bytes_read``, the data bytes read, and
+    Counters (all passes so far): ``bytes_read``, the data bytes read,
     ``decode_cpu_seconds``, the CPU time the read-and-decode tasks took (to weigh
-    input against a training step).
+    input against a training step), and ``input_wait_seconds``, the wall time the
+    iterating thread spent waiting for a decoded block or decoding one itself (what
+    input held up the step).
     """
 
     def __init__(
@@ -803,6 +805,7 @@ class TabularDataset(IterableDataset):
         self._needed = self.schema.input_columns(self.labelled)
         self.bytes_read = 0  # bytes of data read (compressed Parquet column chunks)
         self.decode_cpu_seconds = 0.0  # CPU time of the read-and-decode tasks
+        self.input_wait_seconds = 0.0  # the iterating thread's time waiting for them
         self._lock = threading.Lock()
         self._local = threading.local()
         if format == "parquet":
@@ -1184,26 +1187,42 @@ class TabularDataset(IterableDataset):
         source = tasks()
         if self.num_workers == 0:
             for task in source:
+                start = time.perf_counter()
                 chunk = timed(task)
+                self.input_wait_seconds += time.perf_counter() - start
                 if chunk is not None and len(chunk):
                     yield chunk
             return
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="recframe-decode",
                                   initializer=_lower_priority, initargs=(self.worker_nice,))
-        pending: deque[Future] = deque()
+        pending: deque[tuple[Future, Callable[[], Optional[_Chunk]]]] = deque()
+
+        def next_chunk() -> Optional[_Chunk]:
+            """The oldest block: ready, or decoded here if no thread has started it (the
+            threads run at a lower priority and may not have had a core yet: the
+            caller would wait for them at its own cost), or waited for."""
+            fut, task = pending.popleft()
+            if fut.done():
+                return fut.result()
+            start = time.perf_counter()
+            try:
+                return timed(task) if fut.cancel() else fut.result()
+            finally:
+                self.input_wait_seconds += time.perf_counter() - start
+
         try:
             for task in source:
-                pending.append(pool.submit(timed, task))
+                pending.append((pool.submit(timed, task), task))
                 while len(pending) >= self.prefetch:
-                    chunk = pending.popleft().result()
+                    chunk = next_chunk()
                     if chunk is not None and len(chunk):
                         yield chunk
             while pending:
-                chunk = pending.popleft().result()
+                chunk = next_chunk()
                 if chunk is not None and len(chunk):
                     yield chunk
         finally:
-            for fut in pending:
+            for fut, _ in pending:
                 fut.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
             close = getattr(source, "close", None)

@@ -354,7 +354,7 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
     h = mix64(fnv1a64(*_string_bytes(flat)) ^ np.uint64(salt))
     if dynamic is not None:  # the 64-bit hash is the id (as int64)
         return h.view(np.int64)
-    return (h % np.uint64(num)).astype(np.int64)
+    return _mod(h, num)
 
 
 def _hex_rows(column: SparseColumn, num: int, data: np.ndarray, starts: np.ndarray,
@@ -367,7 +367,18 @@ def _hex_rows(column: SparseColumn, num: int, data: np.ndarray, starts: np.ndarr
         text = data[starts[i]:starts[i] + lengths[i]].tobytes().decode("utf-8", "replace")
         raise _RowError(row_of(i), column.name,
                         f"id {text!r} is not a hexadecimal id of 1-16 digits")
-    return (value % np.uint64(num)).astype(np.int64)
+    return _mod(value, num)
+
+
+def _mod(ids: np.ndarray, num: int) -> np.ndarray:
+    """``ids mod num`` as int64 rows: uint64 ids as unsigned, int64 ids by Python's modulo
+    (``-3 mod 50 = 47``). As ``x - (x // m) * m``: numpy divides by a scalar with a
+    precomputed reciprocal (libdivide), 3-5x faster than ``np.remainder``."""
+    m = ids.dtype.type(num)
+    q = np.floor_divide(ids, m)
+    np.multiply(q, m, out=q)
+    np.subtract(ids, q, out=q)
+    return q.view(np.int64)
 
 
 def _int_array(arr: pa.Array) -> np.ndarray:
@@ -381,9 +392,9 @@ def _map_int_ids(column: SparseColumn, num: int, ids: np.ndarray) -> np.ndarray:
     kind = column.mapping.kind
     if kind == "hex" or (kind == "modulo" and ids.dtype == np.uint64):
         # hex: the parsed ids' 64 bits; uint64 ids beyond int64 stay positive
-        return (ids.view(np.uint64) % np.uint64(num)).astype(np.int64)
+        return _mod(ids.view(np.uint64), num)
     if kind == "modulo":
-        return np.remainder(ids, num)
+        return _mod(ids, num)
     return ids.view(np.int64)  # dynamic, ids int64: the id's 64 bits
 
 
@@ -699,20 +710,13 @@ def _map_id_rows(ids: np.ndarray, nums: np.ndarray, unsigned: np.ndarray,
                  signed: np.ndarray) -> None:
     """Map ``[features, rows]`` int64 ids to table rows in place: ``unsigned`` features
     (hex ids' 64 bits, uint64 ids) modulo their table as unsigned 64-bit, ``signed``
-    ones by Python's modulo (``-3 mod 50 = 47``); the others (dynamic) stay raw.
-
-    As ``x - (x // m) * m`` with a scalar ``m`` per feature: numpy divides by a scalar
-    with a precomputed reciprocal (libdivide), 3-5x faster than ``np.remainder``."""
+    ones by Python's modulo (``-3 mod 50 = 47``); the others (dynamic) stay raw: a
+    scalar modulus per feature (`_mod`: numpy's fast division by a scalar)."""
     for j in range(ids.shape[0]):
         if unsigned[j]:
-            x, m = ids[j].view(np.uint64), np.uint64(nums[j, 0])
+            ids[j] = _mod(ids[j].view(np.uint64), int(nums[j, 0]))
         elif signed[j]:
-            x, m = ids[j], np.int64(nums[j, 0])  # floor division: Python's modulo
-        else:
-            continue
-        q = np.floor_divide(x, m)
-        np.multiply(q, m, out=q)
-        np.subtract(x, q, out=x)
+            ids[j] = _mod(ids[j], int(nums[j, 0]))
 
 
 def _lower_priority(increment: int) -> None:

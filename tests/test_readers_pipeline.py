@@ -7,10 +7,11 @@ import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from test_readers import criteo_lines, rows_of, write
 
 from recframe import readers
-from recframe.readers import TabularDataset, criteo_tsv
+from recframe.readers import DataError, TabularDataset, criteo_tsv
 from recframe.schema import FeatureSchema
 
 
@@ -62,3 +63,35 @@ def test_input_wait_is_counted_and_positions_stay_exact(tmp_path) -> None:
     ids = [b.sparse_features.values().tolist() for b in first + list(rest)]
     assert sum(ids, []) == list(range(500))
     assert ds.input_wait_seconds >= 0.0 and rest.input_wait_seconds >= 0.0
+
+
+def test_row_groups_decode_in_pieces_with_exact_rows_and_errors(tmp_path, monkeypatch) -> None:
+    """A row group is decoded `DECODE_ROWS` rows at a time: the same batches and
+    positions, and a bad value still names its row group and row (also when reading
+    starts mid-group, as after a resume)."""
+    schema = FeatureSchema(labels=["y"], dense=["x"], sparse=["s"],
+                           default_num_embeddings=1000, default_embedding_dim=4)
+    n = 60
+    pq.write_table(pa.table({"y": [float(i % 2) for i in range(n)],
+                             "x": [float(i) for i in range(n)], "s": list(range(n))}),
+                   tmp_path / "p.parquet", row_group_size=25)
+    whole = [b.sparse_features.values().tolist()
+             for b in TabularDataset(str(tmp_path), schema, batch_size=7)]
+    monkeypatch.setattr(readers, "DECODE_ROWS", 4)
+    ds = TabularDataset(str(tmp_path), schema, batch_size=7, num_workers=1)
+    assert [b.sparse_features.values().tolist() for b in ds] == whole
+    it = iter(ds)
+    next(it), next(it)
+    state = ds.state_dict()
+    it.close()
+    assert state["offset"] == 14
+    bad = pa.table({"y": [0.0] * n, "x": [1.0] * 43 + [float("inf")] + [1.0] * 16,
+                    "s": list(range(n))})
+    pq.write_table(bad, tmp_path / "p.parquet", row_group_size=25)
+    msg = r"row group 1, row 18 \(row 43 of the file\): column 'x': inf is not a finite"
+    with pytest.raises(DataError, match=msg):
+        list(TabularDataset(str(tmp_path), schema, batch_size=7))
+    again = TabularDataset(str(tmp_path), schema, batch_size=7)
+    again.load_state_dict({**state, "offset": 31})  # starts mid-group 1
+    with pytest.raises(DataError, match=msg):
+        list(again)

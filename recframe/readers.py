@@ -526,6 +526,7 @@ def _check_labels(labels: np.ndarray, names: Sequence[str]) -> None:
                         "probability)")
 
 
+_I64, _U64 = pa.int64(), pa.uint64()
 _NUMERIC = {pa.float64(): np.float64, pa.float32(): np.float32, pa.int64(): np.int64,
             pa.int32(): np.int32, pa.int16(): np.int16, pa.int8(): np.int8,
             pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32}
@@ -651,51 +652,45 @@ def decode_table(
 
     # ---- sparse columns: integer ids together, the others one by one
     lengths = np.empty((len(schema.sparse), n), dtype=np.int32)
-    ids = np.empty((len(plan.int_ids), n), dtype=np.int64)
-    ids_valid: Optional[np.ndarray] = None
-    fast = np.zeros(len(plan.int_ids), dtype=bool)
-    unsigned = ~plan.signed
+    picked: list[int] = []  # indices into plan.int_ids of the integer-typed columns
+    arrays: list[pa.Array] = []
     for j, k in enumerate(plan.int_ids):
         arr = col(schema.sparse[k].name)
-        if arr.type == pa.int64() or arr.type == pa.uint64():
-            pass
-        elif pa.types.is_integer(arr.type):
-            arr = pc.cast(arr, pa.int64())
-        else:
+        if not pa.types.is_integer(arr.type):
             continue  # strings (hex text, ids to parse): column by column
-        if arr.buffers()[1] is None:
-            continue
-        fast[j] = True
-        if arr.type == pa.uint64():
-            unsigned[j] = True  # ids beyond int64 stay positive (as `_map_int_ids`)
-        ids[j] = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=n,
-                               offset=arr.offset * 8)
-        if arr.null_count:
-            if ids_valid is None:
-                ids_valid = np.ones(ids.shape, dtype=np.uint8)
-            _valid_bits(arr, ids_valid[j])
+        if arr.type != _I64 and arr.type != _U64:
+            arr = pc.cast(arr, _I64)
+        if arr.buffers()[1] is not None:
+            picked.append(j)
+            arrays.append(arr)
     table_rows = {t.name: t.num_embeddings for t in schema.tables}
     pieces: dict[int, np.ndarray] = {}
-    if fast.any():
-        if not fast.all():
-            ids, unsigned_rows, nums = ids[fast], unsigned[fast], plan.nums[fast]
-            raw = plan.raw[fast]
-            ids_valid = None if ids_valid is None else ids_valid[fast]
-        else:
-            unsigned_rows, nums, raw = unsigned, plan.nums, plan.raw
-        _map_id_rows(ids, nums, unsigned_rows & ~raw, ~unsigned_rows & ~raw)
-        keys = [k for j, k in enumerate(plan.int_ids) if fast[j]]
+    if arrays:
+        ids = np.empty((len(arrays), n), dtype=np.int64)
+        ids_valid: Optional[np.ndarray] = None
+        for j, arr in enumerate(arrays):
+            ids[j] = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=n,
+                                   offset=arr.offset * 8)
+            if arr.null_count:
+                if ids_valid is None:
+                    ids_valid = np.ones(ids.shape, dtype=np.uint8)
+                _valid_bits(arr, ids_valid[j])
+        sel = np.array(picked, dtype=np.int64)
+        # uint64 columns: ids beyond int64 stay positive (as `_map_int_ids`)
+        unsigned = ~plan.signed[sel] | np.array([a.type == _U64 for a in arrays])
+        raw = plan.raw[sel]
+        _map_id_rows(ids, plan.nums[sel], unsigned & ~raw, ~unsigned & ~raw)
+        keys = [plan.int_ids[j] for j in picked]
         if ids_valid is None:
             lengths[keys] = 1
             flat = ids.reshape(-1)
-            counts = np.full(len(keys), n, dtype=np.int64)
         else:
             lengths[keys] = ids_valid
             flat = ids[ids_valid.view(bool)]  # row-major: feature by feature
         if len(keys) == len(schema.sparse):
             return _Chunk(part, ends, labels32, weights, dense, flat, lengths)
-        if ids_valid is not None:
-            counts = ids_valid.sum(axis=1, dtype=np.int64)
+        counts = (np.full(len(keys), n, dtype=np.int64) if ids_valid is None
+                  else ids_valid.sum(axis=1, dtype=np.int64))
         for k, v in zip(keys, np.split(flat, np.cumsum(counts)[:-1])):
             pieces[k] = v
     values: list[np.ndarray] = []

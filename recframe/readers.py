@@ -597,9 +597,10 @@ def decode_table(
     Whole-table where the columns allow: the float columns (labels, weight, dense) as
     one ``[columns, rows]`` array (one null fill, one finiteness check, the transforms
     over all their columns at once) and the single-valued integer id columns as one
-    ``[features, rows]`` array (one null mask, one modulo with each feature's table
-    size broadcast); other columns (strings, lists, ...) column by column. Any bad
-    value sends the table to `_decode_columns`, which names it."""
+    ``[features, rows]`` array (one null mask, one compaction into the KJT's key-major
+    values, a scalar-divisor modulo per feature); other columns (strings, lists, ...)
+    column by column. Any bad value sends the table to `_decode_columns`, which names
+    it. Both give the same arrays (tested)."""
     plan = _Plan.build(schema, labelled)  # ~50 us: nothing to cache for
     n = table.num_rows
     if n == 0:

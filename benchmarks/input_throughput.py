@@ -8,7 +8,9 @@ round by round (the order rotates) with the CPU other processes used recorded:
 
 * ``old_tsv``: `recframe.data.CriteoTSVDataset`, one pass (rows/s);
 * ``new_tsv``: `recframe.readers.criteo_tsv` (``--workers`` decoding threads), one pass;
-* ``parquet``: `recframe.readers.TabularDataset` over the Parquet parts, one pass;
+* ``parquet``: `recframe.readers.TabularDataset` over the Parquet parts (lz4, what
+  ``data convert`` writes by default), one pass; ``parquet_zstd``: the same rows
+  written with ``--compression zstd`` (smaller files, more CPU to read);
 * ``train_memory``: the `Trainer` on the fused path (`shard_model`, DLRM built from the
   Criteo schema) over batches decoded beforehand and held in memory: the step rate
   with no input cost (what training on pre-generated synthetic data runs at);
@@ -23,10 +25,17 @@ train_parquet / train_memory >= 0.95. Each ratio is given in wall time (the goal
 in CPU time (samples per CPU-second of this process: steadier on a loaded machine). For
 the training variants, ``decode share`` is the readers' read-and-decode CPU time
 (`TabularDataset.decode_cpu_seconds`) over the process's CPU time in the round: what
-input costs a step. Also reported: the bytes each of 2 ranks reads (goal <= 0.55 of the
-dataset), from readers built for rank 0 and 1 of 2.
+input costs a step, and ``input wait`` the share of the round's wall time the training
+loop waited for decoded input (`TabularDataset.input_wait_seconds`). Also reported: the
+bytes each of 2 ranks reads (goal <= 0.55 of the dataset), from readers built for rank
+0 and 1 of 2.
 
-    .venv/bin/python benchmarks/input_throughput.py            # ~ a few minutes
+Rounds: training rates drift by up to 20% between rounds on one machine (the same
+variant, minutes apart), so every ratio is taken per round (variants run next to each
+other) and the median over rounds is reported; the default 8 rounds of 100 updates
+(about 2.5 minutes on 2 idle cores) gives steadier medians than fewer, longer rounds.
+
+    .venv/bin/python benchmarks/input_throughput.py            # ~ 2.5 minutes
     .venv/bin/python benchmarks/input_throughput.py --quick    # smoke run, ~30 s
 """
 
@@ -53,7 +62,7 @@ import _common as common  # noqa: E402
 GOALS = {"new_tsv/old_tsv": 10.0, "parquet/old_tsv": 20.0, "new_tsv/train_memory": 2.0,
          "parquet/train_memory": 2.0, "train_parquet/train_memory": 0.95,
          "train_tsv/train_memory": 0.95}
-INFO = ("train_parquet_nice0/train_memory",)  # ratios shown without a goal
+INFO = ("parquet_zstd/old_tsv", "train_parquet_nice0/train_memory")  # without a goal
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                             "input_throughput.json")
 
@@ -67,8 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_embeddings", type=int, default=100_000, help="rows per table")
     p.add_argument("--embedding_dim", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="decoding threads of the readers")
-    p.add_argument("--train_steps", type=int, default=60, help="updates per training round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--train_steps", type=int, default=100, help="updates per training round")
+    p.add_argument("--rounds", type=int, default=8,
+                   help="interleaved rounds (ratios are per-round pairs: their median)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 20k rows, 1 round, 8 updates, small tables")
@@ -80,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_data(cfg: argparse.Namespace, root: str) -> tuple[list[str], str]:
-    """Criteo TSV files of unequal sizes, and their Parquet conversion."""
+    """Criteo TSV files of unequal sizes, and their Parquet conversion (the default
+    codec, lz4; also zstd under ``parquet_zstd`` beside it)."""
     from recframe.readers import convert_to_parquet, criteo_tsv
 
     rng = random.Random(0)
@@ -103,8 +114,10 @@ def write_data(cfg: argparse.Namespace, root: str) -> tuple[list[str], str]:
     pq_dir = os.path.join(root, "parquet")
     # row groups of ~1/32 of the data (1024 to 65536 rows): a rank's span edge shares one
     group = min(65_536, max(1024, cfg.rows // 32))
-    convert_to_parquet(criteo_tsv(files, num_workers=0), pq_dir,
-                       rows_per_file=cfg.rows // 4 + 1, row_group_size=group, progress=False)
+    for codec, out in [("lz4", pq_dir), ("zstd", pq_dir + "_zstd")]:
+        convert_to_parquet(criteo_tsv(files, num_workers=0), out, compression=codec,
+                           rows_per_file=cfg.rows // 4 + 1, row_group_size=group,
+                           progress=False)
     return files, pq_dir
 
 
@@ -139,11 +152,14 @@ class TrainLoop:
         t = self.trainer
         before = t.state.samples_seen
         decode = getattr(t.train_dataset, "decode_cpu_seconds", None)
+        wait = getattr(t.train_dataset, "input_wait_seconds", None)
         wall, cpu = time.perf_counter(), time.process_time()
         t.train(train_steps=t.global_step + self.steps)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         extra = {} if decode is None else {
             "decode_cpu_seconds": t.train_dataset.decode_cpu_seconds - decode}
+        if wait is not None:
+            extra["input_wait_seconds"] = t.train_dataset.input_wait_seconds - wait
         return common.Timed(t.state.samples_seen - before, wall, cpu, extra)
 
 
@@ -210,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      num_workers=w)),
             "parquet": lambda r: one_pass(TabularDataset(pq_dir, schema, batch_size=b,
                                                          num_workers=w)),
+            "parquet_zstd": lambda r: one_pass(TabularDataset(pq_dir + "_zstd", schema,
+                                                              batch_size=b, num_workers=w)),
             **{name: loop.run for name, loop in loops.items()},
         }
         for loop in loops.values():  # warm-up (first steps build fbgemm kernels)
@@ -241,10 +259,15 @@ def main(argv: list[str] | None = None) -> int:
         x.extra["decode_cpu_seconds"] / x.cpu_seconds for x in common.per_variant(
             results, name) if "decode_cpu_seconds" in x.extra and x.cpu_seconds > 0]
     )["median"] for name in loops if name != "train_memory"}
+    wait_share = {name: common.summarize([
+        x.extra["input_wait_seconds"] / x.seconds for x in common.per_variant(
+            results, name) if "input_wait_seconds" in x.extra and x.seconds > 0]
+    )["median"] for name in loops if name != "train_memory"}
     print(common.format_table(
-        ["variant", "samples/s (median)", "samples/CPU-s", "decode share"],
+        ["variant", "samples/s (median)", "samples/CPU-s", "decode share", "input wait"],
         [[k, f"{v['median']:,.0f}", f"{cpu_rates[k]['median']:,.0f}",
-          "" if decode_share.get(k) is None else f"{decode_share[k]:.3f}"]
+          "" if decode_share.get(k) is None else f"{decode_share[k]:.3f}",
+          "" if wait_share.get(k) is None else f"{wait_share[k]:.3f}"]
          for k, v in rates.items()]))
     print(common.format_table(
         ["ratio", "median", "CPU-time", "goal", "met"],
@@ -264,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "rates": rates,
         "cpu_rates": cpu_rates,
         "decode_share": decode_share,
+        "input_wait_share": wait_share,
         "ratios": ratios,
         "bytes_per_rank_of_2": shares,
         "rounds": [x.to_dict() for x in results],

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
+import gc
 import io
 import logging
 import os
@@ -55,6 +56,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -100,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep_freed_memory", type=_bool, default=True,
                    help="TrainingArguments.keep_freed_memory (both loops share the process, "
                    "so its allocator settings apply to the hand loop too)")
+    p.add_argument("--aa", type=_bool, default=True,
+                   help="also time the hand loop a second time per round (hand_aa): "
+                   "hand_aa/hand is the method's noise floor (A/A)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--tiny_rounds", type=int, default=10,
                    help="rounds of the tiny-model loop-overhead comparison (0: skip it)")
@@ -208,6 +213,23 @@ def make_optimizers(model: nn.Module, cfg: argparse.Namespace) -> tuple[Any, Any
 class HandLoop:
     """The plain torchrec loop recframe is measured against."""
 
+    def timed(self, batches: list[Any], meter: GCMeter | None = None,
+              label: str = "hand") -> common.Timed:
+        """`run`, timed like recframe's span (clocks, faults, garbage collections)."""
+        if meter is not None:
+            meter.begin(label)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        cpu = time.process_time()
+        wall = time.perf_counter()
+        samples = self.run(batches)
+        wall = time.perf_counter() - wall
+        cpu = time.process_time() - cpu
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        if meter is not None:
+            meter.end(len(batches))
+        return common.Timed(samples, wall, cpu_seconds=cpu,
+                            extra={"loop_minor_faults": faults})
+
     def __init__(self, model: nn.Module, dense: Any, sparse: Any) -> None:
         self.model, self.dense, self.sparse = model, dense, sparse
         self.model.train()
@@ -248,7 +270,58 @@ def thread_switches() -> dict[str, int]:
     return out
 
 
-def _clock_hooks() -> tuple[Any, Any]:
+class GCMeter:
+    """Garbage collections (per generation), their time and the objects they freed,
+    counted only while a variant's timed span runs (``gc.callbacks``): the suspicion
+    that the loop's allocations trigger collections the hand loop does not pay."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.stats: dict[str, dict[str, Any]] = {}
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if self.current is None:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        entry = self.stats.setdefault(self.current, {
+            "collections": [0, 0, 0], "seconds": 0.0, "collected": 0, "updates": 0})
+        entry["collections"][info["generation"]] += 1
+        entry["seconds"] += time.perf_counter() - self._started
+        entry["collected"] += info["collected"]
+
+    def begin(self, name: str) -> None:
+        self.current = name
+
+    def end(self, updates: int) -> None:
+        if self.current is not None:
+            entry = self.stats.setdefault(self.current, {
+                "collections": [0, 0, 0], "seconds": 0.0, "collected": 0, "updates": 0})
+            entry["updates"] += updates
+        self.current = None
+
+    def close(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def per_update(self) -> dict[str, dict[str, float]]:
+        """Per variant: collections of each generation, microseconds of collection and
+        objects freed (unreachable cycles), per update."""
+        out = {}
+        for name, e in self.stats.items():
+            n = max(e["updates"], 1)
+            out[name] = {"gen0": e["collections"][0] / n, "gen1": e["collections"][1] / n,
+                         "gen2": e["collections"][2] / n, "us": 1e6 * e["seconds"] / n,
+                         "collected": e["collected"] / n, "updates": e["updates"]}
+        return out
+
+
+def _clock_hooks(meter: GCMeter | None = None) -> tuple[Any, Any]:
+    """Hooks that take the clocks at the first update's ``before_step`` and at the
+    last one's ``after_step`` only (the updates in between pay no clock reads)."""
     from recframe.hooks import Hook
 
     class ClockStart(Hook):
@@ -259,13 +332,16 @@ def _clock_hooks() -> tuple[Any, Any]:
             self.first_cpu = 0.0
             self.first_faults = 0
             self.first_switches: dict[str, int] = {}
+            self.label = "recframe"
 
         def before_step(self, trainer: Any) -> None:
             if self.first is None:
                 self.first_switches = thread_switches()
-                self.first = time.perf_counter()
-                self.first_cpu = time.process_time()
+                if meter is not None:
+                    meter.begin(self.label)
                 self.first_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                self.first_cpu = time.process_time()
+                self.first = time.perf_counter()
 
     class ClockEnd(Hook):
         priority = 10**9  # after_step: last of all hooks
@@ -275,15 +351,19 @@ def _clock_hooks() -> tuple[Any, Any]:
             self.last_cpu = 0.0
             self.last_faults = 0
             self.stop_at: int | None = None
-            """The global step of the round's last update (its threads are read then)."""
+            """The global step of the span's last update (the clocks are read then)."""
+            self.updates = 0
             self.last_switches: dict[str, int] = {}
 
         def after_step(self, trainer: Any, metrics: dict[str, Any]) -> None:
+            if trainer.global_step != self.stop_at:
+                return
             self.last = time.perf_counter()
             self.last_cpu = time.process_time()
             self.last_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            if trainer.global_step == self.stop_at:
-                self.last_switches = thread_switches()
+            if meter is not None:
+                meter.end(self.updates)
+            self.last_switches = thread_switches()
 
     return ClockStart(), ClockEnd()
 
@@ -308,7 +388,8 @@ class RecframeLoop:
 
     def __init__(self, model: nn.Module, dense: Any, sparse: Any, accum: int,
                  output_dir: str, default_hooks: bool = True,
-                 keep_freed_memory: bool = True) -> None:
+                 keep_freed_memory: bool = True, meter: GCMeter | None = None,
+                 label: str = "recframe") -> None:
         from recframe import Trainer, TrainingArguments
         from recframe.hooks import ProgressBarHook
 
@@ -323,7 +404,8 @@ class RecframeLoop:
             seed=0,
             keep_freed_memory=keep_freed_memory,
         )
-        self.start, self.end = _clock_hooks()
+        self.start, self.end = _clock_hooks(meter)
+        self.start.label = label
         hooks = [self.start, self.end]
         if default_hooks:
             # the built-in bar as in a job whose stderr goes to a log file
@@ -340,6 +422,7 @@ class RecframeLoop:
         trainer.train_dataset = batches
         self.start.first = self.end.last = None
         self.end.stop_at = trainer.global_step + updates
+        self.end.updates = updates
         trainer.train(train_steps=trainer.global_step + updates)
         done = trainer.global_step - steps_before
         if done != updates or self.start.first is None or self.end.last is None:
@@ -367,8 +450,103 @@ def param_diff(a: nn.Module, b: nn.Module) -> dict[str, float]:
     return {"max_abs": worst, "relative_l2": (diff_sq / norm_sq) ** 0.5 if norm_sq else 0.0}
 
 
+# --- interleaving ------------------------------------------------------------------
+MirroredVariant = Callable[[int, int], common.Timed]
+"""A timed body: called with (round, half), runs that half-round's updates and returns
+a `common.Timed`."""
+
+
+def half_indices(cfg: argparse.Namespace, r: int, half: int) -> list[int]:
+    """The pool indices of half ``half`` (0 or 1) of round ``r``: every variant trains
+    the same batches in the same half."""
+    indices = round_indices(cfg, r)
+    cut = len(indices) // 2
+    return indices[:cut] if half == 0 else indices[cut:]
+
+
+def _combine(name: str, r: int, position: int,
+             blocks: list[tuple[common.Load, common.Timed, float]]) -> common.RoundResult:
+    """One variant's two half-round blocks as one round result: times, CPU, samples and
+    faults summed; the neighbours' load the larger of the two (a busy half makes the
+    round suspect)."""
+    loads = [load for load, _, _ in blocks]
+    others = [x.others_cores for x in loads if x.others_cores is not None]
+    steal = [x.steal_cores for x in loads if x.steal_cores is not None]
+    load = common.Load(
+        own_cores=sum(x.own_cores for x in loads) / len(loads),
+        others_cores=max(others) if others else None,
+        steal_cores=max(steal) if steal else None,
+        minor_faults=sum(x.minor_faults for x in loads),
+    )
+    extra: dict[str, Any] = {"call_seconds": sum(call for _, _, call in blocks)}
+    if all("loop_minor_faults" in t.extra for _, t, _ in blocks):
+        extra["loop_minor_faults"] = sum(t.extra["loop_minor_faults"] for _, t, _ in blocks)
+    wakeups: dict[str, float] = {}
+    for _, t, _ in blocks:
+        for thread, rate in t.extra.get("thread_wakeups_per_update", {}).items():
+            wakeups[thread] = wakeups.get(thread, 0.0) + rate / len(blocks)
+    if wakeups:
+        extra["thread_wakeups_per_update"] = wakeups
+    return common.RoundResult(
+        variant=name, round=r, position=position,
+        seconds=sum(t.seconds for _, t, _ in blocks),
+        samples=int(sum(t.samples for _, t, _ in blocks)),
+        load=load,
+        cpu_seconds=sum(t.cpu_seconds or 0.0 for _, t, _ in blocks),
+        extra=extra,
+    )
+
+
+def run_mirrored(variants: dict[str, MirroredVariant], rounds: int, on_round: Any = None,
+                 quiet_wait: float = 0.0) -> list[common.RoundResult]:
+    """Interleaved rounds in mirrored (ABBA) order: round ``r`` runs the variants in
+    the rotated order ``A B C`` on the first half of its batches, then ``C B A`` on the
+    second half; a variant's round result is the sum of its two blocks. A drift of the
+    machine's speed that is linear over a round then weighs every variant alike (with
+    plain alternation, ``A B`` / ``B A``, the variant that runs second in the round pays
+    a linear drift across the whole round in every round of one parity)."""
+    names = list(variants)
+    results: list[common.RoundResult] = []
+    for r in range(rounds):
+        shift = r % len(names)
+        order = names[shift:] + names[:shift]
+        if quiet_wait > 0:
+            common.wait_for_quiet(max_wait=quiet_wait, probe=0.5)
+        blocks: dict[str, list[tuple[common.Load, common.Timed, float]]] = {
+            name: [] for name in names}
+        for half, sequence in ((0, order), (1, order[::-1])):
+            for name in sequence:
+                gc.collect()  # untimed: no variant pays for another's garbage
+                start = common.LoadSample.now()
+                timed = variants[name](r, half)
+                end = common.LoadSample.now()
+                blocks[name].append((common.Load.between(start, end), timed,
+                                     end.wall - start.wall))
+        this_round = [_combine(name, r, order.index(name), blocks[name]) for name in order]
+        results.extend(this_round)
+        if on_round is not None:
+            on_round(this_round)
+    return results
+
+
+def prime_batches(base: nn.Module, batches: list[Any]) -> None:
+    """One forward pass (no gradients, on a throw-away copy of the model) over every
+    batch of the pool: a `KeyedJaggedTensor` works out its per-key split on first use
+    and caches it on the object (about 930 Python calls), and the variants share the
+    pool's batch objects, so otherwise the variant that ran first in round 0 paid it
+    for all of them."""
+    model = copy.deepcopy(base)
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+
+
 # --- the DLRM comparison ----------------------------------------------------------
 def run_dlrm(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
+    """Time hand vs recframe (and recframe k>1) on ONE model and pair of optimizers that
+    every loop trains in turn, after checking on fresh copies that the loops do the
+    same work (bit-identical weights)."""
     from recframe.models import DLRM
 
     t0 = time.perf_counter()
@@ -378,35 +556,48 @@ def run_dlrm(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)
     base = DLRM(num_embeddings=cfg.num_embeddings, embedding_dim=cfg.embedding_dim)
+    prime_batches(base, big if k == 1 else big + micro)
 
     def fresh() -> tuple[nn.Module, Any, Any]:
         model = copy.deepcopy(base)
         return (model, *make_optimizers(model, cfg))
 
-    hand = HandLoop(*fresh())
-    options = {"default_hooks": cfg.default_hooks, "keep_freed_memory": cfg.keep_freed_memory}
-    rec = RecframeLoop(*fresh(), accum=1, output_dir=os.path.join(out_dir, "k1"), **options)
-    rec_acc = (RecframeLoop(*fresh(), accum=k, output_dir=os.path.join(out_dir, f"k{k}"),
-                            **options) if k > 1 else None)
-
     def micro_of(indices: list[int]) -> list[Any]:
         return [micro[i * k + m] for i in indices for m in range(k)]
 
-    warm = [(cfg.pool - 1 - i) % cfg.pool for i in range(cfg.warmup)][::-1]
-    if warm:
-        hand.run([big[i] for i in warm])
-        rec.run([big[i] for i in warm], len(warm))
-        if rec_acc is not None:
-            rec_acc.run(micro_of(warm), len(warm))
+    options = {"default_hooks": cfg.default_hooks, "keep_freed_memory": cfg.keep_freed_memory}
+    warm = [(cfg.pool - 1 - i) % cfg.pool for i in range(max(cfg.warmup, 1))][::-1]
+    checks = check_same_work(cfg, fresh, [big[i] for i in warm], micro_of(warm),
+                             os.path.join(out_dir, "check"), options)
 
-    variants: dict[str, common.Variant] = {
-        "hand": lambda r: hand.run([big[i] for i in round_indices(cfg, r)]),
-        "recframe": lambda r: rec.run([big[i] for i in round_indices(cfg, r)], cfg.steps),
+    # the timed loops share one model and its optimizers: no loop runs on
+    # luckier-placed tensors than another (separate copies sit at other addresses)
+    model, dense, sparse = fresh()
+    meter = GCMeter()
+    hand = HandLoop(model, dense, sparse)
+    rec = RecframeLoop(model, dense, sparse, accum=1, output_dir=os.path.join(out_dir, "k1"),
+                       meter=meter, **options)
+    rec_acc = (RecframeLoop(model, dense, sparse, accum=k,
+                            output_dir=os.path.join(out_dir, f"k{k}"), meter=meter,
+                            label="recframe_accum", **options) if k > 1 else None)
+    hand.run([big[i] for i in warm])
+    rec.run([big[i] for i in warm], len(warm))
+    if rec_acc is not None:
+        rec_acc.run(micro_of(warm), len(warm))
+
+    def big_of(r: int, half: int) -> list[Any]:
+        return [big[i] for i in half_indices(cfg, r, half)]
+
+    variants: dict[str, MirroredVariant] = {
+        "hand": lambda r, h: hand.timed(big_of(r, h), meter, "hand"),
+        "recframe": lambda r, h: rec.run(big_of(r, h), len(half_indices(cfg, r, h))),
     }
     if rec_acc is not None:
-        variants["recframe_accum"] = lambda r: rec_acc.run(
-            micro_of(round_indices(cfg, r)), cfg.steps
-        )
+        variants["recframe_accum"] = lambda r, h: rec_acc.run(
+            micro_of(half_indices(cfg, r, h)), len(half_indices(cfg, r, h)))
+    if cfg.aa:
+        # the same hand loop again: hand_aa/hand is the method's own noise floor
+        variants["hand_aa"] = lambda r, h: hand.timed(big_of(r, h), meter, "hand_aa")
 
     def show(this_round: list[common.RoundResult]) -> None:
         by = {x.variant: x for x in this_round}
@@ -416,28 +607,44 @@ def run_dlrm(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
         print(f"  round {this_round[0].round:3d}: {'  '.join(parts)}  "
               f"recframe/hand={ratio:.3f}  {common.round_load(this_round)}", flush=True)
 
-    results = common.run_interleaved(variants, cfg.rounds, on_round=show,
-                                     quiet_wait=cfg.quiet_wait)
-
-    same = param_diff(hand.model, rec.trainer.model)
-    checks = {
-        "param_diff_recframe_vs_hand": same,
-        # same model, data, optimizers and order: the weights must end bit-identical
-        "bit_identical": same["max_abs"] == 0.0,
-        "recframe_global_step": rec.trainer.global_step,
-        "hand_updates": cfg.warmup + cfg.rounds * cfg.steps,
-    }
-    if rec_acc is not None:
-        checks["param_diff_recframe_accum_vs_hand"] = param_diff(
-            hand.model, rec_acc.trainer.model)
-        checks["recframe_accum_global_step"] = rec_acc.trainer.global_step
-        checks["recframe_accum_micro_step"] = rec_acc.trainer.state.micro_step
+    try:
+        results = run_mirrored(variants, cfg.rounds, on_round=show, quiet_wait=cfg.quiet_wait)
+    finally:
+        meter.close()
+    checks["recframe_global_step"] = rec.trainer.global_step
+    checks["updates_per_variant"] = len(warm) + cfg.rounds * cfg.steps
     return {
         "data_generation_seconds": data_seconds,
         "rounds": [x.to_dict() for x in results],
         "summary": summarize_pairs(results, list(variants), cfg.batch_size),
+        "gc_per_update": meter.per_update(),
         "checks": checks,
     }
+
+
+def check_same_work(cfg: argparse.Namespace, fresh: Any, batches: list[Any],
+                    micro_batches: list[Any], out_dir: str,
+                    options: dict[str, Any]) -> dict[str, Any]:
+    """The loops do the same work: from the same weights over the same batches, hand and
+    recframe end bit-identical (recframe k>1 within float rounding); untimed, on copies
+    of their own."""
+    hand = HandLoop(*fresh())
+    hand.run(batches)
+    rec = RecframeLoop(*fresh(), accum=1, output_dir=os.path.join(out_dir, "k1"), **options)
+    rec.run(batches, len(batches))
+    same = param_diff(hand.model, rec.trainer.model)
+    checks: dict[str, Any] = {
+        "checked_updates": len(batches),
+        "param_diff_recframe_vs_hand": same,
+        # same model, data, optimizers and order: the weights must end bit-identical
+        "bit_identical": same["max_abs"] == 0.0,
+    }
+    if cfg.accum > 1:
+        acc = RecframeLoop(*fresh(), accum=cfg.accum, output_dir=os.path.join(out_dir, "kn"),
+                           **options)
+        acc.run(micro_batches, len(batches))
+        checks["param_diff_recframe_accum_vs_hand"] = param_diff(hand.model, acc.trainer.model)
+    return checks
 
 
 def loop_faults(x: common.RoundResult) -> int:
@@ -552,8 +759,9 @@ def run_tiny(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
         model = copy.deepcopy(base)
         return (model, *make_optimizers(model, cfg))
 
-    hand = TinyHand(*fresh())
-    rec = RecframeLoop(*fresh(), accum=1, output_dir=os.path.join(out_dir, "tiny"),
+    model, dense, sparse = fresh()  # shared, as in run_dlrm
+    hand = TinyHand(model, dense, sparse)
+    rec = RecframeLoop(model, dense, sparse, accum=1, output_dir=os.path.join(out_dir, "tiny"),
                        default_hooks=cfg.default_hooks,
                        keep_freed_memory=cfg.keep_freed_memory)
     hand.run(batches[:50])
@@ -634,6 +842,7 @@ def print_comparison(cfg: argparse.Namespace, result: dict[str, Any], title: str
         "hand": f"hand loop (B={cfg.batch_size})",
         "recframe": f"recframe Trainer (B={cfg.batch_size})",
         "recframe_accum": f"recframe k={k} ({k}x{cfg.batch_size // k})",
+        "hand_aa": f"hand loop again (A/A, B={cfg.batch_size})",
     }
     rows = []
     for name, entry in block.items():
@@ -669,6 +878,19 @@ def print_comparison(cfg: argparse.Namespace, result: dict[str, Any], title: str
             f"{thread} {rate:.3f}" for thread, rate in sorted(wakeups.items())))
     rr = block["recframe"]["ratio_to_hand"]["round_ratios"]
     print("per-round recframe/hand: " + " ".join(f"{x:.3f}" for x in rr))
+    if "hand_aa" in block:
+        aa = block["hand_aa"]["ratio_to_hand"]
+        print(f"A/A noise floor, hand_aa/hand (the same loop twice): median "
+              f"{aa['median_of_round_ratios']:.3f}, rounds {aa['summary']['min']:.3f}-"
+              f"{aa['summary']['max']:.3f}; per round: "
+              + " ".join(f"{x:.3f}" for x in aa["round_ratios"]))
+    gcs = result.get("gc_per_update") or {}
+    if gcs:
+        print("garbage collections in the timed spans, per 1000 updates (gen0/gen1/gen2; "
+              "cyclic objects freed) and their time per update: " + "; ".join(
+                  f"{name} {1e3 * g['gen0']:.0f}/{1e3 * g['gen1']:.0f}/{1e3 * g['gen2']:.0f}; "
+                  f"{1e3 * g['collected']:.0f}; {g['us']:.1f} us"
+                  for name, g in gcs.items()))
     if summary["busy_rounds"]:
         clean = summary["clean"]
         note = (f"{clean['recframe']['ratio_to_hand']['median_of_round_ratios']:.3f}"
@@ -687,13 +909,14 @@ def print_comparison(cfg: argparse.Namespace, result: dict[str, Any], title: str
               f">= {GOAL}")
     checks = result["checks"]
     same = checks["param_diff_recframe_vs_hand"]
-    line = ("same work: weights recframe vs hand " + (
+    line = (f"same work ({checks['checked_updates']} updates from the same weights, "
+            "untimed): recframe vs hand " + (
         "bit-identical" if checks["bit_identical"] else
         f"NOT bit-identical (max |diff| {same['max_abs']:.3g}, "
         f"relative L2 {same['relative_l2']:.3g})"))
     acc = checks.get("param_diff_recframe_accum_vs_hand")
     if acc is not None:
-        line += (f"; k={k} vs hand (float rounding, grown over the run): max |diff| "
+        line += (f"; k={k} vs hand (float rounding): max |diff| "
                  f"{acc['max_abs']:.3g}, relative L2 {acc['relative_l2']:.3g}")
     print(line)
 

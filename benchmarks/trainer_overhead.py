@@ -1,10 +1,11 @@
 """recframe's `Trainer` against the same hand-written torchrec training loop.
 
 Both sides train the same model (`recframe.models.DLRM`: torchrec's DLRM over an
-`EmbeddingBagCollection`) from the same initial weights, on the same pre-generated
-`SyntheticCriteo` batches in the same order, with the optimizers the CLI uses (Adam
-over the dense parameters, Adagrad over the tables) and the same torch thread count.
-They must end bit-identical (checked; the script exits 1 otherwise).
+`EmbeddingBagCollection`) on the same pre-generated `SyntheticCriteo` batches in the
+same order, with the optimizers the CLI uses (Adam over the dense parameters, Adagrad
+over the tables) and the same torch thread count. Before timing, each loop trains a
+fresh copy from the same weights over the warm-up batches and the copies must end
+bit-identical (checked; the script exits 1 otherwise).
 
 * ``hand``: ``for batch: zero_grad both; loss = model(batch); backward; step both``.
 * ``recframe``: a `Trainer` with its default ``_train_step`` and its default hooks
@@ -27,14 +28,42 @@ loops run in one process, so the host allocator settings that the Trainer makes
 (``keep_freed_memory``, recframe/allocator.py) hold for the hand loop too; the
 per-update page faults of each side are reported.
 
-Rounds are interleaved (the order rotates every round); before each one the script
-waits (up to ``--quiet_wait`` s) for other processes to go quiet, and each records the
-CPU other processes used meanwhile, its own CPU time and its page faults. A headline
-is the median of the per-round ratios recframe/hand over the rounds without a busy
-neighbour (goal: >= 0.98; "inconclusive" with fewer than 5 such rounds). A third,
-tiny-model comparison isolates the loop's own cost per update in microseconds. For
-recframe's timed span, the context switches per update of every background Python
-thread (the writer lock's lease renewal, tqdm's monitor) are reported too.
+Method (changed in issue 11 item 8; each change removes a bias the older method had,
+none favours either side):
+
+* One model, one pair of optimizers, trained by every loop in turn. Before, each loop
+  had its own deep copy, so each trained tensors at other addresses (cache-set and
+  page placement differ per copy and per run under ASLR): separate hand copies
+  measured 0.99-1.01 against each other, a systematic offset that a median over rounds
+  cannot remove. "Same work" is now checked on fresh copies, untimed (above).
+* Mirrored (ABBA) half-rounds: round ``r`` runs the rotated order ``A B C`` over the
+  first half of its batches, then ``C B A`` over the second half, and a variant's
+  round is the sum of its two blocks, so a linear drift in the machine's speed over a
+  round weighs every variant alike. Before, ``A B`` / ``B A`` alternated whole rounds.
+* An A/A variant (``--aa``, default on): ``hand_aa`` is the hand loop timed again in the
+  same rounds, and ``hand_aa/hand`` is printed as the method's noise floor next to
+  recframe/hand.
+* The pool's batches are primed (one no-grad forward each, on a throw-away copy)
+  before timing: a `KeyedJaggedTensor` caches its per-key split on first use (~930
+  Python calls), and the loops share the batch objects, so the variant that ran first
+  in round 0 used to pay it for the others.
+* recframe's clock hooks read the clocks (``perf_counter``, ``process_time``,
+  ``getrusage``) at the span's first ``before_step`` and last ``after_step`` only;
+  before, ``after_step`` read all three on every update, charging recframe ~3
+  syscalls per update that the hand loop did not pay.
+* Garbage collections are counted per side during the timed spans (``gc.callbacks``):
+  both loops grow the gen-0 count by the same ~2 objects per update and leave no cycle
+  per update, and no gen-2 collection runs inside a span (``gc.collect()`` runs,
+  untimed, before every block); collections cost both sides a few us per update.
+
+Before each round the script waits (up to ``--quiet_wait`` s) for other processes to go
+quiet, and each block records the CPU other processes used meanwhile, its own CPU time
+and its page faults. A headline is the median of the per-round ratios recframe/hand
+over the rounds without a busy neighbour (goal: >= 0.98; "inconclusive" with fewer
+than 5 such rounds). A third, tiny-model comparison isolates the loop's own cost per
+update in microseconds. For recframe's timed span, the context switches per update of
+every background Python thread (the writer lock's lease renewal, tqdm's monitor) are
+reported too.
 
     .venv/bin/python benchmarks/trainer_overhead.py            # a few min on 2 idle cores
     .venv/bin/python benchmarks/trainer_overhead.py --rounds 30 --steps 50

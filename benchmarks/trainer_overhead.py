@@ -134,6 +134,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aa", type=_bool, default=True,
                    help="also time the hand loop a second time per round (hand_aa): "
                    "hand_aa/hand is the method's noise floor (A/A)")
+    p.add_argument("--phase_rounds", type=int, default=8,
+                   help="rounds of the small step's split of main-thread CPU per update into "
+                   "forward / backward / optimizer step / zero_grad / the loop's own work "
+                   "(0: skip it)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--tiny_rounds", type=int, default=10,
                    help="rounds of the tiny-model loop-overhead comparison (0: skip it)")
@@ -152,6 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "pool", "accum", "threads", "tiny_steps", "embedding_dim"):
         if getattr(ns, name) < 1:
             p.error(f"--{name} must be >= 1")
+    if ns.phase_rounds < 0:
+        p.error("--phase_rounds must be >= 0")
     if ns.warmup < 0 or ns.tiny_rounds < 0 or ns.quiet_wait < 0 or ns.small_batch_size < 0:
         p.error("--warmup, --tiny_rounds, --quiet_wait and --small_batch_size must be >= 0")
     if ns.small_steps < 1 or ns.small_rounds < 1:
@@ -359,6 +365,7 @@ def _clock_hooks(meter: GCMeter | None = None) -> tuple[Any, Any]:
         def __init__(self) -> None:
             self.first: float | None = None
             self.first_cpu = 0.0
+            self.first_thread = 0.0
             self.first_faults = 0
             self.first_switches: dict[str, int] = {}
             self.label = "recframe"
@@ -370,6 +377,7 @@ def _clock_hooks(meter: GCMeter | None = None) -> tuple[Any, Any]:
                     meter.begin(self.label)
                 self.first_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 self.first_cpu = time.process_time()
+                self.first_thread = time.thread_time()
                 self.first = time.perf_counter()
 
     class ClockEnd(Hook):
@@ -378,6 +386,7 @@ def _clock_hooks(meter: GCMeter | None = None) -> tuple[Any, Any]:
         def __init__(self) -> None:
             self.last: float | None = None
             self.last_cpu = 0.0
+            self.last_thread = 0.0
             self.last_faults = 0
             self.stop_at: int | None = None
             """The global step of the span's last update (the clocks are read then)."""
@@ -388,6 +397,7 @@ def _clock_hooks(meter: GCMeter | None = None) -> tuple[Any, Any]:
             if trainer.global_step != self.stop_at:
                 return
             self.last = time.perf_counter()
+            self.last_thread = time.thread_time()
             self.last_cpu = time.process_time()
             self.last_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             if meter is not None:
@@ -649,6 +659,103 @@ def run_dlrm(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
         "gc_per_update": meter.per_update(),
         "checks": checks,
     }
+
+
+class PhaseClock:
+    """Main-thread CPU time (``time.thread_time``) spent in the model's forward, in
+    ``Tensor.backward``, in the optimizers' ``step`` and ``zero_grad``, while installed
+    (wrappers on the shared model and optimizers, and on ``torch.Tensor.backward``).
+    What a loop spends outside them is its own work."""
+
+    KEYS = ("forward", "backward", "step", "zero_grad")
+
+    def __init__(self, model: nn.Module, optimizers: list[Any]) -> None:
+        self.seconds = dict.fromkeys(self.KEYS, 0.0)
+        self._undo: list[Any] = []
+        self._wrap(model, "forward", "forward")
+        for opt in optimizers:
+            self._wrap(opt, "step", "step")
+            self._wrap(opt, "zero_grad", "zero_grad")
+        self._wrap(torch.Tensor, "backward", "backward")
+
+    def _wrap(self, owner: Any, attr: str, key: str) -> None:
+        had_own = attr in vars(owner)
+        original = getattr(owner, attr)
+        seconds = self.seconds
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds[key] += time.thread_time() - start
+
+        setattr(owner, attr, timed)
+        self._undo.append((owner, attr, original if had_own else None))
+
+    def reset(self) -> None:
+        for key in self.seconds:
+            self.seconds[key] = 0.0
+
+    def close(self) -> None:
+        for owner, attr, original in reversed(self._undo):
+            if original is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
+        self._undo.clear()
+
+
+def run_phases(cfg: argparse.Namespace, out_dir: str, rounds: int = 8,
+               steps: int = 50) -> dict[str, Any]:
+    """Where recframe's extra time per update goes on the small step: main-thread CPU
+    microseconds per update in forward, backward, the optimizers' step and zero_grad,
+    and the rest (the loop's own work), each side, and the median of the per-round
+    differences recframe - hand (alternating order, one shared model). The tensor
+    phases differ by noise only when the loop adds no tensor work."""
+    from recframe.models import DLRM
+
+    small = argparse.Namespace(**dict(vars(cfg), pool=max(steps, 8), accum=1))
+    big, _ = make_data(small)
+    torch.manual_seed(cfg.seed)
+    base = DLRM(num_embeddings=small.num_embeddings, embedding_dim=small.embedding_dim)
+    prime_batches(base, big)
+    model = copy.deepcopy(base)
+    dense, sparse = make_optimizers(model, small)
+    hand = HandLoop(model, dense, sparse)
+    rec = RecframeLoop(model, dense, sparse, accum=1, output_dir=os.path.join(out_dir, "phases"),
+                       default_hooks=cfg.default_hooks, keep_freed_memory=cfg.keep_freed_memory)
+    clock = PhaseClock(model, [dense, sparse])
+    rows: dict[str, list[dict[str, float]]] = {"hand": [], "recframe": []}
+    try:
+        hand.run(big[:10])
+        rec.run(big[:10], 10)
+        for r in range(rounds):
+            for name in (("hand", "recframe") if r % 2 == 0 else ("recframe", "hand")):
+                gc.collect()
+                start = time.thread_time()
+                clock.reset()
+                if name == "hand":
+                    hand.run(big[:steps])
+                    total = time.thread_time() - start
+                else:  # the updates' span, without train()'s per-call work
+                    rec.run(big[:steps], steps)
+                    total = rec.end.last_thread - rec.start.first_thread
+                row = {key: 1e6 * value / steps for key, value in clock.seconds.items()}
+                row["total"] = 1e6 * total / steps
+                row["loop"] = row["total"] - sum(row[key] for key in PhaseClock.KEYS)
+                rows[name].append(row)
+    finally:
+        clock.close()
+    out: dict[str, Any] = {"rounds": rounds, "updates_per_round": steps}
+    for key in (*PhaseClock.KEYS, "loop", "total"):
+        out[key] = {
+            "hand_us": common.summarize([x[key] for x in rows["hand"]])["median"],
+            "recframe_us": common.summarize([x[key] for x in rows["recframe"]])["median"],
+            "diff_us": common.summarize([a[key] - b[key] for a, b in
+                                         zip(rows["recframe"], rows["hand"])])["median"],
+        }
+    return out
 
 
 def check_same_work(cfg: argparse.Namespace, fresh: Any, batches: list[Any],
@@ -950,6 +1057,18 @@ def print_comparison(cfg: argparse.Namespace, result: dict[str, Any], title: str
     print(line)
 
 
+def print_phases(phases: dict[str, Any]) -> None:
+    print(f"\nsmall step, main-thread CPU per update by phase ({phases['rounds']} alternating "
+          f"rounds x {phases['updates_per_round']} updates, one shared model; medians):")
+    rows = [[key, v["hand_us"], v["recframe_us"], v["diff_us"]]
+            for key, v in phases.items() if isinstance(v, dict)]
+    print(common.format_table(["phase", "hand us", "recframe us", "recframe - hand us"], rows))
+    total = phases["total"]
+    if total["hand_us"]:
+        print(f"(the loop's own work is 'loop'; recframe/hand by main-thread CPU: "
+              f"{total['hand_us'] / total['recframe_us']:.3f})")
+
+
 def print_tiny(cfg: argparse.Namespace, tiny: dict[str, Any], step_ms: float | None) -> None:
     us = tiny["us_per_update"]
     oh = tiny["overhead_us_per_update"]
@@ -990,12 +1109,16 @@ def main(argv: list[str] | None = None) -> int:
         if small_cfg is not None:
             print(f"small step (batch {small_cfg.batch_size}):", flush=True)
             small = run_dlrm(small_cfg, os.path.join(out_dir, "small"))
+        phases = (run_phases(small_cfg, out_dir, rounds=cfg.phase_rounds)
+                  if small_cfg is not None and cfg.phase_rounds else None)
         tiny = run_tiny(cfg, out_dir) if cfg.tiny_rounds else None
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     print_comparison(cfg, dlrm, "DLRM-sized step")
     if small is not None:
         print_comparison(small_cfg, small, "small step")
+    if phases is not None:
+        print_phases(phases)
     if tiny is not None:
         ref = dlrm["summary"]["clean"] or dlrm["summary"]["all"]
         print_tiny(cfg, tiny, ref["hand"]["ms_per_update"])
@@ -1020,6 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
         "goal_ratio": GOAL,
         "dlrm": dlrm,
         "small": small,
+        "small_phases": phases,
         "tiny": tiny,
     }
     path = common.write_json(cfg.json, payload)

@@ -33,9 +33,10 @@ none favours either side):
 
 * One model, one pair of optimizers, trained by every loop in turn. Before, each loop
   had its own deep copy, so each trained tensors at other addresses (cache-set and
-  page placement differ per copy and per run under ASLR): separate hand copies
-  measured 0.99-1.01 against each other, a systematic offset that a median over rounds
-  cannot remove. "Same work" is now checked on fresh copies, untimed (above).
+  page placement differ per copy and per run under ASLR): in quiet rounds, two
+  separate hand copies measured 0.990 against each other and two recframe copies
+  1.007, offsets of the size of the goal's margin that a median over rounds cannot
+  remove. "Same work" is now checked on fresh copies, untimed (above).
 * Mirrored (ABBA) half-rounds: round ``r`` runs the rotated order ``A B C`` over the
   first half of its batches, then ``C B A`` over the second half, and a variant's
   round is the sum of its two blocks, so a linear drift in the machine's speed over a
@@ -55,6 +56,11 @@ none favours either side):
   both loops grow the gen-0 count by the same ~2 objects per update and leave no cycle
   per update, and no gen-2 collection runs inside a span (``gc.collect()`` runs,
   untimed, before every block); collections cost both sides a few us per update.
+* A split of the small step's main-thread CPU per update (``--phase_rounds``) into
+  forward, backward, the optimizers' ``step`` and ``zero_grad`` (timed by wrappers on
+  the shared model and optimizers) and the rest, the loop's own work: it shows what
+  recframe adds (the same tensor work within noise, and its Python per update),
+  readable even where a busy machine makes the wall-clock ratio noise.
 
 Before each round the script waits (up to ``--quiet_wait`` s) for other processes to go
 quiet, and each block records the CPU other processes used meanwhile, its own CPU time

@@ -1,10 +1,11 @@
 """recframe's `Trainer` against the same hand-written torchrec training loop.
 
 Both sides train the same model (`recframe.models.DLRM`: torchrec's DLRM over an
-`EmbeddingBagCollection`) from the same initial weights, on the same pre-generated
-`SyntheticCriteo` batches in the same order, with the optimizers the CLI uses (Adam
-over the dense parameters, Adagrad over the tables) and the same torch thread count.
-They must end bit-identical (checked; the script exits 1 otherwise).
+`EmbeddingBagCollection`) on the same pre-generated `SyntheticCriteo` batches in the
+same order, with the optimizers the CLI uses (Adam over the dense parameters, Adagrad
+over the tables) and the same torch thread count. Before timing, each loop trains a
+fresh copy from the same weights over the warm-up batches and the copies must end
+bit-identical (checked; the script exits 1 otherwise).
 
 * ``hand``: ``for batch: zero_grad both; loss = model(batch); backward; step both``.
 * ``recframe``: a `Trainer` with its default ``_train_step`` and its default hooks
@@ -27,14 +28,48 @@ loops run in one process, so the host allocator settings that the Trainer makes
 (``keep_freed_memory``, recframe/allocator.py) hold for the hand loop too; the
 per-update page faults of each side are reported.
 
-Rounds are interleaved (the order rotates every round); before each one the script
-waits (up to ``--quiet_wait`` s) for other processes to go quiet, and each records the
-CPU other processes used meanwhile, its own CPU time and its page faults. A headline
-is the median of the per-round ratios recframe/hand over the rounds without a busy
-neighbour (goal: >= 0.98; "inconclusive" with fewer than 5 such rounds). A third,
-tiny-model comparison isolates the loop's own cost per update in microseconds. For
-recframe's timed span, the context switches per update of every background Python
-thread (the writer lock's lease renewal, tqdm's monitor) are reported too.
+Method (changed in issue 11 item 8; each change removes a bias the older method had,
+none favours either side):
+
+* One model, one pair of optimizers, trained by every loop in turn. Before, each loop
+  had its own deep copy, so each trained tensors at other addresses (cache-set and
+  page placement differ per copy and per run under ASLR): in quiet rounds, two
+  separate hand copies measured 0.990 against each other and two recframe copies
+  1.007, offsets of the size of the goal's margin that a median over rounds cannot
+  remove. "Same work" is now checked on fresh copies, untimed (above).
+* Mirrored (ABBA) half-rounds: round ``r`` runs the rotated order ``A B C`` over the
+  first half of its batches, then ``C B A`` over the second half, and a variant's
+  round is the sum of its two blocks, so a linear drift in the machine's speed over a
+  round weighs every variant alike. Before, ``A B`` / ``B A`` alternated whole rounds.
+* An A/A variant (``--aa``, default on): ``hand_aa`` is the hand loop timed again in the
+  same rounds, and ``hand_aa/hand`` is printed as the method's noise floor next to
+  recframe/hand.
+* The pool's batches are primed (one no-grad forward each, on a throw-away copy)
+  before timing: a `KeyedJaggedTensor` caches its per-key split on first use (~930
+  Python calls), and the loops share the batch objects, so the variant that ran first
+  in round 0 used to pay it for the others.
+* recframe's clock hooks read the clocks (``perf_counter``, ``process_time``,
+  ``getrusage``) at the span's first ``before_step`` and last ``after_step`` only;
+  before, ``after_step`` read all three on every update, charging recframe ~3
+  syscalls per update that the hand loop did not pay.
+* Garbage collections are counted per side during the timed spans (``gc.callbacks``):
+  both loops grow the gen-0 count by the same ~2 objects per update and leave no cycle
+  per update, and no gen-2 collection runs inside a span (``gc.collect()`` runs,
+  untimed, before every block); collections cost both sides a few us per update.
+* A split of the small step's main-thread CPU per update (``--phase_rounds``) into
+  forward, backward, the optimizers' ``step`` and ``zero_grad`` (timed by wrappers on
+  the shared model and optimizers) and the rest, the loop's own work: it shows what
+  recframe adds (the same tensor work within noise, and its Python per update),
+  readable even where a busy machine makes the wall-clock ratio noise.
+
+Before each round the script waits (up to ``--quiet_wait`` s) for other processes to go
+quiet, and each block records the CPU other processes used meanwhile, its own CPU time
+and its page faults. A headline is the median of the per-round ratios recframe/hand
+over the rounds without a busy neighbour (goal: >= 0.98; "inconclusive" with fewer
+than 5 such rounds). A third, tiny-model comparison isolates the loop's own cost per
+update in microseconds. For recframe's timed span, the context switches per update of
+every background Python thread (the writer lock's lease renewal, tqdm's monitor) are
+reported too.
 
     .venv/bin/python benchmarks/trainer_overhead.py            # a few min on 2 idle cores
     .venv/bin/python benchmarks/trainer_overhead.py --rounds 30 --steps 50
@@ -45,6 +80,7 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
+import gc
 import io
 import logging
 import os
@@ -55,6 +91,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -100,6 +137,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep_freed_memory", type=_bool, default=True,
                    help="TrainingArguments.keep_freed_memory (both loops share the process, "
                    "so its allocator settings apply to the hand loop too)")
+    p.add_argument("--aa", type=_bool, default=True,
+                   help="also time the hand loop a second time per round (hand_aa): "
+                   "hand_aa/hand is the method's noise floor (A/A)")
+    p.add_argument("--phase_rounds", type=int, default=8,
+                   help="rounds of the small step's split of main-thread CPU per update into "
+                   "forward / backward / optimizer step / zero_grad / the loop's own work "
+                   "(0: skip it)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--tiny_rounds", type=int, default=10,
                    help="rounds of the tiny-model loop-overhead comparison (0: skip it)")
@@ -118,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "pool", "accum", "threads", "tiny_steps", "embedding_dim"):
         if getattr(ns, name) < 1:
             p.error(f"--{name} must be >= 1")
+    if ns.phase_rounds < 0:
+        p.error("--phase_rounds must be >= 0")
     if ns.warmup < 0 or ns.tiny_rounds < 0 or ns.quiet_wait < 0 or ns.small_batch_size < 0:
         p.error("--warmup, --tiny_rounds, --quiet_wait and --small_batch_size must be >= 0")
     if ns.small_steps < 1 or ns.small_rounds < 1:
@@ -208,6 +254,23 @@ def make_optimizers(model: nn.Module, cfg: argparse.Namespace) -> tuple[Any, Any
 class HandLoop:
     """The plain torchrec loop recframe is measured against."""
 
+    def timed(self, batches: list[Any], meter: GCMeter | None = None,
+              label: str = "hand") -> common.Timed:
+        """`run`, timed like recframe's span (clocks, faults, garbage collections)."""
+        if meter is not None:
+            meter.begin(label)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        cpu = time.process_time()
+        wall = time.perf_counter()
+        samples = self.run(batches)
+        wall = time.perf_counter() - wall
+        cpu = time.process_time() - cpu
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        if meter is not None:
+            meter.end(len(batches))
+        return common.Timed(samples, wall, cpu_seconds=cpu,
+                            extra={"loop_minor_faults": faults})
+
     def __init__(self, model: nn.Module, dense: Any, sparse: Any) -> None:
         self.model, self.dense, self.sparse = model, dense, sparse
         self.model.train()
@@ -248,7 +311,58 @@ def thread_switches() -> dict[str, int]:
     return out
 
 
-def _clock_hooks() -> tuple[Any, Any]:
+class GCMeter:
+    """Garbage collections (per generation), their time and the objects they freed,
+    counted only while a variant's timed span runs (``gc.callbacks``): the suspicion
+    that the loop's allocations trigger collections the hand loop does not pay."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.stats: dict[str, dict[str, Any]] = {}
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if self.current is None:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        entry = self.stats.setdefault(self.current, {
+            "collections": [0, 0, 0], "seconds": 0.0, "collected": 0, "updates": 0})
+        entry["collections"][info["generation"]] += 1
+        entry["seconds"] += time.perf_counter() - self._started
+        entry["collected"] += info["collected"]
+
+    def begin(self, name: str) -> None:
+        self.current = name
+
+    def end(self, updates: int) -> None:
+        if self.current is not None:
+            entry = self.stats.setdefault(self.current, {
+                "collections": [0, 0, 0], "seconds": 0.0, "collected": 0, "updates": 0})
+            entry["updates"] += updates
+        self.current = None
+
+    def close(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def per_update(self) -> dict[str, dict[str, float]]:
+        """Per variant: collections of each generation, microseconds of collection and
+        objects freed (unreachable cycles), per update."""
+        out = {}
+        for name, e in self.stats.items():
+            n = max(e["updates"], 1)
+            out[name] = {"gen0": e["collections"][0] / n, "gen1": e["collections"][1] / n,
+                         "gen2": e["collections"][2] / n, "us": 1e6 * e["seconds"] / n,
+                         "collected": e["collected"] / n, "updates": e["updates"]}
+        return out
+
+
+def _clock_hooks(meter: GCMeter | None = None) -> tuple[Any, Any]:
+    """Hooks that take the clocks at the first update's ``before_step`` and at the
+    last one's ``after_step`` only (the updates in between pay no clock reads)."""
     from recframe.hooks import Hook
 
     class ClockStart(Hook):
@@ -257,15 +371,20 @@ def _clock_hooks() -> tuple[Any, Any]:
         def __init__(self) -> None:
             self.first: float | None = None
             self.first_cpu = 0.0
+            self.first_thread = 0.0
             self.first_faults = 0
             self.first_switches: dict[str, int] = {}
+            self.label = "recframe"
 
         def before_step(self, trainer: Any) -> None:
             if self.first is None:
                 self.first_switches = thread_switches()
-                self.first = time.perf_counter()
-                self.first_cpu = time.process_time()
+                if meter is not None:
+                    meter.begin(self.label)
                 self.first_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                self.first_cpu = time.process_time()
+                self.first_thread = time.thread_time()
+                self.first = time.perf_counter()
 
     class ClockEnd(Hook):
         priority = 10**9  # after_step: last of all hooks
@@ -273,17 +392,23 @@ def _clock_hooks() -> tuple[Any, Any]:
         def __init__(self) -> None:
             self.last: float | None = None
             self.last_cpu = 0.0
+            self.last_thread = 0.0
             self.last_faults = 0
             self.stop_at: int | None = None
-            """The global step of the round's last update (its threads are read then)."""
+            """The global step of the span's last update (the clocks are read then)."""
+            self.updates = 0
             self.last_switches: dict[str, int] = {}
 
         def after_step(self, trainer: Any, metrics: dict[str, Any]) -> None:
+            if trainer.global_step != self.stop_at:
+                return
             self.last = time.perf_counter()
+            self.last_thread = time.thread_time()
             self.last_cpu = time.process_time()
             self.last_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            if trainer.global_step == self.stop_at:
-                self.last_switches = thread_switches()
+            if meter is not None:
+                meter.end(self.updates)
+            self.last_switches = thread_switches()
 
     return ClockStart(), ClockEnd()
 
@@ -308,7 +433,8 @@ class RecframeLoop:
 
     def __init__(self, model: nn.Module, dense: Any, sparse: Any, accum: int,
                  output_dir: str, default_hooks: bool = True,
-                 keep_freed_memory: bool = True) -> None:
+                 keep_freed_memory: bool = True, meter: GCMeter | None = None,
+                 label: str = "recframe") -> None:
         from recframe import Trainer, TrainingArguments
         from recframe.hooks import ProgressBarHook
 
@@ -323,7 +449,8 @@ class RecframeLoop:
             seed=0,
             keep_freed_memory=keep_freed_memory,
         )
-        self.start, self.end = _clock_hooks()
+        self.start, self.end = _clock_hooks(meter)
+        self.start.label = label
         hooks = [self.start, self.end]
         if default_hooks:
             # the built-in bar as in a job whose stderr goes to a log file
@@ -340,6 +467,7 @@ class RecframeLoop:
         trainer.train_dataset = batches
         self.start.first = self.end.last = None
         self.end.stop_at = trainer.global_step + updates
+        self.end.updates = updates
         trainer.train(train_steps=trainer.global_step + updates)
         done = trainer.global_step - steps_before
         if done != updates or self.start.first is None or self.end.last is None:
@@ -367,8 +495,103 @@ def param_diff(a: nn.Module, b: nn.Module) -> dict[str, float]:
     return {"max_abs": worst, "relative_l2": (diff_sq / norm_sq) ** 0.5 if norm_sq else 0.0}
 
 
+# --- interleaving ------------------------------------------------------------------
+MirroredVariant = Callable[[int, int], common.Timed]
+"""A timed body: called with (round, half), runs that half-round's updates and returns
+a `common.Timed`."""
+
+
+def half_indices(cfg: argparse.Namespace, r: int, half: int) -> list[int]:
+    """The pool indices of half ``half`` (0 or 1) of round ``r``: every variant trains
+    the same batches in the same half."""
+    indices = round_indices(cfg, r)
+    cut = len(indices) // 2
+    return indices[:cut] if half == 0 else indices[cut:]
+
+
+def _combine(name: str, r: int, position: int,
+             blocks: list[tuple[common.Load, common.Timed, float]]) -> common.RoundResult:
+    """One variant's two half-round blocks as one round result: times, CPU, samples and
+    faults summed; the neighbours' load the larger of the two (a busy half makes the
+    round suspect)."""
+    loads = [load for load, _, _ in blocks]
+    others = [x.others_cores for x in loads if x.others_cores is not None]
+    steal = [x.steal_cores for x in loads if x.steal_cores is not None]
+    load = common.Load(
+        own_cores=sum(x.own_cores for x in loads) / len(loads),
+        others_cores=max(others) if others else None,
+        steal_cores=max(steal) if steal else None,
+        minor_faults=sum(x.minor_faults for x in loads),
+    )
+    extra: dict[str, Any] = {"call_seconds": sum(call for _, _, call in blocks)}
+    if all("loop_minor_faults" in t.extra for _, t, _ in blocks):
+        extra["loop_minor_faults"] = sum(t.extra["loop_minor_faults"] for _, t, _ in blocks)
+    wakeups: dict[str, float] = {}
+    for _, t, _ in blocks:
+        for thread, rate in t.extra.get("thread_wakeups_per_update", {}).items():
+            wakeups[thread] = wakeups.get(thread, 0.0) + rate / len(blocks)
+    if wakeups:
+        extra["thread_wakeups_per_update"] = wakeups
+    return common.RoundResult(
+        variant=name, round=r, position=position,
+        seconds=sum(t.seconds for _, t, _ in blocks),
+        samples=int(sum(t.samples for _, t, _ in blocks)),
+        load=load,
+        cpu_seconds=sum(t.cpu_seconds or 0.0 for _, t, _ in blocks),
+        extra=extra,
+    )
+
+
+def run_mirrored(variants: dict[str, MirroredVariant], rounds: int, on_round: Any = None,
+                 quiet_wait: float = 0.0) -> list[common.RoundResult]:
+    """Interleaved rounds in mirrored (ABBA) order: round ``r`` runs the variants in
+    the rotated order ``A B C`` on the first half of its batches, then ``C B A`` on the
+    second half; a variant's round result is the sum of its two blocks. A drift of the
+    machine's speed that is linear over a round then weighs every variant alike (with
+    plain alternation, ``A B`` / ``B A``, the variant that runs second in the round pays
+    a linear drift across the whole round in every round of one parity)."""
+    names = list(variants)
+    results: list[common.RoundResult] = []
+    for r in range(rounds):
+        shift = r % len(names)
+        order = names[shift:] + names[:shift]
+        if quiet_wait > 0:
+            common.wait_for_quiet(max_wait=quiet_wait, probe=0.5)
+        blocks: dict[str, list[tuple[common.Load, common.Timed, float]]] = {
+            name: [] for name in names}
+        for half, sequence in ((0, order), (1, order[::-1])):
+            for name in sequence:
+                gc.collect()  # untimed: no variant pays for another's garbage
+                start = common.LoadSample.now()
+                timed = variants[name](r, half)
+                end = common.LoadSample.now()
+                blocks[name].append((common.Load.between(start, end), timed,
+                                     end.wall - start.wall))
+        this_round = [_combine(name, r, order.index(name), blocks[name]) for name in order]
+        results.extend(this_round)
+        if on_round is not None:
+            on_round(this_round)
+    return results
+
+
+def prime_batches(base: nn.Module, batches: list[Any]) -> None:
+    """One forward pass (no gradients, on a throw-away copy of the model) over every
+    batch of the pool: a `KeyedJaggedTensor` works out its per-key split on first use
+    and caches it on the object (about 930 Python calls), and the variants share the
+    pool's batch objects, so otherwise the variant that ran first in round 0 paid it
+    for all of them."""
+    model = copy.deepcopy(base)
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+
+
 # --- the DLRM comparison ----------------------------------------------------------
 def run_dlrm(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
+    """Time hand vs recframe (and recframe k>1) on ONE model and pair of optimizers that
+    every loop trains in turn, after checking on fresh copies that the loops do the
+    same work (bit-identical weights)."""
     from recframe.models import DLRM
 
     t0 = time.perf_counter()
@@ -378,35 +601,48 @@ def run_dlrm(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)
     base = DLRM(num_embeddings=cfg.num_embeddings, embedding_dim=cfg.embedding_dim)
+    prime_batches(base, big if k == 1 else big + micro)
 
     def fresh() -> tuple[nn.Module, Any, Any]:
         model = copy.deepcopy(base)
         return (model, *make_optimizers(model, cfg))
 
-    hand = HandLoop(*fresh())
-    options = {"default_hooks": cfg.default_hooks, "keep_freed_memory": cfg.keep_freed_memory}
-    rec = RecframeLoop(*fresh(), accum=1, output_dir=os.path.join(out_dir, "k1"), **options)
-    rec_acc = (RecframeLoop(*fresh(), accum=k, output_dir=os.path.join(out_dir, f"k{k}"),
-                            **options) if k > 1 else None)
-
     def micro_of(indices: list[int]) -> list[Any]:
         return [micro[i * k + m] for i in indices for m in range(k)]
 
-    warm = [(cfg.pool - 1 - i) % cfg.pool for i in range(cfg.warmup)][::-1]
-    if warm:
-        hand.run([big[i] for i in warm])
-        rec.run([big[i] for i in warm], len(warm))
-        if rec_acc is not None:
-            rec_acc.run(micro_of(warm), len(warm))
+    options = {"default_hooks": cfg.default_hooks, "keep_freed_memory": cfg.keep_freed_memory}
+    warm = [(cfg.pool - 1 - i) % cfg.pool for i in range(max(cfg.warmup, 1))][::-1]
+    checks = check_same_work(cfg, fresh, [big[i] for i in warm], micro_of(warm),
+                             os.path.join(out_dir, "check"), options)
 
-    variants: dict[str, common.Variant] = {
-        "hand": lambda r: hand.run([big[i] for i in round_indices(cfg, r)]),
-        "recframe": lambda r: rec.run([big[i] for i in round_indices(cfg, r)], cfg.steps),
+    # the timed loops share one model and its optimizers: no loop runs on
+    # luckier-placed tensors than another (separate copies sit at other addresses)
+    model, dense, sparse = fresh()
+    meter = GCMeter()
+    hand = HandLoop(model, dense, sparse)
+    rec = RecframeLoop(model, dense, sparse, accum=1, output_dir=os.path.join(out_dir, "k1"),
+                       meter=meter, **options)
+    rec_acc = (RecframeLoop(model, dense, sparse, accum=k,
+                            output_dir=os.path.join(out_dir, f"k{k}"), meter=meter,
+                            label="recframe_accum", **options) if k > 1 else None)
+    hand.run([big[i] for i in warm])
+    rec.run([big[i] for i in warm], len(warm))
+    if rec_acc is not None:
+        rec_acc.run(micro_of(warm), len(warm))
+
+    def big_of(r: int, half: int) -> list[Any]:
+        return [big[i] for i in half_indices(cfg, r, half)]
+
+    variants: dict[str, MirroredVariant] = {
+        "hand": lambda r, h: hand.timed(big_of(r, h), meter, "hand"),
+        "recframe": lambda r, h: rec.run(big_of(r, h), len(half_indices(cfg, r, h))),
     }
     if rec_acc is not None:
-        variants["recframe_accum"] = lambda r: rec_acc.run(
-            micro_of(round_indices(cfg, r)), cfg.steps
-        )
+        variants["recframe_accum"] = lambda r, h: rec_acc.run(
+            micro_of(half_indices(cfg, r, h)), len(half_indices(cfg, r, h)))
+    if cfg.aa:
+        # the same hand loop again: hand_aa/hand is the method's own noise floor
+        variants["hand_aa"] = lambda r, h: hand.timed(big_of(r, h), meter, "hand_aa")
 
     def show(this_round: list[common.RoundResult]) -> None:
         by = {x.variant: x for x in this_round}
@@ -416,28 +652,141 @@ def run_dlrm(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
         print(f"  round {this_round[0].round:3d}: {'  '.join(parts)}  "
               f"recframe/hand={ratio:.3f}  {common.round_load(this_round)}", flush=True)
 
-    results = common.run_interleaved(variants, cfg.rounds, on_round=show,
-                                     quiet_wait=cfg.quiet_wait)
-
-    same = param_diff(hand.model, rec.trainer.model)
-    checks = {
-        "param_diff_recframe_vs_hand": same,
-        # same model, data, optimizers and order: the weights must end bit-identical
-        "bit_identical": same["max_abs"] == 0.0,
-        "recframe_global_step": rec.trainer.global_step,
-        "hand_updates": cfg.warmup + cfg.rounds * cfg.steps,
-    }
-    if rec_acc is not None:
-        checks["param_diff_recframe_accum_vs_hand"] = param_diff(
-            hand.model, rec_acc.trainer.model)
-        checks["recframe_accum_global_step"] = rec_acc.trainer.global_step
-        checks["recframe_accum_micro_step"] = rec_acc.trainer.state.micro_step
+    try:
+        results = run_mirrored(variants, cfg.rounds, on_round=show, quiet_wait=cfg.quiet_wait)
+    finally:
+        meter.close()
+    checks["recframe_global_step"] = rec.trainer.global_step
+    checks["updates_per_variant"] = len(warm) + cfg.rounds * cfg.steps
     return {
         "data_generation_seconds": data_seconds,
         "rounds": [x.to_dict() for x in results],
         "summary": summarize_pairs(results, list(variants), cfg.batch_size),
+        "gc_per_update": meter.per_update(),
         "checks": checks,
     }
+
+
+class PhaseClock:
+    """Main-thread CPU time (``time.thread_time``) spent in the model's forward, in
+    ``Tensor.backward``, in the optimizers' ``step`` and ``zero_grad``, while installed
+    (wrappers on the shared model and optimizers, and on ``torch.Tensor.backward``).
+    What a loop spends outside them is its own work."""
+
+    KEYS = ("forward", "backward", "step", "zero_grad")
+
+    def __init__(self, model: nn.Module, optimizers: list[Any]) -> None:
+        self.seconds = dict.fromkeys(self.KEYS, 0.0)
+        self._undo: list[Any] = []
+        self._wrap(model, "forward", "forward")
+        for opt in optimizers:
+            self._wrap(opt, "step", "step")
+            self._wrap(opt, "zero_grad", "zero_grad")
+        self._wrap(torch.Tensor, "backward", "backward")
+
+    def _wrap(self, owner: Any, attr: str, key: str) -> None:
+        had_own = attr in vars(owner)
+        original = getattr(owner, attr)
+        seconds = self.seconds
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds[key] += time.thread_time() - start
+
+        setattr(owner, attr, timed)
+        self._undo.append((owner, attr, original if had_own else None))
+
+    def reset(self) -> None:
+        for key in self.seconds:
+            self.seconds[key] = 0.0
+
+    def close(self) -> None:
+        for owner, attr, original in reversed(self._undo):
+            if original is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
+        self._undo.clear()
+
+
+def run_phases(cfg: argparse.Namespace, out_dir: str, rounds: int = 8,
+               steps: int = 50) -> dict[str, Any]:
+    """Where recframe's extra time per update goes on the small step: main-thread CPU
+    microseconds per update in forward, backward, the optimizers' step and zero_grad,
+    and the rest (the loop's own work), each side, and the median of the per-round
+    differences recframe - hand (alternating order, one shared model). The tensor
+    phases differ by noise only when the loop adds no tensor work."""
+    from recframe.models import DLRM
+
+    small = argparse.Namespace(**dict(vars(cfg), pool=max(steps, 8), accum=1))
+    big, _ = make_data(small)
+    torch.manual_seed(cfg.seed)
+    base = DLRM(num_embeddings=small.num_embeddings, embedding_dim=small.embedding_dim)
+    prime_batches(base, big)
+    model = copy.deepcopy(base)
+    dense, sparse = make_optimizers(model, small)
+    hand = HandLoop(model, dense, sparse)
+    rec = RecframeLoop(model, dense, sparse, accum=1, output_dir=os.path.join(out_dir, "phases"),
+                       default_hooks=cfg.default_hooks, keep_freed_memory=cfg.keep_freed_memory)
+    clock = PhaseClock(model, [dense, sparse])
+    rows: dict[str, list[dict[str, float]]] = {"hand": [], "recframe": []}
+    try:
+        hand.run(big[:10])
+        rec.run(big[:10], 10)
+        for r in range(rounds):
+            for name in (("hand", "recframe") if r % 2 == 0 else ("recframe", "hand")):
+                gc.collect()
+                start = time.thread_time()
+                clock.reset()
+                if name == "hand":
+                    hand.run(big[:steps])
+                    total = time.thread_time() - start
+                else:  # the updates' span, without train()'s per-call work
+                    rec.run(big[:steps], steps)
+                    total = rec.end.last_thread - rec.start.first_thread
+                row = {key: 1e6 * value / steps for key, value in clock.seconds.items()}
+                row["total"] = 1e6 * total / steps
+                row["loop"] = row["total"] - sum(row[key] for key in PhaseClock.KEYS)
+                rows[name].append(row)
+    finally:
+        clock.close()
+    out: dict[str, Any] = {"rounds": rounds, "updates_per_round": steps}
+    for key in (*PhaseClock.KEYS, "loop", "total"):
+        out[key] = {
+            "hand_us": common.summarize([x[key] for x in rows["hand"]])["median"],
+            "recframe_us": common.summarize([x[key] for x in rows["recframe"]])["median"],
+            "diff_us": common.summarize([a[key] - b[key] for a, b in
+                                         zip(rows["recframe"], rows["hand"])])["median"],
+        }
+    return out
+
+
+def check_same_work(cfg: argparse.Namespace, fresh: Any, batches: list[Any],
+                    micro_batches: list[Any], out_dir: str,
+                    options: dict[str, Any]) -> dict[str, Any]:
+    """The loops do the same work: from the same weights over the same batches, hand and
+    recframe end bit-identical (recframe k>1 within float rounding); untimed, on copies
+    of their own."""
+    hand = HandLoop(*fresh())
+    hand.run(batches)
+    rec = RecframeLoop(*fresh(), accum=1, output_dir=os.path.join(out_dir, "k1"), **options)
+    rec.run(batches, len(batches))
+    same = param_diff(hand.model, rec.trainer.model)
+    checks: dict[str, Any] = {
+        "checked_updates": len(batches),
+        "param_diff_recframe_vs_hand": same,
+        # same model, data, optimizers and order: the weights must end bit-identical
+        "bit_identical": same["max_abs"] == 0.0,
+    }
+    if cfg.accum > 1:
+        acc = RecframeLoop(*fresh(), accum=cfg.accum, output_dir=os.path.join(out_dir, "kn"),
+                           **options)
+        acc.run(micro_batches, len(batches))
+        checks["param_diff_recframe_accum_vs_hand"] = param_diff(hand.model, acc.trainer.model)
+    return checks
 
 
 def loop_faults(x: common.RoundResult) -> int:
@@ -552,8 +901,9 @@ def run_tiny(cfg: argparse.Namespace, out_dir: str) -> dict[str, Any]:
         model = copy.deepcopy(base)
         return (model, *make_optimizers(model, cfg))
 
-    hand = TinyHand(*fresh())
-    rec = RecframeLoop(*fresh(), accum=1, output_dir=os.path.join(out_dir, "tiny"),
+    model, dense, sparse = fresh()  # shared, as in run_dlrm
+    hand = TinyHand(model, dense, sparse)
+    rec = RecframeLoop(model, dense, sparse, accum=1, output_dir=os.path.join(out_dir, "tiny"),
                        default_hooks=cfg.default_hooks,
                        keep_freed_memory=cfg.keep_freed_memory)
     hand.run(batches[:50])
@@ -634,6 +984,7 @@ def print_comparison(cfg: argparse.Namespace, result: dict[str, Any], title: str
         "hand": f"hand loop (B={cfg.batch_size})",
         "recframe": f"recframe Trainer (B={cfg.batch_size})",
         "recframe_accum": f"recframe k={k} ({k}x{cfg.batch_size // k})",
+        "hand_aa": f"hand loop again (A/A, B={cfg.batch_size})",
     }
     rows = []
     for name, entry in block.items():
@@ -669,6 +1020,19 @@ def print_comparison(cfg: argparse.Namespace, result: dict[str, Any], title: str
             f"{thread} {rate:.3f}" for thread, rate in sorted(wakeups.items())))
     rr = block["recframe"]["ratio_to_hand"]["round_ratios"]
     print("per-round recframe/hand: " + " ".join(f"{x:.3f}" for x in rr))
+    if "hand_aa" in block:
+        aa = block["hand_aa"]["ratio_to_hand"]
+        print(f"A/A noise floor, hand_aa/hand (the same loop twice): median "
+              f"{aa['median_of_round_ratios']:.3f}, rounds {aa['summary']['min']:.3f}-"
+              f"{aa['summary']['max']:.3f}; per round: "
+              + " ".join(f"{x:.3f}" for x in aa["round_ratios"]))
+    gcs = result.get("gc_per_update") or {}
+    if gcs:
+        print("garbage collections in the timed spans, per 1000 updates (gen0/gen1/gen2; "
+              "cyclic objects freed) and their time per update: " + "; ".join(
+                  f"{name} {1e3 * g['gen0']:.0f}/{1e3 * g['gen1']:.0f}/{1e3 * g['gen2']:.0f}; "
+                  f"{1e3 * g['collected']:.0f}; {g['us']:.1f} us"
+                  for name, g in gcs.items()))
     if summary["busy_rounds"]:
         clean = summary["clean"]
         note = (f"{clean['recframe']['ratio_to_hand']['median_of_round_ratios']:.3f}"
@@ -687,15 +1051,28 @@ def print_comparison(cfg: argparse.Namespace, result: dict[str, Any], title: str
               f">= {GOAL}")
     checks = result["checks"]
     same = checks["param_diff_recframe_vs_hand"]
-    line = ("same work: weights recframe vs hand " + (
+    line = (f"same work ({checks['checked_updates']} updates from the same weights, "
+            "untimed): recframe vs hand " + (
         "bit-identical" if checks["bit_identical"] else
         f"NOT bit-identical (max |diff| {same['max_abs']:.3g}, "
         f"relative L2 {same['relative_l2']:.3g})"))
     acc = checks.get("param_diff_recframe_accum_vs_hand")
     if acc is not None:
-        line += (f"; k={k} vs hand (float rounding, grown over the run): max |diff| "
+        line += (f"; k={k} vs hand (float rounding): max |diff| "
                  f"{acc['max_abs']:.3g}, relative L2 {acc['relative_l2']:.3g}")
     print(line)
+
+
+def print_phases(phases: dict[str, Any]) -> None:
+    print(f"\nsmall step, main-thread CPU per update by phase ({phases['rounds']} alternating "
+          f"rounds x {phases['updates_per_round']} updates, one shared model; medians):")
+    rows = [[key, v["hand_us"], v["recframe_us"], v["diff_us"]]
+            for key, v in phases.items() if isinstance(v, dict)]
+    print(common.format_table(["phase", "hand us", "recframe us", "recframe - hand us"], rows))
+    total = phases["total"]
+    if total["hand_us"]:
+        print(f"(the loop's own work is 'loop'; recframe/hand by main-thread CPU: "
+              f"{total['hand_us'] / total['recframe_us']:.3f})")
 
 
 def print_tiny(cfg: argparse.Namespace, tiny: dict[str, Any], step_ms: float | None) -> None:
@@ -738,12 +1115,16 @@ def main(argv: list[str] | None = None) -> int:
         if small_cfg is not None:
             print(f"small step (batch {small_cfg.batch_size}):", flush=True)
             small = run_dlrm(small_cfg, os.path.join(out_dir, "small"))
+        phases = (run_phases(small_cfg, out_dir, rounds=cfg.phase_rounds)
+                  if small_cfg is not None and cfg.phase_rounds else None)
         tiny = run_tiny(cfg, out_dir) if cfg.tiny_rounds else None
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     print_comparison(cfg, dlrm, "DLRM-sized step")
     if small is not None:
         print_comparison(small_cfg, small, "small step")
+    if phases is not None:
+        print_phases(phases)
     if tiny is not None:
         ref = dlrm["summary"]["clean"] or dlrm["summary"]["all"]
         print_tiny(cfg, tiny, ref["hand"]["ms_per_update"])
@@ -768,6 +1149,7 @@ def main(argv: list[str] | None = None) -> int:
         "goal_ratio": GOAL,
         "dlrm": dlrm,
         "small": small,
+        "small_phases": phases,
         "tiny": tiny,
     }
     path = common.write_json(cfg.json, payload)

@@ -188,3 +188,28 @@ def test_keep_freed_memory_respects_the_users_allocator_settings():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- garbage collection ----------------------------------------------------------------
+def test_the_usual_update_leaves_no_reference_cycle(tmp_path):
+    """Cyclic garbage is what makes Python's collector run and walk torch's object graph:
+    an update must free everything it allocates by reference counting alone (a
+    ``train`` call's own set-up and checkpoint may leave a few cycles, once per call)."""
+    import gc
+
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), log_steps=1000, save_steps=None,
+                             report_to="tensorboard")
+    trainer = Trainer(ToyCTR(), args, train_dataset=make_batches(64, 8))
+    trainer.train(train_steps=5)  # lazy set-up and imports happen here
+    gc.collect()
+    gc.disable()
+    try:
+        trainer.train(train_steps=10)  # 5 updates
+        per_short_call = gc.collect()
+        trainer.train(train_steps=55)  # 45 updates
+        per_long_call = gc.collect()
+    finally:
+        gc.enable()
+    assert trainer.global_step == 55
+    # one cycle per update would add >= 40 objects to the long call's garbage
+    assert per_long_call - per_short_call < 20, (per_short_call, per_long_call)

@@ -294,6 +294,10 @@ def _float_column(arr: pa.Array, name: str, fill: Optional[float]) -> np.ndarray
               or pa.types.is_boolean(arr.type) or pa.types.is_null(arr.type)
               or pa.types.is_decimal(arr.type) or pa.types.is_dictionary(arr.type)):
         raise _RowError(0, name, f"has type {arr.type}, expected numbers")
+    if pa.types.is_null(arr.type):  # every value missing (Arrow cannot fill a null array)
+        if fill is None and len(arr):
+            raise _RowError(0, name, "is empty")
+        return np.full(len(arr), math.nan if fill is None else fill, dtype=np.float64)
     if arr.null_count:
         if fill is None:
             row = int(np.flatnonzero(~np.asarray(arr.is_valid()))[0])

@@ -1,0 +1,48 @@
+"""Attack review of the whole-table decode paths (issue 13, second pass): findings, each
+pinned by a test that failed before its fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recframe.readers import DataError, TabularDataset, _RowError, decode_table
+from recframe.schema import FeatureSchema
+
+
+def _schema(fill: float | None = 2.5) -> FeatureSchema:
+    return FeatureSchema.from_dict({
+        "labels": ["y"],
+        "dense": [{"name": "p", "fill": fill, "transform": "standardize", "mean": 0.5,
+                   "std": 2.0}, {"name": "q"}],
+        "sparse": [{"name": "u"}],
+        "tables": [{"name": "u", "num_embeddings": 10, "embedding_dim": 4}],
+    })
+
+
+def test_parquet_dense_column_of_nulls_only_takes_its_fill(tmp_path) -> None:
+    """A dense column with no value at all is stored with Arrow's null type (pandas writes
+    an all-None column so); it took an uncaught ArrowInvalid ('Invalid null value', no
+    file named) before: now every row takes the column's fill, as an empty value does."""
+    pq.write_table(pa.table({"y": pa.array([0, 1, 1]), "p": pa.nulls(3),
+                             "q": pa.array([1.0, 2.0, 3.0]), "u": pa.array([1, -3, 12])}),
+                   tmp_path / "a.parquet")
+    [batch] = list(TabularDataset(str(tmp_path), _schema(), format="parquet", batch_size=8,
+                                  num_workers=0))
+    assert batch.dense_features[:, 0].tolist() == [1.0, 1.0, 1.0]  # (2.5 - 0.5) / 2
+    assert batch.dense_features[:, 1].tolist() == [1.0, 2.0, 3.0]
+    assert batch.sparse_features.values().tolist() == [1, 7, 2]
+
+
+def test_null_typed_label_or_unfilled_column_is_named_empty(tmp_path) -> None:
+    """A null-typed column that has no fill (a label) is 'empty', named with its file."""
+    table = pa.table({"y": pa.nulls(2), "p": pa.array([1.0, 2.0]), "q": pa.array([1, 2]),
+                      "u": pa.array([1, 2])})
+    with pytest.raises(_RowError, match="is empty"):
+        decode_table(table, _schema(), True, 0, np.arange(1, 3))
+    pq.write_table(table, tmp_path / "b.parquet")
+    with pytest.raises(DataError, match=r"b\.parquet: row group 0, row 0 .*column 'y': is empty"):
+        list(TabularDataset(str(tmp_path), _schema(), format="parquet", batch_size=8,
+                            num_workers=0))

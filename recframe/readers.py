@@ -285,6 +285,9 @@ def _id_problem(value: Any, needs: str) -> str:
 
 def _float_column(arr: pa.Array, name: str, fill: Optional[float]) -> np.ndarray:
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        blank = pc.equal(pc.binary_length(arr), 0)
+        if pc.any(blank).as_py():  # an empty value (as in CSV) takes the fill
+            arr = pc.if_else(blank, pa.scalar(None, arr.type), arr)
         try:
             arr = pc.cast(arr, pa.float64())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -302,7 +305,7 @@ def _float_column(arr: pa.Array, name: str, fill: Optional[float]) -> np.ndarray
         if fill is None:
             row = int(np.flatnonzero(~np.asarray(arr.is_valid()))[0])
             raise _RowError(row, name, "is empty")
-        arr = arr.fill_null(fill)
+        arr = pc.cast(arr, pa.float64()).fill_null(fill)  # cast first: bool takes a float
     out = np.asarray(pc.cast(arr, pa.float64()), dtype=np.float64)
     finite = np.isfinite(out)
     if not finite.all():
@@ -452,7 +455,7 @@ def _sparse(column: SparseColumn, num: int, arr: pa.Array) -> tuple[np.ndarray, 
         flat, parents = pc.list_flatten(arr), np.asarray(pc.list_parent_indices(arr))
         if pa.types.is_dictionary(flat.type):
             flat = flat.dictionary_decode()
-    elif column.delimiter is not None:
+    elif column.delimiter is not None and not pa.types.is_null(arr.type):
         if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
             raise _RowError(0, column.name, f"has type {arr.type}; a delimited column "
                             "needs strings")
@@ -461,6 +464,8 @@ def _sparse(column: SparseColumn, num: int, arr: pa.Array) -> tuple[np.ndarray, 
     else:
         flat, parents = arr, None  # single-valued: each id's row is its index
     single = parents is None
+    if pa.types.is_null(flat.type):  # no id at all (a column or list of nulls only)
+        return np.zeros(0, dtype=np.int64), np.zeros(n, dtype=np.int32)
     if pa.types.is_string_view(flat.type) or pa.types.is_binary(flat.type) or \
             pa.types.is_large_binary(flat.type) or pa.types.is_binary_view(flat.type):
         flat = pc.cast(flat, pa.large_string())

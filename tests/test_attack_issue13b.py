@@ -46,3 +46,51 @@ def test_null_typed_label_or_unfilled_column_is_named_empty(tmp_path) -> None:
     with pytest.raises(DataError, match=r"b\.parquet: row group 0, row 0 .*column 'y': is empty"):
         list(TabularDataset(str(tmp_path), _schema(), format="parquet", batch_size=8,
                             num_workers=0))
+
+
+@pytest.mark.parametrize("mapping", ["modulo", "hex", "hash"])
+@pytest.mark.parametrize("multi", ["", "list", "delimited"])
+def test_id_column_of_nulls_only_gives_empty_bags(tmp_path, mapping: str, multi: str) -> None:
+    """A file (or row group) where a sparse feature is missing on every row stores the
+    column as Arrow's null type (or a list of nulls): each row has no id, as a missing
+    id elsewhere; it was 'has type null; mapping ... needs ...' before."""
+    column: dict = {"name": "v", "table": "u", "mapping": mapping}
+    if multi == "delimited":
+        column["delimiter"] = "|"
+    schema = FeatureSchema.from_dict({
+        "labels": ["y"], "sparse": [{"name": "u"}, column],
+        "tables": [{"name": "u", "num_embeddings": 10, "embedding_dim": 4}]})
+    v = pa.array([[], None, [None]]) if multi == "list" else pa.nulls(3)
+    pq.write_table(pa.table({"y": pa.array([0, 1, 0]), "u": pa.array([1, 2, 13]), "v": v}),
+                   tmp_path / "a.parquet")
+    [batch] = list(TabularDataset(str(tmp_path), schema, format="parquet", batch_size=8,
+                                  num_workers=0))
+    kjt = batch.sparse_features
+    assert kjt["u"].values().tolist() == [1, 2, 3]
+    assert kjt["v"].lengths().tolist() == [0, 0, 0]
+    assert kjt["v"].values().numel() == 0
+
+
+def test_parquet_dense_bool_with_nulls_and_blank_strings_take_the_fill(tmp_path) -> None:
+    """Parquet dense columns as other tools write them: a nullable bool column (an
+    uncaught ArrowInvalid 'Could not convert 2.5 ... to boolean' before) and a string
+    column holding '' for a missing value (an error before; '' is missing in CSV too)."""
+    pq.write_table(pa.table({
+        "y": pa.array(["1", "0", "1"]), "p": pa.array([True, None, False]),
+        "q": pa.array(["1.5", "", None], pa.large_string()), "u": pa.array([1, 2, 3])}),
+        tmp_path / "a.parquet")
+    schema = FeatureSchema.from_dict({
+        "labels": ["y"],
+        "dense": [{"name": "p", "fill": 2.5}, {"name": "q", "fill": -1.0}],
+        "sparse": [{"name": "u"}],
+        "tables": [{"name": "u", "num_embeddings": 10, "embedding_dim": 4}]})
+    [batch] = list(TabularDataset(str(tmp_path), schema, format="parquet", batch_size=8,
+                                  num_workers=0))
+    assert batch.dense_features.tolist() == [[1.0, 1.5], [2.5, -1.0], [0.0, -1.0]]
+    assert batch.labels.tolist() == [1.0, 0.0, 1.0]
+    pq.write_table(pa.table({"y": pa.array(["1", ""]), "p": pa.array([True, False]),
+                             "q": pa.array(["1", "2"]), "u": pa.array([1, 2])}),
+                   tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"row 1 of the file\): column 'y': is empty"):
+        list(TabularDataset(str(tmp_path), schema, format="parquet", batch_size=8,
+                            num_workers=0))

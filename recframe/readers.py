@@ -305,8 +305,11 @@ def _float_column(arr: pa.Array, name: str, fill: Optional[float]) -> np.ndarray
         if fill is None:
             row = int(np.flatnonzero(~np.asarray(arr.is_valid()))[0])
             raise _RowError(row, name, "is empty")
-        arr = pc.cast(arr, pa.float64()).fill_null(fill)  # cast first: bool takes a float
-    out = np.asarray(pc.cast(arr, pa.float64()), dtype=np.float64)
+        # cast first: a bool column takes a float fill
+        arr = pc.cast(arr, pa.float64(), safe=False).fill_null(fill)
+    # safe=False: integers beyond 2**53 round to the nearest double (as the whole-table
+    # path does), where Arrow's safe cast refuses them
+    out = np.asarray(pc.cast(arr, pa.float64(), safe=False), dtype=np.float64)
     finite = np.isfinite(out)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])

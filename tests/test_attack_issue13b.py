@@ -8,7 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recframe.readers import DataError, TabularDataset, _RowError, decode_table
+from recframe.readers import (
+    DataError,
+    TabularDataset,
+    _decode_columns,
+    _RowError,
+    decode_table,
+)
 from recframe.schema import FeatureSchema
 
 
@@ -94,3 +100,22 @@ def test_parquet_dense_bool_with_nulls_and_blank_strings_take_the_fill(tmp_path)
     with pytest.raises(DataError, match=r"row 1 of the file\): column 'y': is empty"):
         list(TabularDataset(str(tmp_path), schema, format="parquet", batch_size=8,
                             num_workers=0))
+
+
+def test_integer_dense_values_beyond_2_53_decode_on_both_paths() -> None:
+    """An int64/uint64 dense column with values beyond 2**53 (a nanosecond timestamp, a
+    byte count) rounds to the nearest double. The whole-table path did so, but the
+    column-by-column path (uint64 columns always; int64 ones whenever another value sent
+    the block there) raised Arrow's uncaught 'Integer value ... not in range': the same
+    file decoded or failed depending on the rest of its block."""
+    schema = _schema()
+    big = 1_700_000_000_123_456_789
+    for p, want in ((pa.array([big, None], pa.int64()), [float(big), 2.5]),
+                    (pa.array([2**64 - 1, 5], pa.uint64()), [float(2**64 - 1), 5.0])):
+        table = pa.table({"y": pa.array([0, 1]), "p": p, "q": pa.array([big, 1], pa.int64()),
+                          "u": pa.array([1, 2])})
+        for decode in (decode_table, _decode_columns):
+            chunk = decode(table, schema, True, 0, np.arange(1, 3))
+            expect = ((np.array(want) - 0.5) / 2.0).astype(np.float32)
+            np.testing.assert_array_equal(chunk.dense[:, 0], expect)
+            assert chunk.dense[:, 1].tolist() == [np.float32(float(big)), 1.0]

@@ -507,6 +507,10 @@ def _decode_columns(
         labels = labels[:, 0] if labels.shape[1] == 1 else labels
         weights = (_float_column(col(schema.weight), schema.weight, None).astype(np.float32)
                    if schema.weight else None)
+        if weights is not None and (weights < 0).any():
+            row = int(np.flatnonzero(weights < 0)[0])
+            raise _RowError(row, str(schema.weight), f"weight {float(weights[row])} is "
+                            "negative (the loss is sum(w*bce)/sum(w): weights are >= 0)")
     else:
         labels, weights = np.zeros(n), None
     dense = np.empty((n, len(schema.dense)), dtype=np.float32)
@@ -646,6 +650,8 @@ def decode_table(
         return _decode_columns(table, schema, labelled, part, ends)
     labels = x[:plan.n_labels]
     if plan.n_labels and not ((labels >= 0.0) & (labels <= 1.0)).all():
+        return _decode_columns(table, schema, labelled, part, ends)
+    if plan.weighted and (x[plan.n_labels] < 0.0).any():  # named by the general path
         return _decode_columns(table, schema, labelled, part, ends)
     if len(plan.log1p):
         logs = x[plan.log1p]

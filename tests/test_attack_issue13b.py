@@ -119,3 +119,22 @@ def test_integer_dense_values_beyond_2_53_decode_on_both_paths() -> None:
             expect = ((np.array(want) - 0.5) / 2.0).astype(np.float32)
             np.testing.assert_array_equal(chunk.dense[:, 0], expect)
             assert chunk.dense[:, 1].tolist() == [np.float32(float(big)), 1.0]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_negative_sample_weight_is_a_named_error(tmp_path, fmt: str) -> None:
+    """A negative weight turned the loss sum(w*bce)/sum(w) into nonsense (a batch whose
+    weights sum below zero gives a loss of about -1e38 through the clamp), yet decoded
+    silently; now it is refused as labels outside [0, 1] are: file, row and column."""
+    schema = FeatureSchema.from_dict({
+        "labels": ["y"], "weight": "w", "columns": ["y", "w", "u"], "sparse": ["u"],
+        "default_num_embeddings": 10, "default_embedding_dim": 4})
+    if fmt == "csv":
+        (tmp_path / "a.csv").write_text("1,0.5,3\n0,0,4\n1,-2,5\n")
+        where = r"a\.csv:3: column 'w'"
+    else:
+        pq.write_table(pa.table({"y": [1, 0, 1], "w": [0.5, -0.0, -2.0], "u": [3, 4, 5]}),
+                       tmp_path / "a.parquet")
+        where = r"a\.parquet: row group 0, row 2 \(row 2 of the file\): column 'w'"
+    with pytest.raises(DataError, match=where + r": weight -2.0 is negative"):
+        list(TabularDataset(str(tmp_path), schema, format=fmt, batch_size=8, num_workers=0))

@@ -284,6 +284,10 @@ def _id_problem(value: Any, needs: str) -> str:
 
 
 def _float_column(arr: pa.Array, name: str, fill: Optional[float]) -> np.ndarray:
+    if pa.types.is_dictionary(arr.type):  # a pandas category: its values, row by row
+        arr = arr.dictionary_decode()
+    if pa.types.is_string_view(arr.type):
+        arr = pc.cast(arr, pa.large_string())
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         blank = pc.equal(pc.binary_length(arr), 0)
         if pc.any(blank).as_py():  # an empty value (as in CSV) takes the fill

@@ -138,3 +138,21 @@ def test_negative_sample_weight_is_a_named_error(tmp_path, fmt: str) -> None:
         where = r"a\.parquet: row group 0, row 2 \(row 2 of the file\): column 'w'"
     with pytest.raises(DataError, match=where + r": weight -2.0 is negative"):
         list(TabularDataset(str(tmp_path), schema, format=fmt, batch_size=8, num_workers=0))
+
+
+def test_categorical_dense_column_with_a_bad_value_is_named(tmp_path) -> None:
+    """A dense column written as a pandas category of strings (Arrow dictionary<string>)
+    with a value that is no number raised Arrow's bare 'Failed to parse string' (no
+    file, row or column); now it is named as in a plain string column."""
+    schema = _schema()
+    p = pa.array(["1.5", None, "cheap", "2"]).dictionary_encode()
+    pq.write_table(pa.table({"y": [0, 1, 0, 1], "p": p, "q": [1.0, 2.0, 3.0, 4.0],
+                             "u": [1, 2, 3, 4]}), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"row 2 of the file\): column 'p': 'cheap' is not a "
+                                        r"number"):
+        list(TabularDataset(str(tmp_path), schema, format="parquet", batch_size=8,
+                            num_workers=0))
+    good = pa.array(["1.5", None, "2.5", "2"]).dictionary_encode()
+    chunk = decode_table(pa.table({"y": [0, 1, 0, 1], "p": good, "q": [1.0, 2.0, 3.0, 4.0],
+                                   "u": [1, 2, 3, 4]}), schema, True, 0, np.arange(1, 5))
+    assert chunk.dense[:, 0].tolist() == [0.5, 1.0, 1.0, 0.75]

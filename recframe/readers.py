@@ -886,8 +886,12 @@ class TabularDataset(IterableDataset):
                     source.close()
             missing = [c for c in self._needed if c not in names]
             if missing:
+                unlabelled = self.labelled and set(missing) <= (
+                    set(self.schema.labels) | {self.schema.weight})
+                hint = (" (an unlabelled file, such as one converted with --unlabelled, "
+                        "needs labelled=False)" if unlabelled else "")
                 raise DataError(f"{url}: missing column(s) {missing}; the file has "
-                                f"{sorted(names)}")
+                                f"{sorted(names)}{hint}")
             counts = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
             sizes = []
             for i in range(meta.num_row_groups):

@@ -156,3 +156,19 @@ def test_categorical_dense_column_with_a_bad_value_is_named(tmp_path) -> None:
     chunk = decode_table(pa.table({"y": [0, 1, 0, 1], "p": good, "q": [1.0, 2.0, 3.0, 4.0],
                                    "u": [1, 2, 3, 4]}), schema, True, 0, np.arange(1, 5))
     assert chunk.dense[:, 0].tolist() == [0.5, 1.0, 1.0, 0.75]
+
+
+def test_parquet_without_its_label_column_hints_at_labelled_false(tmp_path) -> None:
+    """Parquet parts converted from unlabelled test files (no label column) read with the
+    labelled default: the error now says what to pass, as the TSV reader's does; a
+    missing feature column gets no such hint."""
+    pq.write_table(pa.table({"p": [1.0], "q": [2.0], "u": [3]}), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"missing column\(s\) \['y'\].*needs labelled=False"):
+        TabularDataset(str(tmp_path), _schema(), format="parquet")
+    [batch] = list(TabularDataset(str(tmp_path), _schema(), format="parquet", labelled=False,
+                                  num_workers=0))
+    assert batch.labels.tolist() == [0.0]
+    pq.write_table(pa.table({"y": [1], "q": [2.0], "u": [3]}), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"missing column\(s\) \['p'\]; the file has "
+                                        r"\['q', 'u', 'y'\]$"):
+        TabularDataset(str(tmp_path), _schema(), format="parquet")

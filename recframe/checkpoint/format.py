@@ -454,9 +454,14 @@ def _run_threads(
     try:
         take()
     finally:
-        wait(futures)  # no item outlives the call, even when one failed
+        # a helper not started yet has nothing left to take: cancelled, not waited for
+        # (a call made from a pool thread, with every other thread of the pool in such a
+        # call, would wait for a queued task no thread is free to run: a deadlock)
+        # (wait() would wait on a cancelled one until a thread dequeues it)
+        wait([f for f in futures if not f.cancel()])  # no item outlives the call
     for f in futures:
-        f.result()  # a failure outside fn (none expected)
+        if not f.cancelled():
+            f.result()  # a failure outside fn (none expected)
     if errors:
         raise errors[min(errors)]
     return results
@@ -465,6 +470,20 @@ def _run_threads(
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 _pools_pid = os.getpid()
+
+
+def _pools_after_fork() -> None:
+    """In a forked child: no pool (the parent's threads do not exist there) and a fresh
+    lock (a parent thread inside `reader_pool` at the fork would leave the inherited
+    one held forever: the child's first restore would hang)."""
+    global _pools_lock, _pools_pid
+    _pools_lock = threading.Lock()
+    _pools.clear()
+    _pools_pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_pools_after_fork)
 
 
 def reader_pool(workers: int) -> Executor:

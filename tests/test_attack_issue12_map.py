@@ -1,0 +1,60 @@
+"""Attacks on the mapped verify and the shared reader pool of a restore (issue 12,
+item 1): the pool must not deadlock or hang a forked child; hostile files on the
+mapped path are refused with nothing live written."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from recframe.checkpoint import format as fmt
+
+
+def test_run_threads_called_from_pool_threads_of_concurrent_calls_does_not_deadlock():
+    """Two calls at once whose items each make a call of their own on the same pool
+    (a restore inside a reader thread): every pool thread waited for a helper task
+    queued behind it, so none ran again (a deadlock). A helper not started when the
+    caller has taken every item is cancelled now, not waited for."""
+    pool = fmt.ThreadPoolExecutor(max_workers=2, thread_name_prefix="t-attack")
+
+    def inner(i: int) -> int:
+        time.sleep(0.005)
+        return i
+
+    def outer(i: int) -> int:
+        time.sleep(0.03)
+        return sum(fmt._run_threads(inner, 4, 2, pool))
+
+    results: list[list[int]] = []
+    threads = [threading.Thread(target=lambda: results.append(fmt._run_threads(outer, 2, 2,
+                                                                                 pool)),
+                                daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+    assert results == [[6, 6], [6, 6]]
+    pool.shutdown()
+
+
+def test_a_child_forked_while_the_pool_lock_is_held_can_still_restore():
+    """A thread of the parent inside `reader_pool` at the fork left the child a lock
+    held forever: the child's first restore hung."""
+    fmt._pools_lock.acquire()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(10)
+            code = 1
+            try:
+                if fmt.reader_pool(2).submit(lambda: 42).result(timeout=5) == 42:
+                    code = 0
+            finally:
+                os._exit(code)
+    finally:
+        fmt._pools_lock.release()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

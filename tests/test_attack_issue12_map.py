@@ -58,3 +58,38 @@ def test_a_child_forked_while_the_pool_lock_is_held_can_still_restore():
         fmt._pools_lock.release()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_an_interrupt_while_the_caller_waits_does_not_leave_items_running():
+    """A KeyboardInterrupt reaching the caller while it waits for the helpers' last
+    items (a Ctrl-C during a restore) left `_run_threads` with a helper still running
+    its item: a copy into a live tensor, or a read of a file the session then closed,
+    after the restore had raised. The interrupt is raised once the helpers are done."""
+    pool = fmt.ThreadPoolExecutor(max_workers=1, thread_name_prefix="t-attack")
+    running: list[int] = []
+
+    def fn(i: int) -> int:
+        if threading.current_thread() is threading.main_thread():
+            time.sleep(0.01)
+            return i
+        running.append(i)
+        time.sleep(0.5)
+        running.remove(i)
+        return i
+
+    def interrupt(*_args) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    still_running = None
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        try:
+            fmt._run_threads(fn, 6, 2, pool)
+        except KeyboardInterrupt:
+            still_running = list(running)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        pool.shutdown(wait=True)
+    assert still_running == []

@@ -441,9 +441,11 @@ def _run_threads(
     errors: dict[int, BaseException] = {}
     indices = itertools.count()  # next() is atomic: each index is taken once
 
+    stop: list[bool] = []  # the caller left take() (done, or interrupted between items)
+
     def take() -> None:
         for i in indices:
-            if i >= n or errors:
+            if i >= n or errors or stop:
                 return
             try:
                 results[i] = fn(i)
@@ -454,17 +456,33 @@ def _run_threads(
     try:
         take()
     finally:
+        stop.append(True)
         # a helper not started yet has nothing left to take: cancelled, not waited for
         # (a call made from a pool thread, with every other thread of the pool in such a
-        # call, would wait for a queued task no thread is free to run: a deadlock)
-        # (wait() would wait on a cancelled one until a thread dequeues it)
-        wait([f for f in futures if not f.cancel()])  # no item outlives the call
+        # call, would wait for a queued task no thread is free to run: a deadlock;
+        # wait() waits on a cancelled one until a thread dequeues it)
+        _wait_through_interrupts([f for f in futures if not f.cancel()])
     for f in futures:
         if not f.cancelled():
             f.result()  # a failure outside fn (none expected)
     if errors:
         raise errors[min(errors)]
     return results
+
+
+def _wait_through_interrupts(futures: list[Any]) -> None:
+    """``wait(futures)``, even when a KeyboardInterrupt (or another signal handler's
+    exception) arrives meanwhile: that is raised once they are done, so no item (a copy
+    into a live tensor, a read of a file about to be closed) outlives the call."""
+    interrupted: Optional[BaseException] = None
+    while True:
+        try:
+            wait(futures)
+            break
+        except BaseException as e:  # re-raised once the helpers are done
+            interrupted = interrupted or e
+    if interrupted is not None:
+        raise interrupted
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}

@@ -9,6 +9,8 @@ import signal
 import threading
 import time
 
+import pytest
+
 from recframe.checkpoint import format as fmt
 
 
@@ -93,3 +95,54 @@ def test_an_interrupt_while_the_caller_waits_does_not_leave_items_running():
         signal.signal(signal.SIGALRM, old)
         pool.shutdown(wait=True)
     assert still_running == []
+
+
+def _tmpfs_dir() -> str:
+    root = "/dev/shm"
+    if not os.path.isdir(root) or not fmt._mappable(os.stat(root).st_dev) or \
+            fmt._fs_types.get(os.stat(root).st_dev) != "tmpfs":
+        pytest.skip("no tmpfs at /dev/shm")
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="recframe-attack12-", dir=root)
+
+
+def test_a_checkpoint_on_tmpfs_is_checked_from_a_mapping_and_still_refused_when_bad(
+    tmp_path, monkeypatch
+):
+    """tmpfs refuses ``RWF_NOWAIT`` (EOPNOTSUPP), so `_cached` said "not cached" and a
+    checkpoint in /dev/shm was never checked from a mapping, though tmpfs is listed
+    mappable (its files are in memory). Mapped now; a flipped byte is still refused
+    with nothing live written."""
+    import shutil
+
+    from test_restore_speed_paths import Run, _chunk_of, _rewrite_in_place, _same
+
+    from recframe.checkpoint import CheckpointCorruptError
+
+    root = _tmpfs_dir()
+    try:
+        monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+        monkeypatch.setattr(fmt, "VERIFY_MAP_MIN_BYTES", 0)  # these tiny chunks too
+        saved = Run(os.path.join(root, "run"), seed=0)
+        saved.train(2)
+        saved.saver.save(1)
+        mapped: list[int] = []
+        mapped_crc32 = fmt._mapped_crc32
+        monkeypatch.setattr(fmt, "_mapped_crc32",
+                            lambda fd, o, n: mapped.append(n) or mapped_crc32(fd, o, n))
+        fresh = Run(os.path.join(root, "run"), seed=7)
+        fresh.saver.load(ckpt_id=1)
+        assert _same(fresh.snapshot(), saved.snapshot())
+        assert mapped
+        ckpt = os.path.join(root, "run", "ckpt_1")
+        chunk = _chunk_of(ckpt, "sparse.emb.weight")
+        _rewrite_in_place(os.path.join(ckpt, chunk["file"]), chunk["offset"] + 1)
+        other = Run(os.path.join(root, "run"), seed=8)
+        before = other.snapshot()
+        with pytest.raises(CheckpointCorruptError, match="checksum mismatch"):
+            other.saver.load(ckpt_id=1)
+        assert _same(other.snapshot(), before)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import itertools
 import math
 import mmap
@@ -1151,7 +1152,9 @@ def _cached(fd: int, offset: int, nbytes: int) -> bool:
     middle and last byte are (``preadv2(RWF_NOWAIT)``, ~1 us each, where a ``mincore``
     of every page cost ~70 ns per page: 0.7 ms per 40 MB file). Evicted files (a
     restore after a reboot, on another host) are read instead of faulted in; False
-    where the kernel or filesystem cannot tell (EOPNOTSUPP)."""
+    where the kernel or filesystem cannot tell (EOPNOTSUPP), except on a filesystem in
+    memory (tmpfs, ramfs: their files are never read from a disk; tmpfs refuses
+    RWF_NOWAIT, so its files were never mapped)."""
     flag = getattr(os, "RWF_NOWAIT", None)
     if flag is None:  # pragma: no cover - not Linux
         return False
@@ -1162,9 +1165,17 @@ def _cached(fd: int, offset: int, nbytes: int) -> bool:
         try:
             if os.preadv(fd, [buf], at, flag) != 1:
                 return False
-        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: cannot tell
-            return False
+        except OSError as e:  # EAGAIN: not cached; EOPNOTSUPP: cannot tell
+            if e.errno != errno.EOPNOTSUPP:
+                return False
+            st = os.fstat(fd)
+            _mappable(st.st_dev)  # fills _fs_types
+            return (_fs_types[st.st_dev] in _MEMORY_FILESYSTEMS
+                    and offset + nbytes <= st.st_size)
     return True
+
+
+_MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 
 
 def _mapped_crc32(fd: int, offset: int, nbytes: int) -> int:

@@ -42,6 +42,34 @@ def test_run_threads_called_from_pool_threads_of_concurrent_calls_does_not_deadl
     pool.shutdown()
 
 
+
+def test_restores_run_from_every_reader_thread_at_once_finish(tmp_path, monkeypatch):
+    """The path a user hits: restores submitted to the reader pool (or started from a
+    callback running in it) while every one of its threads is busy with such a restore
+    used to deadlock (each waited for helper tasks queued behind the others)."""
+    from concurrent.futures import wait
+
+    from test_restore_speed_paths import Run, _same
+
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    saved = Run(tmp_path / "run", seed=0)
+    saved.train(2)
+    saved.saver.save(1)
+    pool = fmt.ThreadPoolExecutor(max_workers=2, thread_name_prefix="t-attack")
+    monkeypatch.setitem(fmt._pools, 2, pool)  # the Savers' concurrency=2 pool
+    assert fmt.reader_pool(2) is pool
+
+    def restore(seed: int) -> bool:
+        fresh = Run(tmp_path / "run", seed=seed)
+        fresh.saver.load(ckpt_id=1)
+        return _same(fresh.snapshot(), saved.snapshot())
+
+    futures = [pool.submit(restore, seed) for seed in (5, 6)]
+    done, stuck = wait(futures, timeout=30)
+    assert not stuck, "deadlock"
+    assert [f.result() for f in futures] == [True, True]
+    pool.shutdown()
+
 def test_a_child_forked_while_the_pool_lock_is_held_can_still_restore():
     """A thread of the parent inside `reader_pool` at the fork left the child a lock
     held forever: the child's first restore hung."""

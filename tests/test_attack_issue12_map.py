@@ -174,3 +174,39 @@ def test_a_checkpoint_on_tmpfs_is_checked_from_a_mapping_and_still_refused_when_
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
+
+
+def test_a_copy_refused_after_the_registered_objects_loaded_undoes_them(tmp_path,
+                                                                        monkeypatch):
+    """Registered objects (here the dense optimizer) are loaded before the tensor copies
+    so a state they reject changes nothing; but when a copy was then refused (its file
+    rewritten after the transaction's `confirm`, caught by the reader's own) their undo
+    had been dropped: the dense optimizer kept the checkpoint's state while the model
+    kept its own. Now every object loaded first is undone when a later step fails."""
+    from test_restore_speed_paths import Run, _chunk_of, _rewrite_in_place, _same
+
+    from recframe.checkpoint import CheckpointCorruptError
+
+    monkeypatch.setattr(fmt, "RACY_WINDOW_NS", 0)
+    saved = Run(tmp_path / "run", seed=0)
+    saved.train(2)
+    saved.saver.save(1)
+    ckpt = os.path.join(saved.saver.output_dir, "ckpt_1")
+    chunk = _chunk_of(ckpt, "sparse.emb.weight")
+    apply = fmt.TensorReader.apply
+    rewritten: list[bool] = []
+
+    def rewrite_then_apply(self, jobs):
+        if not rewritten:  # another process writes to the checkpoint right now
+            rewritten.append(True)
+            _rewrite_in_place(os.path.join(ckpt, chunk["file"]), chunk["offset"])
+        return apply(self, jobs)
+
+    monkeypatch.setattr(fmt.TensorReader, "apply", rewrite_then_apply)
+    fresh = Run(tmp_path / "run", seed=7)
+    fresh.train(1)  # a dense optimizer with state of its own
+    before = fresh.snapshot()
+    with pytest.raises(CheckpointCorruptError, match="changed after its checksums"):
+        fresh.saver.load(ckpt_id=1)
+    assert rewritten
+    assert _same(fresh.snapshot(), before)

@@ -131,15 +131,17 @@ class Transaction:
         try:
             for fn in self._first:
                 undo.append(fn())
+            for reader, step in self._merged():
+                if reader is not None:
+                    reader.apply(step)
+                else:
+                    step()
         except BaseException:
+            # a copy refused (its file changed after `confirm`) or a call failing undoes
+            # the objects loaded first too (their undo was dropped once all had loaded)
             for back in reversed(undo):
                 back()
             raise
-        for reader, step in self._merged():
-            if reader is not None:
-                reader.apply(step)
-            else:
-                step()
 
     def _merged(self) -> list[tuple[Optional[TensorReader], Any]]:
         """The steps, consecutive copies from one reader joined into one (one hand-off

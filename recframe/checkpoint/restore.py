@@ -91,7 +91,8 @@ class Transaction:
         """Queue ``fn`` before every copy: it loads objects that need no live tensor
         (a registered object's or hook's state, which user code may reject) and returns
         how to undo that. One raising undoes the ones run before it, and nothing live
-        has been written yet."""
+        has been written yet; a later step failing (a copy refused, a call) undoes them
+        all."""
         self._first.append(fn)
 
     def verify(self, keep: bool) -> None:

@@ -97,12 +97,16 @@ def test_an_interrupt_while_the_caller_waits_does_not_leave_items_running():
     after the restore had raised. The interrupt is raised once the helpers are done."""
     pool = fmt.ThreadPoolExecutor(max_workers=1, thread_name_prefix="t-attack")
     running: list[int] = []
+    started = threading.Event()
 
     def fn(i: int) -> int:
         if threading.current_thread() is threading.main_thread():
-            time.sleep(0.01)
+            started.wait(10)  # the helper holds an item before the caller runs out
             return i
         running.append(i)
+        if not started.is_set():
+            signal.setitimer(signal.ITIMER_REAL, 0.1)  # while the caller waits for us
+            started.set()
         time.sleep(0.5)
         running.remove(i)
         return i
@@ -113,7 +117,6 @@ def test_an_interrupt_while_the_caller_waits_does_not_leave_items_running():
     old = signal.signal(signal.SIGALRM, interrupt)
     still_running = None
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
         try:
             fmt._run_threads(fn, 6, 2, pool)
         except KeyboardInterrupt:
@@ -128,7 +131,7 @@ def test_an_interrupt_while_the_caller_waits_does_not_leave_items_running():
 def _tmpfs_dir() -> str:
     root = "/dev/shm"
     if not os.path.isdir(root) or not fmt._mappable(os.stat(root).st_dev) or \
-            fmt._fs_types.get(os.stat(root).st_dev) != "tmpfs":
+            fmt._fs_type(os.stat(root).st_dev) != "tmpfs":
         pytest.skip("no tmpfs at /dev/shm")
     import tempfile
 
@@ -210,3 +213,37 @@ def test_a_copy_refused_after_the_registered_objects_loaded_undoes_them(tmp_path
         fresh.saver.load(ckpt_id=1)
     assert rewritten
     assert _same(fresh.snapshot(), before)
+
+
+_STALE_MOUNT_CHILD = """
+import os, subprocess, sys, tempfile
+from recframe.checkpoint import format as fmt
+proc = os.stat("/proc").st_dev
+assert not fmt._mappable(proc)  # read from the mount table, and cached
+fmt._fs_types[proc] = "tmpfs"  # as if that device number had been a tmpfs before
+d = tempfile.mkdtemp()
+subprocess.run(["mount", "-t", "tmpfs", "none", d], check=True)
+subprocess.run(["umount", d], check=True)
+sys.exit(0 if not fmt._mappable(proc) else 3)
+"""
+
+
+def test_the_filesystem_type_cache_does_not_outlive_a_mount_change():
+    """`_mappable` cached each device's filesystem type for the life of the process,
+    but device numbers are reused (tmpfs and NFS take theirs from one pool): a tmpfs
+    unmounted and an NFS share mounted on its number would be mapped (SIGBUS where a
+    page-in fails). The cache is dropped when the mount table changes. Runs in a mount
+    namespace of its own (``unshare -m``); skipped where mounting is not allowed."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare")
+    probe = subprocess.run(["unshare", "-m", "mount", "-t", "tmpfs", "none", "/mnt"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("mounting is not allowed here")
+    done = subprocess.run(["unshare", "-m", sys.executable, "-c", _STALE_MOUNT_CHILD],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]

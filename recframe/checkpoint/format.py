@@ -495,10 +495,18 @@ def _pools_after_fork() -> None:
     """In a forked child: no pool (the parent's threads do not exist there) and a fresh
     lock (a parent thread inside `reader_pool` at the fork would leave the inherited
     one held forever: the child's first restore would hang)."""
-    global _pools_lock, _pools_pid
+    global _pools_lock, _pools_pid, _mounts_watch, _mounts_file, _fs_lock
     _pools_lock = threading.Lock()
+    _fs_lock = threading.Lock()
     _pools.clear()
     _pools_pid = os.getpid()
+    # the inherited watch shares its file with the parent: a poll here would take the
+    # parent's notice of a mount change
+    _mounts_watch = None
+    if _mounts_file is not None:
+        with contextlib.suppress(OSError):
+            _mounts_file.close()
+        _mounts_file = None
 
 
 if hasattr(os, "register_at_fork"):
@@ -1169,9 +1177,7 @@ def _cached(fd: int, offset: int, nbytes: int) -> bool:
             if e.errno != errno.EOPNOTSUPP:
                 return False
             st = os.fstat(fd)
-            _mappable(st.st_dev)  # fills _fs_types
-            return (_fs_types[st.st_dev] in _MEMORY_FILESYSTEMS
-                    and offset + nbytes <= st.st_size)
+            return _fs_type(st.st_dev) in _MEMORY_FILESYSTEMS and offset + nbytes <= st.st_size
     return True
 
 
@@ -1193,24 +1199,61 @@ def _mapped_crc32(fd: int, offset: int, nbytes: int) -> int:
 
 
 _fs_types: dict[int, str] = {}
+_mounts_watch: Optional[Any] = None  # select.poll on /proc/self/mountinfo, or None
+_mounts_file: Optional[Any] = None
+_fs_lock = threading.Lock()
 
 
-def _mappable(dev: int) -> bool:
-    """Whether the filesystem of device ``dev`` (``st_dev``) is in
-    `MAPPABLE_FILESYSTEMS` (``/proc/self/mountinfo``; False where it cannot be told)."""
-    if dev not in _fs_types:
+def _mounts_changed() -> bool:
+    """Whether the mount table may have changed since the last call: the kernel flags
+    an open ``/proc/self/mountinfo`` (``POLLPRI``) on each change, one syscall. Device
+    numbers of unmounted filesystems are reused (tmpfs and NFS take theirs from one
+    pool), so `_fs_types` must not outlive the mount it was read from."""
+    global _mounts_watch, _mounts_file
+    if _mounts_watch is None:
+        import select
+
+        try:
+            _mounts_file = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 - kept open
+            watch = select.poll()
+            watch.register(_mounts_file, select.POLLPRI)
+        except (OSError, AttributeError):
+            return True
+        _mounts_watch = watch
+        return True
+    try:
+        return bool(_mounts_watch.poll(0))
+    except (OSError, RuntimeError):  # pragma: no cover
+        return True
+
+
+def _fs_type(dev: int) -> str:
+    """The filesystem type of device ``dev`` (``st_dev``) from ``/proc/self/mountinfo``
+    ("" where it cannot be told), cached until the mount table changes."""
+    with _fs_lock:  # one poll at a time (a second concurrent one raises RuntimeError)
+        if _mounts_changed():
+            _fs_types.clear()
+        kind = _fs_types.get(dev)
+    if kind is None:
+        kind = ""
         want = f"{os.major(dev)}:{os.minor(dev)}"
         try:
             with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
                 for line in f:
                     fields = line.split()
                     if len(fields) > 2 and fields[2] == want and " - " in line:
-                        _fs_types[dev] = line.split(" - ", 1)[1].split()[0]
+                        kind = line.split(" - ", 1)[1].split()[0]
                         break
         except OSError:
             pass
-        _fs_types.setdefault(dev, "")
-    return _fs_types[dev] in MAPPABLE_FILESYSTEMS
+        _fs_types[dev] = kind
+    return kind
+
+
+def _mappable(dev: int) -> bool:
+    """Whether the filesystem of device ``dev`` (``st_dev``) is in
+    `MAPPABLE_FILESYSTEMS` (``/proc/self/mountinfo``; False where it cannot be told)."""
+    return _fs_type(dev) in MAPPABLE_FILESYSTEMS
 
 
 def _ends(jobs: list[_Job]) -> dict[str, int]:

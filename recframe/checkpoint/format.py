@@ -516,8 +516,9 @@ if hasattr(os, "register_at_fork"):
 def reader_pool(workers: int) -> Executor:
     """A process-wide pool of ``workers`` reader threads, kept from restore to restore:
     starting a thread costs ~1 ms on a busy machine, and the 4 a fresh pool started
-    per restore were ~15% of a warm 160 MB one. Its tasks never wait on the pool
-    themselves (no deadlock); a forked child makes its own (the parent's threads do not
+    per restore were ~15% of a warm 160 MB one. Shared by concurrent restores, even ones
+    started from its own threads: `_run_threads` never waits for a task of it that has
+    not started (no deadlock); a forked child makes its own (the parent's threads do not
     exist there)."""
     global _pools_pid
     with _pools_lock:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import itertools
 import math
 import mmap
@@ -441,9 +442,11 @@ def _run_threads(
     errors: dict[int, BaseException] = {}
     indices = itertools.count()  # next() is atomic: each index is taken once
 
+    stop: list[bool] = []  # the caller left take() (done, or interrupted between items)
+
     def take() -> None:
         for i in indices:
-            if i >= n or errors:
+            if i >= n or errors or stop:
                 return
             try:
                 results[i] = fn(i)
@@ -454,12 +457,33 @@ def _run_threads(
     try:
         take()
     finally:
-        wait(futures)  # no item outlives the call, even when one failed
+        stop.append(True)
+        # a helper not started yet has nothing left to take: cancelled, not waited for
+        # (a call made from a pool thread, with every other thread of the pool in such a
+        # call, would wait for a queued task no thread is free to run: a deadlock;
+        # wait() waits on a cancelled one until a thread dequeues it)
+        _wait_through_interrupts([f for f in futures if not f.cancel()])
     for f in futures:
-        f.result()  # a failure outside fn (none expected)
+        if not f.cancelled():
+            f.result()  # a failure outside fn (none expected)
     if errors:
         raise errors[min(errors)]
     return results
+
+
+def _wait_through_interrupts(futures: list[Any]) -> None:
+    """``wait(futures)``, even when a KeyboardInterrupt (or another signal handler's
+    exception) arrives meanwhile: that is raised once they are done, so no item (a copy
+    into a live tensor, a read of a file about to be closed) outlives the call."""
+    interrupted: Optional[BaseException] = None
+    while True:
+        try:
+            wait(futures)
+            break
+        except BaseException as e:  # re-raised once the helpers are done
+            interrupted = interrupted or e
+    if interrupted is not None:
+        raise interrupted
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -467,11 +491,34 @@ _pools_lock = threading.Lock()
 _pools_pid = os.getpid()
 
 
+def _pools_after_fork() -> None:
+    """In a forked child: no pool (the parent's threads do not exist there) and a fresh
+    lock (a parent thread inside `reader_pool` at the fork would leave the inherited
+    one held forever: the child's first restore would hang)."""
+    global _pools_lock, _pools_pid, _mounts_watch, _mounts_file, _fs_lock
+    _pools_lock = threading.Lock()
+    _fs_lock = threading.Lock()
+    _pools.clear()
+    _pools_pid = os.getpid()
+    # the inherited watch shares its file with the parent: a poll here would take the
+    # parent's notice of a mount change
+    _mounts_watch = None
+    if _mounts_file is not None:
+        with contextlib.suppress(OSError):
+            _mounts_file.close()
+        _mounts_file = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_pools_after_fork)
+
+
 def reader_pool(workers: int) -> Executor:
     """A process-wide pool of ``workers`` reader threads, kept from restore to restore:
     starting a thread costs ~1 ms on a busy machine, and the 4 a fresh pool started
-    per restore were ~15% of a warm 160 MB one. Its tasks never wait on the pool
-    themselves (no deadlock); a forked child makes its own (the parent's threads do not
+    per restore were ~15% of a warm 160 MB one. Shared by concurrent restores, even ones
+    started from its own threads: `_run_threads` never waits for a task of it that has
+    not started (no deadlock); a forked child makes its own (the parent's threads do not
     exist there)."""
     global _pools_pid
     with _pools_lock:
@@ -1114,7 +1161,9 @@ def _cached(fd: int, offset: int, nbytes: int) -> bool:
     middle and last byte are (``preadv2(RWF_NOWAIT)``, ~1 us each, where a ``mincore``
     of every page cost ~70 ns per page: 0.7 ms per 40 MB file). Evicted files (a
     restore after a reboot, on another host) are read instead of faulted in; False
-    where the kernel or filesystem cannot tell (EOPNOTSUPP)."""
+    where the kernel or filesystem cannot tell (EOPNOTSUPP), except on a filesystem in
+    memory (tmpfs, ramfs: their files are never read from a disk; tmpfs refuses
+    RWF_NOWAIT, so its files were never mapped)."""
     flag = getattr(os, "RWF_NOWAIT", None)
     if flag is None:  # pragma: no cover - not Linux
         return False
@@ -1125,9 +1174,15 @@ def _cached(fd: int, offset: int, nbytes: int) -> bool:
         try:
             if os.preadv(fd, [buf], at, flag) != 1:
                 return False
-        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: cannot tell
-            return False
+        except OSError as e:  # EAGAIN: not cached; EOPNOTSUPP: cannot tell
+            if e.errno != errno.EOPNOTSUPP:
+                return False
+            st = os.fstat(fd)
+            return _fs_type(st.st_dev) in _MEMORY_FILESYSTEMS and offset + nbytes <= st.st_size
     return True
+
+
+_MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 
 
 def _mapped_crc32(fd: int, offset: int, nbytes: int) -> int:
@@ -1145,24 +1200,61 @@ def _mapped_crc32(fd: int, offset: int, nbytes: int) -> int:
 
 
 _fs_types: dict[int, str] = {}
+_mounts_watch: Optional[Any] = None  # select.poll on /proc/self/mountinfo, or None
+_mounts_file: Optional[Any] = None
+_fs_lock = threading.Lock()
 
 
-def _mappable(dev: int) -> bool:
-    """Whether the filesystem of device ``dev`` (``st_dev``) is in
-    `MAPPABLE_FILESYSTEMS` (``/proc/self/mountinfo``; False where it cannot be told)."""
-    if dev not in _fs_types:
+def _mounts_changed() -> bool:
+    """Whether the mount table may have changed since the last call: the kernel flags
+    an open ``/proc/self/mountinfo`` (``POLLPRI``) on each change, one syscall. Device
+    numbers of unmounted filesystems are reused (tmpfs and NFS take theirs from one
+    pool), so `_fs_types` must not outlive the mount it was read from."""
+    global _mounts_watch, _mounts_file
+    if _mounts_watch is None:
+        import select
+
+        try:
+            _mounts_file = open("/proc/self/mountinfo", "rb")  # noqa: SIM115 - kept open
+            watch = select.poll()
+            watch.register(_mounts_file, select.POLLPRI)
+        except (OSError, AttributeError):
+            return True
+        _mounts_watch = watch
+        return True
+    try:
+        return bool(_mounts_watch.poll(0))
+    except (OSError, RuntimeError):  # pragma: no cover
+        return True
+
+
+def _fs_type(dev: int) -> str:
+    """The filesystem type of device ``dev`` (``st_dev``) from ``/proc/self/mountinfo``
+    ("" where it cannot be told), cached until the mount table changes."""
+    with _fs_lock:  # one poll at a time (a second concurrent one raises RuntimeError)
+        if _mounts_changed():
+            _fs_types.clear()
+        kind = _fs_types.get(dev)
+    if kind is None:
+        kind = ""
         want = f"{os.major(dev)}:{os.minor(dev)}"
         try:
             with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
                 for line in f:
                     fields = line.split()
                     if len(fields) > 2 and fields[2] == want and " - " in line:
-                        _fs_types[dev] = line.split(" - ", 1)[1].split()[0]
+                        kind = line.split(" - ", 1)[1].split()[0]
                         break
         except OSError:
             pass
-        _fs_types.setdefault(dev, "")
-    return _fs_types[dev] in MAPPABLE_FILESYSTEMS
+        _fs_types[dev] = kind
+    return kind
+
+
+def _mappable(dev: int) -> bool:
+    """Whether the filesystem of device ``dev`` (``st_dev``) is in
+    `MAPPABLE_FILESYSTEMS` (``/proc/self/mountinfo``; False where it cannot be told)."""
+    return _fs_type(dev) in MAPPABLE_FILESYSTEMS
 
 
 def _ends(jobs: list[_Job]) -> dict[str, int]:

@@ -91,7 +91,8 @@ class Transaction:
         """Queue ``fn`` before every copy: it loads objects that need no live tensor
         (a registered object's or hook's state, which user code may reject) and returns
         how to undo that. One raising undoes the ones run before it, and nothing live
-        has been written yet."""
+        has been written yet; a later step failing (a copy refused, a call) undoes them
+        all."""
         self._first.append(fn)
 
     def verify(self, keep: bool) -> None:
@@ -131,15 +132,17 @@ class Transaction:
         try:
             for fn in self._first:
                 undo.append(fn())
+            for reader, step in self._merged():
+                if reader is not None:
+                    reader.apply(step)
+                else:
+                    step()
         except BaseException:
+            # a copy refused (its file changed after `confirm`) or a call failing undoes
+            # the objects loaded first too (their undo was dropped once all had loaded)
             for back in reversed(undo):
                 back()
             raise
-        for reader, step in self._merged():
-            if reader is not None:
-                reader.apply(step)
-            else:
-                step()
 
     def _merged(self) -> list[tuple[Optional[TensorReader], Any]]:
         """The steps, consecutive copies from one reader joined into one (one hand-off

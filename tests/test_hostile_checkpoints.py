@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import ToyCTR, make_batches
 
-from recframe.checkpoint import CheckpointCorruptError, CheckpointManager, Saver
+from recframe.checkpoint import CheckpointCorruptError, CheckpointManager, Saver, StorageError
 from recframe.checkpoint.manifest import FORMAT_VERSION, CheckpointVersionError, encode_manifest
 from recframe.optim import dense_parameters, sparse_parameters
 from recframe.optim.sparse import SPARSE_OPTIMIZERS
@@ -412,3 +412,23 @@ def test_lazy_optimizer_state_shapes_are_checked_against_the_parameters(tmp_path
     with pytest.raises(ValueError, match="dense_optimizer.*shape"):
         saver.load(ckpt_id=1, load_conf={"load": ["extra"]})
     assert dense.state_dict()["state"] == {}
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_a_dangling_or_looping_symlink_is_refused_and_restore_falls_back(run, tmp_path, kind):
+    """An unreadable entry (I/O error, named) leaves everything as it was; restore goes
+    back to the previous checkpoint, as for a corrupt one."""
+    ckpt = run.ckpt(2)
+    name = _first_data_file(ckpt)
+    target = os.path.join(ckpt, name)
+    os.remove(target)
+    if kind == "dangling":
+        os.symlink(os.path.join(ckpt, "gone.bin"), target)
+    else:
+        os.symlink(target, target)  # a link to itself: ELOOP
+    fresh = _fresh(tmp_path)
+    before = fresh.snapshot()
+    with pytest.raises((CheckpointCorruptError, StorageError), match=name):
+        fresh.saver.load(ckpt_id=2)
+    assert _same(fresh.snapshot(), before)
+    assert fresh.manager.restore() == 1  # falls back as for a bad shard

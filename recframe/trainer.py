@@ -658,9 +658,10 @@ class Trainer:
         while feed.pending is not None and not self.control.should_stop:
             if max_steps is not None and self.state.global_step >= max_steps:
                 break
-            self.hooks.fire(Event.BEFORE_STEP, self)
-            if self.control.should_stop:  # a before_step hook stops before this update
-                break
+            if self.hooks.listeners[Event.BEFORE_STEP]:  # usually none: no fire() call
+                self.hooks.fire(Event.BEFORE_STEP, self)
+                if self.control.should_stop:  # a before_step hook stops before this update
+                    break
             self.window.reset(self.state.global_step + 1)  # and its views' windows
             step_metrics: dict[str, Any] = {}
             samples = 0
@@ -704,9 +705,9 @@ class Trainer:
         samples: Optional[int] = None,
     ) -> None:
         metrics: dict[str, Any] = {}
-        self.window.begin(index, size, metrics,
-                          batch_size_of(batch) if samples is None else samples)
-        boundary = self.window.is_boundary
+        window = self.window
+        window.begin(index, size, metrics, batch_size_of(batch) if samples is None else samples)
+        boundary = index >= size - 1  # window.is_boundary, without the property call
         if boundary and not self.args.bf16:  # the usual micro-batch: no context to enter
             self._train_step(batch, self.state.epoch, metrics)
         else:
@@ -720,7 +721,7 @@ class Trainer:
         self.state.micro_step += 1
         loss = metrics.get("loss")
         if isinstance(loss, torch.Tensor):
-            self.window.losses.append(loss.detach())
+            window.losses.append(loss.detach())
         elif "no-loss" not in self._warned:
             self._warned.add("no-loss")
             logger.warning(

@@ -144,6 +144,9 @@ class HookRegistry:
         self._dispatch = {
             event: tuple(h for h in self._hooks if _overrides(h, event)) for event in _EVENTS
         }
+        self.listeners: dict[Event, tuple[Hook, ...]] = self._dispatch
+        """The hooks each event reaches (rebuilt when a hook is added or removed): the
+        trainer reads it to skip `fire` for an event no hook handles."""
 
     def add(self, hook: Hook) -> None:
         if not isinstance(hook, Hook):

@@ -103,7 +103,8 @@ class IntervalMeter:
         """Record one optimizer update's ``loss`` and ``samples``."""
         loss = metrics.get("loss")
         if loss is not None:
-            if isinstance(loss, torch.Tensor):
+            # a plain tensor (the trainer's) is told apart without a call
+            if loss.__class__ is torch.Tensor or isinstance(loss, torch.Tensor):
                 # the trainer's loss is detached already: no new tensor per update then
                 losses = self._losses
                 losses.append(loss.detach() if loss.requires_grad else loss)
@@ -239,10 +240,13 @@ class IntervalReportHook(Hook, abc.ABC):
         if not (self._main if self._main is not None else trainer.is_main_process):
             return
         self._meter.add(metrics)
+        lr = None
         for key, value in metrics.items():
             if key not in RESERVED_STEP_KEYS:
                 self._user[key] = value
-        self._lr = metrics.get("lr")
+            elif key == "lr":
+                lr = value
+        self._lr = lr
         every = self._every if self._every is not None else self._interval(trainer)
         # log_due, inline (no call per update)
         state = trainer.state

@@ -198,6 +198,7 @@ class Trainer:
         self._restored = False
         self._depth = 0
         self._warned: set[str] = set()
+        self._marks_steps = type(self.device).mark_step is not Device.mark_step
         self._eval_start_state: Optional[dict[str, Any]] = None
         # the train dataset's stream, position and loader RNG (checkpointed)
         self.train_data = TrainData(
@@ -588,6 +589,9 @@ class Trainer:
         # where there are several
         self.window.single_process = (not distributed.is_initialized()
                                       or distributed.get_world_size() == 1)
+        # whether the device cuts graphs (XLA); eager devices' mark_step is a no-op, not
+        # called per update
+        self._marks_steps = type(self.device).mark_step is not Device.mark_step
         failed = True
         try:
             self.hooks.fire(Event.BEFORE_TRAIN, self)
@@ -675,7 +679,8 @@ class Trainer:
                     samples += n
                     self._run_micro_batch(item.batch, index, size, step_metrics, n)
                     self.state.epoch_batches += 1
-                    feed.trained(item)
+                    if item.position is not None:  # else feed.trained(item) does nothing
+                        feed.trained(item)
                     if item.is_last:
                         end_of_data = True
                         break
@@ -714,13 +719,13 @@ class Trainer:
             sync_ctx = _no_sync(self.model) if not boundary else contextlib.nullcontext()
             with sync_ctx, self.device.autocast(self.args.bf16):
                 self._train_step(batch, self.state.epoch, metrics)
-        if not boundary:
+        if not boundary and self._marks_steps:
             # lazy devices (XLA): one graph per micro-batch, whatever k (the update's own
-            # graph is cut by _finish_update); a no-op on eager devices
+            # graph is cut by _finish_update)
             self.device.mark_step()
         self.state.micro_step += 1
         loss = metrics.get("loss")
-        if isinstance(loss, torch.Tensor):
+        if loss.__class__ is torch.Tensor or isinstance(loss, torch.Tensor):  # no call, usually
             window.losses.append(loss.detach())
         elif "no-loss" not in self._warned:
             self._warned.add("no-loss")
@@ -752,7 +757,8 @@ class Trainer:
         if skipped:
             self.state.skipped_updates += 1
             step_metrics["skipped_updates"] = self.state.skipped_updates
-        self.device.mark_step()
+        if self._marks_steps:
+            self.device.mark_step()
         self.hooks.fire(Event.AFTER_STEP, self, step_metrics)
         interval = self.args.eval_interval_steps
         due = interval is not None and self.state.global_step % interval == 0

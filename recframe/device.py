@@ -12,6 +12,7 @@ import dataclasses
 import os
 import random
 import sys
+import types
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -40,6 +41,8 @@ class Device:
         same pairs with the batch on this device out, in order. Here each batch is moved
         as it is pulled; `recframe.xla.XLADevice` streams them through torch-xla's
         parallel loader. The iterator returned has ``close()``."""
+        if type(self).move is CPUDevice.move and isinstance(items, types.GeneratorType):
+            return items  # nothing to move: no pass-through generator per batch
         return ((self.move(batch), position) for batch, position in items)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:

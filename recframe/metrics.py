@@ -44,7 +44,7 @@ def get_global_metrics() -> dict[str, Any]:
 
 def pop_global_metrics() -> dict[str, Any]:
     """Return and clear the recorded metrics (the trainer calls this once per step)."""
-    store = _store()
+    store = getattr(_local, "metrics", None)  # not _store(): a call less per update
     if not store:
         return {}
     values = dict(store)

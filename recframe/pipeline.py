@@ -202,9 +202,11 @@ class BatchStream:
             if self.limit is None and self.sync_every is None:
                 fill(ahead + 1)
                 while buffer:
-                    entry = buffer.pop(0)
+                    batch, where = buffer.pop(0)
                     fill(ahead)
-                    yield item(entry, is_last=not buffer)
+                    # item(), inline: a call less per batch
+                    yield (StreamItem(batch, None, not buffer) if where is None
+                           else StreamItem(batch, where[0], not buffer, where[1]))
                 return
             cap, agreed, safe, index = self.limit, None, 0, 0
             limit = cap

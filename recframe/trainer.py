@@ -198,6 +198,7 @@ class Trainer:
         self._restored = False
         self._depth = 0
         self._warned: set[str] = set()
+        self._marks_steps = type(self.device).mark_step is not Device.mark_step
         self._eval_start_state: Optional[dict[str, Any]] = None
         # the train dataset's stream, position and loader RNG (checkpointed)
         self.train_data = TrainData(
@@ -588,6 +589,9 @@ class Trainer:
         # where there are several
         self.window.single_process = (not distributed.is_initialized()
                                       or distributed.get_world_size() == 1)
+        # whether the device cuts graphs (XLA); eager devices' mark_step is a no-op, not
+        # called per update
+        self._marks_steps = type(self.device).mark_step is not Device.mark_step
         failed = True
         try:
             self.hooks.fire(Event.BEFORE_TRAIN, self)
@@ -658,9 +662,10 @@ class Trainer:
         while feed.pending is not None and not self.control.should_stop:
             if max_steps is not None and self.state.global_step >= max_steps:
                 break
-            self.hooks.fire(Event.BEFORE_STEP, self)
-            if self.control.should_stop:  # a before_step hook stops before this update
-                break
+            if self.hooks.listeners[Event.BEFORE_STEP]:  # usually none: no fire() call
+                self.hooks.fire(Event.BEFORE_STEP, self)
+                if self.control.should_stop:  # a before_step hook stops before this update
+                    break
             self.window.reset(self.state.global_step + 1)  # and its views' windows
             step_metrics: dict[str, Any] = {}
             samples = 0
@@ -674,7 +679,8 @@ class Trainer:
                     samples += n
                     self._run_micro_batch(item.batch, index, size, step_metrics, n)
                     self.state.epoch_batches += 1
-                    feed.trained(item)
+                    if item.position is not None:  # else feed.trained(item) does nothing
+                        feed.trained(item)
                     if item.is_last:
                         end_of_data = True
                         break
@@ -704,23 +710,23 @@ class Trainer:
         samples: Optional[int] = None,
     ) -> None:
         metrics: dict[str, Any] = {}
-        self.window.begin(index, size, metrics,
-                          batch_size_of(batch) if samples is None else samples)
-        boundary = self.window.is_boundary
+        window = self.window
+        window.begin(index, size, metrics, batch_size_of(batch) if samples is None else samples)
+        boundary = index >= size - 1  # window.is_boundary, without the property call
         if boundary and not self.args.bf16:  # the usual micro-batch: no context to enter
             self._train_step(batch, self.state.epoch, metrics)
         else:
             sync_ctx = _no_sync(self.model) if not boundary else contextlib.nullcontext()
             with sync_ctx, self.device.autocast(self.args.bf16):
                 self._train_step(batch, self.state.epoch, metrics)
-        if not boundary:
+        if not boundary and self._marks_steps:
             # lazy devices (XLA): one graph per micro-batch, whatever k (the update's own
-            # graph is cut by _finish_update); a no-op on eager devices
+            # graph is cut by _finish_update)
             self.device.mark_step()
         self.state.micro_step += 1
         loss = metrics.get("loss")
-        if isinstance(loss, torch.Tensor):
-            self.window.losses.append(loss.detach())
+        if loss.__class__ is torch.Tensor or isinstance(loss, torch.Tensor):  # no call, usually
+            window.losses.append(loss.detach())
         elif "no-loss" not in self._warned:
             self._warned.add("no-loss")
             logger.warning(
@@ -751,7 +757,8 @@ class Trainer:
         if skipped:
             self.state.skipped_updates += 1
             step_metrics["skipped_updates"] = self.state.skipped_updates
-        self.device.mark_step()
+        if self._marks_steps:
+            self.device.mark_step()
         self.hooks.fire(Event.AFTER_STEP, self, step_metrics)
         interval = self.args.eval_interval_steps
         due = interval is not None and self.state.global_step % interval == 0

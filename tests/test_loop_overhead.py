@@ -213,3 +213,57 @@ def test_the_usual_update_leaves_no_reference_cycle(tmp_path):
     assert trainer.global_step == 55
     # one cycle per update would add >= 40 objects to the long call's garbage
     assert per_long_call - per_short_call < 20, (per_short_call, per_long_call)
+
+
+# --- the loop's own Python per update ------------------------------------------------------
+def loop_calls_per_update(tmp_path, updates: int = 120) -> float:
+    """Python calls per update made by recframe's own code on the usual path (k=1, the
+    hooks ``TrainingArguments()`` enables, no skip): every call (Python or builtin)
+    whose caller is a recframe frame, outside ``_train_step`` (the user's step: the
+    model, its optimizers' tensor work) and counted over `_train_pass`."""
+    import recframe
+
+    root = os.path.dirname(recframe.__file__) + os.sep
+    torch.manual_seed(0)
+    args = TrainingArguments(output_dir=str(tmp_path / "calls"))
+    trainer = Trainer(ToyCTR(), args, train_dataset=make_batches(updates + 10, 8))
+    trainer.train(train_steps=5)  # warm: first-call set-up is not per update
+    counted = {"calls": 0, "step_depth": 0}
+    step_code = Trainer._train_step.__code__
+
+    def profile(frame, event, arg):
+        if event == "call":
+            if frame.f_code is step_code:
+                counted["step_depth"] += 1
+            caller = frame.f_back
+            if (counted["step_depth"] == (1 if frame.f_code is step_code else 0)
+                    and caller is not None and caller.f_code.co_filename.startswith(root)):
+                counted["calls"] += 1
+        elif event == "return":
+            if frame.f_code is step_code:
+                counted["step_depth"] -= 1
+        elif event == "c_call":
+            if counted["step_depth"] == 0 and frame.f_code.co_filename.startswith(root):
+                counted["calls"] += 1
+
+    train_pass = trainer._train_pass
+
+    def profiled_pass(feed, max_steps):
+        sys.setprofile(profile)
+        try:
+            return train_pass(feed, max_steps)
+        finally:
+            sys.setprofile(None)
+
+    trainer._train_pass = profiled_pass
+    trainer.train(train_steps=5 + updates)
+    assert trainer.global_step == 5 + updates
+    return counted["calls"] / updates
+
+
+def test_the_loops_own_python_calls_per_update_stay_few(tmp_path):
+    """The loop's own Python per update (the trainer, its windows and views, the input
+    stream, the default hooks' ``after_step``) is counted, so it cannot creep back:
+    103 calls per update before these cuts (main at 22dc2f5), ~74 after."""
+    per_update = loop_calls_per_update(tmp_path)
+    assert per_update < 90, per_update

@@ -136,14 +136,17 @@ class HookRegistry:
     def __init__(self, hooks: Optional[Iterable[Hook]] = None) -> None:
         self._hooks: list[Hook] = []
         self._ended = False
-        self._dispatch: dict[Event, tuple[Hook, ...]] = {}
+        self._rebuild()  # every event's entry, empty
         if hooks:
             self.add_all(hooks)
 
     def _rebuild(self) -> None:
-        self._dispatch = {
+        self._dispatch: dict[Event, tuple[Hook, ...]] = {
             event: tuple(h for h in self._hooks if _overrides(h, event)) for event in _EVENTS
         }
+        self.listeners: dict[Event, tuple[Hook, ...]] = self._dispatch
+        """The hooks each event reaches (rebuilt when a hook is added or removed): the
+        trainer reads it to skip `fire` for an event no hook handles."""
 
     def add(self, hook: Hook) -> None:
         if not isinstance(hook, Hook):
@@ -179,13 +182,13 @@ class HookRegistry:
         ``end`` is the clean-up event: every hook gets it even when an earlier one
         raised, and the first failure is raised afterwards.
         """
-        if type(event) is not Event:
+        if event.__class__ is not Event:  # (no call: fire runs per update)
             event = Event(event)
         if event is Event.END:
             if self._ended:
                 return
             self._ended = True
-        hooks = self._dispatch.get(event, ())
+        hooks = self._dispatch[event]  # every event has an entry
         if not hooks:
             return
         first_error: Optional[HookError] = None

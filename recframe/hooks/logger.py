@@ -102,16 +102,19 @@ class IntervalMeter:
     def add(self, metrics: dict[str, Any]) -> None:
         """Record one optimizer update's ``loss`` and ``samples``."""
         loss = metrics.get("loss")
-        if isinstance(loss, torch.Tensor):
-            # the trainer's loss is detached already: no new tensor per update then
-            self._losses.append(loss.detach() if loss.requires_grad else loss)
-            if len(self._losses) >= FOLD_LOSSES:
-                self._fold()
-        elif loss is not None:
-            self._float_losses.append(float(loss))
+        if loss is not None:
+            # a plain tensor (the trainer's) is told apart without a call
+            if loss.__class__ is torch.Tensor or isinstance(loss, torch.Tensor):
+                # the trainer's loss is detached already: no new tensor per update then
+                losses = self._losses
+                losses.append(loss.detach() if loss.requires_grad else loss)
+                if len(losses) >= FOLD_LOSSES:
+                    self._fold()
+            else:
+                self._float_losses.append(float(loss))
         samples = metrics.get("samples")
         if samples is not None:
-            self.samples += int(samples)
+            self.samples += samples if type(samples) is int else int(samples)
         self.steps += 1
 
     def pause(self) -> None:
@@ -128,8 +131,12 @@ class IntervalMeter:
     @staticmethod
     def _sum(losses: list[torch.Tensor]) -> torch.Tensor:
         """The sum of ``losses`` (a tensor's mean where it holds several values)."""
-        if all(t.dim() == 0 for t in losses):  # the trainer's scalar losses: one stack
-            return torch.stack(losses).float().sum()
+        try:
+            stacked = torch.stack(losses)
+        except RuntimeError:  # losses of different shapes
+            stacked = None
+        if stacked is not None and stacked.dim() == 1:  # the trainer's scalar losses
+            return stacked.float().sum()
         stacked = torch.stack(
             [t.reshape(()) if t.numel() == 1 else t.float().mean() for t in losses]
         )
@@ -233,13 +240,21 @@ class IntervalReportHook(Hook, abc.ABC):
         if not (self._main if self._main is not None else trainer.is_main_process):
             return
         self._meter.add(metrics)
+        lr = None
         for key, value in metrics.items():
             if key not in RESERVED_STEP_KEYS:
                 self._user[key] = value
-        self._lr = metrics.get("lr")
+            elif key == "lr":
+                lr = value
+        self._lr = lr
         every = self._every if self._every is not None else self._interval(trainer)
-        if log_due(trainer, every):
-            self._report_train(trainer)
+        # log_due, inline (no call per update)
+        state = trainer.state
+        step, last = state.global_step, state.max_steps
+        if (step % every and (last is None or step < last)
+                and not getattr(trainer.control, "should_log", False)):
+            return
+        self._report_train(trainer)
 
     def after_train(self, trainer: Trainer) -> None:
         # a run that ended off the log grid (epochs, early stop) still reports its tail

@@ -94,9 +94,14 @@ class ProgressBarHook(Hook):
     def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         if self.bar is None:
             return
-        self._meter.add(metrics)
-        if self._meter.steps >= self.postfix_steps and self._redraw_due():
-            self._refresh_postfix()  # drawn by the update below
+        meter = self._meter
+        meter.add(metrics)
+        if meter.steps >= self.postfix_steps:
+            # _redraw_due(), inline (a call less per update)
+            last = getattr(self.bar, "last_print_t", None)
+            interval = getattr(self.bar, "mininterval", None)
+            if last is None or interval is None or time.time() - last >= interval:
+                self._refresh_postfix()  # drawn by the update below
         step = int(trainer.state.global_step)
         if self._estimate is not None:
             total = self._estimate.total(trainer)
@@ -104,15 +109,6 @@ class ProgressBarHook(Hook):
                 self.bar.total = max(total, step)
         if step > self.bar.n:
             self.bar.update(step - self.bar.n)
-
-    def _redraw_due(self) -> bool:
-        """Whether tqdm will redraw at its next update (its ``mininterval`` passed)."""
-        bar = self.bar
-        last = getattr(bar, "last_print_t", None)
-        interval = getattr(bar, "mininterval", None)
-        if last is None or interval is None:
-            return True
-        return time.time() - last >= interval
 
     def _refresh_postfix(self) -> None:
         assert self.bar is not None

@@ -178,10 +178,13 @@ class AccumulationWindow:
         self._reference = 0
         self._skip = None
         self._factor = None
+        # the views' new_window(), inline: no call per view per update
         for view in self.optimizers:
-            view.new_window()
+            view.requested = view.done = False
+            view.last_grad_norm = None
         for scheduler in self.schedulers:
-            scheduler.new_window()
+            scheduler.requested = None
+            scheduler.done = False
 
     def begin(
         self, index: int, size: int, metrics: dict[str, Any], samples: Optional[int] = None
@@ -343,9 +346,11 @@ class AccumulationWindow:
                     "dropped at step %d", view.name, self.step_number,
                 )
         for scheduler in self.schedulers:
-            scheduler.apply()
-        for view in self.optimizers:
-            view.real_zero_grad()
+            if scheduler.requested is not None and not scheduler.done:  # else apply() no-ops
+                scheduler.apply()
+        for view in self.optimizers:  # view.real_zero_grad(), inline
+            if view.optimizer is not None:
+                view.optimizer.zero_grad(set_to_none=view.set_to_none)
         return skipped
 
 
@@ -468,7 +473,17 @@ class OptimizerView:
         self.requested = True
         window = self.window
         if window.index >= window.size - 1 and not self.done:  # the window's boundary
-            return window.step(self)
+            # window.step(self), inline: a call less per optimizer per update
+            self.done = True
+            skip = window._skip
+            if skip is None:
+                skip = window.should_skip()
+            if skip:
+                return None
+            factor = window._factor
+            if factor is None:  # a one-micro-batch window weighs it by 1, however sized
+                factor = 1.0 if window.size == 1 else window.update_factor()
+            return self.apply(factor)
         return None
 
     def gradients(self) -> list[torch.Tensor]:
@@ -497,11 +512,6 @@ class OptimizerView:
             params = [p for p in optimizer_parameters(self.optimizer) if p.grad is not None]
             self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         return self.step_fn(self.optimizer)
-
-    def new_window(self) -> None:
-        self.requested = False
-        self.done = False
-        self.last_grad_norm = None
 
     def real_zero_grad(self) -> None:
         """Zero gradients now, regardless of the window (the trainer, after an update)."""
@@ -576,10 +586,6 @@ class SchedulerView:
             args, kwargs = self.requested
             self.done = True
             self.scheduler.step(*args, **kwargs)
-
-    def new_window(self) -> None:
-        self.requested = None
-        self.done = False
 
     def get_last_lr(self) -> list[float]:
         return self.scheduler.get_last_lr() if self.scheduler is not None else []

@@ -781,14 +781,6 @@ def _map_id_rows(ids: np.ndarray, nums: np.ndarray, unsigned: np.ndarray,
             ids[j] = _mod(ids[j], int(nums[j, 0]))
 
 
-def _no_blank_line(block: bytes) -> bool:
-    """Whether ``block`` (lines ending in LF or CRLF, the last maybe unterminated) has
-    no blank line (empty or a lone CR), found by substring search (C speed)."""
-    return bool(block) and not (block.startswith((b"\n", b"\r\n")) or block == b"\r"
-                                or b"\n\n" in block or b"\n\r\n" in block
-                                or block.endswith(b"\n\r"))
-
-
 def _nonempty(done: Union[None, _Chunk, list[_Chunk]]) -> list[_Chunk]:
     """A task's decoded chunks (a task gives one chunk, a list of them, or None)."""
     if done is None:
@@ -1129,16 +1121,12 @@ class TabularDataset(IterableDataset):
         nl = np.flatnonzero(buf == 10)
         ends = np.append(nl + 1, len(block)) if len(block) and buf[-1] != 10 else nl + 1
         starts = np.concatenate(([0], ends[:-1]))
-        rows: Union[slice, np.ndarray]
-        if _no_blank_line(block):  # the usual case: no per-line pass
-            rows = slice(None)
-        else:
-            content = ends - starts - (buf[ends - 1] == 10)
-            cr = (content > 0) & (buf[np.maximum(starts + content - 1, 0)] == 13)
-            content = content - cr
-            rows = content > 0  # blank lines are skipped (as pyarrow does)
-            if not rows.any():
-                return None
+        content = ends - starts - (buf[ends - 1] == 10)
+        cr = (content > 0) & (buf[np.maximum(starts + content - 1, 0)] == 13)
+        content = content - cr
+        rows = content > 0  # blank lines are skipped (as pyarrow does)
+        if not rows.any():
+            return None
         names = self._columns[f]
         types = self._column_types()
         try:
@@ -1153,9 +1141,7 @@ class TabularDataset(IterableDataset):
                     strings_can_be_null=True, quoted_strings_can_be_null=True),
             )
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            every = np.ones(len(ends), dtype=bool)
-            self._locate_text_error(f, base, block, starts, ends,
-                                    every if isinstance(rows, slice) else rows, names, types, e)
+            self._locate_text_error(f, base, block, starts, ends, rows, names, types, e)
             raise  # pragma: no cover - _locate_text_error always raises
         row_ends = (base + ends[rows]).astype(np.int64)
         if table.num_rows != len(row_ends):

@@ -261,21 +261,3 @@ def test_hex_column_fast_path_matches_python_with_bytes_under_nulls() -> None:
                                                  pa.py_buffer(offsets.tobytes()),
                                                  pa.py_buffer(data)], null_count=1)
     check(arr, ["0000abcd", None, "12345678"])
-
-
-def test_blank_line_search_agrees_with_splitting_lines() -> None:
-    """`_no_blank_line` (substring search) says "no blank line" exactly when no line,
-    split at LF with one trailing CR dropped, is empty: every block of up to 6 bytes
-    of ``a``, LF and CR."""
-    import itertools
-
-    from recframe.readers import _no_blank_line
-
-    for size in range(7):
-        for chars in itertools.product(b"a\n\r", repeat=size):
-            block = bytes(chars)
-            lines = block.split(b"\n")
-            if block.endswith(b"\n"):
-                lines = lines[:-1]  # the newline ends the last line
-            blank = any(line in (b"", b"\r") for line in lines)
-            assert _no_blank_line(block) == (bool(block) and not blank), block

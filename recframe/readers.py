@@ -46,7 +46,14 @@ import torch
 from torch.utils.data import IterableDataset
 
 from recframe.data import _check_int, _check_rank, _make_batch
-from recframe.schema import FeatureSchema, SparseColumn, fnv1a64, mix64, parse_hex
+from recframe.schema import (
+    FeatureSchema,
+    SparseColumn,
+    _parse_hex_uniform,
+    fnv1a64,
+    mix64,
+    parse_hex,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -440,6 +447,9 @@ def _single_fast(column: SparseColumn, num: int, arr: pa.Array) -> Optional[
     if mapping.kind != "hex" or not (pa.types.is_string(arr.type)
                                      or pa.types.is_large_string(arr.type)):
         return None
+    fast = _hex_column(arr, num)
+    if fast is not None:
+        return fast
     data, starts, lengths = _string_bytes(arr)
     valid = lengths > 0
     if arr.null_count:
@@ -448,6 +458,36 @@ def _single_fast(column: SparseColumn, num: int, arr: pa.Array) -> Optional[
     rows = _hex_rows(column, num, data, starts[valid], lengths[valid],
                      lambda i: int(np.flatnonzero(valid)[i]))
     return rows, valid.astype(np.int32)
+
+
+def _hex_column(arr: pa.Array, num: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(rows, lengths) of a single-valued hex string column whose ids all have one width
+    (Criteo's case), parsed straight from the Arrow buffers with few passes: the width
+    check is ``sum of lengths == width * ids`` (each length <= width). None where that
+    does not hold or an id is bad (`_single_fast`'s general path, which names it)."""
+    n = len(arr)
+    bufs = arr.buffers()
+    if n == 0 or bufs[2] is None:
+        return None
+    dtype = np.dtype(np.int64 if pa.types.is_large_string(arr.type) else np.int32)
+    offsets = np.frombuffer(bufs[1], dtype=dtype, count=n + 1,
+                            offset=arr.offset * dtype.itemsize)
+    lengths = np.diff(offsets)
+    width = int(lengths.max())
+    valid = np.greater(lengths, 0).view(np.uint8)  # an empty field: no id
+    if arr.null_count:
+        bits = np.empty(n, dtype=np.uint8)
+        _valid_bits(arr, bits)
+        valid &= bits
+    count = int(np.count_nonzero(valid))
+    first, last = int(offsets[0]), int(offsets[-1])
+    if not 0 < width <= 16 or last - first != width * count:  # mixed widths, null bytes
+        return None
+    value, ok = _parse_hex_uniform(np.frombuffer(bufs[2], dtype=np.uint8), first, count,
+                                   width)
+    if not ok.all():
+        return None
+    return _mod(value, num), valid.astype(np.int32)
 
 
 def _sparse(column: SparseColumn, num: int, arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:

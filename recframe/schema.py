@@ -133,10 +133,44 @@ for _i, _c in enumerate("0123456789abcdef"):
 
 def _nibbles_to_u32(x: np.ndarray) -> np.ndarray:
     """Each uint64 of 8 nibbles (one per byte, the first in the lowest byte) -> the 32-bit
-    number they spell (SWAR: pairs, then pairs of pairs, in place on the whole array)."""
-    x = ((x & _U64(0x000F000F000F000F)) << _U64(4)) | ((x >> _U64(8)) & _U64(0x000F000F000F000F))
-    x = ((x & _U64(0x000000FF000000FF)) << _U64(8)) | ((x >> _U64(16)) & _U64(0x000000FF000000FF))
-    return ((x & _U64(0xFFFF)) << _U64(16)) | ((x >> _U64(32)) & _U64(0xFFFF))
+    number they spell (SWAR: pairs, then pairs of pairs, in place on the whole array:
+    ``x`` is overwritten and returned)."""
+    for shift, mask in ((8, 0x000F000F000F000F), (16, 0x000000FF000000FF), (32, 0xFFFF)):
+        high = x >> _U64(shift)  # the second of each pair
+        high &= _U64(mask)
+        x &= _U64(mask)
+        x <<= _U64(shift // 2)
+        x |= high
+    return x
+
+
+_ONES = 0x0101010101010101  # one in each byte of a uint64
+
+
+def _hex_words(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each uint64 of 8 hex characters -> (8 nibbles, one per byte, as `_nibbles_to_u32`
+    takes them; bool: a byte is not a hex digit), in SWAR (whole-word ops instead of a
+    per-byte table lookup). A byte ``c`` gives ``(c & 15) + 9 * bit6(c)`` (``'7' -> 7``,
+    ``'b'``/``'B'`` -> 11) and is a hex digit exactly when that nibble is < 16, re-encodes
+    to ``c`` lowercased (``c | 0x20``), and ``c`` has bit 5 or 6 set (not 0x10-0x19)."""
+    nib = x >> _U64(6)
+    nib &= _U64(_ONES)
+    nib *= _U64(9)
+    nib += x & _U64(0x0F * _ONES)
+    bad = nib + _U64(0x76 * _ONES)  # the high bit set where nibble >= 10
+    bad >>= _U64(7)
+    bad &= _U64(_ONES)
+    bad *= _U64(ord("a") - ord("0") - 10)
+    bad += _U64(ord("0") * _ONES)
+    bad += nib  # the nibble re-encoded as a lowercase hex digit
+    bad ^= x | _U64(0x20 * _ONES)
+    bad |= nib & _U64(0x10 * _ONES)  # nibble >= 16 ('g'...)
+    low = x << _U64(1)
+    low |= x
+    np.bitwise_not(low, out=low)
+    low &= _U64(0x40 * _ONES)  # neither bit 5 nor bit 6: a control byte
+    bad |= low
+    return nib, bad != 0
 
 
 def _parse_hex_uniform(data: np.ndarray, start: int, count: int, width: int) -> tuple[
@@ -144,6 +178,14 @@ def _parse_hex_uniform(data: np.ndarray, start: int, count: int, width: int) -> 
 ]:
     """``parse_hex`` of ``count`` strings of ``width`` (1-16) digits laid end to end from
     ``data[start]`` (an Arrow string column's ids): whole-array ops, no per-digit pass."""
+    if width in (8, 16):  # whole 64-bit words (Criteo's 8-digit ids): no table lookup
+        words, bad = _hex_words(data[start:start + count * width].view("<u8"))
+        words = _nibbles_to_u32(words)
+        if width == 16:
+            words = words.reshape(count, 2)
+            words = (words[:, 0] << _U64(32)) | words[:, 1]
+            bad = bad.reshape(count, 2).any(axis=1)
+        return words, ~bad
     digits = np.take(_HEX_TABLE, data[start:start + count * width])
     if digits.size and int(digits.max()) == 255:
         ok = digits.reshape(count, width).max(axis=1) != 255
@@ -154,7 +196,7 @@ def _parse_hex_uniform(data: np.ndarray, start: int, count: int, width: int) -> 
         nibbles = np.zeros((count, padded), dtype=np.uint8)
         nibbles[:, padded - width:] = digits.reshape(count, width)
         digits = nibbles
-    words = _nibbles_to_u32(digits.reshape(-1).view("<u8").copy())
+    words = _nibbles_to_u32(digits.reshape(-1).view("<u8"))  # a fresh array: no copy
     if padded == 8:
         return words, ok
     words = words.reshape(count, 2)

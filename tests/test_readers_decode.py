@@ -216,3 +216,48 @@ def test_decode_cpu_seconds_counts_the_tasks(tmp_path) -> None:
         assert first > 0.0
         list(ds)
         assert ds.decode_cpu_seconds > first
+
+
+@pytest.mark.parametrize("width", [8, 16])
+def test_parse_hex_whole_words_every_byte_at_every_position(width: int) -> None:
+    """The 8/16-digit path (SWAR on 64-bit words, no table): each of the 256 byte values
+    at each digit position is accepted exactly when it is a hex digit, and parses as
+    ``int(text, 16)``."""
+    base = b"0123456789aBcDeF"[:width]
+    words = [base[:i] + bytes([c]) + base[i + 1:] for i in range(width) for c in range(256)]
+    value, ok = parse_hex(*_layout(words))
+    digits = set(b"0123456789abcdefABCDEF")
+    for w, v, good in zip(words, value.tolist(), ok.tolist()):
+        assert good == all(c in digits for c in w), w
+        if good:
+            assert v == int(w, 16), w
+
+
+def test_hex_column_fast_path_matches_python_with_bytes_under_nulls() -> None:
+    """`_sparse` of a hex string column straight from its Arrow buffers: empty ids and
+    nulls give empty bags; a null slot that still holds bytes (legal Arrow), mixed
+    widths and 16 upper-case digits all give ``int(id, 16) mod rows``."""
+    from recframe.readers import _sparse
+
+    def check(arr: pa.Array, texts: list) -> None:
+        rows, lengths = _sparse(SparseColumn("c", mapping=IdMapping("hex")), 1009, arr)
+        keep = [t for t in texts if t]
+        assert lengths.tolist() == [1 if t else 0 for t in texts]
+        assert rows.tolist() == [int(t, 16) % 1009 for t in keep]
+
+    texts = ["0000abcd", "", None, "FFFFffff", "12345678", ""]
+    check(pa.array(texts, pa.string()), texts)
+    check(pa.array(texts, pa.large_string()), texts)
+    check(pa.array(texts, pa.string()).slice(1), texts[1:])
+    wide = ["FEDCBA9876543210", None, "", "0123456789ABCDEF"]
+    check(pa.array(wide, pa.string()), wide)
+    ragged = ["abc", "", "0000abcd", None, "1"]
+    check(pa.array(ragged, pa.string()), ragged)
+    # slot 1 is null but its offsets span 8 bytes: those bytes are not an id
+    data = b"0000abcd" + b"deadbeef" + b"12345678"
+    offsets = np.array([0, 8, 16, 24], dtype=np.int32)
+    validity = np.packbits([1, 0, 1], bitorder="little")
+    arr = pa.Array.from_buffers(pa.string(), 3, [pa.py_buffer(validity.tobytes()),
+                                                 pa.py_buffer(offsets.tobytes()),
+                                                 pa.py_buffer(data)], null_count=1)
+    check(arr, ["0000abcd", None, "12345678"])

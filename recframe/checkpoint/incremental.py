@@ -40,6 +40,7 @@ import torch
 
 from recframe.checkpoint.format import (
     CheckpointCorruptError,
+    HostShards,
     TensorReader,
     decode_tree,
     dtype_from_name,
@@ -382,6 +383,17 @@ def _regions(target: Any) -> list[tuple[list[int], torch.Tensor]]:
     return [([0] * target.dim(), target)]
 
 
+def _ndim(target: Any) -> int:
+    """Dims of a live (or stand-in) tensor. A ``ShardedTensor``'s ``dim()`` and ``size()``
+    go through its ``__torch_function__`` (~30 us each: pytree walks, a warning); its
+    metadata does not, and a chain restore asks once per saved shard per pass."""
+    if isinstance(target, HostShards):
+        return len(target.size())
+    if is_sharded(target):
+        return len(target.metadata().size)
+    return target.dim()
+
+
 def _plan_rows(
     saver: Any, storage: Any, path: str, manifest: dict[str, Any], parts: list[str],
     layout: dict[str, Any],
@@ -398,10 +410,10 @@ def _plan_rows(
                 continue
             target = layout.get(key)
             for shard in shards:
-                if target is not None and len(shard["offsets"]) != target.dim():
+                if target is not None and len(shard["offsets"]) != _ndim(target):
                     raise CheckpointCorruptError(
                         f"{where}: delta rows of {key!r} have {len(shard['offsets'])} dims, "
-                        f"the table has {target.dim()}"
+                        f"the table has {_ndim(target)}"
                     )
                 if target is None or any(_overlap(shard, off, local)
                                          for off, local in _regions(target)):
@@ -533,7 +545,7 @@ def _copy_all(
                 if rows.dim() != 1 or rows.dtype != torch.int64 or values.dim() < 1 \
                         or values.shape[0] != rows.shape[0]:
                     raise CheckpointCorruptError(f"{where}: malformed delta rows of {key!r}")
-                if len(shard["offsets"]) != target.dim():
+                if len(shard["offsets"]) != _ndim(target):
                     raise CheckpointCorruptError(
                         f"{where}: delta rows of {key!r} do not have the table's dims"
                     )

@@ -144,6 +144,24 @@ def is_sharded(value: Any) -> bool:
     return isinstance(value, ShardedTensor)
 
 
+def global_shape(value: Any) -> list[int]:
+    """The whole shape of a tensor, ``ShardedTensor`` or `HostShards`. A
+    ``ShardedTensor``'s ``size()``/``dim()`` go through its ``__torch_function__``
+    (~30 us a call: pytree walks, a warning); its metadata holds the same size."""
+    if isinstance(value, HostShards):
+        return list(value.size())
+    if is_sharded(value):
+        return list(value.metadata().size)
+    return list(value.shape)
+
+
+def local_regions(value: Any) -> list[tuple[list[int], torch.Tensor]]:
+    """(offsets in the whole tensor, local tensor) of each piece this process holds."""
+    if is_sharded(value):
+        return [(list(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]
+    return [([0] * value.dim(), value)]
+
+
 def snapshot_state(obj: Any) -> Any:
     """A copy of a state tree whose tensors live in fresh host memory, so training can
     go on while it is written."""
@@ -801,18 +819,13 @@ class TensorReader:
             entry = self._entry(key)
             dtype = dtype_from_name(entry["dtype"])
             shape = list(entry["shape"])
-            target_shape = list(out.size()) if is_sharded(out) else list(out.shape)
+            target_shape = global_shape(out)
             if target_shape != shape:
                 raise ValueError(
                     f"checkpoint tensor {key!r} has shape {shape}, the target has "
                     f"{target_shape}; the model does not match the checkpoint"
                 )
-            if is_sharded(out):
-                regions = [
-                    (list(s.metadata.shard_offsets), s.tensor) for s in out.local_shards()
-                ]
-            else:
-                regions = [([0] * len(shape), out)]
+            regions = local_regions(out)
             for offsets, local in regions:
                 if local.dtype != dtype:
                     raise ValueError(

@@ -40,13 +40,14 @@ import torch
 
 from recframe.checkpoint.format import (
     CheckpointCorruptError,
-    HostShards,
     TensorReader,
     decode_tree,
     dtype_from_name,
     dtype_name,
     encode_tree,
+    global_shape,
     is_sharded,
+    local_regions,
 )
 
 logger = logging.getLogger("recframe.checkpoint")
@@ -377,21 +378,10 @@ def _live_tensors(saver: Any, parts: Iterable[str]) -> dict[str, Any]:
     return live
 
 
-def _regions(target: Any) -> list[tuple[list[int], torch.Tensor]]:
-    if is_sharded(target):
-        return [(list(s.metadata.shard_offsets), s.tensor) for s in target.local_shards()]
-    return [([0] * target.dim(), target)]
-
-
 def _ndim(target: Any) -> int:
-    """Dims of a live (or stand-in) tensor. A ``ShardedTensor``'s ``dim()`` and ``size()``
-    go through its ``__torch_function__`` (~30 us each: pytree walks, a warning); its
-    metadata does not, and a chain restore asks once per saved shard per pass."""
-    if isinstance(target, HostShards):
-        return len(target.size())
-    if is_sharded(target):
-        return len(target.metadata().size)
-    return target.dim()
+    """Dims of a live (or stand-in) tensor, without a ``ShardedTensor``'s dispatch (a
+    chain restore asks once per saved shard per pass): `format.global_shape`."""
+    return len(global_shape(target))
 
 
 def _plan_rows(
@@ -416,7 +406,7 @@ def _plan_rows(
                         f"the table has {_ndim(target)}"
                     )
                 if target is None or any(_overlap(shard, off, local)
-                                         for off, local in _regions(target)):
+                                         for off, local in local_regions(target)):
                     jobs.append((shard, key))
     needed = {str(k): None for shard, _ in jobs for k in (shard["rows"], shard["values"])}
     nbytes = sum(c["nbytes"] for key in needed for sh in manifest["tensors"][key]["shards"]
@@ -549,7 +539,7 @@ def _copy_all(
                     raise CheckpointCorruptError(
                         f"{where}: delta rows of {key!r} do not have the table's dims"
                     )
-                for off, local in _regions(target):
+                for off, local in local_regions(target):
                     if _overlap(shard, off, local):
                         _copy_rows(shard, rows, values, off, local, where, dry_run)
 

@@ -36,6 +36,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -68,6 +69,9 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 _COMPRESSED_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, ValueError)
 FORMATS = ("parquet", "csv", "tsv")
 DECODE_ROWS = 16_384
+# s: the least wait for a block a thread started before the caller decodes it too (then
+# about one block's decode time; _FIRST_PATIENCE before any block's time is known)
+_MIN_PATIENCE, _FIRST_PATIENCE = 0.002, 0.05
 """Rows decoded at a time from a Parquet row group: the decode makes a few passes over
 ``[columns, rows]`` arrays, which stay in the CPU's cache at this size (a whole 65536-row
 group decodes about 1.5x slower per row)."""
@@ -788,14 +792,36 @@ def _nonempty(done: Union[None, _Chunk, list[_Chunk]]) -> list[_Chunk]:
     return [c for c in (done if isinstance(done, list) else [done]) if len(c)]
 
 
-def _lower_priority(increment: int) -> None:
-    """Raise the calling thread's nice value by ``increment`` (Linux, where the nice
-    value is per thread; elsewhere it would renice the whole process: nothing done)."""
-    if increment > 0 and sys.platform.startswith("linux"):
+def _lower_priority(nice: Union[int, str]) -> None:
+    """Run the calling (decoding) thread below the iterating one: ``"idle"`` under
+    ``SCHED_IDLE`` (it runs only on a core nothing else wants), falling back to nice 19
+    where that is refused (a container's seccomp policy, a kernel without it); an int
+    raises the thread's nice value by that much. Linux only: the nice value and the
+    policy are per thread there; elsewhere they would apply to the whole process, so
+    nothing is done."""
+    if not sys.platform.startswith("linux"):
+        return
+    if nice == "idle":
         try:
-            os.nice(increment)
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return
+        except (OSError, AttributeError):
+            nice = 19
+    if isinstance(nice, int) and nice > 0:
+        try:
+            os.nice(nice)
         except OSError:  # pragma: no cover - raising the nice value needs no privilege
             pass
+
+
+def _check_nice(value: Any) -> Union[int, str]:
+    """``worker_nice``: an int >= 0 or ``"idle"``."""
+    if value == "idle":
+        return "idle"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"worker_nice must be an integer >= 0 (nice levels below the "
+                         f"iterating thread) or 'idle' (SCHED_IDLE), got {value!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- the dataset
@@ -815,10 +841,14 @@ class TabularDataset(IterableDataset):
             Criteo's test files: labels are then zeros.
         rank, world_size: this rank's share (see the module docstring).
         num_workers: background decoding threads (0: decode inline).
-        worker_nice: how many nice levels below the iterating thread the decoding
-            threads run (Linux; 0: the same priority). Decoding then takes the cycles
-            training leaves idle instead of preempting torch's intra-op threads, which
-            wait on each other: one of them losing its core stalls the whole step.
+        worker_nice: the decoding threads' priority below the iterating thread (Linux):
+            ``"idle"`` (default) runs them under ``SCHED_IDLE``, only on cores nothing
+            else wants (nice 19 where the kernel or a container refuses it); an int
+            raises their nice value by that much (0: the same priority). Decoding then
+            takes the cycles training leaves idle instead of preempting torch's
+            intra-op threads, which wait on each other: one of them losing its core
+            stalls the whole step. A block the threads have not finished in time is
+            decoded by the iterating thread (see `_chunks`), so input is never starved.
         prefetch: decoded blocks kept ready at most (bounds memory together with
             ``block_size``, the bytes of CSV per block).
         drop_last: drop the epoch's final partial batch; default: only with several
@@ -844,7 +874,7 @@ class TabularDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 2,
-        worker_nice: int = 10,
+        worker_nice: Union[int, str] = "idle",
         prefetch: int = 4,
         block_size: int = 4 << 20,
         drop_last: Optional[bool] = None,
@@ -861,7 +891,7 @@ class TabularDataset(IterableDataset):
         self.labelled = bool(labelled)
         self.rank, self.world_size = _check_rank(rank, world_size)
         self.num_workers = _check_int("num_workers", num_workers, 0)
-        self.worker_nice = _check_int("worker_nice", worker_nice, 0)
+        self.worker_nice = _check_nice(worker_nice)
         self.prefetch = _check_int("prefetch", prefetch, 1)
         self.block_size = _check_int("block_size", block_size, 1024)
         self.drop_last = self.world_size > 1 if drop_last is None else bool(drop_last)
@@ -879,6 +909,7 @@ class TabularDataset(IterableDataset):
         self.bytes_read = 0  # bytes of data read (compressed Parquet column chunks)
         self.decode_cpu_seconds = 0.0  # CPU time of the read-and-decode tasks
         self.input_wait_seconds = 0.0  # the iterating thread's time waiting for them
+        self._task_seconds, self._tasks_done = 0.0, 0  # CPU per block, for the wait
         self._lock = threading.Lock()
         self._local = threading.local()
         if format == "parquet":
@@ -976,6 +1007,12 @@ class TabularDataset(IterableDataset):
             else:
                 self._columns.append(list(expected))  # type: ignore[arg-type]
 
+    def _count_read(self, nbytes: int) -> None:
+        """Add to ``bytes_read``, except in a block's second decode (see `_chunks`)."""
+        if not getattr(self._local, "uncounted", False):
+            with self._lock:
+                self.bytes_read += nbytes
+
     def _open(self, url: str) -> Any:
         import fsspec
 
@@ -1029,8 +1066,7 @@ class TabularDataset(IterableDataset):
             raise DataError(f"{url}: row group {group} cannot be read ({e}); the file is "
                             "corrupt: rewrite it") from None
         table = table.slice(lo - g0, hi - lo)
-        with self._lock:
-            self.bytes_read += self._rg_bytes[f][group]
+        self._count_read(self._rg_bytes[f][group])
         ends = np.arange(lo + 1, hi + 1, dtype=np.int64)
         chunks = []
         for a in range(0, hi - lo, DECODE_ROWS):
@@ -1112,8 +1148,7 @@ class TabularDataset(IterableDataset):
 
         f = self._plan[part_index].file
         url = self.files[f]
-        with self._lock:
-            self.bytes_read += len(block)
+        self._count_read(len(block))
         if base == 0 and self.header:  # the header line
             cut = block.find(b"\n") + 1 or len(block)
             block, base = block[cut:], cut
@@ -1268,6 +1303,8 @@ class TabularDataset(IterableDataset):
                 spent = time.thread_time() - start
                 with self._lock:
                     self.decode_cpu_seconds += spent
+                    self._task_seconds += spent
+                    self._tasks_done += 1
 
         source = tasks()
         if self.num_workers == 0:
@@ -1284,13 +1321,27 @@ class TabularDataset(IterableDataset):
         def next_chunk() -> Any:
             """The oldest block: ready, or decoded here if no thread has started it (the
             threads run at a lower priority and may not have had a core yet: the
-            caller would wait for them at its own cost), or waited for."""
+            caller would wait for them at its own cost), or waited for about as long as
+            decoding a block takes and then decoded here too (a thread that started it
+            may get no core while other processes keep every core busy; its copy is
+            dropped, and the bytes are counted once)."""
             fut, task = pending.popleft()
             if fut.done():
                 return fut.result()
             start = time.perf_counter()
             try:
-                return timed(task) if fut.cancel() else fut.result()
+                if fut.cancel():
+                    return timed(task)
+                patience = (max(_MIN_PATIENCE, self._task_seconds / self._tasks_done)
+                            if self._tasks_done else _FIRST_PATIENCE)
+                try:
+                    return fut.result(timeout=patience)
+                except FutureTimeout:
+                    self._local.uncounted = True  # the thread's copy counts its bytes
+                    try:
+                        return timed(task)
+                    finally:
+                        self._local.uncounted = False
             finally:
                 self.input_wait_seconds += time.perf_counter() - start
 

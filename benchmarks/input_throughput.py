@@ -16,32 +16,44 @@ round by round (the order rotates) with the CPU other processes used recorded:
   with no input cost (what training on pre-generated synthetic data runs at);
 * ``train_parquet`` / ``train_tsv``: the same `Trainer` reading the Parquet / TSV
   files through the readers (real-data training);
-* ``train_parquet_nice0``: as ``train_parquet`` with the decoding threads at the
-  trainer's own priority (``worker_nice=0``): what the readers' default lower priority
-  buys.
+* ``train_parquet_nice10`` / ``train_parquet_nice0``: as ``train_parquet`` with the
+  decoding threads at nice 10 (the default before ``worker_nice="idle"``) and at the
+  trainer's own priority (``worker_nice=0``): what the readers' ``SCHED_IDLE``
+  threads buy; ``train_parquet_sync``: no decoding threads (``num_workers=0``, the
+  training thread decodes each block when it needs it).
 
 Goals: new_tsv >= 10x old_tsv, parquet >= 20x old_tsv, both >= 2x train_memory, and
 train_parquet / train_memory >= 0.95. Each ratio is given in wall time (the goal) and
 in CPU time (samples per CPU-second of this process: steadier on a loaded machine). For
 the training variants, ``decode share`` is the readers' read-and-decode CPU time
 (`TabularDataset.decode_cpu_seconds`) over the process's CPU time in the round: what
-input costs a step, and ``input wait`` the share of the round's wall time the training
+input costs a step; ``cores used`` the process's CPU time over the wall time (what
+training leaves idle on the machine's cores is where ``SCHED_IDLE`` decoding runs for
+free); and ``input wait`` the share of the round's wall time the training
 loop waited for decoded input (`TabularDataset.input_wait_seconds`). Also reported: the
 bytes each of 2 ranks reads (goal <= 0.55 of the dataset), from readers built for rank
 0 and 1 of 2.
 
 Rounds: training rates drift by up to 20% between rounds on one machine (the same
 variant, minutes apart), so every ratio is taken per round (variants run next to each
-other) and the median over rounds is reported; the default 8 rounds of 100 updates
-(about 2.5 minutes on 2 idle cores) gives steadier medians than fewer, longer rounds.
+other) and the median over rounds is reported. Within a round the training variants run
+in two halves of ``--train_steps / 2`` updates, the second half in the reverse order of
+the first (A B C, C B A: every variant's two halves straddle the round's midpoint, so a
+drift that is linear over the round cancels out of each ratio), then the reader passes
+(their order rotating round by round). Each half restarts the readers' pipeline (the
+first block of a ``train()`` call is decoded by the caller, about 0.5% of a 50-update
+half), which training on real data pays once per ``train()``. The default: 8 rounds of
+100 updates.
 
-    .venv/bin/python benchmarks/input_throughput.py            # ~ 2.5 minutes
+    .venv/bin/python benchmarks/input_throughput.py            # ~ 3 minutes
     .venv/bin/python benchmarks/input_throughput.py --quick    # smoke run, ~30 s
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import logging
 import os
 import random
@@ -50,7 +62,8 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 
@@ -62,7 +75,8 @@ import _common as common  # noqa: E402
 GOALS = {"new_tsv/old_tsv": 10.0, "parquet/old_tsv": 20.0, "new_tsv/train_memory": 2.0,
          "parquet/train_memory": 2.0, "train_parquet/train_memory": 0.95,
          "train_tsv/train_memory": 0.95}
-INFO = ("parquet_zstd/old_tsv", "train_parquet_nice0/train_memory")  # without a goal
+INFO = ("parquet_zstd/old_tsv", "train_parquet_nice10/train_memory",
+        "train_parquet_nice0/train_memory", "train_parquet_sync/train_memory")  # no goal
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                             "input_throughput.json")
 
@@ -148,19 +162,78 @@ class TrainLoop:
         self.trainer.checkpoint_manager.step = lambda *a, **k: None  # no checkpoints
         self.steps = cfg.train_steps
 
-    def run(self, _round: int) -> common.Timed:
+    def run(self, steps: int) -> common.Timed:
         t = self.trainer
         before = t.state.samples_seen
         decode = getattr(t.train_dataset, "decode_cpu_seconds", None)
         wait = getattr(t.train_dataset, "input_wait_seconds", None)
         wall, cpu = time.perf_counter(), time.process_time()
-        t.train(train_steps=t.global_step + self.steps)
+        t.train(train_steps=t.global_step + steps)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         extra = {} if decode is None else {
             "decode_cpu_seconds": t.train_dataset.decode_cpu_seconds - decode}
         if wait is not None:
             extra["input_wait_seconds"] = t.train_dataset.input_wait_seconds - wait
         return common.Timed(t.state.samples_seen - before, wall, cpu, extra)
+
+
+def _timed(name: str, r: int, position: int, body: Callable[[], Any]) -> common.RoundResult:
+    """Run ``body`` once (after an untimed ``gc.collect()``), as `common.run_interleaved`
+    does for each of its variants."""
+    gc.collect()
+    start = common.LoadSample.now()
+    out = body()
+    end = common.LoadSample.now()
+    load = common.Load.between(start, end)
+    if isinstance(out, common.Timed):
+        return common.RoundResult(name, r, position, out.seconds, out.samples, load,
+                                  out.cpu_seconds or end.own_cpu - start.own_cpu,
+                                  {"call_seconds": end.wall - start.wall, **out.extra})
+    return common.RoundResult(name, r, position, end.wall - start.wall, int(out), load,
+                              end.own_cpu - start.own_cpu)
+
+
+def _joined(a: common.RoundResult, b: common.RoundResult) -> common.RoundResult:
+    """One variant's two halves of a round as one result (times and counts summed, the
+    load averaged over the time)."""
+    wall = a.seconds + b.seconds
+
+    def mean(x: Optional[float], y: Optional[float]) -> Optional[float]:
+        return None if x is None or y is None else (x * a.seconds + y * b.seconds) / wall
+
+    load = common.Load(mean(a.load.own_cores, b.load.own_cores),  # type: ignore[arg-type]
+                       mean(a.load.others_cores, b.load.others_cores),
+                       mean(a.load.steal_cores, b.load.steal_cores),
+                       a.load.minor_faults + b.load.minor_faults)
+    extra = {k: a.extra[k] + b.extra[k] for k in a.extra if k in b.extra}
+    return common.RoundResult(a.variant, a.round, a.position, wall, a.samples + b.samples,
+                              load, a.cpu_seconds + b.cpu_seconds, extra)
+
+
+def run_rounds(loops: dict[str, TrainLoop], passes: dict[str, Callable[[], int]],
+               rounds: int, steps: int,
+               on_round: Callable[[list[common.RoundResult]], None]) -> list[common.RoundResult]:
+    """Each round: the training variants in two halves of ``steps / 2`` updates, the
+    second in the reverse order of the first (the order rotating round by round), then
+    the reader passes (rotating too). See the module docstring."""
+    results: list[common.RoundResult] = []
+    first = max(1, steps // 2)
+    halves = [first, steps - first] if steps > first else [first]
+    for r in range(rounds):
+        names = list(loops)
+        order = names[r % len(names):] + names[:r % len(names)]
+        done: dict[str, common.RoundResult] = {}
+        for h, n in enumerate(halves):
+            for position, name in enumerate(order if h == 0 else order[::-1]):
+                part = _timed(name, r, position, functools.partial(loops[name].run, n))
+                done[name] = part if name not in done else _joined(done[name], part)
+        names = list(passes)
+        this_round = [done[name] for name in order]
+        for position, name in enumerate(names[r % len(names):] + names[:r % len(names)]):
+            this_round.append(_timed(name, r, len(order) + position, passes[name]))
+        results.extend(this_round)
+        on_round(this_round)
+    return results
 
 
 def bytes_per_rank(cfg: argparse.Namespace, files: list[str], pq_dir: str) -> dict[str, Any]:
@@ -215,21 +288,27 @@ def main(argv: list[str] | None = None) -> int:
             "train_tsv": TrainLoop(cfg, criteo_tsv(files, num_embeddings=n, batch_size=b,
                                                    num_workers=w, drop_last=True),
                                    os.path.join(root, "t")),
+            "train_parquet_nice10": TrainLoop(cfg, TabularDataset(
+                pq_dir, schema, batch_size=b, num_workers=w, drop_last=True, worker_nice=10),
+                os.path.join(root, "p10")),
             "train_parquet_nice0": TrainLoop(cfg, TabularDataset(
                 pq_dir, schema, batch_size=b, num_workers=w, drop_last=True, worker_nice=0),
                 os.path.join(root, "p0")),
+            "train_parquet_sync": TrainLoop(cfg, TabularDataset(
+                pq_dir, schema, batch_size=b, num_workers=0, drop_last=True),
+                os.path.join(root, "ps")),
         }
-        variants = {
-            "old_tsv": lambda r: one_pass(CriteoTSVDataset(files, batch_size=b,
-                                                           num_embeddings=n)),
-            "new_tsv": lambda r: one_pass(criteo_tsv(files, batch_size=b, num_embeddings=n,
-                                                     num_workers=w)),
-            "parquet": lambda r: one_pass(TabularDataset(pq_dir, schema, batch_size=b,
-                                                         num_workers=w)),
-            "parquet_zstd": lambda r: one_pass(TabularDataset(pq_dir + "_zstd", schema,
-                                                              batch_size=b, num_workers=w)),
-            **{name: loop.run for name, loop in loops.items()},
+        passes = {
+            "old_tsv": lambda: one_pass(CriteoTSVDataset(files, batch_size=b,
+                                                         num_embeddings=n)),
+            "new_tsv": lambda: one_pass(criteo_tsv(files, batch_size=b, num_embeddings=n,
+                                                   num_workers=w)),
+            "parquet": lambda: one_pass(TabularDataset(pq_dir, schema, batch_size=b,
+                                                       num_workers=w)),
+            "parquet_zstd": lambda: one_pass(TabularDataset(pq_dir + "_zstd", schema,
+                                                            batch_size=b, num_workers=w)),
         }
+        variants = [*loops, *passes]
         for loop in loops.values():  # warm-up (first steps build fbgemm kernels)
             loop.trainer.train(train_steps=loop.trainer.global_step + 2)
 
@@ -238,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {this_round[0].round}: {cells}  {common.round_load(this_round)}",
                   flush=True)
 
-        results = common.run_interleaved(variants, cfg.rounds, on_round=show)
+        results = run_rounds(loops, passes, cfg.rounds, cfg.train_steps, show)
         shares = bytes_per_rank(cfg, files, pq_dir)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -263,9 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         x.extra["input_wait_seconds"] / x.seconds for x in common.per_variant(
             results, name) if "input_wait_seconds" in x.extra and x.seconds > 0]
     )["median"] for name in loops if name != "train_memory"}
+    cores = {name: common.summarize([x.load.own_cores for x in common.per_variant(
+        results, name)])["median"] for name in variants}
     print(common.format_table(
-        ["variant", "samples/s (median)", "samples/CPU-s", "decode share", "input wait"],
-        [[k, f"{v['median']:,.0f}", f"{cpu_rates[k]['median']:,.0f}",
+        ["variant", "samples/s (median)", "samples/CPU-s", "cores used", "decode share",
+         "input wait"],
+        [[k, f"{v['median']:,.0f}", f"{cpu_rates[k]['median']:,.0f}", f"{cores[k]:.2f}",
           "" if decode_share.get(k) is None else f"{decode_share[k]:.3f}",
           "" if wait_share.get(k) is None else f"{wait_share[k]:.3f}"]
          for k, v in rates.items()]))
@@ -286,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": vars(cfg),
         "rates": rates,
         "cpu_rates": cpu_rates,
+        "cores_used": cores,
         "decode_share": decode_share,
         "input_wait_share": wait_share,
         "ratios": ratios,

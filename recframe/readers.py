@@ -753,7 +753,9 @@ def decode_table(
             flat = ids.reshape(-1)
         else:
             lengths[keys] = ids_valid
-            flat = ids[ids_valid.view(bool)]  # row-major: feature by feature
+            # row-major (feature by feature); compress over the flat views: about half
+            # the time of a 2-D boolean index
+            flat = np.compress(ids_valid.reshape(-1).view(bool), ids.reshape(-1))
         if len(keys) == len(schema.sparse):
             return _Chunk(part, ends, labels32, weights, dense, flat, lengths)
         counts = (np.full(len(keys), n, dtype=np.int64) if ids_valid is None

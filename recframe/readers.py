@@ -814,27 +814,24 @@ def _hex_block(arrays: list[pa.Array], nums: list[int]) -> Optional[
     k, n = len(arrays), len(arrays[0])
     large = any(pa.types.is_large_string(a.type) or pa.types.is_large_binary(a.type)
                 for a in arrays)
-    dtype = np.dtype(np.int64 if large else np.int32)
-    offsets = np.empty((k, n + 1), dtype=dtype)
-    datas = []
+    sizes = np.empty((k, n), dtype=np.int64 if large else np.int32)  # each id's bytes
+    texts = []  # each column's id bytes
     for j, arr in enumerate(arrays):
         bufs = arr.buffers()
         if bufs[2] is None:
             return None
         wide = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
-        size = 8 if wide else 4
-        offsets[j] = np.frombuffer(bufs[1], dtype=np.int64 if wide else np.int32,
-                                   count=n + 1, offset=arr.offset * size)
-        datas.append(bufs[2])
-    sizes = np.diff(offsets, axis=1)
-    lengths = np.empty((k, n), dtype=np.int32)
-    width = int(sizes.max()) if sizes.size else 0
+        offsets = np.frombuffer(bufs[1], dtype=np.int64 if wide else np.int32, count=n + 1,
+                                offset=arr.offset * (8 if wide else 4))
+        np.subtract(offsets[1:], offsets[:-1], out=sizes[j])
+        texts.append(np.frombuffer(bufs[2], dtype=np.uint8)[offsets[0]:offsets[-1]])
+    width = int(sizes.max())
     if width == 0 or width % 2 or width > 16:
         return None
-    if width == 8:
-        np.right_shift(sizes, 3, out=lengths, casting="unsafe")  # 0 or 1 (< 16 bytes)
+    if width == 8 and not large:
+        lengths = np.right_shift(sizes, 3, out=sizes)  # 0 or 1 id (< 16 bytes)
     else:
-        np.equal(sizes, width, out=lengths, casting="unsafe")
+        lengths = np.equal(sizes, width).astype(np.int32)
     bits = np.empty(n, dtype=np.uint8)
     for j, arr in enumerate(arrays):
         if arr.null_count:  # a null slot is no id, whatever bytes it spans
@@ -842,10 +839,9 @@ def _hex_block(arrays: list[pa.Array], nums: list[int]) -> Optional[
             lengths[j] &= bits
     counts = lengths.sum(axis=1, dtype=np.int64)
     # every id counted has `width` bytes and every other slot none: the bytes add up
-    if not np.array_equal(offsets[:, -1] - offsets[:, 0], counts * width):
+    if [t.shape[0] for t in texts] != (counts * width).tolist():
         return None
-    text = np.concatenate([np.frombuffer(d, dtype=np.uint8)[int(o[0]):int(o[-1])]
-                           for d, o in zip(datas, offsets)])
+    text = np.concatenate(texts)
     raw, bad = _hex_pair_bytes(text)
     if bad is not None:
         return None

@@ -6,6 +6,7 @@ that are not UTF-8, CRLF, a header, blank lines."""
 
 from __future__ import annotations
 
+import io
 import math
 import random
 
@@ -15,7 +16,14 @@ import pytest
 
 from recframe import readers
 from recframe.data import CriteoTSVDataset
-from recframe.readers import DataError, _decode_columns, _newlines, criteo_tsv, decode_table
+from recframe.readers import (
+    DataError,
+    _decode_columns,
+    _newlines,
+    _read_lines,
+    criteo_tsv,
+    decode_table,
+)
 from recframe.schema import FeatureSchema, IdMapping, SparseColumn, TableSpec, parse_hex
 
 TYPES = [pa.string(), pa.binary(), pa.large_string(), pa.large_binary()]
@@ -262,3 +270,69 @@ def test_raw_tables_keep_hex_ids_as_strings_with_nulls(tmp_path) -> None:
         want = [line.split("\t")[14 + j] or None for line in lines]
         assert column.type == pa.string() and column.to_pylist() == want
     assert table.column("int_0").type == pa.float64()
+
+
+class _Trickle(io.RawIOBase):
+    """A stream whose ``readinto`` returns at most 7 bytes a call (legal for a raw
+    stream), with ``readline``: `_read_lines` must keep reading to the block size."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data, self._pos = data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(7, len(b), len(self._data) - self._pos)
+        b[:n] = self._data[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def readline(self, size: int = -1) -> bytes:
+        end = self._data.find(b"\n", self._pos)
+        end = len(self._data) if end < 0 else end + 1
+        out, self._pos = self._data[self._pos:end], end
+        return out
+
+
+class _NoReadinto:
+    def __init__(self, data: bytes) -> None:
+        self._h = io.BytesIO(data)
+        self.read, self.readline = self._h.read, self._h.readline
+
+
+@pytest.mark.parametrize("stream", [io.BytesIO, _Trickle, _NoReadinto])
+def test_read_lines_gives_whole_lines_of_about_the_block_size(stream) -> None:
+    """What a compressed file's blocks are cut with: ``size`` bytes and the rest of the
+    line they end in, whatever the stream's ``readinto`` returns (or without one)."""
+    data = b"".join(b"%d\t%s\n" % (i, b"x" * (i % 13)) for i in range(200)) + b"last"
+    for size in (1, 5, 64, 100, 1000, 10_000):
+        h, blocks = stream(data), []
+        while True:
+            block = _read_lines(h, size)
+            if not block:
+                break
+            blocks.append(bytes(block))
+        assert b"".join(blocks) == data
+        # each block but the last: `size` bytes, then up to the end of the line
+        assert all(b.endswith(b"\n") and len(b) >= size for b in blocks[:-1])
+        assert all(b.rfind(b"\n", 0, len(b) - 1) < size - 1 for b in blocks[:-1])
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_blocks_cut_at_every_offset_read_every_line_once(tmp_path, compress) -> None:
+    """Block edges at many offsets (inside a line, on its newline, right after it), in a
+    plain file (byte ranges) and a gzip file (a stream): every line once, in order."""
+    import gzip
+
+    rng = random.Random(12)
+    lines = [_criteo_line(rng, i) for i in range(120)]
+    raw = ("\n".join(lines) + "\n").encode()
+    path = tmp_path / ("day_0.gz" if compress else "day_0")
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    want = _expected(lines, 1009)
+    for block_size in (1024, 1025, 1031, 1500, 4096):
+        ds = criteo_tsv(str(path), num_embeddings=1009, batch_size=32,
+                        block_size=block_size, num_workers=0)
+        labels, dense, ids = _rows(ds)
+        assert labels == want[0] and ids == want[2], block_size

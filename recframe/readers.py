@@ -922,7 +922,8 @@ def _newlines(buf: np.ndarray) -> np.ndarray:
     then those words byte by byte: `np.flatnonzero` over the whole byte mask costs
     about 3x more."""
     n = buf.shape[0]
-    mask = np.zeros((n + 7) // 8 * 8, dtype=bool)
+    mask = np.empty((n + 7) // 8 * 8, dtype=bool)
+    mask[n:] = False  # the last word's padding
     np.equal(buf, 10, out=mask[:n])
     words = np.flatnonzero(mask.view(np.uint64) != 0)  # bool: numpy's fast nonzero
     found = np.flatnonzero(mask.reshape(-1, 8)[words])

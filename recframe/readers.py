@@ -24,7 +24,6 @@ Errors name the file, the line (or the Parquet row group and row) and the column
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -50,6 +49,7 @@ from recframe.data import _check_int, _check_rank, _make_batch
 from recframe.schema import (
     FeatureSchema,
     SparseColumn,
+    _hex_pair_bytes,
     _parse_hex_uniform,
     fnv1a64,
     mix64,
@@ -333,11 +333,19 @@ def _float_column(arr: pa.Array, name: str, fill: Optional[float]) -> np.ndarray
     return out
 
 
+def _is_text(t: pa.DataType) -> bool:
+    """A string or binary Arrow type with int32/int64 offsets (the CSV reader gives the
+    ``hex`` id columns as binary: no UTF-8 check, `TabularDataset._column_types`)."""
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t))
+
+
 def _string_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(data bytes, starts, lengths) of a null-free string array."""
-    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+    """(data bytes, starts, lengths) of a null-free string (or binary) array."""
+    if not _is_text(arr.type):
         arr = pc.cast(arr, pa.large_string())
-    dtype = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
+    dtype = np.int64 if large else np.int32
     bufs = arr.buffers()
     offsets = np.frombuffer(bufs[1], dtype=dtype)[arr.offset: arr.offset + len(arr) + 1]
     data = (np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None
@@ -351,6 +359,7 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
     dynamic = column.mapping.dynamic
     is_str = pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)
     if kind == "hex":
+        is_str = _is_text(flat.type)
         if pa.types.is_integer(flat.type):  # already parsed (recframe data convert)
             return _map_int_ids(column, num, _int_array(flat))
         if not is_str:
@@ -393,9 +402,16 @@ def _hex_rows(column: SparseColumn, num: int, data: np.ndarray, starts: np.ndarr
     value, ok = parse_hex(data, starts, lengths)
     if not ok.all():
         i = int(np.flatnonzero(~ok)[0])
-        text = data[starts[i]:starts[i] + lengths[i]].tobytes().decode("utf-8", "replace")
+        raw = data[starts[i]:starts[i] + lengths[i]].tobytes()
+        text = raw.decode("utf-8", "replace")
+        hint = ""
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:  # what the CSV reader's UTF-8 check used to report
+            hint = (": invalid UTF8 data (re-encode the file as UTF-8, e.g. iconv -f "
+                    "latin1 -t utf-8)")
         raise _RowError(row_of(i), column.name,
-                        f"id {text!r} is not a hexadecimal id of 1-16 digits")
+                        f"id {text!r} is not a hexadecimal id of 1-16 digits{hint}")
     return _mod(value, num)
 
 
@@ -448,8 +464,7 @@ def _single_fast(column: SparseColumn, num: int, arr: pa.Array) -> Optional[
             valid = np.asarray(arr.is_valid())
             return _map_int_ids(column, num, ids[valid]), valid.astype(np.int32)
         return _map_int_ids(column, num, ids), np.ones(len(arr), dtype=np.int32)
-    if mapping.kind != "hex" or not (pa.types.is_string(arr.type)
-                                     or pa.types.is_large_string(arr.type)):
+    if mapping.kind != "hex" or not _is_text(arr.type):
         return None
     fast = _hex_column(arr, num)
     if fast is not None:
@@ -473,7 +488,8 @@ def _hex_column(arr: pa.Array, num: int) -> Optional[tuple[np.ndarray, np.ndarra
     bufs = arr.buffers()
     if n == 0 or bufs[2] is None:
         return None
-    dtype = np.dtype(np.int64 if pa.types.is_large_string(arr.type) else np.int32)
+    large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
+    dtype = np.dtype(np.int64 if large else np.int32)
     offsets = np.frombuffer(bufs[1], dtype=dtype, count=n + 1,
                             offset=arr.offset * dtype.itemsize)
     lengths = np.diff(offsets)
@@ -517,10 +533,11 @@ def _sparse(column: SparseColumn, num: int, arr: pa.Array) -> tuple[np.ndarray, 
     single = parents is None
     if pa.types.is_null(flat.type):  # no id at all (a column or list of nulls only)
         return np.zeros(0, dtype=np.int64), np.zeros(n, dtype=np.int32)
-    if pa.types.is_string_view(flat.type) or pa.types.is_binary(flat.type) or \
-            pa.types.is_large_binary(flat.type) or pa.types.is_binary_view(flat.type):
-        flat = pc.cast(flat, pa.large_string())
-    is_str = pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)
+    if pa.types.is_string_view(flat.type) or pa.types.is_binary_view(flat.type) or (
+            column.mapping.kind != "hex" and (pa.types.is_binary(flat.type)
+                                              or pa.types.is_large_binary(flat.type))):
+        flat = pc.cast(flat, pa.large_string())  # hex ids are parsed from the bytes
+    is_str = _is_text(flat.type)
     if is_str:
         valid = np.asarray(pc.fill_null(pc.binary_length(flat), 0)) > 0
     elif flat.null_count:
@@ -721,10 +738,15 @@ def decode_table(
     lengths = np.empty((len(schema.sparse), n), dtype=np.int32)
     picked: list[int] = []  # indices into plan.int_ids of the integer-typed columns
     arrays: list[pa.Array] = []
+    hex_keys: list[int] = []  # single-valued hex ids as text: parsed together
+    hex_arrays: list[pa.Array] = []
     for j, k in enumerate(plan.int_ids):
         arr = col(schema.sparse[k].name)
         if not pa.types.is_integer(arr.type):
-            continue  # strings (hex text, ids to parse): column by column
+            if schema.sparse[k].mapping.kind == "hex" and _is_text(arr.type):
+                hex_keys.append(k)
+                hex_arrays.append(arr)
+            continue  # other strings (ids to parse): column by column
         if arr.type != _I64 and arr.type != _U64:
             arr = pc.cast(arr, _I64)
         if arr.buffers()[1] is not None:
@@ -762,6 +784,15 @@ def decode_table(
                   else ids_valid.sum(axis=1, dtype=np.int64))
         for k, v in zip(keys, np.split(flat, np.cumsum(counts)[:-1])):
             pieces[k] = v
+    if hex_arrays:
+        nums = [table_rows[schema.sparse[k].table] for k in hex_keys]
+        parsed = _hex_block(hex_arrays, nums)
+        if parsed is not None:
+            lengths[hex_keys] = parsed[2]
+            if not pieces and len(hex_keys) == len(schema.sparse):  # Criteo: all of them
+                return _Chunk(part, ends, labels32, weights, dense, parsed[0], lengths)
+            for k, v in zip(hex_keys, parsed[1]):
+                pieces[k] = v
     values: list[np.ndarray] = []
     try:
         for k, s in enumerate(schema.sparse):
@@ -772,6 +803,80 @@ def decode_table(
         return _decode_columns(table, schema, labelled, part, ends)
     flat = np.concatenate(values) if values else np.zeros(0, dtype=np.int64)
     return _Chunk(part, ends, labels32, weights, dense, flat, lengths)
+
+
+def _hex_block(arrays: list[pa.Array], nums: list[int]) -> Optional[
+    tuple[np.ndarray, list[np.ndarray], np.ndarray]
+]:
+    """Single-valued hex id columns (text) parsed together when every id of every column
+    has one even width, as Criteo's 8 digits: the columns' id bytes lie end to end in one
+    array (key-major: the KJT's values order), parsed with one lookup per digit pair
+    (`_hex_pair_bytes`) and mapped ``mod`` their tables, in uint32 up to 8 digits.
+    Returns (all values, each column's view of them, their lengths ``[columns, rows]``
+    int32: 0 or 1 id per row); None where an id is empty but
+    holds bytes (a null slot), has another width, or is not hex (`_single_fast` parses,
+    or names it)."""
+    k, n = len(arrays), len(arrays[0])
+    large = any(pa.types.is_large_string(a.type) or pa.types.is_large_binary(a.type)
+                for a in arrays)
+    sizes = np.empty((k, n), dtype=np.int64 if large else np.int32)  # each id's bytes
+    texts = []  # each column's id bytes
+    for j, arr in enumerate(arrays):
+        bufs = arr.buffers()
+        if bufs[2] is None:
+            return None
+        wide = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
+        offsets = np.frombuffer(bufs[1], dtype=np.int64 if wide else np.int32, count=n + 1,
+                                offset=arr.offset * (8 if wide else 4))
+        np.subtract(offsets[1:], offsets[:-1], out=sizes[j])
+        texts.append(np.frombuffer(bufs[2], dtype=np.uint8)[offsets[0]:offsets[-1]])
+    width = int(sizes.max())
+    if width == 0 or width % 2 or width > 16:
+        return None
+    if width == 8 and not large:
+        lengths = np.right_shift(sizes, 3, out=sizes)  # 0 or 1 id (< 16 bytes)
+    else:
+        lengths = np.equal(sizes, width).astype(np.int32)
+    bits = np.empty(n, dtype=np.uint8)
+    for j, arr in enumerate(arrays):
+        if arr.null_count:  # a null slot is no id, whatever bytes it spans
+            _valid_bits(arr, bits)
+            lengths[j] &= bits
+    counts = lengths.sum(axis=1, dtype=np.int64)
+    # every id counted has `width` bytes and every other slot none: the bytes add up
+    if [t.shape[0] for t in texts] != (counts * width).tolist():
+        return None
+    text = np.concatenate(texts)
+    raw, bad = _hex_pair_bytes(text)
+    if bad is not None:
+        return None
+    total, half = int(counts.sum()), width // 2
+    padded = 4 if width <= 8 else 8
+    raw = raw.reshape(total, half)
+    if half != padded:  # right-align: leading zero bytes
+        pad = np.zeros((total, padded), dtype=np.uint8)
+        pad[:, padded - half:] = raw
+        raw = pad
+    ids = raw.view(">u4" if padded == 4 else ">u8").reshape(total)
+    ids = ids.astype(np.uint32 if padded == 4 else np.uint64)
+    out = np.empty(total, dtype=np.int64)
+    bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
+    if len(set(nums)) == 1:
+        spans = [(0, total, nums[0])]
+    else:
+        spans = [(bounds[j], bounds[j + 1], nums[j]) for j in range(k)]
+    for a, b, num in spans:
+        if padded == 8:
+            out[a:b] = _mod(ids[a:b], num)
+        elif num < 1 << 32:  # the ids are < 2**32: the same modulo in uint32
+            x = ids[a:b]
+            m = np.uint32(num)
+            q = np.floor_divide(x, m)
+            np.multiply(q, m, out=q)
+            np.subtract(x, q, out=out[a:b], casting="unsafe")
+        else:
+            out[a:b] = ids[a:b]
+    return out, [out[bounds[j]:bounds[j + 1]] for j in range(k)], lengths
 
 
 def _map_id_rows(ids: np.ndarray, nums: np.ndarray, unsigned: np.ndarray,
@@ -792,6 +897,43 @@ def _nonempty(done: Union[None, _Chunk, list[_Chunk]]) -> list[_Chunk]:
     if done is None:
         return []
     return [c for c in (done if isinstance(done, list) else [done]) if len(c)]
+
+
+def _read_lines(h: Any, size: int) -> Union[bytes, bytearray]:
+    """``size`` bytes of the stream ``h`` and the rest of the line they end in. Read into
+    a bytearray so that the line is appended in place (``bytes + line`` copies the whole
+    block into fresh memory); plain ``read`` where the stream has no ``readinto``."""
+    readinto = getattr(h, "readinto", None)
+    if readinto is None:
+        block = h.read(size)
+        return block + h.readline() if block and not block.endswith(b"\n") else block
+    out = bytearray(size)
+    got = 0
+    while got < size:  # readinto may return less than asked before the end
+        view = memoryview(out)[got:]
+        n = readinto(view)
+        view.release()
+        if not n:
+            break
+        got += n
+    del out[got:]
+    if got and out[-1] != 10:
+        out += h.readline()
+    return out
+
+
+def _newlines(buf: np.ndarray) -> np.ndarray:
+    """Offsets of the newline bytes in ``buf`` (uint8), in order: the byte mask is read
+    as 64-bit words to find the few words holding one (a line is ~250 bytes in Criteo),
+    then those words byte by byte: `np.flatnonzero` over the whole byte mask costs
+    about 3x more."""
+    n = buf.shape[0]
+    mask = np.empty((n + 7) // 8 * 8, dtype=bool)
+    mask[n:] = False  # the last word's padding
+    np.equal(buf, 10, out=mask[:n])
+    words = np.flatnonzero(mask.view(np.uint64) != 0)  # bool: numpy's fast nonzero
+    found = np.flatnonzero(mask.reshape(-1, 8)[words])
+    return words[found >> 3] * 8 + (found & 7)
 
 
 def _lower_priority(nice: Union[int, str]) -> None:
@@ -1095,10 +1237,13 @@ class TabularDataset(IterableDataset):
                 pos = start - 1 + len(h.readline())  # the line crossing start is not ours
             if pos >= end:
                 return None
+            # the line crossing `end` is ours: find its end first and read the block in
+            # one piece (`block += line` would copy the block once more, into fresh
+            # pages: about a fifth of the whole pass's CPU)
+            h.seek(end - 1)
+            stop = end - 1 + len(h.readline())
             h.seek(pos)
-            block = h.read(end - pos)
-            if block and not block.endswith(b"\n"):
-                block += h.readline()
+            block = h.read(stop - pos)
         return (self._text_raw if raw else self._text_chunk)(part_index, pos, block)
 
     def _stream_tasks(self, part_index: int, offset: int, raw: bool = False) -> Iterator[
@@ -1117,9 +1262,7 @@ class TabularDataset(IterableDataset):
                 raise _corrupt_compressed(url, 0, e) from None
             while True:
                 try:
-                    block = h.read(self.block_size)
-                    if block and not block.endswith(b"\n"):
-                        block += h.readline()
+                    block = _read_lines(h, self.block_size)
                 except _COMPRESSED_ERRORS as e:
                     raise _corrupt_compressed(url, pos, e) from None
                 if not block:
@@ -1155,7 +1298,7 @@ class TabularDataset(IterableDataset):
             cut = block.find(b"\n") + 1 or len(block)
             block, base = block[cut:], cut
         buf = np.frombuffer(block, dtype=np.uint8)
-        nl = np.flatnonzero(buf == 10)
+        nl = _newlines(buf)
         ends = np.append(nl + 1, len(block)) if len(block) and buf[-1] != 10 else nl + 1
         starts = np.concatenate(([0], ends[:-1]))
         content = ends - starts - (buf[ends - 1] == 10)
@@ -1168,14 +1311,17 @@ class TabularDataset(IterableDataset):
         types = self._column_types()
         try:
             table = pacsv.read_csv(
-                io.BytesIO(block),
+                pa.BufferReader(pa.py_buffer(block)),  # no copy
                 read_options=pacsv.ReadOptions(column_names=names, use_threads=False,
                                                block_size=max(len(block), 1 << 20) + 1),
                 parse_options=pacsv.ParseOptions(delimiter=self.delimiter,
                                                  ignore_empty_lines=True),
                 convert_options=pacsv.ConvertOptions(
                     column_types=types, include_columns=self._needed, null_values=[""],
-                    strings_can_be_null=True, quoted_strings_can_be_null=True),
+                    # an empty hex id (binary) is an empty bag, null or not: no nulls
+                    # is cheaper to parse and to decode (Criteo: no string column)
+                    strings_can_be_null=pa.string() in types.values(),
+                    quoted_strings_can_be_null=True),
             )
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             self._locate_text_error(f, base, block, starts, ends, rows, names, types, e)
@@ -1202,10 +1348,18 @@ class TabularDataset(IterableDataset):
         if self.format == "parquet":
             raise ValueError("raw_tables reads CSV/TSV files")
         self._plan = self.default_plan()
+        types = self._column_types()
+        text = [name for name in self._needed if types.get(name) == pa.binary()]
         for i, part in enumerate(self._plan):
             for task in self._tasks(i, part.start, raw=True):
                 table = task()
                 if table is not None and table.num_rows:
+                    for name in text:  # hex ids as text (checked: ASCII), empty as null
+                        j = table.schema.get_field_index(name)
+                        ids = table.column(j).cast(pa.string())
+                        ids = pc.if_else(pc.equal(pc.binary_length(ids), 0),
+                                         pa.scalar(None, pa.string()), ids)
+                        table = table.set_column(j, name, ids)
                     yield table
 
     def _column_types(self) -> dict[str, Any]:
@@ -1215,7 +1369,9 @@ class TabularDataset(IterableDataset):
         for s in self.schema.sparse:
             integer = s.delimiter is None and (s.mapping.kind == "modulo" or (
                 s.mapping.dynamic is not None and s.mapping.dynamic.ids == "int64"))
-            types[s.name] = pa.int64() if integer else pa.string()
+            hex_ids = s.delimiter is None and s.mapping.kind == "hex"
+            # hex ids as binary: no UTF-8 check (their parse refuses any other byte)
+            types[s.name] = pa.int64() if integer else pa.binary() if hex_ids else pa.string()
         return types
 
     def _line_number(self, f: int, offset: int) -> int:
@@ -1258,7 +1414,7 @@ class TabularDataset(IterableDataset):
                                 f"{len(fields)}{hint}")
             for name, value in zip(names, fields):
                 kind = types.get(name)
-                if value == "" or kind is None or kind == pa.string():
+                if value == "" or kind is None or kind in (pa.string(), pa.binary()):
                     continue
                 try:
                     float(value) if kind == pa.float64() else _int64(value)
@@ -1595,7 +1751,7 @@ def _parse_hex_columns(table: pa.Table, schema: FeatureSchema) -> pa.Table:
         if col.mapping.kind != "hex" or col.delimiter is not None:
             continue
         arr = table.column(col.name).combine_chunks()
-        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        if not _is_text(arr.type):
             continue
         valid = np.asarray(pc.fill_null(pc.binary_length(arr), 0)) > 0
         value = np.zeros(len(arr), dtype=np.uint64)

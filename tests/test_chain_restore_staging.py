@@ -156,3 +156,30 @@ def test_small_delta_tensors_at_any_offset_read_bit_identical(tmp_path, staged):
         assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
     if staging is not None:
         staging.close()
+
+
+def test_a_chain_restore_frees_its_delta_rows_when_it_returns(tmp_path, monkeypatch):
+    # the part loaders' closures and the transaction refer to each other: unless the
+    # transaction drops its steps, the rows read live until the garbage collector runs
+    import gc
+    import weakref
+
+    expected = _chain(tmp_path)
+    read: list[weakref.ref] = []
+    real_read = incremental._read_small
+
+    def tracking_read(*a, **k):
+        out = real_read(*a, **k)
+        read.extend(weakref.ref(t) for t in out.values())
+        return out
+
+    monkeypatch.setattr(incremental, "_read_small", tracking_read)
+    m, s, d, mgr = _build(tmp_path, "adam", seed=1, every=10)
+    gc.collect()
+    gc.disable()
+    try:
+        mgr.saver.load(ckpt_id=4)
+        assert read and not [r for r in read if r() is not None]
+    finally:
+        gc.enable()
+    _assert_same(_snapshot(m, s, d), expected[4])

@@ -77,6 +77,8 @@ class Transaction:
     def __init__(self) -> None:
         self._steps: list[tuple[Optional[TensorReader], Any]] = []
         self._first: list[Callable[[], Callable[[], None]]] = []
+        self._checks: list[Callable[[], None]] = []
+        self._closers: list[Callable[[], None]] = []
 
     def copy(self, reader: TensorReader, targets: dict[str, Any]) -> None:
         """Queue filling the live ``targets`` from ``reader`` (shapes checked now)."""
@@ -95,15 +97,43 @@ class Transaction:
         all."""
         self._first.append(fn)
 
+    def check(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` at the end of `verify`, once every queued copy's chunks checked out
+        and before anything is applied: it checks what was read outside the readers (a
+        delta chain's rows, read in the background while the readers verify) and raises
+        `CheckpointCorruptError` to refuse the restore with nothing live written."""
+        self._checks.append(fn)
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the restore ends, applied or not (`close`): it ends background
+        work started while planning."""
+        self._closers.append(fn)
+
+    def close(self) -> None:
+        """Run the `on_close` functions (each once, the last queued first), then drop
+        every queued step: the part loaders' closures hold their context, which holds
+        this transaction (a cycle), so what they read (a chain's delta rows) would
+        otherwise live until the garbage collector runs, and the next restore fault in
+        fresh pages for its own (measured ~8200 faults, 12 ms of a warm 10-delta
+        restore's CPU)."""
+        while self._closers:
+            self._closers.pop()()
+        self._steps.clear()
+        self._first.clear()
+        self._checks.clear()
+
     def verify(self, keep: bool) -> None:
         """Check every queued copy's chunks, each reader's in one `TensorReader.verify`
-        (one hand-off to the threads, not one per part)."""
+        (one hand-off to the threads, not one per part), then run the `check`
+        functions."""
         by_reader: dict[int, tuple[TensorReader, list[Any]]] = {}
         for reader, jobs in self._steps:
             if reader is not None:
                 by_reader.setdefault(id(reader), (reader, []))[1].extend(jobs)
         for reader, jobs in by_reader.values():
             reader.verify(jobs, keep)
+        for fn in self._checks:
+            fn()
 
     def run(self, keep: bool) -> None:
         """`verify`, then `apply`, on one pool of worker threads shared by every step
@@ -402,13 +432,16 @@ def restore(
     from recframe.checkpoint import incremental
 
     txn = Transaction()
-    tracked: frozenset[str] = frozenset()
-    if incremental.is_delta(manifest):
-        tracked = incremental.plan_chain(saver, txn, storage, directory, manifest, parts,
-                                         strict)
-    plan_parts(saver, txn, storage, directory, manifest, parts, strict, tracked)
-    keep = STAGE_IN_MEMORY if STAGE_IN_MEMORY is not None else not storage.is_local
-    txn.run(keep)
+    try:
+        tracked: frozenset[str] = frozenset()
+        if incremental.is_delta(manifest):
+            tracked = incremental.plan_chain(saver, txn, storage, directory, manifest, parts,
+                                             strict)
+        plan_parts(saver, txn, storage, directory, manifest, parts, strict, tracked)
+        keep = STAGE_IN_MEMORY if STAGE_IN_MEMORY is not None else not storage.is_local
+        txn.run(keep)
+    finally:
+        txn.close()
     return manifest
 
 

@@ -65,6 +65,10 @@ LOCAL_DELTA_READERS = 1
 """Threads reading a chain's deltas on a local disk: one, in chain order, while the
 reader pool verifies the base (its files asked for ahead: a cold disk serves them side
 by side anyway; a second reader measured no faster on 2 cores)."""
+OPEN_AHEAD_FILES = 64
+"""At most this many of a chain's delta data files are held open ahead (`_Staging`); a
+longer chain's others are opened, asked for ahead and closed, and opened again at their
+read: a chain of hundreds of deltas must not run the process out of file descriptors."""
 PARALLEL_DELTA_READS = True
 """Read a chain's deltas side by side on object stores (latency-bound, ``concurrency``
 threads); a local disk: `LOCAL_DELTA_READERS`."""
@@ -480,19 +484,23 @@ def _delta_tables(tree: Any, where: str) -> dict[str, list[dict[str, Any]]]:
 
 
 class _Staging:
-    """Where a chain's small deltas are read: each data file opened once (its pages
-    asked for ahead, ``POSIX_FADV_WILLNEED``, at the first read: a cold chain's files
-    come from the disk side by side, not one request at a time) and read into one
-    buffer allocated then, once every delta reserved its share (the tensors read are
-    views of it: no copy)."""
+    """Where a chain's small deltas are read: each local data file opened ahead (its
+    pages asked for ahead, ``POSIX_FADV_WILLNEED``, at the first read: a cold chain's
+    files come from the disk side by side, not one request at a time; its real size
+    checked against what the manifest places in it) and read into one buffer allocated
+    then, sized by the files that checked out (the tensors read are views of it: no
+    copy). A file not opened ahead (an object store's, a bad one) is read into its own
+    memory after its own open checked its size: a manifest's claims alone never size
+    an allocation."""
 
     ALIGN = 64
 
     def __init__(self, storage: Any) -> None:
         self.storage = storage
-        self.total = 0
         self.files: dict[tuple[str, str], int] = {}  # (directory, name): bytes to read
         self._opened: Optional[dict[tuple[str, str], Any]] = None
+        self._room: dict[tuple[str, str], int] = {}  # sizes checked: a share of the buffer
+        self._total = 0
         self._used = 0
         self._buf: Optional[torch.Tensor] = None
         self._lock = threading.Lock()
@@ -501,17 +509,19 @@ class _Staging:
         """Room for the first ``ends[name]`` bytes of each data file of a delta."""
         for name, nbytes in ends.items():
             self.files[(directory, name)] = nbytes
-            self.total += -(-nbytes // self.ALIGN) * self.ALIGN
 
-    def take(self, nbytes: int) -> torch.Tensor:
-        """``nbytes`` bytes of the buffer (uint8), not handed out before."""
+    def take(self, directory: str, name: str, nbytes: int) -> torch.Tensor:
+        """``nbytes`` bytes (uint8) for the data file ``name`` of ``directory``, opened
+        and checked to hold them: a share of the buffer not handed out before if the
+        file was opened ahead, else new memory."""
         with self._lock:
+            room = self._room.pop((directory, name), None)
+            if room is None or nbytes > room:
+                return torch.empty(nbytes, dtype=torch.uint8)
             if self._buf is None:
-                self._buf = torch.empty(self.total, dtype=torch.uint8)
+                self._buf = torch.empty(self._total, dtype=torch.uint8)
             start = self._used
             self._used += -(-nbytes // self.ALIGN) * self.ALIGN
-            if self._used > self.total:  # pragma: no cover - every read was reserved
-                raise RuntimeError("delta staging overrun")
             return self._buf[start:start + nbytes]
 
     def open(self, directory: str, name: str, end: int) -> Any:
@@ -534,15 +544,23 @@ class _Staging:
 
         advise = getattr(os, "posix_fadvise", None) if PREFETCH_DELTAS else None
         assert self._opened is not None
-        for (directory, name), end in self.files.items():
+        for key, end in self.files.items():
             try:
-                f, _ = open_member(self.storage, directory, name, end)
+                f, _ = open_member(self.storage, key[0], key[1], end)  # real size >= end
             except (CheckpointCorruptError, OSError):
                 continue  # its read reports it
-            self._opened[(directory, name)] = f
-            if advise is not None:
-                with contextlib.suppress(OSError):
-                    advise(f.fileno(), 0, end, os.POSIX_FADV_WILLNEED)
+            keep = len(self._opened) < OPEN_AHEAD_FILES
+            if keep:
+                self._opened[key] = f
+            try:
+                if advise is not None:
+                    with contextlib.suppress(OSError):
+                        advise(f.fileno(), 0, end, os.POSIX_FADV_WILLNEED)
+            finally:
+                if not keep:
+                    f.close()
+            self._room[key] = end
+        self._total = sum(-(-end // self.ALIGN) * self.ALIGN for end in self._room.values())
 
     def close(self) -> None:
         """Close the files opened ahead and not read (a restore that failed first)."""
@@ -591,8 +609,8 @@ def _read_small(
         f = staging.open(directory, name, end) if staging is not None else open_member(
             storage, directory, name, end)[0]
         with f:
-            # the manifest's schema bounds end by the file's size
-            buf = staging.take(end) if staging is not None else torch.empty(
+            # its open checked that the file really holds end bytes
+            buf = staging.take(directory, name, end) if staging is not None else torch.empty(
                 end, dtype=torch.uint8)
             try:
                 read_into(f, 0, memoryview(buf.numpy()), display)
@@ -700,6 +718,10 @@ def _copy_rows(
     if vals.shape[1:] != dest.shape[1:] or vals.dim() != dest.dim():
         raise CheckpointCorruptError(
             f"{where}: delta rows of shape {tuple(vals.shape)} do not fit {tuple(dest.shape)}"
+        )
+    if vals.dtype != dest.dtype:  # a full restore refuses another dtype too: no casting
+        raise CheckpointCorruptError(
+            f"{where}: delta rows of dtype {vals.dtype} do not fit the table's {dest.dtype}"
         )
     if not dry_run:
         dest.index_copy_(0, idx, vals.to(dest.device, dest.dtype))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_incremental import _assert_same, _batches, _build, _snapshot, _train_step
 
-from recframe.checkpoint import CheckpointCorruptError, format, incremental
+from recframe.checkpoint import CheckpointCorruptError, format, incremental, restore
 from recframe.checkpoint import storage as storage_mod
 from recframe.checkpoint.manifest import encode_manifest
 
@@ -297,3 +297,68 @@ def test_a_delta_with_zero_rows_restores(tmp_path):
     for step in (3, 2):
         fmanager.saver.load(ckpt_id=step)
         _assert_same(_snapshot(fresh, fsparse, fdense), expected[step], f"ckpt_{step}")
+
+
+def test_a_failed_restore_stops_reading_the_chain(tmp_path, monkeypatch):
+    """The deltas were read in the background by one job reading them all: a restore
+    failing early (a corrupt base, Ctrl-C) still waited, at its close, for every
+    delta of the chain to be read and checked before the fallback could start."""
+    _chain(tmp_path, steps=6)
+    failed = threading.Event()
+    reads: list[str] = []
+    real_read = incremental._read_small
+    real_plan = restore.plan_parts
+
+    def slow_read(storage, directory, *a, **k):
+        reads.append(directory)
+        assert failed.wait(10)  # the first delta is still being read when the base fails
+        return real_read(storage, directory, *a, **k)
+
+    def failing_plan(saver, txn, storage, directory, *a, **k):
+        if directory.endswith("ckpt_1"):
+            failed.set()
+            raise CheckpointCorruptError(f"{directory}: refused for the test")
+        return real_plan(saver, txn, storage, directory, *a, **k)
+
+    monkeypatch.setattr(incremental, "_read_small", slow_read)
+    monkeypatch.setattr(restore, "plan_parts", failing_plan)
+    model, sparse, dense, manager = _fresh(tmp_path)
+    fds = _fds()
+    with pytest.raises(CheckpointCorruptError, match="refused for the test"):
+        manager.saver.load(ckpt_id=6)
+    _no_reader_left(fds, tmp_path)
+    assert reads == [str(tmp_path / "ckpt_2")]
+
+
+def test_every_closer_runs_when_one_raises(tmp_path, monkeypatch):
+    """`Transaction.close` stopped at the first closer raising (a second Ctrl-C while
+    the reader thread was joined): the delta files opened ahead stayed open."""
+    _chain(tmp_path)
+    opened = []
+    real_open = format.open_member
+
+    def tracking_open(*a, **k):
+        f, size = real_open(*a, **k)
+        opened.append(f)
+        return f, size
+
+    real_check = restore.Transaction.check
+
+    def interrupted_check(self, fn):
+        def interrupted():
+            raise KeyboardInterrupt  # before any delta file was read
+
+        self.on_close(interrupted)  # runs first at close: the last queued
+        real_check(self, fn)
+
+    def failing_verify(self, keep):
+        raise CheckpointCorruptError("refused for the test")
+
+    monkeypatch.setattr(format, "open_member", tracking_open)
+    monkeypatch.setattr(restore.Transaction, "check", interrupted_check)
+    monkeypatch.setattr(restore.Transaction, "verify", failing_verify)
+    model, sparse, dense, manager = _fresh(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        manager.saver.load(ckpt_id=4)
+    assert not [t for t in threading.enumerate() if t.name.startswith("ckpt-delta")]
+    assert opened and all(f.closed for f in opened)

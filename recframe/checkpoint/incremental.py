@@ -322,7 +322,7 @@ def plan_chain(
     and awaited by the transaction's `check` at the end of its verify: a cold restore
     reads them while the base's chunks are read and checked. Returns the tracked
     tensor keys (their values come from the chain, not from the delta's own parts)."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import CancelledError, ThreadPoolExecutor
 
     from recframe.checkpoint.restore import plan_parts
 
@@ -346,14 +346,28 @@ def plan_chain(
         workers = min(len(plans), LOCAL_DELTA_READERS)
     parallel = workers > 1
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="ckpt-delta")
+    stop = threading.Event()
+
+    def read_in_order() -> list[dict[str, Any]]:
+        datas = []
+        for _, _, read in plans:
+            if stop.is_set():  # the restore ended (failed, interrupted): read no more
+                raise CancelledError()
+            datas.append(read())
+        return datas
+
+    def end_reads() -> None:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+
     # when the restore ends, applied or not: reads not started are dropped, the others
     # awaited, the threads joined, files opened ahead and not read closed
     txn.on_close(staging.close)
-    txn.on_close(lambda: pool.shutdown(wait=True, cancel_futures=True))
+    txn.on_close(end_reads)
     if parallel:
         futures = [pool.submit(read) for _, _, read in plans]
     else:
-        futures = [pool.submit(lambda: [read() for _, _, read in plans])]
+        futures = [pool.submit(read_in_order)]
     plan_parts(saver, txn, storage, base_path, base_manifest, table_parts, strict)
     datas: list[dict[str, Any]] = []
 

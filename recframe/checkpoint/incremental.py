@@ -733,7 +733,10 @@ def _copy_rows(
         raise CheckpointCorruptError(
             f"{where}: delta rows of shape {tuple(vals.shape)} do not fit {tuple(dest.shape)}"
         )
-    if vals.dtype != dest.dtype:  # a full restore refuses another dtype too: no casting
+    if dry_run and vals.dtype != dest.dtype:
+        # a full restore refuses another dtype too; checked against the tensors (or the
+        # base's stand-ins) live before the restore: a torch optimizer's load may cast
+        # the state it installs, and apply must not fail half-way
         raise CheckpointCorruptError(
             f"{where}: delta rows of dtype {vals.dtype} do not fit the table's {dest.dtype}"
         )

@@ -396,3 +396,43 @@ def test_half_precision_and_int8_rows_at_odd_offsets_read_bit_identical(tmp_path
     for key, value in tensors.items():
         assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
         assert got[key].data_ptr() % value.element_size() == 0, key
+
+
+def test_a_delta_file_swapped_for_a_fifo_after_its_check_does_not_hang(tmp_path, monkeypatch):
+    """`open_member` checked a file's type with stat, then opened the path: a file
+    replaced by a FIFO in between (simulated: stat still sees the regular file) blocked
+    the background reader in open() forever, and the restore waiting for it."""
+    _chain(tmp_path)
+    manifest = _read_manifest(tmp_path, "ckpt_2")
+    _, entry = _values(manifest)
+    path = str(tmp_path / "ckpt_2" / entry["shards"][0]["chunks"][0]["file"])
+    regular = os.stat(path)
+    os.unlink(path)
+    os.mkfifo(path)
+    real_stat = os.stat
+
+    def stale_stat(p, *a, **k):  # what stat saw before the swap
+        return regular if os.fspath(p) == path else real_stat(p, *a, **k)
+
+    monkeypatch.setattr(os, "stat", stale_stat)
+    model, sparse, dense, manager = _fresh(tmp_path)
+    before = _snapshot(model, sparse, dense)
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            manager.saver.load(ckpt_id=4)
+        except BaseException as e:
+            outcome.append(e)
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    loader.join(5)
+    hung = loader.is_alive()
+    if hung:  # unblock the reader stuck in open(): a writer appears and leaves
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        loader.join(20)
+    assert not hung, "the restore blocked opening a FIFO"
+    assert outcome and isinstance(outcome[0], CheckpointCorruptError), outcome
+    assert "not a regular file" in str(outcome[0])
+    _assert_same(_snapshot(model, sparse, dense), before)

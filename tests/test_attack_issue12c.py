@@ -438,11 +438,10 @@ def test_a_delta_file_swapped_for_a_fifo_after_its_check_does_not_hang(tmp_path,
     _assert_same(_snapshot(model, sparse, dense), before)
 
 
-@pytest.mark.xfail(strict=True, reason="open: a delta does not record its parent's identity "
-                   "(e.g. the parent's manifest_sha256, which needs the manager to hand the "
-                   "committed manifest's digest to the row tracker); a chain link replaced by "
-                   "another run's checkpoint of the same name and layout is applied")
 def test_a_chain_link_replaced_by_another_runs_checkpoint_is_refused(tmp_path):
+    """A delta recorded only its links' names: another run's ckpt_2 copied over ours
+    (same name, chain and layout) was applied between our base and our ckpt_3, giving
+    a state neither run had. Now each delta names its parent's random id."""
     import shutil
 
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
@@ -455,7 +454,8 @@ def test_a_chain_link_replaced_by_another_runs_checkpoint_is_refused(tmp_path):
     shutil.rmtree(ours / "ckpt_2")
     shutil.copytree(theirs / "ckpt_2", ours / "ckpt_2")  # same name, chain and layout
     model, sparse, dense, manager = _fresh(ours)
-    with pytest.raises(CheckpointCorruptError, match="ckpt_2"):
+    with pytest.raises(CheckpointCorruptError, match="ckpt_2 and .*ckpt_1, which are not "
+                       "of one chain.*replaced by another run"):
         manager.saver.load(ckpt_id=3)
     assert manager.restore() == 1
     _assert_same(_snapshot(model, sparse, dense), expected[1])

@@ -14,7 +14,12 @@ are in the manifest's ``incremental`` section::
                     "chain": ["ckpt_100", "ckpt_120", "ckpt_140", "ckpt_160"],
                     "deltas_since_full": 3,
                     "tables": {"sparse.emb.weight": {"shape": [...], "dtype": "float32"}},
-                    "changed_rows": {"emb.weight": 5120}}
+                    "changed_rows": {"emb.weight": 5120},
+                    "id": "9f0c...", "parent_id": "41be..."}
+
+``id`` is random, drawn when the checkpoint is planned; a delta's ``parent_id`` is its
+parent's ``id``, so a chain link replaced by another run's checkpoint of the same name
+and layout is refused (checkpoints written before these fields: not checked).
 
 A full checkpoint written in incremental mode has ``kind: full`` and ``chain: [self]``
 (a checkpoint without the section is a full one too). Restoring a delta loads its base
@@ -36,6 +41,7 @@ import logging
 import os
 import posixpath
 import threading
+import uuid
 from collections.abc import Iterable
 from typing import Any, Optional
 
@@ -163,7 +169,7 @@ def plan_save(
     if why is not None:
         logger.info("checkpoint %s is a full one (%s)", name, why)
         return state, {"kind": FULL, "base": name, "parent": None, "chain": [name],
-                       "deltas_since_full": 0, "tables": layout}
+                       "deltas_since_full": 0, "tables": layout, "id": uuid.uuid4().hex}
     delta: dict[str, Any] = {}
     placeholders: dict[str, torch.Tensor] = {}
     changed: dict[str, int] = {}
@@ -182,9 +188,12 @@ def plan_save(
         out["sparse_opt"] = _replace_opt(state["sparse_opt"], placeholders)
     out["delta"] = {"tables": delta}
     chain = list(base["chain"]) + [name]
-    return out, {"kind": DELTA, "base": chain[0], "parent": chain[-2], "chain": chain,
-                 "deltas_since_full": int(base.get("deltas_since_full", 0)) + 1,
-                 "tables": layout, "changed_rows": changed}
+    section_out = {"kind": DELTA, "base": chain[0], "parent": chain[-2], "chain": chain,
+                   "deltas_since_full": int(base.get("deltas_since_full", 0)) + 1,
+                   "tables": layout, "changed_rows": changed, "id": uuid.uuid4().hex}
+    if base.get("id") is not None:
+        section_out["parent_id"] = base["id"]
+    return out, section_out
 
 
 def _shard_rows(value: Any, rows: torch.Tensor) -> list[dict[str, Any]]:
@@ -304,6 +313,15 @@ def resolve_chain(
             )
         links.append((path, found))
     links.append((directory, manifest))
+    for i in range(1, len(links)):
+        parent_id = section(links[i][1]).get("parent_id")
+        if parent_id is not None and parent_id != section(links[i - 1][1]).get("id"):
+            raise CheckpointCorruptError(
+                f"{where} needs {storage.display(links[i][0])} and "
+                f"{storage.display(links[i - 1][0])}, which are not of one chain (the parent "
+                "id one records is not the other's id): one of them was replaced by another "
+                "run's checkpoint"
+            )
     return links
 
 

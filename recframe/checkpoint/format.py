@@ -605,8 +605,22 @@ def open_member(
             raise StorageError(f"opening {storage.display(path)} failed: {e}") from e
         if not stat.S_ISREG(st.st_mode):  # before opening: a FIFO's open would block
             raise CheckpointCorruptError(f"{where}: entry {name!r} is not a regular file")
-        f = storage.open_read(real)
-        size = os.fstat(f.fileno()).st_size
+        # opened without blocking and checked again: a file swapped for a FIFO since the
+        # stat must not hang the restore in open()
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise StorageError(f"opening {storage.display(path)} failed: {e}") from e
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointCorruptError(f"{where}: entry {name!r} is not a regular file")
+            os.set_blocking(fd, True)
+            f = open(fd, "rb", buffering=0)
+        except BaseException:
+            os.close(fd)
+            raise
+        size = st.st_size
     if size < need:
         f.close()
         raise CheckpointCorruptError(

@@ -14,7 +14,12 @@ are in the manifest's ``incremental`` section::
                     "chain": ["ckpt_100", "ckpt_120", "ckpt_140", "ckpt_160"],
                     "deltas_since_full": 3,
                     "tables": {"sparse.emb.weight": {"shape": [...], "dtype": "float32"}},
-                    "changed_rows": {"emb.weight": 5120}}
+                    "changed_rows": {"emb.weight": 5120},
+                    "id": "9f0c...", "parent_id": "41be..."}
+
+``id`` is random, drawn when the checkpoint is planned; a delta's ``parent_id`` is its
+parent's ``id``, so a chain link replaced by another run's checkpoint of the same name
+and layout is refused (checkpoints written before these fields: not checked).
 
 A full checkpoint written in incremental mode has ``kind: full`` and ``chain: [self]``
 (a checkpoint without the section is a full one too). Restoring a delta loads its base
@@ -36,6 +41,7 @@ import logging
 import os
 import posixpath
 import threading
+import uuid
 from collections.abc import Iterable
 from typing import Any, Optional
 
@@ -65,6 +71,10 @@ LOCAL_DELTA_READERS = 1
 """Threads reading a chain's deltas on a local disk: one, in chain order, while the
 reader pool verifies the base (its files asked for ahead: a cold disk serves them side
 by side anyway; a second reader measured no faster on 2 cores)."""
+OPEN_AHEAD_FILES = 64
+"""At most this many of a chain's delta data files are held open ahead (`_Staging`); a
+longer chain's others are opened, asked for ahead and closed, and opened again at their
+read: a chain of hundreds of deltas must not run the process out of file descriptors."""
 PARALLEL_DELTA_READS = True
 """Read a chain's deltas side by side on object stores (latency-bound, ``concurrency``
 threads); a local disk: `LOCAL_DELTA_READERS`."""
@@ -159,7 +169,7 @@ def plan_save(
     if why is not None:
         logger.info("checkpoint %s is a full one (%s)", name, why)
         return state, {"kind": FULL, "base": name, "parent": None, "chain": [name],
-                       "deltas_since_full": 0, "tables": layout}
+                       "deltas_since_full": 0, "tables": layout, "id": uuid.uuid4().hex}
     delta: dict[str, Any] = {}
     placeholders: dict[str, torch.Tensor] = {}
     changed: dict[str, int] = {}
@@ -178,9 +188,12 @@ def plan_save(
         out["sparse_opt"] = _replace_opt(state["sparse_opt"], placeholders)
     out["delta"] = {"tables": delta}
     chain = list(base["chain"]) + [name]
-    return out, {"kind": DELTA, "base": chain[0], "parent": chain[-2], "chain": chain,
-                 "deltas_since_full": int(base.get("deltas_since_full", 0)) + 1,
-                 "tables": layout, "changed_rows": changed}
+    section_out = {"kind": DELTA, "base": chain[0], "parent": chain[-2], "chain": chain,
+                   "deltas_since_full": int(base.get("deltas_since_full", 0)) + 1,
+                   "tables": layout, "changed_rows": changed, "id": uuid.uuid4().hex}
+    if base.get("id") is not None:
+        section_out["parent_id"] = base["id"]
+    return out, section_out
 
 
 def _shard_rows(value: Any, rows: torch.Tensor) -> list[dict[str, Any]]:
@@ -300,6 +313,15 @@ def resolve_chain(
             )
         links.append((path, found))
     links.append((directory, manifest))
+    for i in range(1, len(links)):
+        parent_id = section(links[i][1]).get("parent_id")
+        if parent_id is not None and parent_id != section(links[i - 1][1]).get("id"):
+            raise CheckpointCorruptError(
+                f"{where} needs {storage.display(links[i][0])} and "
+                f"{storage.display(links[i - 1][0])}, which are not of one chain (the parent "
+                "id one records is not the other's id): one of them was replaced by another "
+                "run's checkpoint"
+            )
     return links
 
 
@@ -318,7 +340,7 @@ def plan_chain(
     and awaited by the transaction's `check` at the end of its verify: a cold restore
     reads them while the base's chunks are read and checked. Returns the tracked
     tensor keys (their values come from the chain, not from the delta's own parts)."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import CancelledError, ThreadPoolExecutor
 
     from recframe.checkpoint.restore import plan_parts
 
@@ -342,14 +364,28 @@ def plan_chain(
         workers = min(len(plans), LOCAL_DELTA_READERS)
     parallel = workers > 1
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="ckpt-delta")
+    stop = threading.Event()
+
+    def read_in_order() -> list[dict[str, Any]]:
+        datas = []
+        for _, _, read in plans:
+            if stop.is_set():  # the restore ended (failed, interrupted): read no more
+                raise CancelledError()
+            datas.append(read())
+        return datas
+
+    def end_reads() -> None:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+
     # when the restore ends, applied or not: reads not started are dropped, the others
     # awaited, the threads joined, files opened ahead and not read closed
     txn.on_close(staging.close)
-    txn.on_close(lambda: pool.shutdown(wait=True, cancel_futures=True))
+    txn.on_close(end_reads)
     if parallel:
         futures = [pool.submit(read) for _, _, read in plans]
     else:
-        futures = [pool.submit(lambda: [read() for _, _, read in plans])]
+        futures = [pool.submit(read_in_order)]
     plan_parts(saver, txn, storage, base_path, base_manifest, table_parts, strict)
     datas: list[dict[str, Any]] = []
 
@@ -480,19 +516,23 @@ def _delta_tables(tree: Any, where: str) -> dict[str, list[dict[str, Any]]]:
 
 
 class _Staging:
-    """Where a chain's small deltas are read: each data file opened once (its pages
-    asked for ahead, ``POSIX_FADV_WILLNEED``, at the first read: a cold chain's files
-    come from the disk side by side, not one request at a time) and read into one
-    buffer allocated then, once every delta reserved its share (the tensors read are
-    views of it: no copy)."""
+    """Where a chain's small deltas are read: each local data file opened ahead (its
+    pages asked for ahead, ``POSIX_FADV_WILLNEED``, at the first read: a cold chain's
+    files come from the disk side by side, not one request at a time; its real size
+    checked against what the manifest places in it) and read into one buffer allocated
+    then, sized by the files that checked out (the tensors read are views of it: no
+    copy). A file not opened ahead (an object store's, a bad one) is read into its own
+    memory after its own open checked its size: a manifest's claims alone never size
+    an allocation."""
 
     ALIGN = 64
 
     def __init__(self, storage: Any) -> None:
         self.storage = storage
-        self.total = 0
         self.files: dict[tuple[str, str], int] = {}  # (directory, name): bytes to read
         self._opened: Optional[dict[tuple[str, str], Any]] = None
+        self._room: dict[tuple[str, str], int] = {}  # sizes checked: a share of the buffer
+        self._total = 0
         self._used = 0
         self._buf: Optional[torch.Tensor] = None
         self._lock = threading.Lock()
@@ -501,17 +541,19 @@ class _Staging:
         """Room for the first ``ends[name]`` bytes of each data file of a delta."""
         for name, nbytes in ends.items():
             self.files[(directory, name)] = nbytes
-            self.total += -(-nbytes // self.ALIGN) * self.ALIGN
 
-    def take(self, nbytes: int) -> torch.Tensor:
-        """``nbytes`` bytes of the buffer (uint8), not handed out before."""
+    def take(self, directory: str, name: str, nbytes: int) -> torch.Tensor:
+        """``nbytes`` bytes (uint8) for the data file ``name`` of ``directory``, opened
+        and checked to hold them: a share of the buffer not handed out before if the
+        file was opened ahead, else new memory."""
         with self._lock:
+            room = self._room.pop((directory, name), None)
+            if room is None or nbytes > room:
+                return torch.empty(nbytes, dtype=torch.uint8)
             if self._buf is None:
-                self._buf = torch.empty(self.total, dtype=torch.uint8)
+                self._buf = torch.empty(self._total, dtype=torch.uint8)
             start = self._used
             self._used += -(-nbytes // self.ALIGN) * self.ALIGN
-            if self._used > self.total:  # pragma: no cover - every read was reserved
-                raise RuntimeError("delta staging overrun")
             return self._buf[start:start + nbytes]
 
     def open(self, directory: str, name: str, end: int) -> Any:
@@ -534,15 +576,23 @@ class _Staging:
 
         advise = getattr(os, "posix_fadvise", None) if PREFETCH_DELTAS else None
         assert self._opened is not None
-        for (directory, name), end in self.files.items():
+        for key, end in self.files.items():
             try:
-                f, _ = open_member(self.storage, directory, name, end)
+                f, _ = open_member(self.storage, key[0], key[1], end)  # real size >= end
             except (CheckpointCorruptError, OSError):
                 continue  # its read reports it
-            self._opened[(directory, name)] = f
-            if advise is not None:
-                with contextlib.suppress(OSError):
-                    advise(f.fileno(), 0, end, os.POSIX_FADV_WILLNEED)
+            keep = len(self._opened) < OPEN_AHEAD_FILES
+            if keep:
+                self._opened[key] = f
+            try:
+                if advise is not None:
+                    with contextlib.suppress(OSError):
+                        advise(f.fileno(), 0, end, os.POSIX_FADV_WILLNEED)
+            finally:
+                if not keep:
+                    f.close()
+            self._room[key] = end
+        self._total = sum(-(-end // self.ALIGN) * self.ALIGN for end in self._room.values())
 
     def close(self) -> None:
         """Close the files opened ahead and not read (a restore that failed first)."""
@@ -591,8 +641,8 @@ def _read_small(
         f = staging.open(directory, name, end) if staging is not None else open_member(
             storage, directory, name, end)[0]
         with f:
-            # the manifest's schema bounds end by the file's size
-            buf = staging.take(end) if staging is not None else torch.empty(
+            # its open checked that the file really holds end bytes
+            buf = staging.take(directory, name, end) if staging is not None else torch.empty(
                 end, dtype=torch.uint8)
             try:
                 read_into(f, 0, memoryview(buf.numpy()), display)
@@ -700,6 +750,13 @@ def _copy_rows(
     if vals.shape[1:] != dest.shape[1:] or vals.dim() != dest.dim():
         raise CheckpointCorruptError(
             f"{where}: delta rows of shape {tuple(vals.shape)} do not fit {tuple(dest.shape)}"
+        )
+    if dry_run and vals.dtype != dest.dtype:
+        # a full restore refuses another dtype too; checked against the tensors (or the
+        # base's stand-ins) live before the restore: a torch optimizer's load may cast
+        # the state it installs, and apply must not fail half-way
+        raise CheckpointCorruptError(
+            f"{where}: delta rows of dtype {vals.dtype} do not fit the table's {dest.dtype}"
         )
     if not dry_run:
         dest.index_copy_(0, idx, vals.to(dest.device, dest.dtype))

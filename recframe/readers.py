@@ -1152,10 +1152,16 @@ class TabularDataset(IterableDataset):
                 self._columns.append(list(expected))  # type: ignore[arg-type]
 
     def _count_read(self, nbytes: int) -> None:
-        """Add to ``bytes_read``, except in a block's second decode (see `_chunks`)."""
-        if not getattr(self._local, "uncounted", False):
-            with self._lock:
-                self.bytes_read += nbytes
+        """Add to ``bytes_read`` once per block: a block decoded twice (a thread's copy
+        and the caller's, see `_chunks`) shares a token, and whichever copy reads first
+        counts (the other may finish later, or never)."""
+        token = getattr(self._local, "token", None)
+        with self._lock:
+            if token is not None:
+                if token[0]:
+                    return
+                token[0] = True
+            self.bytes_read += nbytes
 
     def _open(self, url: str) -> Any:
         import fsspec
@@ -1453,11 +1459,13 @@ class TabularDataset(IterableDataset):
                 offset = self._offset if i == self._part else self._plan[i].start
                 yield from self._tasks(i, offset)
 
-        def timed(task: Callable[[], Any]) -> Any:
+        def timed(task: Callable[[], Any], token: Optional[list[bool]] = None) -> Any:
             start = time.thread_time()
+            self._local.token = token  # `_count_read`: the block's bytes count once
             try:
                 return task()
             finally:
+                self._local.token = None
                 spent = time.thread_time() - start
                 with self._lock:
                     self.decode_cpu_seconds += spent
@@ -1474,7 +1482,7 @@ class TabularDataset(IterableDataset):
             return
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="recframe-decode",
                                   initializer=_lower_priority, initargs=(self.worker_nice,))
-        pending: deque[tuple[Future, Callable[[], Optional[_Chunk]]]] = deque()
+        pending: deque[tuple[Future, Callable[[], Optional[_Chunk]], list[bool]]] = deque()
 
         def next_chunk() -> Any:
             """The oldest block: ready, or decoded here if no thread has started it (the
@@ -1483,7 +1491,7 @@ class TabularDataset(IterableDataset):
             decoding a block takes and then decoded here too (a thread that started it
             may get no core while other processes keep every core busy; its copy is
             dropped, and the bytes are counted once)."""
-            fut, task = pending.popleft()
+            fut, task, token = pending.popleft()
             if fut.done():
                 return fut.result()
             start = time.perf_counter()
@@ -1495,25 +1503,25 @@ class TabularDataset(IterableDataset):
                 try:
                     return fut.result(timeout=patience)
                 except FutureTimeout:
-                    self._local.uncounted = True  # the thread's copy counts its bytes
-                    try:
-                        return timed(task)
-                    finally:
-                        self._local.uncounted = False
+                    return timed(task, token)  # the thread's copy may never finish
             finally:
                 self.input_wait_seconds += time.perf_counter() - start
 
         try:
             for task in source:
-                pending.append((pool.submit(timed, task), task))
+                token = [False]
+                pending.append((pool.submit(timed, task, token), task, token))
                 while len(pending) >= self.prefetch:
                     yield from _nonempty(next_chunk())
             while pending:
                 yield from _nonempty(next_chunk())
         finally:
-            for fut, _ in pending:
+            for fut, _, _ in pending:
                 fut.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+            # not waited for: a starved (or stalled) thread would hold up the end of the
+            # pass, a `break` or the iterator's close for as long as it gets no core; the
+            # threads end after their current block, whose result is dropped
+            pool.shutdown(wait=False, cancel_futures=True)
             close = getattr(source, "close", None)
             if close:
                 close()

@@ -1,0 +1,85 @@
+"""Attack review of the TSV one-piece read, the hex block parse and the caller's steal of
+a started block (issue 13, third pass): findings, each pinned by a test that failed
+before its fix."""
+
+from __future__ import annotations
+
+import threading
+
+from test_readers import criteo_lines, rows_of, write
+
+from recframe import readers
+from recframe.readers import criteo_tsv
+
+
+def _stall_first_block(monkeypatch) -> threading.Event:
+    """Decoding threads hang in their first block (until the returned event is set): a
+    thread that started a block and then gets no core for as long as the test runs."""
+    release = threading.Event()
+    task = readers.TabularDataset._range_task
+
+    def stalled(self, part_index, start, end, raw=False):
+        if threading.current_thread().name.startswith("recframe-decode") and start == 0:
+            release.wait(60)
+        return task(self, part_index, start, end, raw)
+
+    monkeypatch.setattr(readers.TabularDataset, "_range_task", stalled)
+    return release
+
+
+def _in_thread(fn, timeout: float = 15.0):
+    """``fn()`` run in a helper thread; its result, or AssertionError if it hangs."""
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "hung waiting for a stalled decoding thread"
+    return out[0]
+
+
+def test_a_pass_ends_while_a_thread_that_started_a_block_stays_stalled(
+    tmp_path, monkeypatch
+) -> None:
+    """The caller decoded the stalled thread's block itself, then waited for that thread
+    at the end of the pass (``shutdown(wait=True)``), i.e. for as long as it got no core:
+    now the pass ends, with the same batches, and the bytes are counted once at once
+    (the thread's copy, finishing later, adds nothing)."""
+    raw = write(tmp_path / "day_0", criteo_lines(300, seed=3))
+    reference = criteo_tsv(raw, batch_size=32, num_workers=0, block_size=4096)
+    want = rows_of(list(reference))
+    release = _stall_first_block(monkeypatch)
+    ds = criteo_tsv(raw, batch_size=32, num_workers=2, prefetch=3, block_size=4096)
+    try:
+        got = _in_thread(lambda: rows_of(list(ds)))
+        assert got == want
+        assert ds.bytes_read == reference.bytes_read
+    finally:
+        release.set()
+    for t in threading.enumerate():
+        if t.name.startswith("recframe-decode"):
+            t.join(10)  # they end after their (dropped) block
+    assert ds.bytes_read == reference.bytes_read
+
+
+def test_closing_an_iterator_does_not_wait_for_a_stalled_thread(tmp_path, monkeypatch) -> None:
+    """``break`` / ``close()`` of an iterator (an eval loop that stops early) returned only
+    once every decoding thread finished its block; a starved one held it up."""
+    raw = write(tmp_path / "day_0", criteo_lines(300, seed=4))
+    release = _stall_first_block(monkeypatch)
+    ds = criteo_tsv(raw, batch_size=32, num_workers=2, prefetch=3, block_size=4096)
+
+    def first_then_close() -> int:
+        it = iter(ds)
+        n = next(it).labels.shape[0]
+        it.close()
+        return n
+
+    try:
+        assert _in_thread(first_then_close) == 32
+        state = ds.state_dict()
+    finally:
+        release.set()
+    again = criteo_tsv(raw, batch_size=32, num_workers=0, block_size=4096)
+    again.load_state_dict(state)
+    whole = rows_of(list(criteo_tsv(raw, batch_size=32, num_workers=0, block_size=4096)))
+    assert rows_of(list(again)) == whole[32:]

@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -1062,7 +1063,9 @@ class TabularDataset(IterableDataset):
             self._init_text()
         self._plan = self.default_plan()
         self._part, self._offset, self._epoch = 0, self._plan[0].start if self._plan else 0, 0
-        self._active: Optional[Iterator[Any]] = None
+        # the live iterator, weakly: one dropped by the caller (a `break`, GC) ends its
+        # threads and frees its decoded blocks at once, not at the next iter()
+        self._active: Optional[weakref.ReferenceType[Iterator[Any]]] = None
         self._rest = False  # the plan is the rest of an epoch (see resplit)
         if not self._plan and self.world_size > 1:
             logger.warning(
@@ -1592,9 +1595,17 @@ class TabularDataset(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         """Batches from the current position to the end of the epoch (a position at the
         epoch's end starts the next one), as `recframe.data.CriteoTSVDataset`."""
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.num_workers > 1:
+            raise ValueError(
+                f"TabularDataset iterated in {info.num_workers} DataLoader worker processes "
+                f"would yield every sample {info.num_workers} times (each worker reads the "
+                "whole share, and the position lives in the workers): iterate it directly "
+                "or through DataLoader(batch_size=None, num_workers=0); it decodes in its "
+                "own num_workers threads")
         self._stop_active()
         gen = self._iterate()
-        self._active = gen
+        self._active = weakref.ref(gen)
         return gen
 
     def _iterate(self) -> Iterator[Any]:
@@ -1611,7 +1622,8 @@ class TabularDataset(IterableDataset):
             self._next_epoch()
 
     def _stop_active(self) -> None:
-        gen, self._active = self._active, None
+        ref, self._active = self._active, None
+        gen = ref() if ref is not None else None
         if gen is not None:
             gen.close()  # stops its decoding threads before the position moves
 

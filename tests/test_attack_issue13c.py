@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from test_readers import criteo_lines, rows_of, write
+from torch.utils.data import DataLoader
 
 from recframe import readers
 from recframe.readers import criteo_tsv
@@ -83,3 +85,41 @@ def test_closing_an_iterator_does_not_wait_for_a_stalled_thread(tmp_path, monkey
     again.load_state_dict(state)
     whole = rows_of(list(criteo_tsv(raw, batch_size=32, num_workers=0, block_size=4096)))
     assert rows_of(list(again)) == whole[32:]
+
+
+def test_breaking_out_of_a_loop_ends_the_decoding_threads(tmp_path) -> None:
+    """The dataset held its last iterator strongly: after a ``break`` (an eval loop that
+    stops early) or dropping the iterator, its decoding threads and decoded blocks lived
+    on until the next ``iter()`` or the dataset's own end."""
+    raw = write(tmp_path / "day_0", criteo_lines(400, seed=5))
+    ds = criteo_tsv(raw, batch_size=16, num_workers=2, prefetch=3, block_size=2048)
+    before = set(threading.enumerate())
+    for _ in ds:
+        break
+    started = [t for t in threading.enumerate()
+               if t not in before and t.name.startswith("recframe-decode")]
+    for t in started:
+        t.join(10)
+    assert not [t for t in started if t.is_alive()]
+    it = iter(ds)
+    next(it)
+    del it
+    alive = [t for t in threading.enumerate()
+             if t not in before and t.name.startswith("recframe-decode")]
+    for t in alive:
+        t.join(10)
+    assert not [t for t in alive if t.is_alive()]
+    assert ds.state_dict()["offset"] > 0  # the position of the batch taken stays
+
+
+def test_dataloader_worker_processes_are_refused_not_read_twice(tmp_path) -> None:
+    """``DataLoader(ds, num_workers=2)`` yielded every sample twice (each worker process
+    read the whole share): now refused, naming the fix."""
+    raw = write(tmp_path / "day_0", criteo_lines(64, seed=6))
+    ds = criteo_tsv(raw, batch_size=16, num_workers=0)
+    one = DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="fork")
+    assert rows_of(list(one)) == rows_of(list(criteo_tsv(raw, batch_size=16)))  # kept
+    loader = DataLoader(ds, batch_size=None, num_workers=2,
+                        multiprocessing_context="fork")
+    with pytest.raises(ValueError, match=r"2 DataLoader worker processes.*num_workers=0"):
+        next(iter(loader))

@@ -73,6 +73,7 @@ DECODE_ROWS = 16_384
 # s: the least wait for a block a thread started before the caller decodes it too (then
 # about one block's decode time; _FIRST_PATIENCE before any block's time is known)
 _MIN_PATIENCE, _FIRST_PATIENCE = 0.002, 0.05
+_PATIENCE_BLOCKS = 1.5  # the wait ends this many blocks' time after the thread started
 """Rows decoded at a time from a Parquet row group: the decode makes a few passes over
 ``[columns, rows]`` arrays, which stay in the CPU's cache at this size (a whole 65536-row
 group decodes about 1.5x slower per row)."""
@@ -937,6 +938,16 @@ def _newlines(buf: np.ndarray) -> np.ndarray:
     return words[found >> 3] * 8 + (found & 7)
 
 
+def _queued_seconds() -> Optional[float]:
+    """The calling thread's time so far runnable but not running (waiting for a core),
+    from Linux's ``schedstat``; None where unknown."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _lower_priority(nice: Union[int, str]) -> None:
     """Run the calling (decoding) thread below the iterating one: ``"idle"`` under
     ``SCHED_IDLE`` (it runs only on a core nothing else wants), falling back to nice 19
@@ -1054,7 +1065,8 @@ class TabularDataset(IterableDataset):
         self.bytes_read = 0  # bytes of data read (compressed Parquet column chunks)
         self.decode_cpu_seconds = 0.0  # CPU time of the read-and-decode tasks
         self.input_wait_seconds = 0.0  # the iterating thread's time waiting for them
-        self._task_seconds, self._tasks_done = 0.0, 0  # CPU per block, for the wait
+        # per block: CPU and I/O time (not waits for a core), for the caller's wait
+        self._task_seconds, self._tasks_done = 0.0, 0
         self._lock = threading.Lock()
         self._local = threading.local()
         if format == "parquet":
@@ -1462,17 +1474,26 @@ class TabularDataset(IterableDataset):
                 offset = self._offset if i == self._part else self._plan[i].start
                 yield from self._tasks(i, offset)
 
-        def timed(task: Callable[[], Any], token: Optional[list[bool]] = None) -> Any:
+        def timed(task: Callable[[], Any], token: Optional[list[Any]] = None) -> Any:
             start = time.thread_time()
+            if token is not None and token[1] is None:
+                token[1] = time.perf_counter()  # when the (first) copy started
+            # for the caller's patience: a block's time not counting its waits for a core
+            # (CPU and I/O: a block read from slow storage is mostly waiting on it)
+            wall = time.perf_counter()
+            queued = _queued_seconds() if self.num_workers else None
             self._local.token = token  # `_count_read`: the block's bytes count once
             try:
                 return task()
             finally:
                 self._local.token = None
-                spent = time.thread_time() - start
+                spent = busy = time.thread_time() - start
+                after = _queued_seconds() if queued is not None else None
+                if after is not None:
+                    busy = max(spent, time.perf_counter() - wall - (after - queued))
                 with self._lock:
                     self.decode_cpu_seconds += spent
-                    self._task_seconds += spent
+                    self._task_seconds += busy
                     self._tasks_done += 1
 
         source = tasks()
@@ -1485,13 +1506,14 @@ class TabularDataset(IterableDataset):
             return
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="recframe-decode",
                                   initializer=_lower_priority, initargs=(self.worker_nice,))
-        pending: deque[tuple[Future, Callable[[], Optional[_Chunk]], list[bool]]] = deque()
+        pending: deque[tuple[Future, Callable[[], Optional[_Chunk]], list[Any]]] = deque()
 
         def next_chunk() -> Any:
             """The oldest block: ready, or decoded here if no thread has started it (the
             threads run at a lower priority and may not have had a core yet: the
             caller would wait for them at its own cost), or waited for about as long as
-            decoding a block takes and then decoded here too (a thread that started it
+            reading and decoding a block takes (its waits for a core aside) and then
+            decoded here too (a thread that started it
             may get no core while other processes keep every core busy; its copy is
             dropped, and the bytes are counted once)."""
             fut, task, token = pending.popleft()
@@ -1501,8 +1523,12 @@ class TabularDataset(IterableDataset):
             try:
                 if fut.cancel():
                     return timed(task)
-                patience = (max(_MIN_PATIENCE, self._task_seconds / self._tasks_done)
-                            if self._tasks_done else _FIRST_PATIENCE)
+                if self._tasks_done:  # until a usual block's time after it started
+                    began = token[1] if token[1] is not None else start
+                    patience = max(_MIN_PATIENCE, began - start + _PATIENCE_BLOCKS
+                                   * self._task_seconds / self._tasks_done)
+                else:
+                    patience = _FIRST_PATIENCE
                 try:
                     return fut.result(timeout=patience)
                 except FutureTimeout:
@@ -1512,7 +1538,7 @@ class TabularDataset(IterableDataset):
 
         try:
             for task in source:
-                token = [False]
+                token: list[Any] = [False, None]  # [bytes counted, start time]
                 pending.append((pool.submit(timed, task, token), task, token))
                 while len(pending) >= self.prefetch:
                     yield from _nonempty(next_chunk())

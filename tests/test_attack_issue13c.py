@@ -5,6 +5,7 @@ before its fix."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from test_readers import criteo_lines, rows_of, write
@@ -121,5 +122,32 @@ def test_dataloader_worker_processes_are_refused_not_read_twice(tmp_path) -> Non
     assert rows_of(list(one)) == rows_of(list(criteo_tsv(raw, batch_size=16)))  # kept
     loader = DataLoader(ds, batch_size=None, num_workers=2,
                         multiprocessing_context="fork")
-    with pytest.raises(ValueError, match=r"2 DataLoader worker processes.*num_workers=0"):
-        next(iter(loader))
+    it = iter(loader)
+    try:
+        with pytest.raises(ValueError, match=r"2 DataLoader worker processes.*num_workers=0"):
+            next(it)
+    finally:
+        it._shutdown_workers()  # now, not at some later test's GC
+
+
+def test_blocks_slow_to_read_are_waited_for_not_read_twice(tmp_path, monkeypatch) -> None:
+    """The caller's patience was the blocks' mean CPU time: a block read from slow storage
+    (S3: mostly waiting, little CPU) was read a second time by the caller after a few ms
+    of its thread's wait, doubling the reads. Time spent waiting for I/O counts now (time
+    waiting for a core does not), so each block is read once (the first block, before any
+    block's time is known, aside)."""
+    raw = write(tmp_path / "day_0", criteo_lines(200, seed=7))
+    want = rows_of(list(criteo_tsv(raw, batch_size=32, num_workers=0, block_size=4096)))
+    task = readers.TabularDataset._range_task
+    reads: list[int] = []
+
+    def remote(self, part_index, start, end, raw=False):
+        reads.append(start)
+        time.sleep(0.05)  # a round trip to the storage: no CPU
+        return task(self, part_index, start, end, raw)
+
+    monkeypatch.setattr(readers.TabularDataset, "_range_task", remote)
+    ds = criteo_tsv(raw, batch_size=32, num_workers=2, prefetch=3, block_size=4096)
+    assert rows_of(list(ds)) == want
+    twice = sorted({s for s in reads if reads.count(s) > 1})
+    assert twice in ([], [0]), (twice, len(set(reads)))

@@ -71,7 +71,8 @@ _COMPRESSED_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, ValueE
 FORMATS = ("parquet", "csv", "tsv")
 DECODE_ROWS = 16_384
 # s: the least wait for a block a thread started before the caller decodes it too (then
-# about one block's decode time; _FIRST_PATIENCE before any block's time is known)
+# until _PATIENCE_BLOCKS blocks' time after the thread started it; _FIRST_PATIENCE before
+# any block's time is known)
 _MIN_PATIENCE, _FIRST_PATIENCE = 0.002, 0.05
 _PATIENCE_BLOCKS = 1.5  # the wait ends this many blocks' time after the thread started
 """Rows decoded at a time from a Parquet row group: the decode makes a few passes over
@@ -1511,11 +1512,11 @@ class TabularDataset(IterableDataset):
         def next_chunk() -> Any:
             """The oldest block: ready, or decoded here if no thread has started it (the
             threads run at a lower priority and may not have had a core yet: the
-            caller would wait for them at its own cost), or waited for about as long as
-            reading and decoding a block takes (its waits for a core aside) and then
-            decoded here too (a thread that started it
-            may get no core while other processes keep every core busy; its copy is
-            dropped, and the bytes are counted once)."""
+            caller would wait for them at its own cost), or waited for until about a
+            block's time (CPU and I/O, its waits for a core aside) after the thread
+            started it and then decoded here too (a thread that started it may get no
+            core while other processes keep every core busy; its copy is dropped, and
+            the bytes are counted once)."""
             fut, task, token = pending.popleft()
             if fut.done():
                 return fut.result()

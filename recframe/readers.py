@@ -942,9 +942,12 @@ def _newlines(buf: np.ndarray) -> np.ndarray:
 def _queued_seconds() -> Optional[float]:
     """The calling thread's time so far runnable but not running (waiting for a core),
     from Linux's ``schedstat``; None where unknown."""
-    try:
-        with open("/proc/thread-self/schedstat", "rb") as f:
-            return int(f.read().split()[1]) / 1e9
+    try:  # ~5 us (twice per block of milliseconds)
+        fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        try:
+            return int(os.read(fd, 128).split()[1]) / 1e9
+        finally:
+            os.close(fd)
     except (OSError, ValueError, IndexError):
         return None
 

@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -70,8 +71,10 @@ _COMPRESSED_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, ValueE
 FORMATS = ("parquet", "csv", "tsv")
 DECODE_ROWS = 16_384
 # s: the least wait for a block a thread started before the caller decodes it too (then
-# about one block's decode time; _FIRST_PATIENCE before any block's time is known)
+# until _PATIENCE_BLOCKS blocks' time after the thread started it; _FIRST_PATIENCE before
+# any block's time is known)
 _MIN_PATIENCE, _FIRST_PATIENCE = 0.002, 0.05
+_PATIENCE_BLOCKS = 1.5  # the wait ends this many blocks' time after the thread started
 """Rows decoded at a time from a Parquet row group: the decode makes a few passes over
 ``[columns, rows]`` arrays, which stay in the CPU's cache at this size (a whole 65536-row
 group decodes about 1.5x slower per row)."""
@@ -936,6 +939,19 @@ def _newlines(buf: np.ndarray) -> np.ndarray:
     return words[found >> 3] * 8 + (found & 7)
 
 
+def _queued_seconds() -> Optional[float]:
+    """The calling thread's time so far runnable but not running (waiting for a core),
+    from Linux's ``schedstat``; None where unknown."""
+    try:  # ~5 us (twice per block of milliseconds)
+        fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        try:
+            return int(os.read(fd, 128).split()[1]) / 1e9
+        finally:
+            os.close(fd)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _lower_priority(nice: Union[int, str]) -> None:
     """Run the calling (decoding) thread below the iterating one: ``"idle"`` under
     ``SCHED_IDLE`` (it runs only on a core nothing else wants), falling back to nice 19
@@ -1053,7 +1069,8 @@ class TabularDataset(IterableDataset):
         self.bytes_read = 0  # bytes of data read (compressed Parquet column chunks)
         self.decode_cpu_seconds = 0.0  # CPU time of the read-and-decode tasks
         self.input_wait_seconds = 0.0  # the iterating thread's time waiting for them
-        self._task_seconds, self._tasks_done = 0.0, 0  # CPU per block, for the wait
+        # per block: CPU and I/O time (not waits for a core), for the caller's wait
+        self._task_seconds, self._tasks_done = 0.0, 0
         self._lock = threading.Lock()
         self._local = threading.local()
         if format == "parquet":
@@ -1062,7 +1079,9 @@ class TabularDataset(IterableDataset):
             self._init_text()
         self._plan = self.default_plan()
         self._part, self._offset, self._epoch = 0, self._plan[0].start if self._plan else 0, 0
-        self._active: Optional[Iterator[Any]] = None
+        # the live iterator, weakly: one dropped by the caller (a `break`, GC) ends its
+        # threads and frees its decoded blocks at once, not at the next iter()
+        self._active: Optional[weakref.ReferenceType[Iterator[Any]]] = None
         self._rest = False  # the plan is the rest of an epoch (see resplit)
         if not self._plan and self.world_size > 1:
             logger.warning(
@@ -1152,10 +1171,16 @@ class TabularDataset(IterableDataset):
                 self._columns.append(list(expected))  # type: ignore[arg-type]
 
     def _count_read(self, nbytes: int) -> None:
-        """Add to ``bytes_read``, except in a block's second decode (see `_chunks`)."""
-        if not getattr(self._local, "uncounted", False):
-            with self._lock:
-                self.bytes_read += nbytes
+        """Add to ``bytes_read`` once per block: a block decoded twice (a thread's copy
+        and the caller's, see `_chunks`) shares a token, and whichever copy reads first
+        counts (the other may finish later, or never)."""
+        token = getattr(self._local, "token", None)
+        with self._lock:
+            if token is not None:
+                if token[0]:
+                    return
+                token[0] = True
+            self.bytes_read += nbytes
 
     def _open(self, url: str) -> Any:
         import fsspec
@@ -1453,15 +1478,26 @@ class TabularDataset(IterableDataset):
                 offset = self._offset if i == self._part else self._plan[i].start
                 yield from self._tasks(i, offset)
 
-        def timed(task: Callable[[], Any]) -> Any:
+        def timed(task: Callable[[], Any], token: Optional[list[Any]] = None) -> Any:
             start = time.thread_time()
+            if token is not None and token[1] is None:
+                token[1] = time.perf_counter()  # when the (first) copy started
+            # for the caller's patience: a block's time not counting its waits for a core
+            # (CPU and I/O: a block read from slow storage is mostly waiting on it)
+            wall = time.perf_counter()
+            queued = _queued_seconds() if self.num_workers else None
+            self._local.token = token  # `_count_read`: the block's bytes count once
             try:
                 return task()
             finally:
-                spent = time.thread_time() - start
+                self._local.token = None
+                spent = busy = time.thread_time() - start
+                after = _queued_seconds() if queued is not None else None
+                if after is not None:
+                    busy = max(spent, time.perf_counter() - wall - (after - queued))
                 with self._lock:
                     self.decode_cpu_seconds += spent
-                    self._task_seconds += spent
+                    self._task_seconds += busy
                     self._tasks_done += 1
 
         source = tasks()
@@ -1474,46 +1510,51 @@ class TabularDataset(IterableDataset):
             return
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="recframe-decode",
                                   initializer=_lower_priority, initargs=(self.worker_nice,))
-        pending: deque[tuple[Future, Callable[[], Optional[_Chunk]]]] = deque()
+        pending: deque[tuple[Future, Callable[[], Optional[_Chunk]], list[Any]]] = deque()
 
         def next_chunk() -> Any:
             """The oldest block: ready, or decoded here if no thread has started it (the
             threads run at a lower priority and may not have had a core yet: the
-            caller would wait for them at its own cost), or waited for about as long as
-            decoding a block takes and then decoded here too (a thread that started it
-            may get no core while other processes keep every core busy; its copy is
-            dropped, and the bytes are counted once)."""
-            fut, task = pending.popleft()
+            caller would wait for them at its own cost), or waited for until about a
+            block's time (CPU and I/O, its waits for a core aside) after the thread
+            started it and then decoded here too (a thread that started it may get no
+            core while other processes keep every core busy; its copy is dropped, and
+            the bytes are counted once)."""
+            fut, task, token = pending.popleft()
             if fut.done():
                 return fut.result()
             start = time.perf_counter()
             try:
                 if fut.cancel():
                     return timed(task)
-                patience = (max(_MIN_PATIENCE, self._task_seconds / self._tasks_done)
-                            if self._tasks_done else _FIRST_PATIENCE)
+                if self._tasks_done:  # until a usual block's time after it started
+                    began = token[1] if token[1] is not None else start
+                    patience = max(_MIN_PATIENCE, began - start + _PATIENCE_BLOCKS
+                                   * self._task_seconds / self._tasks_done)
+                else:
+                    patience = _FIRST_PATIENCE
                 try:
                     return fut.result(timeout=patience)
                 except FutureTimeout:
-                    self._local.uncounted = True  # the thread's copy counts its bytes
-                    try:
-                        return timed(task)
-                    finally:
-                        self._local.uncounted = False
+                    return timed(task, token)  # the thread's copy may never finish
             finally:
                 self.input_wait_seconds += time.perf_counter() - start
 
         try:
             for task in source:
-                pending.append((pool.submit(timed, task), task))
+                token: list[Any] = [False, None]  # [bytes counted, start time]
+                pending.append((pool.submit(timed, task, token), task, token))
                 while len(pending) >= self.prefetch:
                     yield from _nonempty(next_chunk())
             while pending:
                 yield from _nonempty(next_chunk())
         finally:
-            for fut, _ in pending:
+            for fut, _, _ in pending:
                 fut.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+            # not waited for: a starved (or stalled) thread would hold up the end of the
+            # pass, a `break` or the iterator's close for as long as it gets no core; the
+            # threads end after their current block, whose result is dropped
+            pool.shutdown(wait=False, cancel_futures=True)
             close = getattr(source, "close", None)
             if close:
                 close()
@@ -1584,9 +1625,17 @@ class TabularDataset(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         """Batches from the current position to the end of the epoch (a position at the
         epoch's end starts the next one), as `recframe.data.CriteoTSVDataset`."""
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.num_workers > 1:
+            raise ValueError(
+                f"TabularDataset iterated in {info.num_workers} DataLoader worker processes "
+                f"would yield every sample {info.num_workers} times (each worker reads the "
+                "whole share, and the position lives in the workers): iterate it directly "
+                "or through DataLoader(batch_size=None, num_workers=0); it decodes in its "
+                "own num_workers threads")
         self._stop_active()
         gen = self._iterate()
-        self._active = gen
+        self._active = weakref.ref(gen)
         return gen
 
     def _iterate(self) -> Iterator[Any]:
@@ -1603,7 +1652,8 @@ class TabularDataset(IterableDataset):
             self._next_epoch()
 
     def _stop_active(self) -> None:
-        gen, self._active = self._active, None
+        ref, self._active = self._active, None
+        gen = ref() if ref is not None else None
         if gen is not None:
             gen.close()  # stops its decoding threads before the position moves
 

@@ -132,6 +132,9 @@ def test_a_started_block_a_starved_thread_holds_is_decoded_by_the_caller(
         got = [b.sparse_features.values().tolist() for b in ds]
     finally:
         release.set()
+    for t in threading.enumerate():  # the pass does not wait for them: they end now
+        if t.name.startswith("recframe-decode"):
+            t.join(10)
     assert got == want
     me = threading.current_thread().name
     assert decoded_by.count(me) == 12  # every row group, in order, by the caller

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -148,12 +149,15 @@ def _nibbles_to_u32(x: np.ndarray) -> np.ndarray:
 
 def _hex_pairs_table() -> np.ndarray:
     """``_HEX_PAIRS``: the byte two hex digits spell, indexed by the two characters read
-    as one little-endian uint16 (the first digit is the high nibble); 0x100 where either
-    character is not a hex digit."""
+    as one native uint16 (the first digit is the high nibble of the byte; the first
+    character is the uint16's low byte on a little-endian CPU, its high byte on a
+    big-endian one); 0x100 where either character is not a hex digit."""
     out = np.full(1 << 16, 0x100, dtype=np.uint16)
     digit = np.flatnonzero(_HEX_TABLE != 255)  # the 22 hex characters
     value = _HEX_TABLE[digit].astype(np.uint16)
-    out[digit[:, None] | (digit[None, :] << 8)] = (value[:, None] << 4) | value[None, :]
+    first, second = (0, 8) if sys.byteorder == "little" else (8, 0)
+    out[(digit[:, None] << first) | (digit[None, :] << second)] = \
+        (value[:, None] << 4) | value[None, :]
     return out
 
 

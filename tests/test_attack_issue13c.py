@@ -151,3 +151,25 @@ def test_blocks_slow_to_read_are_waited_for_not_read_twice(tmp_path, monkeypatch
     assert rows_of(list(ds)) == want
     twice = sorted({s for s in reads if reads.count(s) > 1})
     assert twice in ([], [0]), (twice, len(set(reads)))
+
+
+def test_hex_pair_table_follows_the_cpu_byte_order(monkeypatch):
+    """The digit-pair table is indexed by two characters read as one native uint16: on a
+    big-endian CPU the first character is the high byte (the table was little-endian
+    only)."""
+    import sys
+
+    import numpy as np
+
+    from recframe import schema
+
+    for order in ("little", "big"):
+        monkeypatch.setattr(sys, "byteorder", order)
+        table = schema._hex_pairs_table()
+        for text, value in [(b"a7", 0xA7), (b"0F", 0x0F), (b"f0", 0xF0), (b"99", 0x99)]:
+            assert table[int.from_bytes(text, order)] == value, (order, text)
+        assert table[int.from_bytes(b"g1", order)] == 0x100
+    monkeypatch.undo()
+    native = schema._hex_pairs_table()
+    pairs = np.frombuffer(b"deadBEEF", dtype=np.uint16)
+    assert bytes(native[pairs].astype(np.uint8)) == bytes.fromhex("deadbeef")

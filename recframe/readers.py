@@ -74,7 +74,7 @@ DECODE_ROWS = 16_384
 # until _PATIENCE_BLOCKS blocks' time after the thread started it; _FIRST_PATIENCE before
 # any block's time is known)
 _MIN_PATIENCE, _FIRST_PATIENCE = 0.002, 0.05
-_PATIENCE_BLOCKS = 1.5  # the wait ends this many blocks' time after the thread started
+_PATIENCE_BLOCKS = 3.0  # the wait ends this many blocks' time after the thread started
 """Rows decoded at a time from a Parquet row group: the decode makes a few passes over
 ``[columns, rows]`` arrays, which stay in the CPU's cache at this size (a whole 65536-row
 group decodes about 1.5x slower per row)."""

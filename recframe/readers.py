@@ -70,14 +70,14 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 _COMPRESSED_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, ValueError)
 FORMATS = ("parquet", "csv", "tsv")
 DECODE_ROWS = 16_384
+"""Rows decoded at a time from a Parquet row group: the decode makes a few passes over
+``[columns, rows]`` arrays, which stay in the CPU's cache at this size (a whole 65536-row
+group decodes about 1.5x slower per row)."""
 # s: the least wait for a block a thread started before the caller decodes it too (then
 # until _PATIENCE_BLOCKS blocks' time after the thread started it; _FIRST_PATIENCE before
 # any block's time is known)
 _MIN_PATIENCE, _FIRST_PATIENCE = 0.002, 0.05
 _PATIENCE_BLOCKS = 3.0  # the wait ends this many blocks' time after the thread started
-"""Rows decoded at a time from a Parquet row group: the decode makes a few passes over
-``[columns, rows]`` arrays, which stay in the CPU's cache at this size (a whole 65536-row
-group decodes about 1.5x slower per row)."""
 
 
 class DataError(ValueError):
@@ -343,14 +343,21 @@ def _is_text(t: pa.DataType) -> bool:
             or pa.types.is_large_binary(t))
 
 
+def _offsets(arr: pa.Array) -> np.ndarray:
+    """The ``len(arr) + 1`` offsets of a string or binary array (`_is_text`) into its
+    data buffer, as stored (int32, or int64 for the large types): a view, no copy."""
+    large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
+    dtype = np.dtype(np.int64 if large else np.int32)
+    return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr) + 1,
+                         offset=arr.offset * dtype.itemsize)
+
+
 def _string_bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(data bytes, starts, lengths) of a null-free string (or binary) array."""
     if not _is_text(arr.type):
         arr = pc.cast(arr, pa.large_string())
-    large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
-    dtype = np.int64 if large else np.int32
+    offsets = _offsets(arr)
     bufs = arr.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=dtype)[arr.offset: arr.offset + len(arr) + 1]
     data = (np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None
             else np.zeros(0, dtype=np.uint8))
     return data, offsets[:-1].astype(np.int64), np.diff(offsets).astype(np.int64)
@@ -491,10 +498,7 @@ def _hex_column(arr: pa.Array, num: int) -> Optional[tuple[np.ndarray, np.ndarra
     bufs = arr.buffers()
     if n == 0 or bufs[2] is None:
         return None
-    large = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
-    dtype = np.dtype(np.int64 if large else np.int32)
-    offsets = np.frombuffer(bufs[1], dtype=dtype, count=n + 1,
-                            offset=arr.offset * dtype.itemsize)
+    offsets = _offsets(arr)
     lengths = np.diff(offsets)
     width = int(lengths.max())
     valid = np.greater(lengths, 0).view(np.uint8)  # an empty field: no id
@@ -828,9 +832,7 @@ def _hex_block(arrays: list[pa.Array], nums: list[int]) -> Optional[
         bufs = arr.buffers()
         if bufs[2] is None:
             return None
-        wide = pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type)
-        offsets = np.frombuffer(bufs[1], dtype=np.int64 if wide else np.int32, count=n + 1,
-                                offset=arr.offset * (8 if wide else 4))
+        offsets = _offsets(arr)
         np.subtract(offsets[1:], offsets[:-1], out=sizes[j])
         texts.append(np.frombuffer(bufs[2], dtype=np.uint8)[offsets[0]:offsets[-1]])
     width = int(sizes.max())

@@ -32,6 +32,7 @@ trained with.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -39,8 +40,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 DENSE_TRANSFORMS = ("none", "log1p", "standardize")
 ID_MAPPINGS = ("modulo", "hex", "hash", "dynamic")
@@ -162,7 +161,16 @@ def _hex_pairs_table() -> np.ndarray:
 
 
 _HEX_PAIRS = _hex_pairs_table()
-_HEX_PAIRS_ARROW = pa.array(_HEX_PAIRS)  # the same table, for Arrow's take
+
+
+@functools.lru_cache(maxsize=1)
+def _hex_pairs_arrow() -> Any:
+    """``_HEX_PAIRS`` as an Arrow array, for Arrow's take (pyarrow is imported only
+    here: a process that parses no hex text, e.g. training on synthetic data, never
+    loads it)."""
+    import pyarrow as pa
+
+    return pa.array(_HEX_PAIRS)
 
 
 def _hex_pair_bytes(text: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -171,9 +179,12 @@ def _hex_pair_bytes(text: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]
     per byte: not two hex digits). The 128 KiB table is hit in about 3 KiB (the pairs
     of hex digits), so it stays in the L1 cache. Arrow's take reads the uint16 indices
     as they are, where numpy's would first copy them to int64 (2x the time)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     if text.ctypes.data % 2:  # Arrow wants the uint16 indices aligned
         text = text.copy()
-    pairs = np.asarray(pc.take(_HEX_PAIRS_ARROW, pa.array(text.view(np.uint16))))
+    pairs = np.asarray(pc.take(_hex_pairs_arrow(), pa.array(text.view(np.uint16))))
     bad = None if not pairs.size or int(pairs.max()) <= 0xFF else pairs > 0xFF
     return pairs.astype(np.uint8), bad
 

@@ -173,3 +173,17 @@ def test_hex_pair_table_follows_the_cpu_byte_order(monkeypatch):
     native = schema._hex_pairs_table()
     pairs = np.frombuffer(b"deadBEEF", dtype=np.uint16)
     assert bytes(native[pairs].astype(np.uint8)) == bytes.fromhex("deadbeef")
+
+
+def test_training_on_synthetic_data_does_not_load_pyarrow():
+    """The trainer, models and CLI import no pyarrow until a reader or a hex parse needs
+    it (schema.py imported it at module level: every training process, torchrun ranks
+    included, loaded Arrow and its thread pools)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, recframe.cli, recframe.models, recframe.trainer, recframe.schema; "
+            "print('pyarrow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

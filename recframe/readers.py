@@ -232,7 +232,7 @@ class _Chunk:
     labels: np.ndarray
     weights: Optional[np.ndarray]
     dense: np.ndarray
-    values: np.ndarray  # int64, key-major
+    values: np.ndarray  # int64 (int32 from a prepared file), key-major
     lengths: np.ndarray  # int32 [features, rows]
     starts: np.ndarray = field(init=False)  # where each feature's ids start in values
     _cursor: tuple[int, np.ndarray] = field(init=False)  # (row, its offsets)
@@ -614,7 +614,7 @@ def _check_labels(labels: np.ndarray, names: Sequence[str]) -> None:
                         "probability)")
 
 
-_I64, _U64 = pa.int64(), pa.uint64()
+_I32, _I64, _U64 = pa.int32(), pa.int64(), pa.uint64()
 _NUMERIC = {pa.float64(): np.float64, pa.float32(): np.float32, pa.int64(): np.int64,
             pa.int32(): np.int32, pa.int16(): np.int16, pa.int8(): np.int8,
             pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32}
@@ -897,6 +897,232 @@ def _map_id_rows(ids: np.ndarray, nums: np.ndarray, unsigned: np.ndarray,
             ids[j] = _mod(ids[j], int(nums[j, 0]))
 
 
+# --------------------------------------------------------------------------- prepared files
+PREPARED_KEY = b"recframe.prepared"
+"""Parquet footer key of a prepared file (`convert_to_parquet` with ``prepare=True``): its
+value, JSON, records the schema the file's values were computed under."""
+PREPARED_VERSION = 1
+
+
+def prepared_signature(schema: FeatureSchema) -> dict[str, Any]:
+    """What a prepared file's values depend on: the columns, their transforms and fills,
+    the id mappings and the tables' sizes (not ``embedding_dim`` nor a dynamic table's
+    admission and eviction settings, which the values do not depend on)."""
+    def mapping(c: SparseColumn) -> dict[str, Any]:
+        m = c.mapping
+        out: dict[str, Any] = {"kind": m.kind, "salt": m.salt}
+        if m.dynamic is not None:
+            out.update(ids=m.dynamic.ids, salt=m.dynamic.salt)
+        return out
+
+    return {
+        "labels": list(schema.labels), "weight": schema.weight,
+        "dense": [d.to_dict() for d in schema.dense],
+        "sparse": [{"name": c.name, "table": c.table, "mapping": mapping(c),
+                    "delimiter": c.delimiter} for c in schema.sparse],
+        "tables": {t.name: t.num_embeddings for t in schema.tables},
+    }
+
+
+def _signature_difference(written: Any, wanted: dict[str, Any]) -> Optional[str]:
+    """The first difference between a prepared file's recorded signature and ours."""
+    if not isinstance(written, Mapping):
+        return "its record is not a mapping"
+    for key, value in wanted.items():
+        theirs = written.get(key)
+        if theirs == value:
+            continue
+        if key == "tables" and isinstance(theirs, Mapping):
+            for name, rows in value.items():
+                if theirs.get(name) != rows:
+                    return (f"table {name!r} has {theirs.get(name)!r} rows there, {rows} "
+                            "here")
+        if key in ("dense", "sparse") and isinstance(theirs, list):
+            for a, b in zip(theirs, value):
+                if a != b:
+                    return f"{key} column {b['name']!r} is {a!r} there, {b!r} here"
+        return f"{key} is {theirs!r} there, {value!r} here"
+    return None
+
+
+def check_prepared(url: str, metadata: Optional[Mapping[bytes, bytes]],
+                   schema: FeatureSchema) -> bool:
+    """Whether the Parquet file ``url`` (its footer's key-value ``metadata``) is prepared;
+    a prepared file written under another schema is a `DataError`: its values would be
+    transformed or mapped twice, or for other tables."""
+    import json
+
+    if not metadata or PREPARED_KEY not in metadata:
+        return False
+    try:
+        record = json.loads(metadata[PREPARED_KEY])
+        version = record.get("version") if isinstance(record, Mapping) else None
+    except ValueError as e:
+        raise DataError(f"{url}: its {PREPARED_KEY.decode()} footer is not valid JSON ({e}): "
+                        "convert the source data again") from None
+    if version != PREPARED_VERSION:
+        raise DataError(f"{url}: prepared by a recframe of another version (format "
+                        f"{version!r}, this one reads {PREPARED_VERSION}): convert the "
+                        "source data again")
+    difference = _signature_difference(record.get("schema"), prepared_signature(schema))
+    if difference is not None:
+        raise DataError(
+            f"{url}: prepared (data convert --prepare: transforms and id mappings applied) "
+            f"under another schema: {difference}. Read it with the schema.yaml written "
+            "beside it, or convert the source data again under this schema")
+    return True
+
+
+def _id_type(schema: FeatureSchema, column: SparseColumn) -> pa.DataType:
+    """A prepared id column's type: int32 for table rows that fit it, else int64
+    (dynamic tables' raw ids)."""
+    if column.mapping.kind == "dynamic" or schema.num_embeddings_of(column) > 1 << 31:
+        return pa.int64()
+    return pa.int32()
+
+
+NO_ID = -1
+"""A prepared single-valued id column's value for a row without an id (not a Parquet
+null: nulls cost the reader a validity bitmap per column; ids are rows, never
+negative). A dynamic table's raw ids may be any int64: there a null marks it."""
+
+
+def prepared_table(chunk: _Chunk, schema: FeatureSchema, labelled: bool,
+                   multi: Sequence[bool]) -> pa.Table:
+    """A decoded chunk as a prepared table: float32 labels, weight and dense columns
+    (filled and transformed, no nulls), each sparse column its table rows (`NO_ID` for
+    none; raw ids, null for none, for a dynamic table): ``multi`` ones as lists."""
+    n = len(chunk)
+    fields: list[pa.Field] = []
+    arrays: list[pa.Array] = []
+
+    def add(name: str, values: np.ndarray) -> None:
+        fields.append(pa.field(name, pa.float32(), nullable=False))
+        arrays.append(pa.array(np.ascontiguousarray(values, dtype=np.float32)))
+
+    if labelled:
+        labels = chunk.labels.reshape(n, -1)
+        for j, name in enumerate(schema.labels):
+            add(name, labels[:, j])
+        if schema.weight:
+            add(schema.weight, chunk.weights)
+    for j, name in enumerate(schema.dense_names):
+        add(name, chunk.dense[:, j])
+    for k, column in enumerate(schema.sparse):
+        lengths = chunk.lengths[k]
+        start = int(chunk.starts[k])
+        ids = chunk.values[start:start + int(lengths.sum(dtype=np.int64))]
+        kind = _id_type(schema, column)
+        ids = ids.astype(kind.to_pandas_dtype(), copy=False)
+        if multi[k]:
+            offsets = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            fields.append(pa.field(column.name, pa.large_list(kind)))
+            arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(ids)))
+            continue
+        if lengths.max(initial=0) > 1:
+            raise ValueError(f"column {column.name!r}: several ids in a row of a "
+                             "single-valued column")
+        dynamic = column.mapping.kind == "dynamic"
+        full = np.full(n, 0 if dynamic else NO_ID, dtype=ids.dtype)
+        full[lengths == 1] = ids
+        fields.append(pa.field(column.name, kind, nullable=dynamic))
+        arrays.append(pa.array(full, mask=(lengths == 0) if dynamic else None))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _prepared_error(row: int, name: str, what: str) -> _RowError:
+    return _RowError(row, name, f"{what}: not what data convert --prepare writes (the file "
+                     "is damaged, or was prepared for other tables); convert the source "
+                     "data again")
+
+
+def decode_prepared(table: pa.Table, schema: FeatureSchema, labelled: bool, part: int,
+                    ends: np.ndarray) -> _Chunk:
+    """Decode a prepared table (see `prepared_table`): its values are already the batch's,
+    so this only gathers them, checking what a damaged or hostile file could break: no
+    null or non-finite float, labels in [0, 1], a weight >= 0, every id a row of its
+    table (raises `_RowError` naming the first bad value). Ids stay int32 where the file
+    has them (`_assemble` widens a batch's ids to int64 as it copies them)."""
+    n = table.num_rows
+
+    def col(name: str) -> pa.Array:
+        column = table.column(name)
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+    label_names = list(schema.labels) if labelled else []
+    weight = [schema.weight] if labelled and schema.weight else []
+    floats = label_names + weight + schema.dense_names
+    x = np.empty((len(floats), n), dtype=np.float32)
+    for j, name in enumerate(floats):
+        arr = col(name)
+        if arr.type != pa.float32() or arr.null_count or arr.buffers()[1] is None:
+            row = int(np.argmax(~np.asarray(arr.is_valid()))) if arr.null_count else 0
+            raise _prepared_error(row, name, "a null" if arr.null_count
+                                  else f"type {arr.type} (float32 expected)")
+        x[j] = np.frombuffer(arr.buffers()[1], dtype=np.float32, count=n,
+                             offset=arr.offset * 4)
+    finite = np.isfinite(x)
+    if not finite.all():
+        j, row = (int(i[0]) for i in np.nonzero(~finite))
+        raise _RowError(row, floats[j], f"value {float(x[j, row])} is not finite")
+    nl = len(label_names)
+    if nl:
+        _check_labels(x[:nl].T, label_names)
+    if weight and (x[nl] < 0).any():
+        row = int(np.argmax(x[nl] < 0))
+        raise _RowError(row, weight[0], f"weight {float(x[nl, row])} is negative")
+    dense = np.ascontiguousarray(x[nl + len(weight):].T)
+    if not labelled:
+        labels = np.zeros(n, dtype=np.float32)
+    else:
+        labels = x[0].copy() if nl == 1 else np.ascontiguousarray(x[:nl].T)
+    weights = x[nl].copy() if weight else None
+
+    table_rows = {t.name: t.num_embeddings for t in schema.tables}
+    lengths = np.empty((len(schema.sparse), n), dtype=np.int32)
+    values: list[np.ndarray] = []
+    for k, column in enumerate(schema.sparse):
+        arr = col(column.name)
+        dynamic = column.mapping.kind == "dynamic"
+        listed = pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
+        flat = pc.list_flatten(arr) if listed else arr
+        if flat.type not in (_I32, _I64) or flat.buffers()[1] is None or (
+                listed and flat.null_count):
+            raise _prepared_error(0, column.name, f"type {arr.type} (int32 or int64 ids, "
+                                  "or lists of them, expected)")
+        dtype = np.int32 if flat.type == _I32 else np.int64
+        ids = np.frombuffer(flat.buffers()[1], dtype=dtype, count=len(flat),
+                            offset=flat.offset * np.dtype(dtype).itemsize)
+        if listed:
+            lengths[k] = np.asarray(pc.fill_null(pc.list_value_length(arr), 0))
+            keep = None
+        elif dynamic or flat.null_count:  # null: no id (NO_ID is a raw id there)
+            keep = np.ones(n, dtype=np.uint8)
+            _valid_bits(flat, keep)
+            keep = keep.view(bool)
+            if not dynamic:  # a null's slot may hold any value
+                ids = np.where(keep, ids, NO_ID).astype(dtype)
+                keep &= ids >= 0
+        else:
+            keep = ids >= 0
+        if not dynamic and len(ids):
+            num = table_rows[column.table]
+            low = -1 if keep is not None else 0
+            if ids.min() < low or ids.max() >= num:
+                at = int(np.argmax((ids < low) | (ids >= num)))
+                row = (at if not listed else int(np.searchsorted(
+                    np.cumsum(lengths[k], dtype=np.int64), at, side="right")))
+                raise _prepared_error(row, column.name, f"id {int(ids[at])} is not a row of "
+                                      f"its table (0 to {num - 1})")
+        if keep is not None:
+            lengths[k] = keep
+            ids = ids[keep]
+        values.append(ids)
+    flat_ids = np.concatenate(values) if values else np.zeros(0, dtype=np.int64)
+    return _Chunk(part, ends, labels, weights, dense, flat_ids, lengths)
+
+
 def _nonempty(done: Union[None, _Chunk, list[_Chunk]]) -> list[_Chunk]:
     """A task's decoded chunks (a task gives one chunk, a list of them, or None)."""
     if done is None:
@@ -1107,11 +1333,13 @@ class TabularDataset(IterableDataset):
         import pyarrow.parquet as pq
 
         self._rows, self._rg_starts, self._rg_bytes = [], [], []
+        self._prepared: list[bool] = []
         for url in self.files:
             source = self._open(url)
             try:
                 pf = pq.ParquetFile(source)
                 meta, names = pf.metadata, set(pf.schema_arrow.names)
+                footer = pf.schema_arrow.metadata
                 pf.close()
             except (pa.ArrowException, OSError) as e:
                 raise DataError(f"{url}: not a readable Parquet file ({e}); it may be "
@@ -1128,6 +1356,7 @@ class TabularDataset(IterableDataset):
                         "needs labelled=False)" if unlabelled else "")
                 raise DataError(f"{url}: missing column(s) {missing}; the file has "
                                 f"{sorted(names)}{hint}")
+            self._prepared.append(check_prepared(url, footer, self.schema))
             counts = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
             sizes = []
             for i in range(meta.num_row_groups):
@@ -1240,11 +1469,12 @@ class TabularDataset(IterableDataset):
         self._count_read(self._rg_bytes[f][group])
         ends = np.arange(lo + 1, hi + 1, dtype=np.int64)
         chunks = []
+        decode = decode_prepared if self._prepared[f] else decode_table
         for a in range(0, hi - lo, DECODE_ROWS):
             piece = table.slice(a, DECODE_ROWS)
             try:
-                chunks.append(decode_table(piece, self.schema, self.labelled, part_index,
-                                           ends[a:a + piece.num_rows]))
+                chunks.append(decode(piece, self.schema, self.labelled, part_index,
+                                     ends[a:a + piece.num_rows]))
             except _RowError as e:
                 row = lo + a + e.row
                 raise DataError(f"{url}: row group {group}, row {row - g0} (row {row} of the "
@@ -1388,6 +1618,34 @@ class TabularDataset(IterableDataset):
                                          pa.scalar(None, pa.string()), ids)
                         table = table.set_column(j, name, ids)
                     yield table
+
+    def decoded_chunks(self) -> Iterator[_Chunk]:
+        """This rank's rows of a whole epoch, decoded (transforms and id mappings
+        applied), in order, on this thread: what ``recframe data convert --prepare``
+        writes."""
+        self._plan = self.default_plan()
+        for i, part in enumerate(self._plan):
+            for task in self._tasks(i, part.start):
+                yield from _nonempty(task())
+
+    def multi_valued(self) -> list[bool]:
+        """Per sparse column: whether its rows may hold several ids (a delimiter, or a
+        list column in any Parquet file)."""
+        multi = [c.delimiter is not None for c in self.schema.sparse]
+        if self.format == "parquet":
+            import pyarrow.parquet as pq
+
+            for url in self.files:
+                source = self._open(url)
+                try:
+                    arrow = pq.ParquetFile(source).schema_arrow
+                finally:
+                    if not isinstance(source, str):
+                        source.close()
+                for k, c in enumerate(self.schema.sparse):
+                    t = arrow.field(c.name).type
+                    multi[k] |= pa.types.is_list(t) or pa.types.is_large_list(t)
+        return multi
 
     def _column_types(self) -> dict[str, Any]:
         types: dict[str, Any] = {}
@@ -1574,11 +1832,13 @@ class TabularDataset(IterableDataset):
         labels = cat([c.labels[a:b] for c, a, b in pieces])
         c, a, b = pieces[0]
         if len(pieces) == 1 and a == 0 and b == len(c):  # a whole chunk: no copies
-            values, lengths = c.values, c.lengths.reshape(-1)
-        else:  # per feature (key-major): its slice of each piece
+            values, lengths = c.values.astype(np.int64, copy=False), c.lengths.reshape(-1)
+        else:  # per feature (key-major): its slice of each piece, as int64 (one copy)
             spans = [(c.values, *c.spans(a, b)) for c, a, b in pieces]
-            values = cat([v[lo[k]:hi[k]] for k in range(len(self.feature_names))
-                          for v, lo, hi in spans])
+            parts = [v[lo[k]:hi[k]] for k in range(len(self.feature_names))
+                     for v, lo, hi in spans]
+            values = (np.concatenate(parts, dtype=np.int64) if parts
+                      else np.zeros(0, dtype=np.int64))
             lengths = np.concatenate([c.lengths[:, a:b] for c, a, b in pieces],
                                      axis=1).reshape(-1)
         size = len(labels)
@@ -1838,6 +2098,7 @@ def convert_to_parquet(
     row_group_size: int = 65_536,
     compression: str = "lz4",
     progress: bool = True,
+    prepare: bool = False,
 ) -> list[str]:
     """Write the CSV/TSV rows of ``source`` (one rank: all of them) to Parquet parts
     ``part-00000.parquet ...`` under ``output_dir`` (any fsspec path), raw (the schema's
@@ -1853,13 +2114,27 @@ def convert_to_parquet(
     ``lz4`` (the default) costs about 0.6x the read CPU of ``zstd`` for about 1.4x its
     bytes (Criteo-like data; docs/data.md has the measurements). Integer id columns are
     written without dictionary pages (`parquet_dictionary_columns`), whatever the codec.
-    Row groups hold ``row_group_size`` rows (the last of a part fewer)."""
+    Row groups hold ``row_group_size`` rows (the last of a part fewer).
+
+    ``prepare``: write what training reads instead of the raw columns: labels, weight
+    and dense columns filled and transformed (float32, no nulls), each id its table's
+    row (int32; lists for multi-valued columns; a dynamic table's raw ids as int64).
+    Reading such a file skips the transforms and id mappings (about a third of the
+    read CPU of raw lz4 parts, docs/data.md), but ties it to the schema: its footer
+    records the schema (`PREPARED_KEY`), and reading it under a schema whose columns,
+    transforms, mappings or table sizes differ is a `DataError`. ``source`` may then be
+    Parquet too (raw parts from elsewhere)."""
+    import json
+
     import fsspec
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
     _check_int("rows_per_file", rows_per_file, 1)
     _check_int("row_group_size", row_group_size, 1)
+    if source.format == "parquet" and not prepare:
+        raise ValueError("convert reads CSV/TSV; Parquet input is already columnar: read "
+                         "it as it is, or convert it with prepare=True (--prepare)")
     if compression not in PARQUET_COMPRESSIONS:
         raise ValueError(f"compression must be one of {PARQUET_COMPRESSIONS}, got "
                          f"{compression!r}")
@@ -1887,7 +2162,9 @@ def convert_to_parquet(
     writer: Optional[pq.ParquetWriter] = None
     handle: Any = None
     in_file = 0
-    bar = tqdm(total=sum(source._sizes), unit="B", unit_scale=True, disable=not progress,
+    total = (sum(sum(b) for b in source._rg_bytes) if source.format == "parquet"
+             else sum(source._sizes))
+    bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress,
                desc="convert")
     seen = 0
 
@@ -1911,16 +2188,28 @@ def convert_to_parquet(
             handle = fs.open(f"{staging}/{staged[-1]}", "wb")
             writer = pq.ParquetWriter(
                 handle, table.schema, compression=compression,
-                use_dictionary=parquet_dictionary_columns(source.schema, table.schema))
+                use_dictionary=False if prepare else parquet_dictionary_columns(
+                    source.schema, table.schema))
         writer.write_table(table, row_group_size=row_group_size)
         in_file += table.num_rows
         if in_file >= rows_per_file:
             close()
             in_file = 0
 
+    def tables() -> Iterator[pa.Table]:
+        if not prepare:
+            for table in source.raw_tables():
+                yield _parse_hex_columns(table, source.schema)
+            return
+        multi = source.multi_valued()
+        footer = {PREPARED_KEY: json.dumps({"version": PREPARED_VERSION,
+                                            "schema": prepared_signature(source.schema)})}
+        for chunk in source.decoded_chunks():
+            table = prepared_table(chunk, source.schema, source.labelled, multi)
+            yield table.replace_schema_metadata(footer)
+
     try:
-        for table in source.raw_tables():
-            table = _parse_hex_columns(table, source.schema)
+        for table in tables():
             a = 0
             while a < table.num_rows:
                 # the rows up to the end of this row group, or of this part

@@ -11,24 +11,22 @@ round by round (the order rotates) with the CPU other processes used recorded:
 * ``parquet``: `recframe.readers.TabularDataset` over the Parquet parts (lz4, what
   ``data convert`` writes by default), one pass; ``parquet_zstd``: the same rows
   written with ``--compression zstd`` (smaller files, more CPU to read);
+  ``prepared``: the same rows written with ``data convert --prepare`` (lz4; transforms
+  and id mappings applied at convert time: the reader only gathers and checks them);
 * ``train_memory``: the `Trainer` on the fused path (`shard_model`, DLRM built from the
   Criteo schema) over batches decoded beforehand and held in memory: the step rate
   with no input cost (what training on pre-generated synthetic data runs at);
   ``train_memory_aa``: a second `Trainer` over the same batches: the A/A noise floor
   of every training ratio;
-* ``train_parquet`` / ``train_tsv``: a `Trainer` reading the Parquet / TSV files
-  through the readers (real-data training).
+* ``train_parquet`` / ``train_tsv`` / ``train_prepared``: a `Trainer` reading the
+  Parquet / TSV / prepared Parquet files through the readers (real-data training).
+  ``train_prepared_sync``: the prepared parts with no decoding threads
+  (``num_workers=0``: the training thread decodes each block when it needs it).
   Every training variant trains one shared model and optimizer pair: two copies of
   one model, same data, trained 1.02-1.04x apart here (where their tables sit in
   memory), which would be charged to the input;
-* ``train_parquet_nice10`` / ``train_parquet_nice0``: as ``train_parquet`` with the
-  decoding threads at nice 10 (the default before ``worker_nice="idle"``) and at the
-  trainer's own priority (``worker_nice=0``): what the readers' ``SCHED_IDLE``
-  threads buy; ``train_parquet_sync``: no decoding threads (``num_workers=0``, the
-  training thread decodes each block when it needs it).
-
 Goals: new_tsv >= 10x old_tsv, parquet >= 20x old_tsv, both >= 2x train_memory, and
-train_parquet / train_memory >= 0.95. Each ratio is given in wall time (the goal) and
+real-data training / train_memory >= 0.95 (train_parquet, train_tsv, train_prepared). Each ratio is given in wall time (the goal) and
 in CPU time (samples per CPU-second of this process: steadier on a loaded machine). For
 the training variants, ``decode share`` is the readers' read-and-decode CPU time
 (`TabularDataset.decode_cpu_seconds`) over the process's CPU time in the round: what
@@ -79,10 +77,10 @@ import _common as common  # noqa: E402
 
 GOALS = {"new_tsv/old_tsv": 10.0, "parquet/old_tsv": 20.0, "new_tsv/train_memory": 2.0,
          "parquet/train_memory": 2.0, "train_parquet/train_memory": 0.95,
-         "train_tsv/train_memory": 0.95}
-INFO = ("parquet_zstd/old_tsv", "train_memory_aa/train_memory",
-        "train_parquet_nice10/train_memory",
-        "train_parquet_nice0/train_memory", "train_parquet_sync/train_memory")  # no goal
+         "train_tsv/train_memory": 0.95, "train_prepared/train_memory": 0.95}
+INFO = ("parquet_zstd/old_tsv", "prepared/old_tsv", "prepared/parquet",
+        "train_memory_aa/train_memory", "train_prepared_sync/train_memory",
+        "train_prepared/train_parquet")  # no goal
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                             "input_throughput.json")
 
@@ -111,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def write_data(cfg: argparse.Namespace, root: str) -> tuple[list[str], str]:
     """Criteo TSV files of unequal sizes, and their Parquet conversion (the default
-    codec, lz4; also zstd under ``parquet_zstd`` beside it)."""
+    codec, lz4; also zstd under ``parquet_zstd`` and prepared, ``--prepare``, under
+    ``parquet_prepared`` beside it)."""
     from recframe.readers import convert_to_parquet, criteo_tsv
 
     rng = random.Random(0)
@@ -134,10 +133,12 @@ def write_data(cfg: argparse.Namespace, root: str) -> tuple[list[str], str]:
     pq_dir = os.path.join(root, "parquet")
     # row groups of ~1/32 of the data (1024 to 65536 rows): a rank's span edge shares one
     group = min(65_536, max(1024, cfg.rows // 32))
-    for codec, out in [("lz4", pq_dir), ("zstd", pq_dir + "_zstd")]:
-        convert_to_parquet(criteo_tsv(files, num_workers=0), out, compression=codec,
+    for codec, out, prepare in [("lz4", pq_dir, False), ("zstd", pq_dir + "_zstd", False),
+                                ("lz4", pq_dir + "_prepared", True)]:
+        convert_to_parquet(criteo_tsv(files, num_embeddings=cfg.num_embeddings,
+                                      num_workers=0), out, compression=codec,
                            rows_per_file=cfg.rows // 4 + 1, row_group_size=group,
-                           progress=False)
+                           progress=False, prepare=prepare)
     return files, pq_dir
 
 
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
               f"TSV in {len(files)} files", flush=True)
         n, b, w = cfg.num_embeddings, cfg.batch_size, cfg.workers
         schema = FeatureSchema.criteo(n, cfg.embedding_dim)
+        prepared = pq_dir + "_prepared"
         memory = list(TabularDataset(pq_dir, schema, batch_size=b, drop_last=True))
         init_default_group()  # a gloo group of one (what shard_model uses)
         model = shared_model(cfg)
@@ -306,14 +308,11 @@ def main(argv: list[str] | None = None) -> int:
             "train_tsv": TrainLoop(cfg, criteo_tsv(files, num_embeddings=n, batch_size=b,
                                                    num_workers=w, drop_last=True),
                                    os.path.join(root, "t"), model),
-            "train_parquet_nice10": TrainLoop(cfg, TabularDataset(
-                pq_dir, schema, batch_size=b, num_workers=w, drop_last=True, worker_nice=10),
-                os.path.join(root, "p10"), model),
-            "train_parquet_nice0": TrainLoop(cfg, TabularDataset(
-                pq_dir, schema, batch_size=b, num_workers=w, drop_last=True, worker_nice=0),
-                os.path.join(root, "p0"), model),
-            "train_parquet_sync": TrainLoop(cfg, TabularDataset(
-                pq_dir, schema, batch_size=b, num_workers=0, drop_last=True),
+            "train_prepared": TrainLoop(cfg, TabularDataset(
+                prepared, schema, batch_size=b, num_workers=w, drop_last=True),
+                os.path.join(root, "pp"), model),
+            "train_prepared_sync": TrainLoop(cfg, TabularDataset(
+                prepared, schema, batch_size=b, num_workers=0, drop_last=True),
                 os.path.join(root, "ps"), model),
         }
         passes = {
@@ -325,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                                                        num_workers=w)),
             "parquet_zstd": lambda: one_pass(TabularDataset(pq_dir + "_zstd", schema,
                                                             batch_size=b, num_workers=w)),
+            "prepared": lambda: one_pass(TabularDataset(prepared, schema, batch_size=b,
+                                                        num_workers=w)),
         }
         variants = [*loops, *passes]
         for loop in loops.values():  # warm-up (first steps build fbgemm kernels)

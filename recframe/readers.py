@@ -1087,13 +1087,13 @@ def decode_prepared(table: pa.Table, schema: FeatureSchema, labelled: bool, part
         dynamic = column.mapping.kind == "dynamic"
         listed = pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
         flat = pc.list_flatten(arr) if listed else arr
-        if flat.type not in (_I32, _I64) or flat.buffers()[1] is None or (
-                listed and flat.null_count):
+        if flat.type not in (_I32, _I64) or (listed and flat.null_count):
             raise _prepared_error(0, column.name, f"type {arr.type} (int32 or int64 ids, "
                                   "or lists of them, expected)")
         dtype = np.int32 if flat.type == _I32 else np.int64
-        ids = np.frombuffer(flat.buffers()[1], dtype=dtype, count=len(flat),
-                            offset=flat.offset * np.dtype(dtype).itemsize)
+        data = flat.buffers()[1]
+        ids = (np.zeros(0, dtype=dtype) if data is None or not len(flat) else np.frombuffer(
+            data, dtype=dtype, count=len(flat), offset=flat.offset * np.dtype(dtype).itemsize))
         if listed:
             lengths[k] = np.asarray(pc.fill_null(pc.list_value_length(arr), 0))
             keep = None

@@ -24,11 +24,13 @@ round by round (the order rotates) with the CPU other processes used recorded:
   (``num_workers=0``: the training thread decodes each block when it needs it).
   Every training variant trains one shared model and optimizer pair: two copies of
   one model, same data, trained 1.02-1.04x apart here (where their tables sit in
-  memory), which would be charged to the input;
+  memory), which would be charged to the input.
+
 Goals: new_tsv >= 10x old_tsv, parquet >= 20x old_tsv, both >= 2x train_memory, and
-real-data training / train_memory >= 0.95 (train_parquet, train_tsv, train_prepared). Each ratio is given in wall time (the goal) and
-in CPU time (samples per CPU-second of this process: steadier on a loaded machine). For
-the training variants, ``decode share`` is the readers' read-and-decode CPU time
+real-data training / train_memory >= 0.95 (train_parquet, train_tsv, train_prepared).
+Each ratio is given in wall time (the goal) and in CPU time (samples per CPU-second of
+this process: steadier on a loaded machine). For the training variants,
+``decode share`` is the readers' read-and-decode CPU time
 (`TabularDataset.decode_cpu_seconds`) over the process's CPU time in the round: what
 input costs a step; ``cores used`` the process's CPU time over the wall time (what
 training leaves idle on the machine's cores is where ``SCHED_IDLE`` decoding runs for

@@ -957,7 +957,7 @@ def check_prepared(url: str, metadata: Optional[Mapping[bytes, bytes]],
     try:
         record = json.loads(metadata[PREPARED_KEY])
         version = record.get("version") if isinstance(record, Mapping) else None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: hostile nesting
         raise DataError(f"{url}: its {PREPARED_KEY.decode()} footer is not valid JSON ({e}): "
                         "convert the source data again") from None
     if version != PREPARED_VERSION:
@@ -1087,10 +1087,14 @@ def decode_prepared(table: pa.Table, schema: FeatureSchema, labelled: bool, part
         dynamic = column.mapping.kind == "dynamic"
         listed = pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
         flat = pc.list_flatten(arr) if listed else arr
-        if flat.type not in (_I32, _I64) or flat.buffers()[1] is None or (
-                listed and flat.null_count):
+        if flat.type not in (_I32, _I64) or flat.buffers()[1] is None:
             raise _prepared_error(0, column.name, f"type {arr.type} (int32 or int64 ids, "
                                   "or lists of them, expected)")
+        if listed and flat.null_count:
+            ends = np.cumsum(np.asarray(pc.fill_null(pc.list_value_length(arr), 0)))
+            at = int(np.argmax(~np.asarray(flat.is_valid())))
+            raise _prepared_error(int(np.searchsorted(ends, at, side="right")), column.name,
+                                  "a null id in its list")
         dtype = np.int32 if flat.type == _I32 else np.int64
         ids = np.frombuffer(flat.buffers()[1], dtype=dtype, count=len(flat),
                             offset=flat.offset * np.dtype(dtype).itemsize)

@@ -906,8 +906,8 @@ PREPARED_VERSION = 1
 
 def prepared_signature(schema: FeatureSchema) -> dict[str, Any]:
     """What a prepared file's values depend on: the columns, their transforms and fills,
-    the id mappings and the tables' sizes (not ``embedding_dim`` nor a dynamic table's
-    admission and eviction settings, which the values do not depend on)."""
+    the id mappings and the tables' sizes (not ``embedding_dim``, nor a dynamic table's
+    row budget, admission and eviction: its ids are written raw, whatever they are)."""
     def mapping(c: SparseColumn) -> dict[str, Any]:
         m = c.mapping
         out: dict[str, Any] = {"kind": m.kind, "salt": m.salt}
@@ -920,7 +920,8 @@ def prepared_signature(schema: FeatureSchema) -> dict[str, Any]:
         "dense": [d.to_dict() for d in schema.dense],
         "sparse": [{"name": c.name, "table": c.table, "mapping": mapping(c),
                     "delimiter": c.delimiter} for c in schema.sparse],
-        "tables": {t.name: t.num_embeddings for t in schema.tables},
+        "tables": {t.name: t.num_embeddings for t in schema.tables
+                   if t.name not in schema.dynamic_tables()},
     }
 
 

@@ -36,6 +36,8 @@ from recframe.readers import (
     TabularDataset,
     convert_to_parquet,
     criteo_tsv,
+    decode_prepared,
+    decode_table,
     prepared_signature,
 )
 from recframe.schema import (
@@ -168,6 +170,44 @@ def test_mixed_columns_prepared_from_parquet(tmp_path, labelled) -> None:
     _same_weighted(list(TabularDataset(str(raw), schema, labelled=labelled, batch_size=64)),
                    list(TabularDataset(str(tmp_path / "out"), schema, labelled=labelled,
                                        batch_size=64, num_workers=2)))
+
+
+def test_decode_of_sliced_and_chunked_tables_and_a_mixed_directory(tmp_path) -> None:
+    """Two labels; `decode_prepared` of a prepared table sliced (an Arrow offset, as at a
+    rank's span edge) or in several chunks equals `decode_table` of the raw rows; a
+    directory holding a prepared and a raw part reads both (a batch across them has
+    int64 ids); preparing prepared parts again changes nothing."""
+    labels = ("y", "y2")
+    schema, table = _schema(labels=labels), _table(300, seed=2, labels=labels)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pq.write_table(table, raw / "a.parquet", row_group_size=100)
+    part = _prepare(TabularDataset(str(raw), schema, num_workers=0), tmp_path / "p")[0]
+    prepared = pq.read_table(part.replace("file://", ""))
+    cases = [(0, 300), (3, 250), (17, 18), (64, 300), (5, 5)]
+    for a, b in cases:
+        got = decode_prepared(prepared.slice(a, b - a), schema, True, 0, np.arange(a, b))
+        want = decode_table(table.slice(a, b - a), schema, True, 0, np.arange(a, b))
+        for name in ("labels", "dense", "lengths", "weights", "ends"):
+            assert np.array_equal(getattr(got, name), getattr(want, name)), (name, a, b)
+        assert np.array_equal(got.values.astype(np.int64), want.values), (a, b)
+    chunked = pa.concat_tables([prepared.slice(0, 100), prepared.slice(100)])
+    got = decode_prepared(chunked, schema, True, 0, np.arange(300))
+    assert np.array_equal(got.values, decode_table(table, schema, True, 0,
+                                                   np.arange(300)).values)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.parquet").write_bytes(Path(part.replace("file://", "")).read_bytes())
+    pq.write_table(table, mixed / "b.parquet", row_group_size=77)
+    batches = list(TabularDataset(str(mixed), schema, batch_size=64))
+    assert all(b.sparse_features.values().dtype == torch.int64 for b in batches)
+    _same_weighted(list(TabularDataset([str(raw / "a.parquet"), str(mixed / "b.parquet")],
+                                       schema, batch_size=64)), batches)
+    again = _prepare(TabularDataset(str(tmp_path / "p"), schema, num_workers=0),
+                     tmp_path / "again")
+    assert pq.read_schema(again[0].replace("file://", "")) == prepared.schema
+    _same_weighted(list(TabularDataset(str(tmp_path / "p"), schema, batch_size=64)),
+                   list(TabularDataset(str(tmp_path / "again"), schema, batch_size=64)))
 
 
 def test_int64_rows_dynamic_minus_one_and_memory_output(tmp_path) -> None:
@@ -463,3 +503,23 @@ def test_train_on_prepared_parts(tmp_path, capsys) -> None:
     assert code != 0
     err = capsys.readouterr().err
     assert "part-00000.parquet" in err and "has 50 rows there, 60 here" in err
+
+
+def test_dynamic_table_budget_and_settings_do_not_matter(tmp_path) -> None:
+    """A dynamic table's raw ids do not depend on its row budget nor its admission and
+    eviction: another budget reads the parts; another id kind or salt does not."""
+    def schema(budget: int, **dynamic) -> FeatureSchema:
+        return FeatureSchema(
+            labels=["y"], columns=["y", "x", "a", "dy"], dense=["x"],
+            sparse=["a", SparseColumn("dy", mapping=IdMapping("dynamic", dynamic=dynamic))],
+            tables=[TableSpec("a", 10, 4), TableSpec("dy", budget, 4)])
+
+    path = tmp_path / "a.csv"
+    path.write_text("".join(f"{i % 2},{i},{i * 3},{i * 1000 - 5}\n" for i in range(20)))
+    _prepare(TabularDataset(str(path), schema(50), format="csv", num_workers=0),
+             tmp_path / "out")
+    want = rows_of(list(TabularDataset(str(path), schema(50), format="csv", batch_size=8)))
+    for other in (schema(500), schema(50, min_count=3, eviction="ttl", ttl=7)):
+        assert rows_of(list(TabularDataset(str(tmp_path / "out"), other, batch_size=8))) == want
+    with pytest.raises(DataError, match="sparse column 'dy'"):
+        TabularDataset(str(tmp_path / "out"), schema(50, salt=1))

@@ -939,6 +939,10 @@ def _signature_difference(written: Any, wanted: dict[str, Any]) -> Optional[str]
                     return (f"table {name!r} has {theirs.get(name)!r} rows there, {rows} "
                             "here")
         if key in ("dense", "sparse") and isinstance(theirs, list):
+            names = [c.get("name") if isinstance(c, Mapping) else c for c in theirs]
+            if names != [c["name"] for c in value]:  # a column added, dropped or renamed
+                return (f"its {key} columns are {names} there, {[c['name'] for c in value]} "
+                        "here")
             for a, b in zip(theirs, value):
                 if a != b:
                     return f"{key} column {b['name']!r} is {a!r} there, {b!r} here"

@@ -281,7 +281,8 @@ def _edit(schema: FeatureSchema, what: str) -> FeatureSchema:
     ("fill", "dense column 'price'"),
     ("mapping kind", "sparse column 'item'"),
     ("salt", "sparse column 'user'"),
-    ("dropped column", "sparse column 'tags'"),
+    ("dropped column", "its sparse columns are ['user', 'item', 'tags'] there, ['user', "
+                       "'tags'] here"),
     ("renamed column", "tag_list"),
 ])
 def test_another_schema_is_refused(prepared_dir, what, shown) -> None:
@@ -523,3 +524,23 @@ def test_dynamic_table_budget_and_settings_do_not_matter(tmp_path) -> None:
         assert rows_of(list(TabularDataset(str(tmp_path / "out"), other, batch_size=8))) == want
     with pytest.raises(DataError, match="sparse column 'dy'"):
         TabularDataset(str(tmp_path / "out"), schema(50, salt=1))
+
+
+def test_bad_source_leaves_no_parts(tmp_path, capsys) -> None:
+    """A bad line (TSV) or value (Parquet) fails the convert naming where it is, and
+    leaves no part behind."""
+    lines = criteo_lines(300, seed=4)
+    lines[250] = "1\t2"
+    write(tmp_path / "bad.tsv", lines)
+    assert cli.main(["data", "convert", str(tmp_path / "bad.tsv"), "--criteo", "--prepare",
+                     "--output", str(tmp_path / "out"), "--row_group_size", "20",
+                     "--rows_per_file", "100", "--no_progress"]) == 1
+    assert "bad.tsv:251: expected 40 columns" in capsys.readouterr().err
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pq.write_table(_good().set_column(0, "y", pa.array([0, 1, 3, 1], pa.int64())),
+                   raw / "p.parquet", row_group_size=2)
+    with pytest.raises(DataError, match=r"p\.parquet: row group 1, row 0 .*'y': label 3"):
+        _prepare(TabularDataset(str(raw), SMALL, num_workers=0), tmp_path / "out2",
+                 row_group_size=1)
+    assert not list(tmp_path.glob("out*/**/*.parquet"))

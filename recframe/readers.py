@@ -2237,6 +2237,13 @@ def convert_to_parquet(
         close()
         if not staged:
             raise ValueError(f"convert: no rows in {source.files}")
+        # another convert into this directory may have finished meanwhile: moving these
+        # parts over its would mix two datasets
+        fs.invalidate_cache(root)
+        if [n for n in fs.ls(root, detail=False) if is_data_file(n, "parquet")]:
+            raise FileExistsError(f"{output_dir} received Parquet files from another convert "
+                                  "while this one ran; nothing of this one was moved there: "
+                                  "convert into an empty directory")
         for name in staged:
             fs.mv(f"{staging}/{name}", f"{root}/{name}")
             written.append(fs.unstrip_protocol(f"{root}/{name}"))

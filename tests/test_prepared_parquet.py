@@ -544,3 +544,24 @@ def test_bad_source_leaves_no_parts(tmp_path, capsys) -> None:
         _prepare(TabularDataset(str(raw), SMALL, num_workers=0), tmp_path / "out2",
                  row_group_size=1)
     assert not list(tmp_path.glob("out*/**/*.parquet"))
+
+
+def test_a_second_convert_into_the_same_directory_is_refused(tmp_path) -> None:
+    """Another job's parts appear in the output while this convert runs: this one fails
+    and leaves them as they are (it moved nothing over them)."""
+    source = TabularDataset(_hand_made(tmp_path, _good()), SMALL, num_workers=0)
+    out = tmp_path / "out"
+    theirs = pq.read_table(source.files[0].replace("file://", "")).slice(0, 1)
+    chunks = source.decoded_chunks
+
+    def racing():
+        pq.write_table(theirs, out / "part-00000.parquet")  # the other job finished first
+        (out / "schema.yaml").write_text("theirs")
+        yield from chunks()
+
+    source.decoded_chunks = racing
+    with pytest.raises(FileExistsError, match="another convert"):
+        _prepare(source, out)
+    assert pq.read_table(out / "part-00000.parquet").equals(theirs)
+    assert (out / "schema.yaml").read_text() == "theirs"
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", "schema.yaml"]

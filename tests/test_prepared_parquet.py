@@ -434,7 +434,10 @@ def _reader(parts, **kwargs) -> TabularDataset:
 
 
 def test_resume_mid_epoch_is_exact(criteo_parts) -> None:
-    reference = list(_reader(criteo_parts, batch_size=32))
+    from torch.utils.data import DataLoader
+
+    reference = list(DataLoader(_reader(criteo_parts, batch_size=32), batch_size=None))
+    same_batches(reference, list(_reader(criteo_parts, batch_size=32)))
     ds = _reader(criteo_parts, batch_size=32, num_workers=2)
     states = []
     for _ in ds:
@@ -565,3 +568,18 @@ def test_a_second_convert_into_the_same_directory_is_refused(tmp_path) -> None:
     assert pq.read_table(out / "part-00000.parquet").equals(theirs)
     assert (out / "schema.yaml").read_text() == "theirs"
     assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", "schema.yaml"]
+
+
+def test_several_ids_in_a_single_valued_column_are_refused() -> None:
+    """`multi_valued` marks every column whose rows may hold several ids (a delimiter, a
+    list column); a chunk breaking that is refused, never written as one id."""
+    from recframe.readers import _Chunk, prepared_table
+
+    chunk = _Chunk(0, np.arange(1, 3), np.zeros(2, np.float32), np.ones(2, np.float32),
+                   np.zeros((2, 1), np.float32), np.array([1, 2, 3, 4, 5], np.int64),
+                   np.array([[1, 1], [2, 1]], np.int32))
+    with pytest.raises(ValueError, match="column 'b': several ids in a row"):
+        prepared_table(chunk, SMALL, True, [False, False])
+    table = prepared_table(chunk, SMALL, True, [False, True])
+    assert table.column("a").to_pylist() == [1, 2]
+    assert table.column("b").to_pylist() == [[3, 4], [5]]

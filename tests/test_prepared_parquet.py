@@ -107,6 +107,10 @@ def test_criteo_tsv_prepared_from_the_command_line(tmp_path) -> None:
     same_batches(tsv, got)
     assert {b.sparse_features.values().dtype for b in got} == {torch.int64}  # widened
     same_batches(tsv, list(TabularDataset(str(plain), schema, batch_size=64)))
+    # raw parts converted before (hex ids parsed to int64) prepared in turn
+    assert cli.main(["data", "convert", str(plain), "--criteo", "--format", "parquet",
+                     "--prepare", "--output", str(tmp_path / "again"), "--no_progress"]) == 0
+    same_batches(tsv, list(TabularDataset(str(tmp_path / "again"), schema, batch_size=64)))
     # rows without an id are NO_ID in the file, no id in the batch
     cats = pq.read_table(parts[0], columns=["cat_0"]).column(0).to_numpy()
     first = [ln.split("\t")[14] for ln in lines[:160]]

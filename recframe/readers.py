@@ -906,8 +906,8 @@ PREPARED_VERSION = 1
 
 def prepared_signature(schema: FeatureSchema) -> dict[str, Any]:
     """What a prepared file's values depend on: the columns, their transforms and fills,
-    the id mappings and the tables' sizes (not ``embedding_dim`` nor a dynamic table's
-    admission and eviction settings, which the values do not depend on)."""
+    the id mappings and the tables' sizes (not ``embedding_dim``, nor a dynamic table's
+    row budget, admission and eviction: its ids are written raw, whatever they are)."""
     def mapping(c: SparseColumn) -> dict[str, Any]:
         m = c.mapping
         out: dict[str, Any] = {"kind": m.kind, "salt": m.salt}
@@ -920,7 +920,8 @@ def prepared_signature(schema: FeatureSchema) -> dict[str, Any]:
         "dense": [d.to_dict() for d in schema.dense],
         "sparse": [{"name": c.name, "table": c.table, "mapping": mapping(c),
                     "delimiter": c.delimiter} for c in schema.sparse],
-        "tables": {t.name: t.num_embeddings for t in schema.tables},
+        "tables": {t.name: t.num_embeddings for t in schema.tables
+                   if t.name not in schema.dynamic_tables()},
     }
 
 
@@ -938,6 +939,10 @@ def _signature_difference(written: Any, wanted: dict[str, Any]) -> Optional[str]
                     return (f"table {name!r} has {theirs.get(name)!r} rows there, {rows} "
                             "here")
         if key in ("dense", "sparse") and isinstance(theirs, list):
+            names = [c.get("name") if isinstance(c, Mapping) else c for c in theirs]
+            if names != [c["name"] for c in value]:  # a column added, dropped or renamed
+                return (f"its {key} columns are {names} there, {[c['name'] for c in value]} "
+                        "here")
             for a, b in zip(theirs, value):
                 if a != b:
                     return f"{key} column {b['name']!r} is {a!r} there, {b!r} here"
@@ -957,7 +962,7 @@ def check_prepared(url: str, metadata: Optional[Mapping[bytes, bytes]],
     try:
         record = json.loads(metadata[PREPARED_KEY])
         version = record.get("version") if isinstance(record, Mapping) else None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: hostile nesting
         raise DataError(f"{url}: its {PREPARED_KEY.decode()} footer is not valid JSON ({e}): "
                         "convert the source data again") from None
     if version != PREPARED_VERSION:
@@ -1087,9 +1092,14 @@ def decode_prepared(table: pa.Table, schema: FeatureSchema, labelled: bool, part
         dynamic = column.mapping.kind == "dynamic"
         listed = pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
         flat = pc.list_flatten(arr) if listed else arr
-        if flat.type not in (_I32, _I64) or (listed and flat.null_count):
+        if flat.type not in (_I32, _I64):
             raise _prepared_error(0, column.name, f"type {arr.type} (int32 or int64 ids, "
                                   "or lists of them, expected)")
+        if listed and flat.null_count:
+            ends = np.cumsum(np.asarray(pc.fill_null(pc.list_value_length(arr), 0)))
+            at = int(np.argmax(~np.asarray(flat.is_valid())))
+            raise _prepared_error(int(np.searchsorted(ends, at, side="right")), column.name,
+                                  "a null id in its list")
         dtype = np.int32 if flat.type == _I32 else np.int64
         data = flat.buffers()[1]
         ids = (np.zeros(0, dtype=dtype) if data is None or not len(flat) else np.frombuffer(
@@ -2228,6 +2238,13 @@ def convert_to_parquet(
         close()
         if not staged:
             raise ValueError(f"convert: no rows in {source.files}")
+        # another convert into this directory may have finished meanwhile: moving these
+        # parts over its would mix two datasets
+        fs.invalidate_cache(root)
+        if [n for n in fs.ls(root, detail=False) if is_data_file(n, "parquet")]:
+            raise FileExistsError(f"{output_dir} received Parquet files from another convert "
+                                  "while this one ran; nothing of this one was moved there: "
+                                  "convert into an empty directory")
         for name in staged:
             fs.mv(f"{staging}/{name}", f"{root}/{name}")
             written.append(fs.unstrip_protocol(f"{root}/{name}"))

@@ -534,7 +534,7 @@ def _data_parser(sub: Any) -> None:
     c.add_argument("--prepare", action="store_true",
                    help="write the schema's output instead of raw columns: dense values "
                    "filled and transformed, ids mapped to table rows. Reading skips that "
-                   "work (about 2x fewer CPU per row) but the files then fit only this "
+                   "work (about half the read CPU per row) but the files then fit only this "
                    "schema's columns, transforms and table sizes (checked when read)")
     c.add_argument("--no_progress", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_data_convert)

@@ -2129,8 +2129,8 @@ def convert_to_parquet(
     ``prepare``: write what training reads instead of the raw columns: labels, weight
     and dense columns filled and transformed (float32, no nulls), each id its table's
     row (int32; lists for multi-valued columns; a dynamic table's raw ids as int64).
-    Reading such a file skips the transforms and id mappings (about a third of the
-    read CPU of raw lz4 parts, docs/data.md), but ties it to the schema: its footer
+    Reading such a file skips the transforms and id mappings (about half the read CPU
+    of raw lz4 parts, docs/data.md), but ties it to the schema: its footer
     records the schema (`PREPARED_KEY`), and reading it under a schema whose columns,
     transforms, mappings or table sizes differ is a `DataError`. ``source`` may then be
     Parquet too (raw parts from elsewhere)."""

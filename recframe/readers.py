@@ -897,6 +897,8 @@ def _map_id_rows(ids: np.ndarray, nums: np.ndarray, unsigned: np.ndarray,
             ids[j] = _mod(ids[j], int(nums[j, 0]))
 
 
+_ALIGN = 64  # bytes: a batch's float tensors' alignment (`TabularDataset._assemble`)
+
 # --------------------------------------------------------------------------- prepared files
 PREPARED_KEY = b"recframe.prepared"
 """Parquet footer key of a prepared file (`convert_to_parquet` with ``prepare=True``): its
@@ -1833,13 +1835,22 @@ class TabularDataset(IterableDataset):
     def _assemble(self, pieces: list[tuple[_Chunk, int, int]]) -> Any:
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-        def cat(arrays: list[np.ndarray]) -> np.ndarray:
-            if not arrays:
-                return np.zeros(0, dtype=np.int64)
-            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        def cat(arrays: list[np.ndarray]) -> torch.Tensor:
+            """The float rows as one tensor at a 64-byte aligned address (torch's own
+            allocations'): torch's vectorised CPU kernels round differently with their
+            input's alignment, and a batch's rows start wherever its chunk had them (a
+            resumed run's chunks start at its position), so an unaligned batch would
+            train to other bits than the same rows in an uninterrupted run."""
+            if len(arrays) == 1:
+                t = torch.from_numpy(arrays[0])
+                return t if t.data_ptr() % _ALIGN == 0 else t.clone()
+            t = torch.empty((sum(len(x) for x in arrays), *arrays[0].shape[1:]),
+                            dtype=torch.from_numpy(arrays[0][:0]).dtype)
+            np.concatenate(arrays, out=t.numpy())
+            return t
 
-        dense = cat([c.dense[a:b] for c, a, b in pieces])
-        labels = cat([c.labels[a:b] for c, a, b in pieces])
+        dense_t = cat([c.dense[a:b] for c, a, b in pieces])
+        labels_t = cat([c.labels[a:b] for c, a, b in pieces])
         c, a, b = pieces[0]
         if len(pieces) == 1 and a == 0 and b == len(c):  # a whole chunk: no copies
             values, lengths = c.values.astype(np.int64, copy=False), c.lengths.reshape(-1)
@@ -1851,14 +1862,13 @@ class TabularDataset(IterableDataset):
                       else np.zeros(0, dtype=np.int64))
             lengths = np.concatenate([c.lengths[:, a:b] for c, a, b in pieces],
                                      axis=1).reshape(-1)
-        size = len(labels)
+        size = len(labels_t)
         # built directly: lengths and values agree by construction (make_kjt's check
         # sums the lengths with torch, which costs more than the whole decode)
         kjt = KeyedJaggedTensor(keys=self.feature_names, values=torch.from_numpy(values),
                                 lengths=torch.from_numpy(lengths), stride=size)
-        dense_t, labels_t = torch.from_numpy(dense), torch.from_numpy(labels)
         if self.schema.weight and self.labelled:
-            weights = torch.from_numpy(cat([c.weights[a:b] for c, a, b in pieces]))
+            weights = cat([c.weights[a:b] for c, a, b in pieces])
             return WeightedBatch(dense_t, kjt, labels_t, weights)
         return _make_batch(dense_t, kjt, labels_t)
 

@@ -1350,7 +1350,10 @@ class TabularDataset(IterableDataset):
             source = self._open(url)
             try:
                 pf = pq.ParquetFile(source)
-                meta, names = pf.metadata, set(pf.schema_arrow.names)
+                meta, listed = pf.metadata, pf.schema_arrow.names
+                names = set(listed)
+                twice = ([c for c in self._needed if listed.count(c) > 1]
+                         if len(names) < len(listed) else [])
                 footer = pf.schema_arrow.metadata
                 pf.close()
             except (pa.ArrowException, OSError) as e:
@@ -1368,6 +1371,9 @@ class TabularDataset(IterableDataset):
                         "needs labelled=False)" if unlabelled else "")
                 raise DataError(f"{url}: missing column(s) {missing}; the file has "
                                 f"{sorted(names)}{hint}")
+            if twice:  # which of them would be the column? (pyarrow: a KeyError)
+                raise DataError(f"{url}: column(s) {twice} appear more than once in the file; "
+                                "rewrite it with each column once")
             self._prepared.append(check_prepared(url, footer, self.schema))
             counts = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
             sizes = []

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
-from test_readers import criteo_lines, write
+from test_prepared_parquet import SMALL, _footer, _good
+from test_readers import criteo_lines, rows_of, write
 
 from recframe import Hook, Trainer, TrainingArguments
 from recframe.models import DLRM
 from recframe.optim import dense_parameters, sparse_parameters
-from recframe.readers import TabularDataset, convert_to_parquet
+from recframe.readers import DataError, TabularDataset, convert_to_parquet
 from recframe.schema import FeatureSchema
 
 
@@ -105,3 +108,33 @@ def test_trainer_resumes_on_prepared_parts_bitwise(tmp_path, criteo_dirs) -> Non
     for key, value in reference.items():
         assert torch.equal(value, raw[key]), key
         assert torch.equal(value, resumed[key]), key
+
+
+# --------------------------------------------------------------------------- hostile parts
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_a_column_twice_in_a_part_is_named(tmp_path, prepared) -> None:
+    """A part holding a needed column twice (a hand-made or concatenated file): a
+    `DataError` naming file and column when the reader opens it (before: pyarrow's
+    KeyError 'Field "a" exists 2 times' at the first batch, no file named); a
+    duplicated column the schema does not read is no matter."""
+    table = _good().replace_schema_metadata(_footer() if prepared else None)
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(table, plain)
+    extra = pa.array([5, 5, 5, 5], pa.int32())
+    for name, shown in (("a", True), ("unused", False)):
+        dup = pa.Table.from_arrays(table.columns + [extra, extra] if not shown
+                                   else table.columns + [extra],
+                                   names=table.column_names + ([name] if shown
+                                                               else [name, name]))
+        dup = dup.replace_schema_metadata(table.schema.metadata)
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(dup, path)
+        if shown:
+            with pytest.raises(DataError, match=r"a\.parquet: column\(s\) \['a'\] appear "
+                                                r"more than once"):
+                TabularDataset(str(path), SMALL)
+        else:
+            assert rows_of(list(TabularDataset(str(path), SMALL, batch_size=4))) == rows_of(
+                list(TabularDataset(str(plain), SMALL, batch_size=4)))

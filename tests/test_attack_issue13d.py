@@ -192,3 +192,39 @@ def test_reordered_or_renamed_schemas_are_refused_or_read_alike(tmp_path, change
         with pytest.raises(DataError, match="part-00000.parquet: prepared .*under another "
                                             "schema: " + re.escape(shown)):
             TabularDataset(str(tmp_path / "p"), other)
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def test_ctrl_c_mid_prepare_leaves_nothing_and_a_rerun_succeeds(tmp_path, monkeypatch) -> None:
+    """A KeyboardInterrupt while preparing (parts already closed in the staging
+    directory): no part, no schema.yaml, no staging directory left; the same command
+    run again into the same directory writes the whole dataset."""
+    from recframe import readers
+
+    tsv = write(tmp_path / "a.tsv", criteo_lines(300, seed=6))
+    real, calls = readers.prepared_table, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            staged = list((tmp_path / "out").glob("_convert-*/part-*.parquet"))
+            assert len(staged) >= 2  # parts closed (and one open) when Ctrl-C comes
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    def source() -> TabularDataset:
+        return TabularDataset(tsv, SMALL_CRITEO, format="tsv", num_workers=0,
+                              block_size=4096)
+
+    monkeypatch.setattr(readers, "prepared_table", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _prepare(source(), tmp_path / "out", rows_per_file=30, row_group_size=7)
+    assert len(calls) == 4 and list((tmp_path / "out").iterdir()) == []
+    monkeypatch.setattr(readers, "prepared_table", real)
+    parts = _prepare(source(), tmp_path / "out", rows_per_file=70, row_group_size=7)
+    assert [pq.ParquetFile(p.replace("file://", "")).metadata.num_rows for p in parts] == [
+        70, 70, 70, 70, 20]
+    assert rows_of(list(TabularDataset(str(tmp_path / "out"), SMALL_CRITEO, batch_size=64))) == (
+        rows_of(list(TabularDataset(tsv, SMALL_CRITEO, format="tsv", batch_size=64))))

@@ -7,12 +7,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from test_prepared_parquet import SMALL, _footer, _good
-from test_readers import criteo_lines, rows_of, write
+from test_readers import criteo_lines, rows_of, same_batches, write
+from test_readers_vectorised import _schema, _table
 
 from recframe import Hook, Trainer, TrainingArguments
 from recframe.models import DLRM
@@ -228,3 +230,53 @@ def test_ctrl_c_mid_prepare_leaves_nothing_and_a_rerun_succeeds(tmp_path, monkey
         70, 70, 70, 70, 20]
     assert rows_of(list(TabularDataset(str(tmp_path / "out"), SMALL_CRITEO, batch_size=64))) == (
         rows_of(list(TabularDataset(tsv, SMALL_CRITEO, format="tsv", batch_size=64))))
+
+
+# --------------------------------------------------------------------------- mixed parts
+
+
+def _same_weighted(a, b) -> None:
+    same_batches(a, b)
+    for x, y in zip(a, b):
+        assert type(x) is type(y) and torch.equal(x.weights, y.weights)
+        assert y.sparse_features.values().dtype == torch.int64
+
+
+def test_raw_and_prepared_parts_alternating_in_one_directory(tmp_path) -> None:
+    """Weights, lists, delimited strings, hashed and dynamic ids; parts alternately
+    prepared (int32 rows) and raw (int64 after mapping): batches that straddle them equal
+    the all-raw batches at any batch size, through a glob on ``memory://``, resumed at
+    any position, and split over two ranks within one batch of each other."""
+    schema, table = _schema(), _table(260, seed=9)
+    raw, mixed = tmp_path / "raw", tmp_path / "mixed"
+    raw.mkdir()
+    mixed.mkdir()
+    memory = fsspec.filesystem("memory")
+    for i, (a, b) in enumerate([(0, 70), (70, 140), (140, 201), (201, 260)]):
+        pq.write_table(table.slice(a, b - a), raw / f"p{i}.parquet", row_group_size=23)
+        path = raw / f"p{i}.parquet"
+        if i % 2 == 0:
+            part = _prepare(TabularDataset(str(path), schema, num_workers=0),
+                            tmp_path / f"prep{i}", row_group_size=17)[0]
+            path = Path(part.replace("file://", ""))
+        (mixed / f"p{i}.parquet").write_bytes(path.read_bytes())
+        memory.pipe(f"/attack13d/p{i}.parquet", path.read_bytes())
+    for batch_size in (7, 129):
+        want = list(TabularDataset(str(raw), schema, batch_size=batch_size))
+        _same_weighted(want, list(TabularDataset(str(mixed), schema, batch_size=batch_size,
+                                                 num_workers=2)))
+    want = list(TabularDataset(str(raw), schema, batch_size=37))
+    _same_weighted(want, list(TabularDataset("memory://attack13d/p*.parquet", schema,
+                                             batch_size=37)))
+    ds = TabularDataset(str(mixed), schema, batch_size=37)
+    states = []
+    for _ in ds:
+        states.append(ds.state_dict())
+    for k in range(len(states) - 1):
+        again = TabularDataset(str(mixed), schema, batch_size=37)
+        again.load_state_dict(states[k])
+        _same_weighted(list(again), want[k + 1:])
+    ranks = [list(TabularDataset(str(mixed), schema, batch_size=16, rank=r, world_size=2,
+                                 drop_last=False)) for r in range(2)]
+    assert abs(len(ranks[0]) - len(ranks[1])) <= 1
+    assert sorted(rows_of(ranks[0] + ranks[1])) == sorted(rows_of(want))

@@ -336,6 +336,23 @@ def _float_column(arr: pa.Array, name: str, fill: Optional[float]) -> np.ndarray
     return out
 
 
+def _float32(x: np.ndarray, name: str, transform: str = "none",
+             raw: Optional[np.ndarray] = None) -> np.ndarray:
+    """``x`` (float64, finite; ``raw`` before its ``transform``) as the batch's float32;
+    a value beyond its range (inf there) is a `_RowError`: it would train to NaN (and a
+    prepared part keeping it could not be read)."""
+    with np.errstate(over="ignore"):
+        out = x.astype(np.float32)
+    finite = np.isfinite(out)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        value = repr(float(x[row])) if raw is None else (
+            f"{float(raw[row])!r} ({float(x[row])!r} after its {transform} transform)")
+        raise _RowError(row, name, f"{value} is beyond float32's range (|x| <= 3.4e38, the "
+                        "batches' type): rescale the column")
+    return out
+
+
 def _is_text(t: pa.DataType) -> bool:
     """A string or binary Arrow type with int32/int64 offsets (the CSV reader gives the
     ``hex`` id columns as binary: no UTF-8 check, `TabularDataset._column_types`)."""
@@ -577,8 +594,8 @@ def _decode_columns(
         labels = np.stack([_float_column(col(c), c, None) for c in schema.labels], axis=1)
         _check_labels(labels, schema.labels)
         labels = labels[:, 0] if labels.shape[1] == 1 else labels
-        weights = (_float_column(col(schema.weight), schema.weight, None).astype(np.float32)
-                   if schema.weight else None)
+        weights = (_float32(_float_column(col(schema.weight), schema.weight, None),
+                            schema.weight) if schema.weight else None)
         if weights is not None and (weights < 0).any():
             row = int(np.flatnonzero(weights < 0)[0])
             raise _RowError(row, str(schema.weight), f"weight {float(weights[row])} is "
@@ -587,13 +604,13 @@ def _decode_columns(
         labels, weights = np.zeros(n), None
     dense = np.empty((n, len(schema.dense)), dtype=np.float32)
     for j, d in enumerate(schema.dense):
-        x = _float_column(col(d.name), d.name, d.fill)
+        raw = x = _float_column(col(d.name), d.name, d.fill)
         if d.transform == "log1p":
             x = np.maximum(x, 0.0)  # a new array (x may be Arrow's, read-only)
             np.log1p(x, out=x)
         elif d.transform == "standardize":
             x = (x - d.mean) / d.std
-        dense[:, j] = x
+        dense[:, j] = _float32(x, d.name, d.transform, None if x is raw else raw)
     table_rows = {t.name: t.num_embeddings for t in schema.tables}
     values: list[np.ndarray] = []
     lengths = np.empty((len(schema.sparse), n), dtype=np.int32)
@@ -732,14 +749,17 @@ def decode_table(
     if len(plan.standardize):
         x[plan.standardize] = (x[plan.standardize] - plan.mean) / plan.std
     first = plan.n_labels + plan.weighted
-    dense = np.ascontiguousarray(x[first:].T, dtype=np.float32)
+    with np.errstate(over="ignore"):  # beyond float32: inf, named by the general path
+        dense = np.ascontiguousarray(x[first:].T, dtype=np.float32)
+        weights = x[plan.n_labels].astype(np.float32) if plan.weighted else None
+    if not np.isfinite(dense).all() or (weights is not None and not np.isfinite(weights).all()):
+        return _decode_columns(table, schema, labelled, part, ends)
     if not labelled:
         labels32 = np.zeros(n, dtype=np.float32)
     elif plan.n_labels == 1:
         labels32 = labels[0].astype(np.float32)
     else:
         labels32 = np.ascontiguousarray(labels.T, dtype=np.float32)
-    weights = x[plan.n_labels].astype(np.float32) if plan.weighted else None
 
     # ---- sparse columns: integer ids together, the others one by one
     lengths = np.empty((len(schema.sparse), n), dtype=np.int32)

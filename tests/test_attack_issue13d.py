@@ -280,3 +280,40 @@ def test_raw_and_prepared_parts_alternating_in_one_directory(tmp_path) -> None:
                                  drop_last=False)) for r in range(2)]
     assert abs(len(ranks[0]) - len(ranks[1])) <= 1
     assert sorted(rows_of(ranks[0] + ranks[1])) == sorted(rows_of(want))
+
+
+# --------------------------------------------------------------------------- float32 range
+
+
+@pytest.mark.parametrize("column,value,after", [
+    ("x", "1e39", ""),
+    ("s", "1e30", " (1e+39 after its standardize transform)"),
+    ("w", "3.5e38", ""),
+])
+def test_values_beyond_float32_are_named_and_prepare_writes_no_part(tmp_path, column, value,
+                                                                     after) -> None:
+    """A finite value that float32 (the batches' type) cannot hold, itself or after its
+    transform: the reader names line and column, and ``convert --prepare`` fails there,
+    leaving no part. Before, the batch held inf (a NaN loss later) and the prepare
+    succeeded, writing parts their reader then refused as damaged."""
+    schema = FeatureSchema(labels=["y"], weight="w", columns=["y", "w", "x", "s", "a"],
+                           dense=["x", DenseColumn("s", transform="standardize", std=1e-9)],
+                           sparse=["a"], tables=[TableSpec("a", 10, 4)])
+    rows = [dict(y="1", w="1", x="2", s="0", a="3") for _ in range(5)]
+    rows[3][column] = value
+    path = tmp_path / "a.csv"
+    path.write_text("".join(",".join(r[c] for c in schema.columns) + "\n" for r in rows))
+    shown = re.escape(f"a.csv:4: column '{column}': {float(value)!r}{after} is beyond float32's "
+                      "range")
+    with pytest.raises(DataError, match=shown):
+        list(TabularDataset(str(path), schema, format="csv", batch_size=8))
+    with pytest.raises(DataError, match=shown):
+        _prepare(TabularDataset(str(path), schema, format="csv", num_workers=0),
+                 tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+    # Parquet float64 columns: the same, in the whole-table path and the general one
+    table = pa.table({c: pa.array([float(r[c]) for r in rows]) if c != "a"
+                      else pa.array([3] * 5) for c in schema.columns})
+    pq.write_table(table, tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=rf"a\.parquet: row group 0, row 3 .*'{column}'"):
+        list(TabularDataset(str(tmp_path / "a.parquet"), schema, batch_size=8))

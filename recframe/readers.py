@@ -73,6 +73,7 @@ DECODE_ROWS = 16_384
 """Rows decoded at a time from a Parquet row group: the decode makes a few passes over
 ``[columns, rows]`` arrays, which stay in the CPU's cache at this size (a whole 65536-row
 group decodes about 1.5x slower per row)."""
+_ALIGN = 64  # bytes: a batch's float tensors' alignment (`TabularDataset._assemble`)
 # s: the least wait for a block a thread started before the caller decodes it too (then
 # until _PATIENCE_BLOCKS blocks' time after the thread started it; _FIRST_PATIENCE before
 # any block's time is known)
@@ -916,8 +917,6 @@ def _map_id_rows(ids: np.ndarray, nums: np.ndarray, unsigned: np.ndarray,
         elif signed[j]:
             ids[j] = _mod(ids[j], int(nums[j, 0]))
 
-
-_ALIGN = 64  # bytes: a batch's float tensors' alignment (`TabularDataset._assemble`)
 
 # --------------------------------------------------------------------------- prepared files
 PREPARED_KEY = b"recframe.prepared"

@@ -1,6 +1,8 @@
 """Attack review of prepared Parquet as merged (issue 13, fourth pass): the Trainer over
-prepared parts, raw and prepared chunks in one batch, and what the prepared signature
-accepts; findings, each pinned by a test that failed before its fix."""
+prepared parts, raw and prepared chunks in one batch, values prepare cannot keep, and
+what the prepared signature accepts. The findings are each pinned by a test that failed
+before its fix (alignment and exact resume, a column twice, values beyond float32); the
+other tests cover paths the earlier tests left out."""
 
 from __future__ import annotations
 

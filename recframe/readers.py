@@ -73,6 +73,7 @@ DECODE_ROWS = 16_384
 """Rows decoded at a time from a Parquet row group: the decode makes a few passes over
 ``[columns, rows]`` arrays, which stay in the CPU's cache at this size (a whole 65536-row
 group decodes about 1.5x slower per row)."""
+_ALIGN = 64  # bytes: a batch's float tensors' alignment (`TabularDataset._assemble`)
 # s: the least wait for a block a thread started before the caller decodes it too (then
 # until _PATIENCE_BLOCKS blocks' time after the thread started it; _FIRST_PATIENCE before
 # any block's time is known)
@@ -336,6 +337,23 @@ def _float_column(arr: pa.Array, name: str, fill: Optional[float]) -> np.ndarray
     return out
 
 
+def _float32(x: np.ndarray, name: str, transform: str = "none",
+             raw: Optional[np.ndarray] = None) -> np.ndarray:
+    """``x`` (float64, finite; ``raw`` before its ``transform``) as the batch's float32;
+    a value beyond its range (inf there) is a `_RowError`: it would train to NaN (and a
+    prepared part keeping it could not be read)."""
+    with np.errstate(over="ignore"):
+        out = x.astype(np.float32)
+    finite = np.isfinite(out)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        value = repr(float(x[row])) if raw is None else (
+            f"{float(raw[row])!r} ({float(x[row])!r} after its {transform} transform)")
+        raise _RowError(row, name, f"{value} is beyond float32's range (|x| <= 3.4e38, the "
+                        "batches' type): rescale the column")
+    return out
+
+
 def _is_text(t: pa.DataType) -> bool:
     """A string or binary Arrow type with int32/int64 offsets (the CSV reader gives the
     ``hex`` id columns as binary: no UTF-8 check, `TabularDataset._column_types`)."""
@@ -577,8 +595,8 @@ def _decode_columns(
         labels = np.stack([_float_column(col(c), c, None) for c in schema.labels], axis=1)
         _check_labels(labels, schema.labels)
         labels = labels[:, 0] if labels.shape[1] == 1 else labels
-        weights = (_float_column(col(schema.weight), schema.weight, None).astype(np.float32)
-                   if schema.weight else None)
+        weights = (_float32(_float_column(col(schema.weight), schema.weight, None),
+                            schema.weight) if schema.weight else None)
         if weights is not None and (weights < 0).any():
             row = int(np.flatnonzero(weights < 0)[0])
             raise _RowError(row, str(schema.weight), f"weight {float(weights[row])} is "
@@ -587,13 +605,13 @@ def _decode_columns(
         labels, weights = np.zeros(n), None
     dense = np.empty((n, len(schema.dense)), dtype=np.float32)
     for j, d in enumerate(schema.dense):
-        x = _float_column(col(d.name), d.name, d.fill)
+        raw = x = _float_column(col(d.name), d.name, d.fill)
         if d.transform == "log1p":
             x = np.maximum(x, 0.0)  # a new array (x may be Arrow's, read-only)
             np.log1p(x, out=x)
         elif d.transform == "standardize":
             x = (x - d.mean) / d.std
-        dense[:, j] = x
+        dense[:, j] = _float32(x, d.name, d.transform, None if x is raw else raw)
     table_rows = {t.name: t.num_embeddings for t in schema.tables}
     values: list[np.ndarray] = []
     lengths = np.empty((len(schema.sparse), n), dtype=np.int32)
@@ -732,14 +750,17 @@ def decode_table(
     if len(plan.standardize):
         x[plan.standardize] = (x[plan.standardize] - plan.mean) / plan.std
     first = plan.n_labels + plan.weighted
-    dense = np.ascontiguousarray(x[first:].T, dtype=np.float32)
+    with np.errstate(over="ignore"):  # beyond float32: inf, named by the general path
+        dense = np.ascontiguousarray(x[first:].T, dtype=np.float32)
+        weights = x[plan.n_labels].astype(np.float32) if plan.weighted else None
+    if not np.isfinite(dense).all() or (weights is not None and not np.isfinite(weights).all()):
+        return _decode_columns(table, schema, labelled, part, ends)
     if not labelled:
         labels32 = np.zeros(n, dtype=np.float32)
     elif plan.n_labels == 1:
         labels32 = labels[0].astype(np.float32)
     else:
         labels32 = np.ascontiguousarray(labels.T, dtype=np.float32)
-    weights = x[plan.n_labels].astype(np.float32) if plan.weighted else None
 
     # ---- sparse columns: integer ids together, the others one by one
     lengths = np.empty((len(schema.sparse), n), dtype=np.int32)
@@ -1348,7 +1369,10 @@ class TabularDataset(IterableDataset):
             source = self._open(url)
             try:
                 pf = pq.ParquetFile(source)
-                meta, names = pf.metadata, set(pf.schema_arrow.names)
+                meta, listed = pf.metadata, pf.schema_arrow.names
+                names = set(listed)
+                twice = ([c for c in self._needed if listed.count(c) > 1]
+                         if len(names) < len(listed) else [])
                 footer = pf.schema_arrow.metadata
                 pf.close()
             except (pa.ArrowException, OSError) as e:
@@ -1366,6 +1390,9 @@ class TabularDataset(IterableDataset):
                         "needs labelled=False)" if unlabelled else "")
                 raise DataError(f"{url}: missing column(s) {missing}; the file has "
                                 f"{sorted(names)}{hint}")
+            if twice:  # which of them would be the column? (pyarrow: a KeyError)
+                raise DataError(f"{url}: column(s) {twice} appear more than once in the file; "
+                                "rewrite it with each column once")
             self._prepared.append(check_prepared(url, footer, self.schema))
             counts = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
             sizes = []
@@ -1833,13 +1860,22 @@ class TabularDataset(IterableDataset):
     def _assemble(self, pieces: list[tuple[_Chunk, int, int]]) -> Any:
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-        def cat(arrays: list[np.ndarray]) -> np.ndarray:
-            if not arrays:
-                return np.zeros(0, dtype=np.int64)
-            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        def cat(arrays: list[np.ndarray]) -> torch.Tensor:
+            """The float rows as one tensor at a 64-byte aligned address (torch's own
+            allocations'): torch's vectorised CPU kernels round differently with their
+            input's alignment, and a batch's rows start wherever its chunk had them (a
+            resumed run's chunks start at its position), so an unaligned batch would
+            train to other bits than the same rows in an uninterrupted run."""
+            if len(arrays) == 1:
+                t = torch.from_numpy(arrays[0])
+                return t if t.data_ptr() % _ALIGN == 0 else t.clone()
+            t = torch.empty((sum(len(x) for x in arrays), *arrays[0].shape[1:]),
+                            dtype=torch.from_numpy(arrays[0][:0]).dtype)
+            np.concatenate(arrays, out=t.numpy())
+            return t
 
-        dense = cat([c.dense[a:b] for c, a, b in pieces])
-        labels = cat([c.labels[a:b] for c, a, b in pieces])
+        dense_t = cat([c.dense[a:b] for c, a, b in pieces])
+        labels_t = cat([c.labels[a:b] for c, a, b in pieces])
         c, a, b = pieces[0]
         if len(pieces) == 1 and a == 0 and b == len(c):  # a whole chunk: no copies
             values, lengths = c.values.astype(np.int64, copy=False), c.lengths.reshape(-1)
@@ -1851,14 +1887,13 @@ class TabularDataset(IterableDataset):
                       else np.zeros(0, dtype=np.int64))
             lengths = np.concatenate([c.lengths[:, a:b] for c, a, b in pieces],
                                      axis=1).reshape(-1)
-        size = len(labels)
+        size = len(labels_t)
         # built directly: lengths and values agree by construction (make_kjt's check
         # sums the lengths with torch, which costs more than the whole decode)
         kjt = KeyedJaggedTensor(keys=self.feature_names, values=torch.from_numpy(values),
                                 lengths=torch.from_numpy(lengths), stride=size)
-        dense_t, labels_t = torch.from_numpy(dense), torch.from_numpy(labels)
         if self.schema.weight and self.labelled:
-            weights = torch.from_numpy(cat([c.weights[a:b] for c, a, b in pieces]))
+            weights = cat([c.weights[a:b] for c, a, b in pieces])
             return WeightedBatch(dense_t, kjt, labels_t, weights)
         return _make_batch(dense_t, kjt, labels_t)
 

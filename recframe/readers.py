@@ -73,6 +73,7 @@ DECODE_ROWS = 16_384
 """Rows decoded at a time from a Parquet row group: the decode makes a few passes over
 ``[columns, rows]`` arrays, which stay in the CPU's cache at this size (a whole 65536-row
 group decodes about 1.5x slower per row)."""
+_F32_MAX = float(np.finfo(np.float32).max)
 _ALIGN = 64  # bytes: a batch's float tensors' alignment (`TabularDataset._assemble`)
 # s: the least wait for a block a thread started before the caller decodes it too (then
 # until _PATIENCE_BLOCKS blocks' time after the thread started it; _FIRST_PATIENCE before
@@ -667,6 +668,7 @@ class _Plan:
     nums: np.ndarray  # their tables' rows (uint64)
     signed: np.ndarray  # bool: modulo of a signed id (else unsigned: hex, uint64 ids)
     raw: np.ndarray  # bool: dynamic int64 ids, kept as they are
+    wide: np.ndarray  # float-array rows that may not fit float32 (not log1p: weight, dense)
 
     @classmethod
     def build(cls, schema: FeatureSchema, labelled: bool) -> _Plan:
@@ -685,6 +687,9 @@ class _Plan:
             s.mapping.kind in ("modulo", "hex")
             or (s.mapping.dynamic is not None and s.mapping.dynamic.ids == "int64"))]
         cols = [schema.sparse[k] for k in int_ids]
+        # log1p of a finite float64 is at most ~710: only the other rows can overflow
+        wide = [base - 1] * bool(weight) + [base + j for j, d in enumerate(schema.dense)
+                                            if d.transform != "log1p"]
         return cls(
             floats, fills, len(labels), bool(weight), np.array(logs, dtype=np.int64),
             np.array([i for i, _ in stds], dtype=np.int64),
@@ -692,7 +697,8 @@ class _Plan:
             np.array([float(d.std) for _, d in stds], dtype=np.float64)[:, None],
             int_ids, np.array([table_rows[c.table] for c in cols], dtype=np.uint64)[:, None],
             np.array([c.mapping.kind == "modulo" for c in cols], dtype=bool),
-            np.array([c.mapping.kind not in ("modulo", "hex") for c in cols], dtype=bool))
+            np.array([c.mapping.kind not in ("modulo", "hex") for c in cols], dtype=bool),
+            np.array(wide, dtype=np.int64))
 
 
 def decode_table(
@@ -749,12 +755,11 @@ def decode_table(
         x[plan.log1p] = np.log1p(logs, out=logs)
     if len(plan.standardize):
         x[plan.standardize] = (x[plan.standardize] - plan.mean) / plan.std
+    if len(plan.wide) and (np.abs(x[plan.wide]) > _F32_MAX).any():
+        return _decode_columns(table, schema, labelled, part, ends)  # names it
     first = plan.n_labels + plan.weighted
-    with np.errstate(over="ignore"):  # beyond float32: inf, named by the general path
-        dense = np.ascontiguousarray(x[first:].T, dtype=np.float32)
-        weights = x[plan.n_labels].astype(np.float32) if plan.weighted else None
-    if not np.isfinite(dense).all() or (weights is not None and not np.isfinite(weights).all()):
-        return _decode_columns(table, schema, labelled, part, ends)
+    dense = np.ascontiguousarray(x[first:].T, dtype=np.float32)
+    weights = x[plan.n_labels].astype(np.float32) if plan.weighted else None
     if not labelled:
         labels32 = np.zeros(n, dtype=np.float32)
     elif plan.n_labels == 1:

@@ -51,6 +51,16 @@ def split_batches(batches: list[dict], parts: int) -> list[dict]:
     return out
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one intra-op thread for the test (``pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")``): tiny models only pay for threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.INFO, logger="recframe")

@@ -24,13 +24,7 @@ from recframe.optim import dense_parameters, sparse_parameters
 from recframe.readers import DataError, TabularDataset, convert_to_parquet
 from recframe.schema import DenseColumn, FeatureSchema, IdMapping, SparseColumn, TableSpec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _prepare(source: TabularDataset, out: Path, **kwargs) -> list[str]:

@@ -7,7 +7,6 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 from test_readers import SCHEMA_YAML, criteo_lines, rows_of, same_batches, write
 
 from recframe import cli
@@ -17,12 +16,7 @@ from recframe.schema import FeatureSchema
 QUIET = ["--disable_tqdm", "true", "--report_to", "none", "--log_steps", "1000"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_convert_criteo_then_train_on_parquet(tmp_path, capsys) -> None:

@@ -117,12 +117,7 @@ def dist_jobs():
         sys.path.remove(str(JOBS))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_two_ranks_train_save_and_reshard_2_to_1_to_2(tmp_path, dist_jobs):

@@ -16,12 +16,7 @@ from recframe.optim.fused import shard_model
 FEATURES = ["cat_0", "cat_1", "cat_2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _trainer(out, steps, accum, opt):

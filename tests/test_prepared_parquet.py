@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_data_cli import QUIET
 from test_readers import (
     CSV_ROWS,
     SCHEMA_YAML,
@@ -48,15 +49,7 @@ from recframe.schema import (
     TableSpec,
 )
 
-QUIET = ["--disable_tqdm", "true", "--report_to", "none", "--log_steps", "1000"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _same_weighted(a, b) -> None:

@@ -21,6 +21,7 @@ from test_readers import (
     CSV_ROWS,
     SCHEMA_YAML,
     criteo_lines,
+    csv_rows_table,
     expected_rows,
     rows_of,
     same_batches,
@@ -120,18 +121,9 @@ def test_user_csv_schema_prepared_from_csv_and_from_parquet(tmp_path) -> None:
     assert cli.main(["data", "convert", str(tmp_path / "a.csv"), "--schema", str(schema_path),
                      "--format", "csv", "--header", "--prepare", "--output",
                      str(tmp_path / "from_csv"), "--no_progress"]) == 0
-    cols = list(zip(*CSV_ROWS))
     raw = tmp_path / "raw"
     raw.mkdir()
-    pq.write_table(pa.table({
-        "click": pa.array([int(x) for x in cols[0]], pa.int8()),
-        "w": pa.array([float(x) for x in cols[1]]),
-        "price": pa.array([float(x) if x else None for x in cols[2]]),
-        "user": pa.array([x or None for x in cols[3]]),
-        "item": pa.array([int(x) if x else None for x in cols[4]], pa.int64()),
-        "tags": pa.array([[int(t) for t in x.split("|") if t] for x in cols[5]],
-                         pa.list_(pa.int64())),
-    }), raw / "p.parquet", row_group_size=1)
+    pq.write_table(csv_rows_table(), raw / "p.parquet", row_group_size=1)
     assert cli.main(["data", "convert", str(raw), "--schema", str(schema_path), "--format",
                      "parquet", "--prepare", "--output", str(tmp_path / "from_pq"),
                      "--no_progress"]) == 0

@@ -169,11 +169,11 @@ def test_csv_with_header_hash_multivalued_and_weights(tmp_path, schema_file) -> 
     assert batches[0].sparse_features.keys() == ["user", "item", "tags"]
 
 
-def test_parquet_directory_list_columns_and_row_groups(tmp_path, schema_file) -> None:
-    """The same rows as Parquet parts (tags as a list column, several row groups), with a
-    script beside them: the same samples."""
+def csv_rows_table() -> pa.Table:
+    """`CSV_ROWS` as an Arrow table, typed as a Parquet writer would (tags a list column,
+    empty fields null)."""
     cols = list(zip(*CSV_ROWS))
-    table = pa.table({
+    return pa.table({
         "click": pa.array([int(x) for x in cols[0]], pa.int8()),
         "w": pa.array([float(x) for x in cols[1]]),
         "price": pa.array([float(x) if x else None for x in cols[2]]),
@@ -182,6 +182,12 @@ def test_parquet_directory_list_columns_and_row_groups(tmp_path, schema_file) ->
         "tags": pa.array([[int(t) for t in x.split("|") if t] for x in cols[5]],
                          pa.list_(pa.int64())),
     })
+
+
+def test_parquet_directory_list_columns_and_row_groups(tmp_path, schema_file) -> None:
+    """The same rows as Parquet parts (tags as a list column, several row groups), with a
+    script beside them: the same samples."""
+    table = csv_rows_table()
     d = tmp_path / "pq"
     d.mkdir()
     pq.write_table(table.slice(0, 3), d / "part-0.parquet", row_group_size=2)

@@ -37,12 +37,7 @@ LR = {"rowwise_adagrad": 0.1, "adagrad": 0.1, "sgd": 0.5, "adam": 0.05}
 REFERENCE = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": SparseAdagrad, "sgd": SparseSGD}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,11 +9,13 @@ import uuid
 
 import pytest
 import torch
-from test_fused_checkpoint import _incremental_trainer, _one_thread  # noqa: F401
+from test_fused_checkpoint import _incremental_trainer
 from test_incremental import _assert_same, _batches, _build, _snapshot, _train_step
 
 from recframe.checkpoint.incremental import section
 from recframe.data import SyntheticCriteo
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("where", ["local", "memory"])

@@ -39,12 +39,7 @@ HPARAMS = {  # lrs large enough that every step moves the tables visibly
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _table(sparse: bool = True, seed: int = 0) -> nn.EmbeddingBag:

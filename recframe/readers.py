@@ -24,6 +24,7 @@ Errors name the file, the line (or the Parquet row group and row) and the column
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -582,14 +583,18 @@ def _sparse(column: SparseColumn, num: int, arr: pa.Array) -> tuple[np.ndarray, 
     return rows, np.bincount(parents, minlength=n).astype(np.int32)
 
 
+def _column(table: pa.Table, name: str) -> pa.Array:
+    """A table's column as one Arrow array (no copy when it is one chunk)."""
+    column = table.column(name)
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
 def _decode_columns(
     table: pa.Table, schema: FeatureSchema, labelled: bool, part: int, ends: np.ndarray
 ) -> _Chunk:
     """`decode_table` column by column: the general path (any column type), and the one
     that finds and names bad input for the whole-table path (raises `_RowError`)."""
-    def col(name: str) -> pa.Array:
-        column = table.column(name)
-        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    col = functools.partial(_column, table)
 
     n = table.num_rows
     if labelled:
@@ -718,9 +723,7 @@ def decode_table(
     if n == 0:
         return _decode_columns(table, schema, labelled, part, ends)
 
-    def col(name: str) -> pa.Array:
-        column = table.column(name)
-        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    col = functools.partial(_column, table)
 
     # ---- float columns: labels, weight, dense
     x = np.empty((len(plan.floats), n), dtype=np.float64)
@@ -1077,9 +1080,7 @@ def decode_prepared(table: pa.Table, schema: FeatureSchema, labelled: bool, part
     has them (`_assemble` widens a batch's ids to int64 as it copies them)."""
     n = table.num_rows
 
-    def col(name: str) -> pa.Array:
-        column = table.column(name)
-        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    col = functools.partial(_column, table)
 
     label_names = list(schema.labels) if labelled else []
     weight = [schema.weight] if labelled and schema.weight else []

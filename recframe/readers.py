@@ -1071,6 +1071,11 @@ def _prepared_error(row: int, name: str, what: str) -> _RowError:
                      "data again")
 
 
+def _row_of(lengths: np.ndarray, at: int) -> int:
+    """The row holding a list column's ``at``-th id (error path)."""
+    return int(np.searchsorted(np.cumsum(lengths, dtype=np.int64), at, side="right"))
+
+
 def decode_prepared(table: pa.Table, schema: FeatureSchema, labelled: bool, part: int,
                     ends: np.ndarray) -> _Chunk:
     """Decode a prepared table (see `prepared_table`): its values are already the batch's,
@@ -1122,17 +1127,17 @@ def decode_prepared(table: pa.Table, schema: FeatureSchema, labelled: bool, part
         if flat.type not in (_I32, _I64):
             raise _prepared_error(0, column.name, f"type {arr.type} (int32 or int64 ids, "
                                   "or lists of them, expected)")
-        if listed and flat.null_count:
-            ends = np.cumsum(np.asarray(pc.fill_null(pc.list_value_length(arr), 0)))
-            at = int(np.argmax(~np.asarray(flat.is_valid())))
-            raise _prepared_error(int(np.searchsorted(ends, at, side="right")), column.name,
-                                  "a null id in its list")
+        if listed:
+            lengths[k] = np.asarray(pc.fill_null(pc.list_value_length(arr), 0))
+            if flat.null_count:
+                at = int(np.argmax(~np.asarray(flat.is_valid())))
+                raise _prepared_error(_row_of(lengths[k], at), column.name,
+                                      "a null id in its list")
         dtype = np.int32 if flat.type == _I32 else np.int64
         data = flat.buffers()[1]
         ids = (np.zeros(0, dtype=dtype) if data is None or not len(flat) else np.frombuffer(
             data, dtype=dtype, count=len(flat), offset=flat.offset * np.dtype(dtype).itemsize))
         if listed:
-            lengths[k] = np.asarray(pc.fill_null(pc.list_value_length(arr), 0))
             keep = None
         elif dynamic or flat.null_count:  # null: no id (NO_ID is a raw id there)
             keep = np.ones(n, dtype=np.uint8)
@@ -1148,10 +1153,9 @@ def decode_prepared(table: pa.Table, schema: FeatureSchema, labelled: bool, part
             low = -1 if keep is not None else 0
             if ids.min() < low or ids.max() >= num:
                 at = int(np.argmax((ids < low) | (ids >= num)))
-                row = (at if not listed else int(np.searchsorted(
-                    np.cumsum(lengths[k], dtype=np.int64), at, side="right")))
-                raise _prepared_error(row, column.name, f"id {int(ids[at])} is not a row of "
-                                      f"its table (0 to {num - 1})")
+                raise _prepared_error(_row_of(lengths[k], at) if listed else at, column.name,
+                                      f"id {int(ids[at])} is not a row of its table (0 to "
+                                      f"{num - 1})")
         if keep is not None:
             lengths[k] = keep
             ids = ids[keep]

@@ -218,10 +218,11 @@ def test_decode_cpu_seconds_counts_the_tasks(tmp_path) -> None:
         assert ds.decode_cpu_seconds > first
 
 
-@pytest.mark.parametrize("width", [8, 16])
-def test_parse_hex_whole_words_every_byte_at_every_position(width: int) -> None:
-    """The 8/16-digit path (SWAR on 64-bit words, no table): each of the 256 byte values
-    at each digit position is accepted exactly when it is a hex digit, and parses as
+@pytest.mark.parametrize("width", [2, 4, 6, 8, 10, 12, 14, 16])
+def test_parse_hex_every_byte_at_every_position(width: int) -> None:
+    """Both uniform-width paths, the 8/16-digit one (SWAR on 64-bit words, no table) and
+    the digit-pair table (other even widths): each of the 256 byte values at each digit
+    position is accepted exactly when it is a hex digit, and parses as
     ``int(text, 16)``."""
     base = b"0123456789aBcDeF"[:width]
     words = [base[:i] + bytes([c]) + base[i + 1:] for i in range(width) for c in range(256)]

@@ -24,7 +24,7 @@ from recframe.readers import (
     criteo_tsv,
     decode_table,
 )
-from recframe.schema import FeatureSchema, IdMapping, SparseColumn, TableSpec, parse_hex
+from recframe.schema import FeatureSchema, IdMapping, SparseColumn, TableSpec
 
 TYPES = [pa.string(), pa.binary(), pa.large_string(), pa.large_binary()]
 
@@ -144,22 +144,6 @@ def test_an_integer_column_beside_hex_text_keeps_key_order() -> None:
     want = ([int(t, 16) % 101 for t in c0 if t] + [v % 13 for v in m]
             + [int(t, 16) % 103 for t in c1 if t])
     assert chunk.values.tolist() == want
-
-
-@pytest.mark.parametrize("width", [2, 4, 6, 10, 12, 14])
-def test_parse_hex_pairs_every_byte_at_every_position(width: int) -> None:
-    """The digit-pair table (even widths): each of the 256 byte values at each position
-    is accepted exactly when it is a hex digit, and parses as ``int(text, 16)``."""
-    base = b"0123456789aBcDeF"[:width]
-    words = [base[:i] + bytes([c]) + base[i + 1:] for i in range(width) for c in range(256)]
-    lengths = np.full(len(words), width, dtype=np.int64)
-    starts = np.arange(len(words), dtype=np.int64) * width
-    value, ok = parse_hex(np.frombuffer(b"".join(words) + b"!", np.uint8), starts, lengths)
-    digits = set(b"0123456789abcdefABCDEF")
-    for w, v, good in zip(words, value.tolist(), ok.tolist()):
-        assert good == all(c in digits for c in w), w
-        if good:
-            assert v == int(w, 16), w
 
 
 def test_newlines_match_flatnonzero() -> None:

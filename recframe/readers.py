@@ -143,6 +143,36 @@ def is_data_file(name: str, fmt: str) -> bool:
     return lower.endswith(TEXT_EXTENSIONS)
 
 
+def _nothing_found_hint(fs: Any, path: str, fmt: str, pattern: str) -> str:
+    """Why a path named no data file, when the path says (error path only): it does not
+    exist, is an empty directory, holds only subdirectories (Spark's partitioned output,
+    which a directory path does not descend into) or only files of another format."""
+    try:
+        if any(c in path for c in "*?["):
+            return ""
+        if not fs.exists(path):
+            return " (it does not exist)"
+        entries = fs.ls(path, detail=True) if fs.isdir(path) else []
+    except (OSError, ValueError):  # only a hint
+        return ""
+    files = [e["name"] for e in entries if e.get("type") != "directory"]
+    dirs = [_basename(e["name"]) for e in entries if e.get("type") == "directory"]
+    others = [f for f in ("parquet", "csv") if f != fmt and f != {"tsv": "csv"}.get(fmt)
+              and any(is_data_file(n, f) for n in files)]
+    if others:
+        how = ("format='parquet', --data parquet" if others[0] == "parquet"
+               else "format='csv' or 'tsv', --data csv or tsv")
+        return f" (the directory holds {others[0]} files: read them with {how} on the command line)"
+    if dirs and not any(is_data_file(n, fmt) for n in files):
+        ext = "*.parquet" if fmt == "parquet" else "*"
+        return (f" (the directory holds only subdirectories {sorted(dirs)[:3]}, and a "
+                f"directory path is not searched below its own files: pass a glob such as "
+                f"{pattern.rstrip('/') + '/*/' + ext!r})")
+    if not entries:
+        return " (the directory is empty)"
+    return ""
+
+
 def list_files(paths: Union[str, Sequence[str]], fmt: str) -> list[str]:
     """Full fsspec URLs of the files named by ``paths`` (files, globs, directories);
     globs and directories keep only data files of ``fmt`` (see `is_data_file`)."""
@@ -166,7 +196,8 @@ def list_files(paths: Union[str, Sequence[str]], fmt: str) -> list[str]:
         else:
             found = []
         if not found:
-            raise FileNotFoundError(f"no {fmt} data file matches {pattern!r}")
+            raise FileNotFoundError(f"no {fmt} data file matches {pattern!r}"
+                                    f"{_nothing_found_hint(fs, path, fmt, str(pattern))}")
         for name in found:
             url = fs.unstrip_protocol(name)
             if url not in urls:
@@ -290,12 +321,31 @@ def _int64(value: Any) -> int:
     return out
 
 
-def _id_problem(value: Any, needs: str) -> str:
-    """Why ``value`` is no integer id (error path only)."""
+_UNLABELLED_FIX = ("reading it needs labelled=False (data convert --unlabelled); training "
+                   "and evaluation need the labels: leave it out of the paths")
+
+
+def _close_names_hint(missing: Sequence[str], names: Sequence[str]) -> str:
+    """A hint for schema column names that look like a typo of one in the file, with the
+    fix; '' when none does (error path only)."""
+    import difflib
+
+    guesses = {m: difflib.get_close_matches(m, [str(n) for n in names], n=1, cutoff=0.6)
+               for m in missing}
+    pairs = [f"{g[0]!r} for the schema's {m!r}" for m, g in guesses.items() if g]
+    if not pairs:
+        return ""
+    return f" (a typo? the file has {', '.join(pairs)}: fix the names in the schema)"
+
+
+def _id_problem(value: Any, needs: str, other: str = "") -> str:
+    """Why ``value`` is no integer id, and with ``other`` the mapping that takes it
+    (error path only)."""
     try:
         int(value)
     except (TypeError, ValueError):
-        return f"id {value!r} is not an integer ({needs})"
+        fix = f"; ids that are not integers need {other}" if other else ""
+        return f"id {value!r} is not an integer ({needs}){fix}"
     return (f"id {value!r} does not fit in 64 bits ({needs}); use mapping hash for ids "
             "this long")
 
@@ -334,8 +384,10 @@ def _float_column(arr: pa.Array, name: str, fill: Optional[float]) -> np.ndarray
     finite = np.isfinite(out)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
-        raise _RowError(row, name, f"{float(out[row])} is not a finite number (leave the value "
-                        "empty to take the column's fill)")
+        fix = ("leave the value empty (a null in Parquet) to take the column's fill; pyarrow "
+               "writes NaN as null with pa.array(values, from_pandas=True)" if fill is not None
+               else "a label or weight needs a finite value in every row")
+        raise _RowError(row, name, f"{float(out[row])} is not a finite number ({fix})")
     return out
 
 
@@ -406,7 +458,7 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 i, v = _first_bad(flat.to_pylist(), _int64)
                 raise _RowError(int(parents[i]), column.name,
-                                _id_problem(v, what)) from None
+                                _id_problem(v, what, other)) from None
         elif not pa.types.is_integer(flat.type):
             raise _RowError(0, column.name, f"has type {flat.type}; {what} "
                             f"need{'s' if kind == 'modulo' else ''} integer ids (use {other} "
@@ -1396,8 +1448,8 @@ class TabularDataset(IterableDataset):
             if missing:
                 unlabelled = self.labelled and set(missing) <= (
                     set(self.schema.labels) | {self.schema.weight})
-                hint = (" (an unlabelled file, such as one converted with --unlabelled, "
-                        "needs labelled=False)" if unlabelled else "")
+                hint = (f" (an unlabelled file? {_UNLABELLED_FIX})" if unlabelled
+                        else _close_names_hint(missing, listed))
                 raise DataError(f"{url}: missing column(s) {missing}; the file has "
                                 f"{sorted(names)}{hint}")
             if twice:  # which of them would be the column? (pyarrow: a KeyError)
@@ -1421,7 +1473,8 @@ class TabularDataset(IterableDataset):
         expected = self.schema.columns
         if not self.header and expected is None:
             raise ValueError("CSV/TSV files without a header need schema.columns (every "
-                             "column's name, in file order); or pass header=True")
+                             "column's name, in file order); or pass header=True (--header "
+                             "on the command line) for files whose first line names them")
         if expected is not None and not self.labelled:
             drop = set(self.schema.labels) | {self.schema.weight}
             expected = [c for c in expected if c not in drop]
@@ -1442,8 +1495,12 @@ class TabularDataset(IterableDataset):
                 names = first.split(self.delimiter)
                 missing = [c for c in self._needed if c not in names]
                 if missing:
+                    unlabelled = self.labelled and set(missing) <= (
+                        set(self.schema.labels) | {self.schema.weight})
+                    hint = (f" (an unlabelled file? {_UNLABELLED_FIX})" if unlabelled
+                            else _close_names_hint(missing, names))
                     raise DataError(f"{url}:1: header has no column(s) {missing}; it names "
-                                    f"{names}")
+                                    f"{names}{hint}")
                 self._columns.append(names)
             else:
                 self._columns.append(list(expected))  # type: ignore[arg-type]
@@ -1736,7 +1793,7 @@ class TabularDataset(IterableDataset):
                 labels = len(self.schema.labels) + (1 if self.schema.weight else 0)
                 hint = ""
                 if self.labelled and len(fields) == len(names) - len(self.schema.labels):
-                    hint = " (an unlabelled file, such as Criteo's test.txt, needs labelled=False)"
+                    hint = f" (an unlabelled file, such as Criteo's test.txt? {_UNLABELLED_FIX})"
                 elif not self.labelled and len(fields) == len(names) + labels:
                     hint = " (a labelled file? leave out labelled=False / --unlabelled)"
                 elif base + int(starts[i]) == 0:
@@ -1755,6 +1812,11 @@ class TabularDataset(IterableDataset):
                     header = base + int(starts[i]) == 0 and not self.header
                     hint = (" (a header line? pass header=True, --header on the command "
                             "line)" if header and value.isidentifier() else "")
+                    if not hint and kind != pa.float64():  # an int64 id column
+                        col = next(c for c in self.schema.sparse if c.name == name)
+                        other = ("mapping hash" if col.mapping.kind == "modulo"
+                                 else "dynamic ids hash")
+                        hint = f" (ids that are not integers need {other})"
                     raise DataError(f"{where}: column {name!r}: {value!r} is not {what}{hint}"
                                     ) from None
                 except OverflowError:

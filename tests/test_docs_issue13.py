@@ -1,0 +1,218 @@
+"""Issue 13 from a new user's side: their own Parquet / CSV files and a schema.yaml written
+by hand from docs/data.md, trained with ``recframe train`` as the docs say, and the
+mistakes such a user makes, each answered by an error that names the file or field and
+the fix."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from recframe import cli
+from recframe.readers import DataError, TabularDataset, list_files
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# a schema.yaml as a user writes it from docs/data.md: their own column names
+SCHEMA_YAML = """\
+labels: [clicked]
+dense:
+  - {name: price, transform: standardize, mean: 10.0, std: 2.0, fill: 10.0}
+sparse:
+  - {name: user_id, mapping: hash}
+  - {name: item_id}
+  - {name: tag_list, table: tags}
+tables:
+  - {name: user_id, num_embeddings: 100, embedding_dim: 4}
+  - {name: item_id, num_embeddings: 500, embedding_dim: 4}
+  - {name: tags, num_embeddings: 50, embedding_dim: 4}
+"""
+
+
+def _user_table(n: int, seed: int) -> pa.Table:
+    """What pandas' ``df.to_parquet`` writes: a bool label, a string and an int id, a list
+    column, a float column with nulls, and the frame's index as ``__index_level_0__``
+    (with the ``pandas`` metadata that names it)."""
+    r = np.random.default_rng(seed)
+    missing = r.random(n) < 0.2
+    table = pa.table({
+        "clicked": pa.array(r.random(n) < 0.3),
+        "user_id": pa.array([f"u{x}" for x in r.integers(0, 40, n)]),
+        "item_id": pa.array(r.integers(0, 10**9, n), pa.int64()),
+        "tag_list": pa.array([[int(t) for t in r.integers(0, 50, r.integers(0, 4))]
+                              for _ in range(n)]),
+        "price": pa.array(r.normal(10, 2, n), mask=missing),
+        "__index_level_0__": pa.array(np.arange(1000, 1000 + n)),
+    })
+    meta = {"index_columns": ["__index_level_0__"], "column_indexes": [], "columns": [],
+            "pandas_version": "2.2.0", "creator": {"library": "pyarrow"}}
+    return table.replace_schema_metadata({b"pandas": json.dumps(meta).encode()})
+
+
+def _train(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["train", "--batch_size", "32", "--log_steps", "2", "--num_eval_batches",
+                     "1", "--data_workers", "0", "--disable_tqdm", "true", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _final_eval(out: str) -> dict:
+    [line] = [x for x in out.splitlines() if x.startswith("final eval: ")]
+    return json.loads(line[len("final eval: "):])
+
+
+def test_own_parquet_train_resume_then_prepare_and_train_again(tmp_path, capsys, caplog):
+    """The path docs/data.md walks a user through: their pandas-written Parquet under a
+    hand-written schema.yaml, trained; the same command on the same output_dir resumes;
+    `data convert --prepare` and training on the prepared parts evaluates alike."""
+    for name, n, seed in (("train", 200, 0), ("eval", 64, 1)):
+        (tmp_path / name).mkdir()
+        pq.write_table(_user_table(n, seed), tmp_path / name / "part-0.parquet")
+    (tmp_path / "schema.yaml").write_text(SCHEMA_YAML)
+    data = ["--data", "parquet", "--schema", str(tmp_path / "schema.yaml")]
+    raw = [*data, "--train_path", str(tmp_path / "train"), "--eval_path", str(tmp_path / "eval")]
+    code, out, err = _train(capsys, *raw, "--train_steps", "4",
+                            "--output_dir", str(tmp_path / "out"))
+    assert code == 0, err
+    first = _final_eval(out)
+    assert first["num_samples"] == 64
+    code, out, err = _train(capsys, *raw, "--train_steps", "6",
+                            "--output_dir", str(tmp_path / "out"))
+    assert code == 0, err
+    assert "resumed from" in caplog.text and "global_step=4" in caplog.text
+    assert (tmp_path / "out" / "ckpt_6").is_dir()
+
+    for name in ("train", "eval"):
+        assert cli.main(["data", "convert", str(tmp_path / name), "--format", "parquet",
+                         "--schema", str(tmp_path / "schema.yaml"), "--prepare",
+                         "--no_progress", "--output", str(tmp_path / f"{name}_prep")]) == 0
+    prepared = ["--data", "parquet", "--schema", str(tmp_path / "train_prep" / "schema.yaml"),
+                "--train_path", str(tmp_path / "train_prep"),
+                "--eval_path", str(tmp_path / "eval_prep")]
+    code, out, err = _train(capsys, *prepared, "--train_steps", "4",
+                            "--output_dir", str(tmp_path / "out_prep"))
+    assert code == 0, err
+    assert _final_eval(out) == pytest.approx(first, rel=1e-4)
+
+
+def _schema_file(tmp_path, text: str = SCHEMA_YAML) -> str:
+    path = tmp_path / "schema.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_string_ids_under_the_default_mapping_name_mapping_hash(tmp_path) -> None:
+    """`sparse: [user_id]` (the docs' shorthand) maps ids by modulo; a user's string ids
+    then fail naming the mapping that takes them, in Parquet and in CSV."""
+    schema = _schema_file(tmp_path, SCHEMA_YAML.replace("{name: user_id, mapping: hash}",
+                                                        "{name: user_id}"))
+    pq.write_table(_user_table(8, 0), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"a.parquet: row group 0, row 0 .*column 'user_id': "
+                                        r"id 'u\d+' is not an integer \(mapping modulo\); ids "
+                                        r"that are not integers need mapping hash"):
+        list(TabularDataset(str(tmp_path / "a.parquet"), schema, num_workers=0))
+    (tmp_path / "a.csv").write_text("clicked,user_id,item_id,tag_list,price\n"
+                                    "1,7,3,,2.5\n0,u9,4,,\n")
+    schema = _schema_file(tmp_path, SCHEMA_YAML.replace("{name: user_id, mapping: hash}",
+                                                        "{name: user_id}").replace(
+        "table: tags}", "table: tags, delimiter: '|'}"))
+    with pytest.raises(DataError, match=r"a.csv:3: column 'user_id': 'u9' is not an integer "
+                                        r"id \(ids that are not integers need mapping hash\)"):
+        list(TabularDataset(str(tmp_path / "a.csv"), schema, format="csv", header=True,
+                            num_workers=0))
+
+
+def test_a_typo_in_a_schema_column_name_names_the_files_column(tmp_path) -> None:
+    """`price` typed as `prize` in schema.yaml: the error names the file's column."""
+    schema = _schema_file(tmp_path, SCHEMA_YAML.replace("name: price,", "name: prize,"))
+    pq.write_table(_user_table(8, 0), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"a.parquet: missing column\(s\) \['prize'\]; the file "
+                                        r"has .* \(a typo\? the file has 'price' for the "
+                                        r"schema's 'prize': fix the names in the schema\)$"):
+        TabularDataset(str(tmp_path / "a.parquet"), schema)
+    (tmp_path / "a.csv").write_text("clicked,user_id,item_id,tag_list,price\n1,u,3,,2.5\n")
+    with pytest.raises(DataError, match=r"a.csv:1: header has no column\(s\) \['prize'\]; .*"
+                                        r"the file has 'price' for the schema's 'prize'"):
+        TabularDataset(str(tmp_path / "a.csv"), schema, format="csv", header=True)
+
+
+def test_eval_data_without_the_label_says_to_leave_it_out(tmp_path, capsys) -> None:
+    """Unlabelled files passed as `--eval_path`: `recframe train` has no labelled=False
+    (evaluation needs labels), so the error says to leave the files out, and names
+    labelled=False / --unlabelled for reading them otherwise; CSV with a header too."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    table = _user_table(16, 0)
+    pq.write_table(table, tmp_path / "train" / "a.parquet")
+    pq.write_table(table.drop_columns(["clicked"]), tmp_path / "test" / "a.parquet")
+    code = cli.main(["train", "--data", "parquet", "--schema", _schema_file(tmp_path),
+                     "--train_path", str(tmp_path / "train"),
+                     "--eval_path", str(tmp_path / "test"), "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "test/a.parquet: missing column(s) ['clicked']" in err
+    assert "training and evaluation need the labels: leave it out of the paths" in err
+    assert "labelled=False (data convert --unlabelled)" in err
+    (tmp_path / "b.csv").write_text("user_id,item_id,tag_list,price\nu,3,,2.5\n")
+    with pytest.raises(DataError, match=r"b.csv:1: header has no column\(s\) \['clicked'\]; .*"
+                                        r"an unlabelled file\? reading it needs labelled=False"):
+        TabularDataset(str(tmp_path / "b.csv"), _schema_file(tmp_path), format="csv",
+                       header=True)
+
+
+def test_csv_without_header_or_columns_names_the_command_line_flag(tmp_path) -> None:
+    (tmp_path / "a.csv").write_text("clicked,user_id,item_id,tag_list,price\n1,u,3,,2.5\n")
+    with pytest.raises(ValueError, match=r"need schema.columns .* or pass header=True "
+                                         r"\(--header on the command line\)"):
+        TabularDataset(str(tmp_path / "a.csv"), _schema_file(tmp_path), format="csv")
+
+
+def test_a_path_with_no_data_file_says_why(tmp_path) -> None:
+    """Spark's partitioned output (a directory of `date=...` directories), the other
+    format's files, an empty directory, a path that does not exist: each says so."""
+    for day in ("date=2026-01-01", "date=2026-01-02"):
+        (tmp_path / "hive" / day).mkdir(parents=True)
+        pq.write_table(_user_table(4, 0), tmp_path / "hive" / day / "part-0.parquet")
+    hive = str(tmp_path / "hive")
+    with pytest.raises(FileNotFoundError, match=r"only subdirectories \['date=2026-01-01', "
+                                                r"'date=2026-01-02'\].* pass a glob such as "
+                                                r"'.*hive/\*/\*\.parquet'"):
+        list_files(hive, "parquet")
+    assert len(list_files(hive + "/*/*.parquet", "parquet")) == 2  # the glob it suggests
+    with pytest.raises(FileNotFoundError, match=r"holds parquet files: read them with "
+                                                r"format='parquet', --data parquet"):
+        list_files(hive + "/date=2026-01-01", "csv")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.csv").write_text("x\n")
+    with pytest.raises(FileNotFoundError, match=r"holds csv files: .*--data csv or tsv"):
+        list_files(str(tmp_path / "c"), "parquet")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"'.*empty' \(the directory is empty\)$"):
+        list_files(str(tmp_path / "empty"), "parquet")
+    with pytest.raises(FileNotFoundError, match=r"'.*nope' \(it does not exist\)$"):
+        list_files(str(tmp_path / "nope"), "parquet")
+
+
+def test_nan_in_parquet_says_write_a_null_and_a_nan_label_says_no_fill(tmp_path) -> None:
+    """numpy's NaN written by pyarrow stays NaN (not null): the fix for a dense column is
+    a null; a label has no fill, so its error does not offer one."""
+    price = np.array([1.0, np.nan, 3.0])
+    pq.write_table(pa.table({"clicked": [1, 0, 1], "user_id": ["a", "b", "c"],
+                             "item_id": [1, 2, 3], "tag_list": [[1], [], [2]],
+                             "price": price}), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"row 1 of the file\): column 'price': nan is not a "
+                                        r"finite number \(leave the value empty \(a null in "
+                                        r"Parquet\) .*from_pandas=True\)"):
+        list(TabularDataset(str(tmp_path / "a.parquet"), _schema_file(tmp_path),
+                            num_workers=0))
+    pq.write_table(pa.table({"clicked": [1.0, np.nan, 0.0], "user_id": ["a", "b", "c"],
+                             "item_id": [1, 2, 3], "tag_list": [[1], [], [2]],
+                             "price": [1.0, 2.0, 3.0]}), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"column 'clicked': nan is not a finite number \(a "
+                                        r"label or weight needs a finite value in every row\)"):
+        list(TabularDataset(str(tmp_path / "a.parquet"), _schema_file(tmp_path),
+                            num_workers=0))

@@ -338,14 +338,30 @@ def _close_names_hint(missing: Sequence[str], names: Sequence[str]) -> str:
     return f" (a typo? the file has {', '.join(pairs)}: fix the names in the schema)"
 
 
-def _id_problem(value: Any, needs: str, other: str = "") -> str:
-    """Why ``value`` is no integer id, and with ``other`` the mapping that takes it
-    (error path only)."""
+_FLOAT_IDS_FIX = ("write the ids as integers: pandas stores an int column with missing "
+                  "values as floats; df[col].astype('Int64') keeps integers, missing ones null")
+
+
+def _not_int_fix(value: Any, other: str) -> str:
+    """The fix for an id that is no integer: a float (pandas' ints with missing values),
+    a list written as text, or a string id, which mapping ``other`` takes (error path)."""
+    try:
+        float(value)
+        return _FLOAT_IDS_FIX
+    except (TypeError, ValueError):
+        pass
+    if str(value).startswith("["):
+        return ("a list written as text? join its items with a delimiter (1|2) and set the "
+                "column's delimiter: '|' in the schema, or write a Parquet list column")
+    return f"ids that are not integers need {other}"
+
+
+def _id_problem(value: Any, needs: str, other: str) -> str:
+    """Why ``value`` is no integer id, and the fix (error path only)."""
     try:
         int(value)
     except (TypeError, ValueError):
-        fix = f"; ids that are not integers need {other}" if other else ""
-        return f"id {value!r} is not an integer ({needs}){fix}"
+        return f"id {value!r} is not an integer ({needs}); {_not_int_fix(value, other)}"
     return (f"id {value!r} does not fit in 64 bits ({needs}); use mapping hash for ids "
             "this long")
 
@@ -460,9 +476,10 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
                 raise _RowError(int(parents[i]), column.name,
                                 _id_problem(v, what, other)) from None
         elif not pa.types.is_integer(flat.type):
+            fix = (_FLOAT_IDS_FIX if pa.types.is_floating(flat.type)
+                   else f"use {other} for strings")
             raise _RowError(0, column.name, f"has type {flat.type}; {what} "
-                            f"need{'s' if kind == 'modulo' else ''} integer ids (use {other} "
-                            "for strings)")
+                            f"need{'s' if kind == 'modulo' else ''} integer ids ({fix})")
         return _map_int_ids(column, num, _int_array(flat))
     salt = dynamic.salt if dynamic is not None else column.mapping.salt
     if not is_str:  # hash: integers hash by their decimal text
@@ -1499,6 +1516,15 @@ class TabularDataset(IterableDataset):
                         set(self.schema.labels) | {self.schema.weight})
                     hint = (f" (an unlabelled file? {_UNLABELLED_FIX})" if unlabelled
                             else _close_names_hint(missing, names))
+                    other = [d for d in (",", "\t", ";", "|") if d != self.delimiter
+                             and len(names) == 1 and d in first]
+                    if other:  # one name: the whole line
+                        hint = (f" (one column: are the file's columns separated by "
+                                f"{other[0]!r}? pass "
+                                + ("format='tsv', --data tsv on the command line)"
+                                   if other[0] == "\t" else
+                                   "format='csv', --data csv on the command line)"
+                                   if other[0] == "," else f"delimiter={other[0]!r})"))
                     raise DataError(f"{url}:1: header has no column(s) {missing}; it names "
                                     f"{names}{hint}")
                 self._columns.append(names)
@@ -1816,7 +1842,10 @@ class TabularDataset(IterableDataset):
                         col = next(c for c in self.schema.sparse if c.name == name)
                         other = ("mapping hash" if col.mapping.kind == "modulo"
                                  else "dynamic ids hash")
-                        hint = f" (ids that are not integers need {other})"
+                        hint = f" ({_not_int_fix(value, other)})"
+                    elif not hint and value.lower() in ("true", "false"):
+                        hint = (" (write booleans as numbers, 1/0: pandas writes a bool "
+                                "column as True/False; df[col].astype(int))")
                     raise DataError(f"{where}: column {name!r}: {value!r} is not {what}{hint}"
                                     ) from None
                 except OverflowError:

@@ -216,3 +216,42 @@ def test_nan_in_parquet_says_write_a_null_and_a_nan_label_says_no_fill(tmp_path)
                                         r"label or weight needs a finite value in every row\)"):
         list(TabularDataset(str(tmp_path / "a.parquet"), _schema_file(tmp_path),
                             num_workers=0))
+
+
+def test_what_pandas_writes_names_the_pandas_fix(tmp_path) -> None:
+    """pandas turns an int id column with missing values into floats, writes a bool
+    column to CSV as True/False and a list as its repr: each error says what to write."""
+    float_fix = (r"write the ids as integers: pandas stores an int column with missing values "
+                 r"as floats; df\[col\].astype\('Int64'\)")
+    table = _user_table(4, 0).set_column(2, "item_id", pa.array([1.0, None, 3.0, 4.0]))
+    pq.write_table(table, tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"column 'item_id': has type double; mapping modulo "
+                                        rf"needs integer ids \({float_fix}"):
+        list(TabularDataset(str(tmp_path / "a.parquet"), _schema_file(tmp_path),
+                            num_workers=0))
+    schema = _schema_file(tmp_path, SCHEMA_YAML.replace("table: tags}",
+                                                        "table: tags, delimiter: '|'}"))
+    head = "clicked,user_id,item_id,tag_list,price\n"
+    for body, match in [
+        ("1,u,3,,2.5\n0,u,4.0,,\n", rf"a.csv:3: column 'item_id': '4.0' is not an integer id "
+                                   rf"\({float_fix}"),
+        ("True,u,3,,2.5\n", r"a.csv:2: column 'clicked': 'True' is not a number \(write "
+                           r"booleans as numbers, 1/0: .*df\[col\].astype\(int\)\)"),
+        ('1,u,3,"[1, 2]",2.5\n', r"a.csv:2: column 'tag_list': id '\[1, 2\]' is not an integer "
+                                r"\(mapping modulo\); a list written as text\? join its items"),
+    ]:
+        (tmp_path / "a.csv").write_text(head + body)
+        with pytest.raises(DataError, match=match):
+            list(TabularDataset(str(tmp_path / "a.csv"), schema, format="csv", header=True,
+                                num_workers=0))
+
+
+@pytest.mark.parametrize("sep, fix", [(";", r"pass delimiter=';'"),
+                                      ("\t", r"pass format='tsv', --data tsv on the command")])
+def test_a_header_read_as_one_column_names_the_files_delimiter(tmp_path, sep, fix) -> None:
+    (tmp_path / "a.csv").write_text(sep.join(["clicked", "user_id", "item_id", "tag_list",
+                                              "price"]) + "\n")
+    with pytest.raises(DataError, match=r"a.csv:1: header has no column\(s\) .*\(one column: "
+                                        rf"are the file's columns separated by .*\? {fix}"):
+        TabularDataset(str(tmp_path / "a.csv"), _schema_file(tmp_path), format="csv",
+                       header=True)

@@ -26,6 +26,12 @@ from recframe.arguments import add_arguments, arguments_from_namespace
 log = logging.getLogger("recframe")
 
 
+_SYNTHETIC_ONLY = {"num_train_batches": 400, "num_eval_batches": 20}
+"""Flags (with their defaults) that size the synthetic data only."""
+_SCHEMA_SIZED = {"num_embeddings": 10_000, "embedding_dim": 16}
+"""Flags (with their defaults) that a --schema's tables replace."""
+
+
 def _train_parser(sub: Any) -> None:
     p = sub.add_parser(
         "train",
@@ -59,14 +65,16 @@ def _train_parser(sub: Any) -> None:
                    help="background decoding threads per reader (0: decode inline)")
     g.add_argument("--batch_size", type=_int_at_least(1), default=512,
                    help="samples per micro-batch")
-    g.add_argument("--num_train_batches", type=_int_at_least(1), default=400,
+    g.add_argument("--num_train_batches", type=_int_at_least(1),
+                   default=_SYNTHETIC_ONLY["num_train_batches"],
                    help="synthetic training batches per epoch")
-    g.add_argument("--num_eval_batches", type=_int_at_least(0), default=20,
+    g.add_argument("--num_eval_batches", type=_int_at_least(0),
+                   default=_SYNTHETIC_ONLY["num_eval_batches"],
                    help="synthetic eval batches (0: no evaluation data)")
-    g.add_argument("--num_embeddings", type=_int_at_least(1), default=10_000,
-                   help="rows per table")
-    g.add_argument("--embedding_dim", type=_int_at_least(1), default=16,
-                   help="embedding width")
+    g.add_argument("--num_embeddings", type=_int_at_least(1),
+                   default=_SCHEMA_SIZED["num_embeddings"], help="rows per table")
+    g.add_argument("--embedding_dim", type=_int_at_least(1),
+                   default=_SCHEMA_SIZED["embedding_dim"], help="embedding width")
     g.add_argument("--gauc_feature", default=None, metavar="FEATURE",
                    help="sparse feature whose id groups the eval samples for grouped AUC "
                    "(gauc), e.g. a user id column of --schema data (synthetic and criteo "
@@ -257,6 +265,24 @@ def _data_schema(ns: argparse.Namespace) -> Any:
     return FeatureSchema.from_file(ns.schema)
 
 
+def _warn_unused_sizes(ns: argparse.Namespace) -> None:
+    """One warning per flag set away from its default that file data ignores: the
+    synthetic data's batch counts, and the table sizes a --schema's tables replace."""
+    why = {"num_train_batches": "the training files set the batches of an epoch "
+                                "(--train_steps sets the updates)",
+           "num_eval_batches": "--eval_path names the evaluation files (--eval_steps limits "
+                               "the batches an evaluation reads)"}
+    flags = dict(_SYNTHETIC_ONLY)
+    if ns.data != "criteo":  # criteo's preset schema takes them
+        flags.update(_SCHEMA_SIZED)
+        why.update(dict.fromkeys(_SCHEMA_SIZED, f"the tables of --schema {ns.schema} size the "
+                                 "model: set num_embeddings / embedding_dim there"))
+    for name, default in flags.items():
+        if getattr(ns, name) != default:
+            log.warning("--%s %s does nothing with --data %s: %s", name, getattr(ns, name),
+                        ns.data, why[name])
+
+
 def _build_data(
     ns: argparse.Namespace, seed: int, schema: Any = None, workers: Optional[int] = None
 ) -> tuple[Any, Any]:
@@ -273,6 +299,7 @@ def _build_data(
                 f"recframe train --data {ns.data} needs --train_path PATH (the training "
                 "files: a file, glob or directory)"
             )
+        _warn_unused_sizes(ns)
         fmt = "tsv" if ns.data == "criteo" else ns.data
         workers = ns.data_workers if workers is None else workers
         common = dict(format=fmt, batch_size=ns.batch_size, header=ns.header,

@@ -54,8 +54,8 @@ def _user_table(n: int, seed: int) -> pa.Table:
 
 
 def _train(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(["train", "--batch_size", "32", "--log_steps", "2", "--num_eval_batches",
-                     "1", "--data_workers", "0", "--disable_tqdm", "true", *argv])
+    code = cli.main(["train", "--batch_size", "32", "--log_steps", "2", "--data_workers", "0",
+                     "--disable_tqdm", "true", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -84,6 +84,7 @@ def test_own_parquet_train_resume_then_prepare_and_train_again(tmp_path, capsys,
                             "--output_dir", str(tmp_path / "out"))
     assert code == 0, err
     assert "resumed from" in caplog.text and "global_step=4" in caplog.text
+    assert "WARNING" not in caplog.text
     assert (tmp_path / "out" / "ckpt_6").is_dir()
 
     for name in ("train", "eval"):
@@ -255,3 +256,29 @@ def test_a_header_read_as_one_column_names_the_files_delimiter(tmp_path, sep, fi
                                         rf"are the file's columns separated by .*\? {fix}"):
         TabularDataset(str(tmp_path / "a.csv"), _schema_file(tmp_path), format="csv",
                        header=True)
+
+
+def test_size_flags_that_file_data_ignores_warn_once_each(tmp_path, caplog) -> None:
+    """README's `--num_embeddings 1000` kept beside `--data parquet --schema ...` does
+    nothing (the schema's tables size the model), nor do the synthetic data's batch
+    counts: each says so; Criteo's preset schema takes the table sizes."""
+    common = ["train", "--train_path", str(tmp_path / "none"), "--output_dir",
+              str(tmp_path / "o"), "--num_train_batches", "3", "--num_eval_batches", "0"]
+    assert cli.main([*common, "--data", "parquet", "--schema", _schema_file(tmp_path),
+                     "--num_embeddings", "1000", "--embedding_dim", "8"]) == 2
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [
+        "--num_train_batches 3 does nothing with --data parquet: the training files set the "
+        "batches of an epoch (--train_steps sets the updates)",
+        "--num_eval_batches 0 does nothing with --data parquet: --eval_path names the "
+        "evaluation files (--eval_steps limits the batches an evaluation reads)",
+        f"--num_embeddings 1000 does nothing with --data parquet: the tables of --schema "
+        f"{tmp_path / 'schema.yaml'} size the model: set num_embeddings / embedding_dim there",
+        f"--embedding_dim 8 does nothing with --data parquet: the tables of --schema "
+        f"{tmp_path / 'schema.yaml'} size the model: set num_embeddings / embedding_dim there",
+    ]
+    caplog.clear()
+    assert cli.main([*common, "--data", "criteo", "--num_embeddings", "1000"]) == 2
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [w.split(" does")[0] for w in warned] == ["--num_train_batches 3",
+                                                     "--num_eval_batches 0"]

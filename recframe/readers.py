@@ -1521,9 +1521,9 @@ class TabularDataset(IterableDataset):
                     if other:  # one name: the whole line
                         hint = (f" (one column: are the file's columns separated by "
                                 f"{other[0]!r}? pass "
-                                + ("format='tsv', --data tsv on the command line)"
+                                + ("format='tsv' (--data tsv, data convert --format tsv))"
                                    if other[0] == "\t" else
-                                   "format='csv', --data csv on the command line)"
+                                   "format='csv' (--data csv, data convert --format csv))"
                                    if other[0] == "," else f"delimiter={other[0]!r})"))
                     raise DataError(f"{url}:1: header has no column(s) {missing}; it names "
                                     f"{names}{hint}")

@@ -248,7 +248,8 @@ def test_what_pandas_writes_names_the_pandas_fix(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("sep, fix", [(";", r"pass delimiter=';'"),
-                                      ("\t", r"pass format='tsv', --data tsv on the command")])
+                                      ("\t", r"pass format='tsv' \(--data tsv, data convert "
+                                            r"--format tsv\)\)$")])
 def test_a_header_read_as_one_column_names_the_files_delimiter(tmp_path, sep, fix) -> None:
     (tmp_path / "a.csv").write_text(sep.join(["clicked", "user_id", "item_id", "tag_list",
                                               "price"]) + "\n")

@@ -1325,6 +1325,22 @@ def _check_nice(value: Any) -> Union[int, str]:
 # --------------------------------------------------------------------------- the dataset
 
 
+def _files_changed(state: Mapping[str, Any], names: list[str]) -> str:
+    """A position over other files than a dataset's: what changed (the next day's files
+    added to a run's directory, say), and the fix (error path only)."""
+    old = [str(n) for n in state["files"]]
+    added = [n for n in names if n not in old]
+    gone = [n for n in old if n not in names]
+    what = ", ".join(f"{len(x)} {how} {x[:3]}{'...' if len(x) > 3 else ''}"
+                     for x, how in ((added, "added"), (gone, "gone")) if x)
+    return (f"load_state_dict: the position was taken over {len(old)} file(s), this dataset "
+            f"reads {len(names)}: {what or 'the same files in another order'}. A position "
+            "holds only over its own files: resume over those; to train the checkpoint's "
+            "model on other files, start a new output_dir warm-started from this one "
+            "(model_bank, --model_bank '[\"OLD_OUTPUT_DIR\"]': its weights, a fresh "
+            "optimizer and data position)")
+
+
 class TabularDataset(IterableDataset):
     """Batches of ``batch_size`` rows from Parquet or CSV/TSV files under ``schema``.
 
@@ -2113,8 +2129,7 @@ class TabularDataset(IterableDataset):
             raise ValueError(f"load_state_dict: expected a mapping, got {type(state).__name__}")
         names = self._names
         if state.get("files") is not None and list(state["files"]) != names:
-            raise ValueError(f"load_state_dict: state was taken over files {state['files']!r} "
-                             f"but this dataset reads {names!r}")
+            raise ValueError(_files_changed(state, names))
         if state.get("format", self.format) != self.format:
             raise ValueError(f"load_state_dict: state is of format {state.get('format')!r}")
 

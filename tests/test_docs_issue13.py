@@ -283,3 +283,26 @@ def test_size_flags_that_file_data_ignores_warn_once_each(tmp_path, caplog) -> N
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert [w.split(" does")[0] for w in warned] == ["--num_train_batches 3",
                                                      "--num_eval_batches 0"]
+
+
+def test_the_next_days_files_in_a_runs_directory_say_how_to_go_on(tmp_path, capsys) -> None:
+    """A run's train directory gets another part (the next day's logs) and the same
+    command runs again: the checkpoint's position is over the old files, so the resume
+    is refused, saying which file came and how to train on it (a warm start), which
+    then runs."""
+    (tmp_path / "train").mkdir()
+    pq.write_table(_user_table(64, 0), tmp_path / "train" / "day-0.parquet")
+    common = ["--data", "parquet", "--schema", _schema_file(tmp_path), "--train_path",
+              str(tmp_path / "train"), "--train_steps", "2"]
+    code, _, err = _train(capsys, *common, "--output_dir", str(tmp_path / "day0"))
+    assert code == 0, err
+    pq.write_table(_user_table(64, 1), tmp_path / "train" / "day-1.parquet")
+    code, _, err = _train(capsys, *common, "--output_dir", str(tmp_path / "day0"))
+    assert code == 2
+    assert ("the position was taken over 1 file(s), this dataset reads 2: 1 added "
+            "['day-1.parquet']") in err
+    assert "--model_bank '[\"OLD_OUTPUT_DIR\"]'" in err
+    code, _, err = _train(capsys, *common, "--output_dir", str(tmp_path / "day1"),
+                          "--model_bank", json.dumps([str(tmp_path / "day0")]))
+    assert code == 0, err
+    assert (tmp_path / "day1" / "ckpt_2").is_dir()

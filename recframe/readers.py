@@ -146,31 +146,50 @@ def is_data_file(name: str, fmt: str) -> bool:
 def _nothing_found_hint(fs: Any, path: str, fmt: str, pattern: str) -> str:
     """Why a path named no data file, when the path says (error path only): it does not
     exist, is an empty directory, holds only subdirectories (Spark's partitioned output,
-    which a directory path does not descend into) or only files of another format."""
+    which a directory path does not descend into), files of another format, or files
+    whose names are not data files' (Parquet files without an extension)."""
+    glob = any(c in path for c in "*?[")
     try:
-        if any(c in path for c in "*?["):
-            return ""
-        if not fs.exists(path):
+        if glob:
+            entries = list(fs.glob(path, detail=True).values())
+        elif not fs.exists(path):
             return " (it does not exist)"
-        entries = fs.ls(path, detail=True) if fs.isdir(path) else []
+        else:
+            entries = fs.ls(path, detail=True) if fs.isdir(path) else []
     except (OSError, ValueError):  # only a hint
         return ""
-    files = [e["name"] for e in entries if e.get("type") != "directory"]
+    files = [e["name"] for e in entries if e.get("type") != "directory"
+             and not _basename(e["name"]).startswith((".", "_"))]  # _SUCCESS: never data
     dirs = [_basename(e["name"]) for e in entries if e.get("type") == "directory"]
-    others = [f for f in ("parquet", "csv") if f != fmt and f != {"tsv": "csv"}.get(fmt)
-              and any(is_data_file(n, f) for n in files)]
-    if others:
-        how = ("format='parquet', --data parquet" if others[0] == "parquet"
+    where = "it matches" if glob else "the directory holds"
+    names = ("names: Parquet needs .parquet/.parq/.pq" if fmt == "parquet" else
+             "names: CSV/TSV needs .csv/.tsv/.txt/.data, compressed or not, or none")
+    unnamed = (f" ({where} {len(files)} file(s) that are not {fmt} data by their {names}, "
+               f"e.g. {_basename(files[0])!r}; name such files one by one)" if files else "")
+    other = next((f for f in ("parquet", "csv") if f != fmt and f != {"tsv": "csv"}.get(fmt)
+                  and any(is_data_file(n, f) for n in files)), None)
+    if other == "csv" and fmt == "parquet":  # no extension: Parquet by its magic bytes?
+        example = next(n for n in files if is_data_file(n, "csv"))
+        try:
+            with fs.open(example, "rb") as f:
+                if f.read(4) == b"PAR1":
+                    return unnamed
+        except OSError:
+            pass
+    if other:
+        how = ("format='parquet', --data parquet" if other == "parquet"
                else "format='csv' or 'tsv', --data csv or tsv")
-        return f" (the directory holds {others[0]} files: read them with {how} on the command line)"
-    if dirs and not any(is_data_file(n, fmt) for n in files):
+        return f" ({where} {other} files: read them with {how} on the command line)"
+    if glob:
+        return unnamed
+    if dirs and not files:
         ext = "*.parquet" if fmt == "parquet" else "*"
         return (f" (the directory holds only subdirectories {sorted(dirs)[:3]}, and a "
                 f"directory path is not searched below its own files: pass a glob such as "
                 f"{pattern.rstrip('/') + '/*/' + ext!r})")
     if not entries:
         return " (the directory is empty)"
-    return ""
+    return unnamed
 
 
 def list_files(paths: Union[str, Sequence[str]], fmt: str) -> list[str]:

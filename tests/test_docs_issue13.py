@@ -174,10 +174,12 @@ def test_csv_without_header_or_columns_names_the_command_line_flag(tmp_path) -> 
 
 def test_a_path_with_no_data_file_says_why(tmp_path) -> None:
     """Spark's partitioned output (a directory of `date=...` directories), the other
-    format's files, an empty directory, a path that does not exist: each says so."""
+    format's files, an empty directory, a path that does not exist, Parquet files
+    without an extension: each says so."""
     for day in ("date=2026-01-01", "date=2026-01-02"):
         (tmp_path / "hive" / day).mkdir(parents=True)
         pq.write_table(_user_table(4, 0), tmp_path / "hive" / day / "part-0.parquet")
+    (tmp_path / "hive" / "_SUCCESS").write_text("")  # Spark's marker: not data
     hive = str(tmp_path / "hive")
     with pytest.raises(FileNotFoundError, match=r"only subdirectories \['date=2026-01-01', "
                                                 r"'date=2026-01-02'\].* pass a glob such as "
@@ -196,6 +198,19 @@ def test_a_path_with_no_data_file_says_why(tmp_path) -> None:
         list_files(str(tmp_path / "empty"), "parquet")
     with pytest.raises(FileNotFoundError, match=r"'.*nope' \(it does not exist\)$"):
         list_files(str(tmp_path / "nope"), "parquet")
+    with pytest.raises(FileNotFoundError, match=r"\*\.parquet' \(it matches parquet files: "
+                                                r"read them with format='parquet'"):
+        list_files(hive + "/*/*.parquet", "csv")
+    # Parquet parts without an extension (Hive / Trino write such names): by their bytes
+    (tmp_path / "noext").mkdir()
+    pq.write_table(_user_table(4, 0), tmp_path / "noext" / "20260101_00001")
+    for path, where in [("noext", "the directory holds"), ("noext/*", "it matches")]:
+        with pytest.raises(FileNotFoundError, match=rf"\({where} 1 file\(s\) that are not "
+                                                    r"parquet data by their names: Parquet "
+                                                    r"needs .parquet/.parq/.pq, e.g. "
+                                                    r"'20260101_00001'; name such files one"):
+            list_files(str(tmp_path / path), "parquet")
+    assert len(list_files(str(tmp_path / "noext" / "20260101_00001"), "parquet")) == 1
 
 
 def test_nan_in_parquet_says_write_a_null_and_a_nan_label_says_no_fill(tmp_path) -> None:

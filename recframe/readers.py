@@ -344,6 +344,18 @@ _UNLABELLED_FIX = ("reading it needs labelled=False (data convert --unlabelled);
                    "and evaluation need the labels: leave it out of the paths")
 
 
+def _separator_hint(line: str, delimiter: str) -> str:
+    """For a header that split into one name: the separator it holds instead, and how to
+    read it ('' when it holds none of the usual ones; error path only)."""
+    sep = next((d for d in (",", "\t", ";", "|") if d != delimiter and d in line), None)
+    if sep is None:
+        return ""
+    how = {"\t": "format='tsv' (--data tsv, data convert --format tsv)",
+           ",": "format='csv' (--data csv, data convert --format csv)"}.get(
+               sep, f"delimiter={sep!r}")
+    return f" (one column: are the file's columns separated by {sep!r}? pass {how})"
+
+
 def _close_names_hint(missing: Sequence[str], names: Sequence[str]) -> str:
     """A hint for schema column names that look like a typo of one in the file, with the
     fix; '' when none does (error path only)."""
@@ -1498,12 +1510,8 @@ class TabularDataset(IterableDataset):
                     source.close()
             missing = [c for c in self._needed if c not in names]
             if missing:
-                unlabelled = self.labelled and set(missing) <= (
-                    set(self.schema.labels) | {self.schema.weight})
-                hint = (f" (an unlabelled file? {_UNLABELLED_FIX})" if unlabelled
-                        else _close_names_hint(missing, listed))
                 raise DataError(f"{url}: missing column(s) {missing}; the file has "
-                                f"{sorted(names)}{hint}")
+                                f"{sorted(names)}{self._missing_hint(missing, listed)}")
             if twice:  # which of them would be the column? (pyarrow: a KeyError)
                 raise DataError(f"{url}: column(s) {twice} appear more than once in the file; "
                                 "rewrite it with each column once")
@@ -1517,6 +1525,13 @@ class TabularDataset(IterableDataset):
             self._rows.append(sum(counts))
             self._rg_starts.append(np.concatenate(([0], np.cumsum(counts))).astype(np.int64))
             self._rg_bytes.append(sizes)
+
+    def _missing_hint(self, missing: list[str], names: Sequence[str]) -> str:
+        """Why a file lacks columns of the schema: no labels (an unlabelled file), or a
+        typo in the schema's names (error path only)."""
+        if self.labelled and set(missing) <= set(self.schema.labels) | {self.schema.weight}:
+            return f" (an unlabelled file? {_UNLABELLED_FIX})"
+        return _close_names_hint(missing, names)
 
     def _init_text(self) -> None:
         import fsspec
@@ -1547,19 +1562,8 @@ class TabularDataset(IterableDataset):
                 names = first.split(self.delimiter)
                 missing = [c for c in self._needed if c not in names]
                 if missing:
-                    unlabelled = self.labelled and set(missing) <= (
-                        set(self.schema.labels) | {self.schema.weight})
-                    hint = (f" (an unlabelled file? {_UNLABELLED_FIX})" if unlabelled
-                            else _close_names_hint(missing, names))
-                    other = [d for d in (",", "\t", ";", "|") if d != self.delimiter
-                             and len(names) == 1 and d in first]
-                    if other:  # one name: the whole line
-                        hint = (f" (one column: are the file's columns separated by "
-                                f"{other[0]!r}? pass "
-                                + ("format='tsv' (--data tsv, data convert --format tsv))"
-                                   if other[0] == "\t" else
-                                   "format='csv' (--data csv, data convert --format csv))"
-                                   if other[0] == "," else f"delimiter={other[0]!r})"))
+                    hint = (_separator_hint(first, self.delimiter) if len(names) == 1
+                            else "") or self._missing_hint(missing, names)
                     raise DataError(f"{url}:1: header has no column(s) {missing}; it names "
                                     f"{names}{hint}")
                 self._columns.append(names)

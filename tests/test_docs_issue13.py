@@ -321,3 +321,36 @@ def test_the_next_days_files_in_a_runs_directory_say_how_to_go_on(tmp_path, caps
                           "--model_bank", json.dumps([str(tmp_path / "day0")]))
     assert code == 0, err
     assert (tmp_path / "day1" / "ckpt_2").is_dir()
+
+
+def test_own_csv_with_a_header_and_a_delimited_column_trains_as_its_prepared_parts(
+        tmp_path, capsys) -> None:
+    """A CSV with a header (columns in the user's order, one extra) and a `|`-delimited
+    multi-valued column, trained and evaluated as written and after `data convert
+    --prepare`: the same evaluation."""
+    r = np.random.default_rng(5)
+    lines = ["price,tag_list,note,item_id,user_id,clicked"]
+    for i in range(160):
+        tags = "|".join(str(t) for t in r.integers(0, 50, r.integers(0, 4)))
+        price = "" if i % 6 == 0 else f"{r.normal(10, 2):.3f}"
+        lines.append(f"{price},{tags},x,{r.integers(0, 10**9)},u{r.integers(0, 30)},"
+                     f"{int(r.random() < 0.3)}")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "day-0.csv").write_text("\n".join(lines) + "\n")
+    schema = _schema_file(tmp_path, SCHEMA_YAML.replace("table: tags}",
+                                                        "table: tags, delimiter: '|'}"))
+    raw = ["--data", "csv", "--header", "--schema", schema, "--train_path",
+           str(tmp_path / "logs"), "--eval_path", str(tmp_path / "logs"), "--train_steps", "3"]
+    code, out, err = _train(capsys, *raw, "--output_dir", str(tmp_path / "o1"))
+    assert code == 0, err
+    first = _final_eval(out)
+    assert first["num_samples"] == 160
+    assert cli.main(["data", "convert", str(tmp_path / "logs"), "--format", "csv", "--header",
+                     "--schema", schema, "--prepare", "--no_progress", "--output",
+                     str(tmp_path / "prep")]) == 0
+    prep = ["--data", "parquet", "--schema", str(tmp_path / "prep" / "schema.yaml"),
+            "--train_path", str(tmp_path / "prep"), "--eval_path", str(tmp_path / "prep"),
+            "--train_steps", "3"]
+    code, out, err = _train(capsys, *prep, "--output_dir", str(tmp_path / "o2"))
+    assert code == 0, err
+    assert _final_eval(out) == pytest.approx(first, rel=1e-4)

@@ -376,6 +376,10 @@ def _cmd_train(ns: argparse.Namespace) -> int:
             made, None)
     else:
         schema = _data_schema(ns)
+        if schema is not None and len(schema.labels) > 1 and not _is_import_path(ns.model):
+            raise ValueError(f"--model {ns.model} predicts one label per sample, but --schema "
+                             f"{ns.schema} names {len(schema.labels)}: {schema.labels}; keep "
+                             "one in labels, or train your own model (--model PKG.MODULE:FN)")
         train_data, eval_data = _build_data(ns, args.seed, schema, args.dataloader_num_workers)
     torch.manual_seed(args.seed)
     if _is_import_path(ns.model):

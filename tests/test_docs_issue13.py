@@ -354,3 +354,19 @@ def test_own_csv_with_a_header_and_a_delimited_column_trains_as_its_prepared_par
     code, out, err = _train(capsys, *prep, "--output_dir", str(tmp_path / "o2"))
     assert code == 0, err
     assert _final_eval(out) == pytest.approx(first, rel=1e-4)
+
+
+def test_several_label_columns_for_a_built_in_model_fail_before_reading(tmp_path,
+                                                                       capsys) -> None:
+    """The docs' schema allows `labels: [click, buy]` ([B, k] labels), which DLRM and
+    DeepFM cannot train: said at once, naming the schema and the way out, not after the
+    data is opened and the first step runs."""
+    schema = _schema_file(tmp_path, SCHEMA_YAML.replace("labels: [clicked]",
+                                                        "labels: [clicked, bought]"))
+    code = cli.main(["train", "--data", "parquet", "--schema", schema, "--model", "deepfm",
+                     "--train_path", str(tmp_path / "none"), "--output_dir", str(tmp_path / "o")])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"recframe: error: --model deepfm predicts one label per sample, but --schema {schema} "
+        "names 2: ['clicked', 'bought']; keep one in labels, or train your own model "
+        "(--model PKG.MODULE:FN)\n")

@@ -177,9 +177,10 @@ def _nothing_found_hint(fs: Any, path: str, fmt: str, pattern: str) -> str:
         except OSError:
             pass
     if other:
-        how = ("format='parquet', --data parquet" if other == "parquet"
-               else "format='csv' or 'tsv', --data csv or tsv")
-        return f" ({where} {other} files: read them with {how} on the command line)"
+        how = ("format='parquet' (--data parquet, data convert --format parquet)"
+               if other == "parquet" else
+               "format='csv' or 'tsv' (--data, data convert --format: csv or tsv)")
+        return f" ({where} {other} files: read them with {how})"
     if glob:
         return unnamed
     if dirs and not files:

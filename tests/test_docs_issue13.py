@@ -187,11 +187,14 @@ def test_a_path_with_no_data_file_says_why(tmp_path) -> None:
         list_files(hive, "parquet")
     assert len(list_files(hive + "/*/*.parquet", "parquet")) == 2  # the glob it suggests
     with pytest.raises(FileNotFoundError, match=r"holds parquet files: read them with "
-                                                r"format='parquet', --data parquet"):
+                                                r"format='parquet' \(--data parquet, data "
+                                                r"convert --format parquet\)\)$"):
         list_files(hive + "/date=2026-01-01", "csv")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "a.csv").write_text("x\n")
-    with pytest.raises(FileNotFoundError, match=r"holds csv files: .*--data csv or tsv"):
+    with pytest.raises(FileNotFoundError, match=r"holds csv files: read them with "
+                                                r"format='csv' or 'tsv' \(--data, data "
+                                                r"convert --format: csv or tsv\)\)$"):
         list_files(str(tmp_path / "c"), "parquet")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"'.*empty' \(the directory is empty\)$"):

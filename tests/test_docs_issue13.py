@@ -373,3 +373,22 @@ def test_several_label_columns_for_a_built_in_model_fail_before_reading(tmp_path
         f"recframe: error: --model deepfm predicts one label per sample, but --schema {schema} "
         "names 2: ['clicked', 'bought']; keep one in labels, or train your own model "
         "(--model PKG.MODULE:FN)\n")
+
+
+def test_a_column_name_that_is_no_identifier_says_which_table_to_set(tmp_path) -> None:
+    """Hive / Spark column names such as `user.id` read fine, but the table each column
+    names by default cannot name a module of the built-in models: the error gives a name
+    that can, and where to put it (the user never wrote a table name)."""
+    from recframe.models import DLRM
+    from recframe.schema import FeatureSchema
+
+    text = ("labels: [clicked]\ndense: [price]\nsparse:\n  - {name: user.id, mapping: hash}\n"
+            "  - item_id\ndefault_num_embeddings: 100\ndefault_embedding_dim: 4\n")
+    schema = FeatureSchema.from_file(_schema_file(tmp_path, text))
+    with pytest.raises(ValueError, match=r"table name 'user.id' cannot name a module .*: set "
+                                         r"table: user_id on sparse column\(s\) \['user.id'\] "
+                                         r"\(a column's table defaults to its name\)"):
+        DLRM(schema=schema, dense_arch=(8, 4))
+    fixed = FeatureSchema.from_file(_schema_file(tmp_path, text.replace(
+        "mapping: hash}", "mapping: hash, table: user_id}")))
+    DLRM(schema=fixed, dense_arch=(8, 4))

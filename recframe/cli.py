@@ -916,11 +916,12 @@ class _Parser(argparse.ArgumentParser):
     ``unrecognized arguments: --trian_steps (did you mean --train_steps?)``."""
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
-        self._check_order(list(sys.argv[1:] if args is None else args))
+        argv = list(sys.argv[1:] if args is None else args)
+        self._check_order(argv)
         ns, extras = self.parse_known_args(args, namespace)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}"
-                       + _suggestions(self, ns, extras))
+                       + (_expanded_glob_hint(argv, extras) or _suggestions(self, ns, extras)))
         return ns
 
 
@@ -943,6 +944,31 @@ class _Parser(argparse.ArgumentParser):
             ):
                 self.error(f"{flag} is a flag of `recframe {command}`: put it after the "
                            f"subcommand (recframe {command} {flag} ...)")
+
+
+def _expanded_glob_hint(argv: list[str], extras: list[str]) -> str:
+    """`` (quote the glob ...)`` when the unknown arguments are existing files that follow
+    a flag's value: ``--train_path data/*.parquet`` unquoted, which the shell expanded
+    into one value per file (the flag takes the first)."""
+    import os
+
+    if not all(not e.startswith("-") and os.path.exists(e) for e in extras):
+        return ""
+    at = next((i for i in range(1, len(argv)) if argv[i] == extras[0]), None)
+    if at is None:
+        return ""
+    if argv[at - 1].startswith("--") and "=" in argv[at - 1]:  # --train_path=a b c
+        flag, first = argv[at - 1].split("=", 1)
+    elif at >= 2 and argv[at - 2].startswith("--"):
+        flag, first = argv[at - 2], argv[at - 1]
+    else:
+        return ""
+    if not os.path.exists(first):
+        return ""
+    ext = os.path.splitext(first)[1]
+    pattern = os.path.join(os.path.dirname(first) or ".", f"*{ext}")
+    return (f" (the shell expanded a glob after {flag} into {len(extras) + 1} files; quote "
+            f"it, {flag} '{pattern}', or pass the directory)")
 
 
 def _suggestions(parser: argparse.ArgumentParser, ns: argparse.Namespace,

@@ -392,3 +392,22 @@ def test_a_column_name_that_is_no_identifier_says_which_table_to_set(tmp_path) -
     fixed = FeatureSchema.from_file(_schema_file(tmp_path, text.replace(
         "mapping: hash}", "mapping: hash, table: user_id}")))
     DLRM(schema=fixed, dense_arch=(8, 4))
+
+
+@pytest.mark.parametrize("joined", [False, True])
+def test_an_unquoted_glob_says_to_quote_it(tmp_path, monkeypatch, capsys, joined) -> None:
+    """`--train_path data/*.parquet` unquoted: the shell passes one value per file and
+    argparse calls the rest unrecognized; the error says what happened and the fix."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for i in range(3):
+        pq.write_table(_user_table(4, i), tmp_path / "data" / f"part-{i}.parquet")
+    files = [f"data/part-{i}.parquet" for i in range(3)]
+    value = [f"--train_path={files[0]}"] if joined else ["--train_path", files[0]]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--data", "parquet", *value, *files[1:], "--train_steps", "2"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "recframe: error: unrecognized arguments: data/part-1.parquet data/part-2.parquet "
+        "(the shell expanded a glob after --train_path into 3 files; quote it, --train_path "
+        "'data/*.parquet', or pass the directory)")

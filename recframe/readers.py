@@ -1530,7 +1530,9 @@ class TabularDataset(IterableDataset):
     def _missing_hint(self, missing: list[str], names: Sequence[str]) -> str:
         """Why a file lacks columns of the schema: no labels (an unlabelled file), or a
         typo in the schema's names (error path only)."""
-        if self.labelled and set(missing) <= set(self.schema.labels) | {self.schema.weight}:
+        labels = set(self.schema.labels)
+        if self.labelled and labels & set(missing) and set(missing) <= labels | {
+                self.schema.weight}:
             return f" (an unlabelled file? {_UNLABELLED_FIX})"
         return _close_names_hint(missing, names)
 

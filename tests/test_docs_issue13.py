@@ -411,3 +411,19 @@ def test_an_unquoted_glob_says_to_quote_it(tmp_path, monkeypatch, capsys, joined
         "recframe: error: unrecognized arguments: data/part-1.parquet data/part-2.parquet "
         "(the shell expanded a glob after --train_path into 3 files; quote it, --train_path "
         "'data/*.parquet', or pass the directory)")
+
+
+def test_a_missing_weight_column_alone_is_no_unlabelled_file(tmp_path) -> None:
+    """The unlabelled-file hint is for files without the labels; a file that has the label
+    but lacks the weight column (`weight: weigth`, a typo) gets the typo hint instead."""
+    schema = _schema_file(tmp_path, "weight: weigth\n" + SCHEMA_YAML)
+    table = _user_table(4, 0).append_column("weight", pa.array([1.0] * 4))
+    pq.write_table(table, tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"missing column\(s\) \['weigth'\]; the file has .*"
+                                        r"\(a typo\? the file has 'weight' for the schema's "
+                                        r"'weigth'"):
+        TabularDataset(str(tmp_path / "a.parquet"), schema)
+    pq.write_table(table.drop_columns(["clicked", "weight"]), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"missing column\(s\) \['clicked', 'weigth'\]; .*\(an "
+                                        r"unlabelled file\?"):
+        TabularDataset(str(tmp_path / "a.parquet"), schema)

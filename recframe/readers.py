@@ -1569,6 +1569,10 @@ class TabularDataset(IterableDataset):
                             else "") or self._missing_hint(missing, names)
                     raise DataError(f"{url}:1: header has no column(s) {missing}; it names "
                                     f"{names}{hint}")
+                twice = [c for c in self._needed if names.count(c) > 1]
+                if twice:  # which one is the column? (as Parquet refuses)
+                    raise DataError(f"{url}:1: header names column(s) {twice} more than once; "
+                                    "rename the copies so that each name is one column")
                 self._columns.append(names)
             else:
                 self._columns.append(list(expected))  # type: ignore[arg-type]

@@ -427,3 +427,21 @@ def test_a_missing_weight_column_alone_is_no_unlabelled_file(tmp_path) -> None:
     with pytest.raises(DataError, match=r"missing column\(s\) \['clicked', 'weigth'\]; .*\(an "
                                         r"unlabelled file\?"):
         TabularDataset(str(tmp_path / "a.parquet"), schema)
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path) -> None:
+    """`price` twice in a header (a join's output, say): which one is the feature? It was
+    silently the first; Parquet refuses such a file, and so does CSV now. A duplicate the
+    schema does not read is ignored."""
+    schema = _schema_file(tmp_path, SCHEMA_YAML.replace("table: tags}",
+                                                        "table: tags, delimiter: '|'}"))
+    (tmp_path / "a.csv").write_text("clicked,user_id,item_id,tag_list,price,price\n"
+                                    "1,u,3,1|2,1.5,9.0\n")
+    with pytest.raises(DataError, match=r"a.csv:1: header names column\(s\) \['price'\] more "
+                                        r"than once; rename the copies"):
+        TabularDataset(str(tmp_path / "a.csv"), schema, format="csv", header=True)
+    (tmp_path / "a.csv").write_text("clicked,user_id,item_id,tag_list,price,x,x\n"
+                                    "1,u,3,1|2,1.5,a,b\n")
+    [batch] = list(TabularDataset(str(tmp_path / "a.csv"), schema, format="csv", header=True,
+                                  num_workers=0))
+    assert batch.dense_features[:, 0].tolist() == [-4.25]

@@ -24,6 +24,7 @@ Errors name the file, the line (or the Parquet row group and row) and the column
 
 from __future__ import annotations
 
+import csv
 import functools
 import logging
 import math
@@ -1562,7 +1563,9 @@ class TabularDataset(IterableDataset):
                     raise DataError(f"{url}:1: no header line (the file is empty, or starts "
                                     "with a blank line); header=True reads column names from "
                                     "each file's first line")
-                names = first.split(self.delimiter)
+                # quote-aware, as the rows are parsed: R's write.csv, Excel and csv's
+                # QUOTE_ALL write "name"
+                names = next(csv.reader([first], delimiter=self.delimiter))
                 missing = [c for c in self._needed if c not in names]
                 if missing:
                     hint = (_separator_hint(first, self.delimiter) if len(names) == 1
@@ -1859,7 +1862,10 @@ class TabularDataset(IterableDataset):
         url = self.files[f]
         for i in np.flatnonzero(rows):
             line = block[starts[i]:ends[i]].decode("utf-8", "replace").rstrip("\r\n")
-            fields = line.split(self.delimiter)
+            try:  # quote-aware, as pyarrow parses: "Smith, J" is one field
+                fields = next(csv.reader([line], delimiter=self.delimiter, strict=True), [""])
+            except csv.Error:  # an unbalanced quote: named below, from pyarrow's message
+                fields = line.split(self.delimiter)
             where = f"{url}:{self._line_number(f, base + int(starts[i]))}"
             if len(fields) != len(names):
                 labels = len(self.schema.labels) + (1 if self.schema.weight else 0)
@@ -1884,7 +1890,11 @@ class TabularDataset(IterableDataset):
                     header = base + int(starts[i]) == 0 and not self.header
                     hint = (" (a header line? pass header=True, --header on the command "
                             "line)" if header and value.isidentifier() else "")
-                    if not hint and kind != pa.float64():  # an int64 id column
+                    if not hint and value.upper() in ("NA", "N/A", "NULL", "NONE"):
+                        hint = (" (a missing value? write it empty, e.g. R's write.csv(..., "
+                                "na = \"\"): an empty dense value takes its fill, an empty "
+                                "id is no id)")
+                    elif not hint and kind != pa.float64():  # an int64 id column
                         col = next(c for c in self.schema.sparse if c.name == name)
                         other = ("mapping hash" if col.mapping.kind == "modulo"
                                  else "dynamic ids hash")

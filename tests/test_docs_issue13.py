@@ -445,3 +445,36 @@ def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path) -> None:
     [batch] = list(TabularDataset(str(tmp_path / "a.csv"), schema, format="csv", header=True,
                                   num_workers=0))
     assert batch.dense_features[:, 0].tolist() == [-4.25]
+
+
+def test_what_r_writes_a_quoted_header_reads_and_na_names_the_fix(tmp_path) -> None:
+    """R's write.csv (and Excel, csv.QUOTE_ALL) quote every name and string: the header's
+    names are unquoted as the rows' values are (they were compared with their quotes);
+    R's NA for a missing value gets the fix (write it empty)."""
+    schema = _schema_file(tmp_path, SCHEMA_YAML.replace("table: tags}",
+                                                        "table: tags, delimiter: '|'}"))
+    text = ('"clicked","user_id","item_id","tag_list","price"\n'
+            '1,"u1",3,"1|2",12.0\n0,"u2",4,"",{}\n')
+    (tmp_path / "a.csv").write_text(text.format(""))
+    [batch] = list(TabularDataset(str(tmp_path / "a.csv"), schema, format="csv", header=True,
+                                  num_workers=0))
+    assert batch.dense_features[:, 0].tolist() == [1.0, 0.0]  # (12 - 10) / 2; fill 10
+    assert batch.sparse_features["tag_list"].lengths().tolist() == [2, 0]
+    (tmp_path / "a.csv").write_text(text.format("NA"))
+    with pytest.raises(DataError, match=r"a.csv:3: column 'price': 'NA' is not a number \(a "
+                                        r"missing value\? write it empty, e.g. R's "
+                                        r"write.csv\(..., na = \"\"\)"):
+        list(TabularDataset(str(tmp_path / "a.csv"), schema, format="csv", header=True,
+                            num_workers=0))
+
+
+def test_a_bad_value_after_a_quoted_delimiter_is_named_as_itself(tmp_path) -> None:
+    """A quoted value holding the delimiter ("Smith, J") is one field: a bad value later
+    on the line is named, not a wrong column count."""
+    schema = _schema_file(tmp_path, SCHEMA_YAML.replace("table: tags}",
+                                                        "table: tags, delimiter: '|'}"))
+    (tmp_path / "a.csv").write_text('clicked,user_id,item_id,tag_list,price\n'
+                                    '1,"Smith, J",3,1|2,12.0\n0,"Doe, A",4,,cheap\n')
+    with pytest.raises(DataError, match=r"a.csv:3: column 'price': 'cheap' is not a number"):
+        list(TabularDataset(str(tmp_path / "a.csv"), schema, format="csv", header=True,
+                            num_workers=0))

@@ -31,6 +31,8 @@ tables:
   - {name: item_id, num_embeddings: 500, embedding_dim: 4}
   - {name: tags, num_embeddings: 50, embedding_dim: 4}
 """
+# the same for CSV, whose multi-valued column is delimited text
+CSV_SCHEMA_YAML = SCHEMA_YAML.replace("table: tags}", "table: tags, delimiter: '|'}")
 
 
 def _user_table(n: int, seed: int) -> pa.Table:
@@ -118,9 +120,8 @@ def test_string_ids_under_the_default_mapping_name_mapping_hash(tmp_path) -> Non
         list(TabularDataset(str(tmp_path / "a.parquet"), schema, num_workers=0))
     (tmp_path / "a.csv").write_text("clicked,user_id,item_id,tag_list,price\n"
                                     "1,7,3,,2.5\n0,u9,4,,\n")
-    schema = _schema_file(tmp_path, SCHEMA_YAML.replace("{name: user_id, mapping: hash}",
-                                                        "{name: user_id}").replace(
-        "table: tags}", "table: tags, delimiter: '|'}"))
+    schema = _schema_file(tmp_path, CSV_SCHEMA_YAML.replace(
+        "{name: user_id, mapping: hash}", "{name: user_id}"))
     with pytest.raises(DataError, match=r"a.csv:3: column 'user_id': 'u9' is not an integer "
                                         r"id \(ids that are not integers need mapping hash\)"):
         list(TabularDataset(str(tmp_path / "a.csv"), schema, format="csv", header=True,
@@ -248,8 +249,7 @@ def test_what_pandas_writes_names_the_pandas_fix(tmp_path) -> None:
                                         rf"needs integer ids \({float_fix}"):
         list(TabularDataset(str(tmp_path / "a.parquet"), _schema_file(tmp_path),
                             num_workers=0))
-    schema = _schema_file(tmp_path, SCHEMA_YAML.replace("table: tags}",
-                                                        "table: tags, delimiter: '|'}"))
+    schema = _schema_file(tmp_path, CSV_SCHEMA_YAML)
     head = "clicked,user_id,item_id,tag_list,price\n"
     for body, match in [
         ("1,u,3,,2.5\n0,u,4.0,,\n", rf"a.csv:3: column 'item_id': '4.0' is not an integer id "
@@ -340,8 +340,7 @@ def test_own_csv_with_a_header_and_a_delimited_column_trains_as_its_prepared_par
                      f"{int(r.random() < 0.3)}")
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "day-0.csv").write_text("\n".join(lines) + "\n")
-    schema = _schema_file(tmp_path, SCHEMA_YAML.replace("table: tags}",
-                                                        "table: tags, delimiter: '|'}"))
+    schema = _schema_file(tmp_path, CSV_SCHEMA_YAML)
     raw = ["--data", "csv", "--header", "--schema", schema, "--train_path",
            str(tmp_path / "logs"), "--eval_path", str(tmp_path / "logs"), "--train_steps", "3"]
     code, out, err = _train(capsys, *raw, "--output_dir", str(tmp_path / "o1"))
@@ -433,8 +432,7 @@ def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path) -> None:
     """`price` twice in a header (a join's output, say): which one is the feature? It was
     silently the first; Parquet refuses such a file, and so does CSV now. A duplicate the
     schema does not read is ignored."""
-    schema = _schema_file(tmp_path, SCHEMA_YAML.replace("table: tags}",
-                                                        "table: tags, delimiter: '|'}"))
+    schema = _schema_file(tmp_path, CSV_SCHEMA_YAML)
     (tmp_path / "a.csv").write_text("clicked,user_id,item_id,tag_list,price,price\n"
                                     "1,u,3,1|2,1.5,9.0\n")
     with pytest.raises(DataError, match=r"a.csv:1: header names column\(s\) \['price'\] more "
@@ -451,8 +449,7 @@ def test_what_r_writes_a_quoted_header_reads_and_na_names_the_fix(tmp_path) -> N
     """R's write.csv (and Excel, csv.QUOTE_ALL) quote every name and string: the header's
     names are unquoted as the rows' values are (they were compared with their quotes);
     R's NA for a missing value gets the fix (write it empty)."""
-    schema = _schema_file(tmp_path, SCHEMA_YAML.replace("table: tags}",
-                                                        "table: tags, delimiter: '|'}"))
+    schema = _schema_file(tmp_path, CSV_SCHEMA_YAML)
     text = ('"clicked","user_id","item_id","tag_list","price"\n'
             '1,"u1",3,"1|2",12.0\n0,"u2",4,"",{}\n')
     (tmp_path / "a.csv").write_text(text.format(""))
@@ -471,8 +468,7 @@ def test_what_r_writes_a_quoted_header_reads_and_na_names_the_fix(tmp_path) -> N
 def test_a_bad_value_after_a_quoted_delimiter_is_named_as_itself(tmp_path) -> None:
     """A quoted value holding the delimiter ("Smith, J") is one field: a bad value later
     on the line is named, not a wrong column count."""
-    schema = _schema_file(tmp_path, SCHEMA_YAML.replace("table: tags}",
-                                                        "table: tags, delimiter: '|'}"))
+    schema = _schema_file(tmp_path, CSV_SCHEMA_YAML)
     (tmp_path / "a.csv").write_text('clicked,user_id,item_id,tag_list,price\n'
                                     '1,"Smith, J",3,1|2,12.0\n0,"Doe, A",4,,cheap\n')
     with pytest.raises(DataError, match=r"a.csv:3: column 'price': 'cheap' is not a number"):

@@ -175,7 +175,7 @@ def _nothing_found_hint(fs: Any, path: str, fmt: str, pattern: str) -> str:
             with fs.open(example, "rb") as f:
                 if f.read(4) == b"PAR1":
                     return unnamed
-        except OSError:
+        except (OSError, ValueError):  # only a hint
             pass
     if other:
         how = ("format='parquet' (--data parquet, data convert --format parquet)"

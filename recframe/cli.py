@@ -265,9 +265,10 @@ def _data_schema(ns: argparse.Namespace) -> Any:
     return FeatureSchema.from_file(ns.schema)
 
 
-def _warn_unused_sizes(ns: argparse.Namespace) -> None:
+def _warn_unused_flags(ns: argparse.Namespace) -> None:
     """One warning per flag set away from its default that file data ignores: the
-    synthetic data's batch counts, and the table sizes a --schema's tables replace."""
+    synthetic data's batch counts, the table sizes a --schema's tables replace, and
+    --header for Parquet."""
     why = {"num_train_batches": "the training files set the batches of an epoch "
                                 "(--train_steps sets the updates)",
            "num_eval_batches": "--eval_path names the evaluation files (--eval_steps limits "
@@ -281,6 +282,9 @@ def _warn_unused_sizes(ns: argparse.Namespace) -> None:
         if getattr(ns, name) != default:
             log.warning("--%s %s does nothing with --data %s: %s", name, getattr(ns, name),
                         ns.data, why[name])
+    if ns.header and ns.data == "parquet":
+        log.warning("--header does nothing with --data parquet: Parquet files name their "
+                    "columns (--header is for CSV/TSV files whose first line names them)")
 
 
 def _build_data(
@@ -299,7 +303,7 @@ def _build_data(
                 f"recframe train --data {ns.data} needs --train_path PATH (the training "
                 "files: a file, glob or directory)"
             )
-        _warn_unused_sizes(ns)
+        _warn_unused_flags(ns)
         fmt = "tsv" if ns.data == "criteo" else ns.data
         workers = ns.data_workers if workers is None else workers
         common = dict(format=fmt, batch_size=ns.batch_size, header=ns.header,

@@ -297,6 +297,12 @@ def test_size_flags_that_file_data_ignores_warn_once_each(tmp_path, caplog) -> N
         f"{tmp_path / 'schema.yaml'} size the model: set num_embeddings / embedding_dim there",
     ]
     caplog.clear()
+    assert cli.main([*common[:-4], "--data", "parquet", "--schema", _schema_file(tmp_path),
+                     "--header"]) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "--header does nothing with --data parquet: Parquet files name their columns "
+        "(--header is for CSV/TSV files whose first line names them)"]
+    caplog.clear()
     assert cli.main([*common, "--data", "criteo", "--num_embeddings", "1000"]) == 2
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert [w.split(" does")[0] for w in warned] == ["--num_train_batches 3",

@@ -26,6 +26,12 @@ from recframe.arguments import add_arguments, arguments_from_namespace
 log = logging.getLogger("recframe")
 
 
+_SYNTHETIC_ONLY = {"num_train_batches": 400, "num_eval_batches": 20}
+"""Flags (with their defaults) that size the synthetic data only."""
+_SCHEMA_SIZED = {"num_embeddings": 10_000, "embedding_dim": 16}
+"""Flags (with their defaults) that a --schema's tables replace."""
+
+
 def _train_parser(sub: Any) -> None:
     p = sub.add_parser(
         "train",
@@ -59,14 +65,16 @@ def _train_parser(sub: Any) -> None:
                    help="background decoding threads per reader (0: decode inline)")
     g.add_argument("--batch_size", type=_int_at_least(1), default=512,
                    help="samples per micro-batch")
-    g.add_argument("--num_train_batches", type=_int_at_least(1), default=400,
+    g.add_argument("--num_train_batches", type=_int_at_least(1),
+                   default=_SYNTHETIC_ONLY["num_train_batches"],
                    help="synthetic training batches per epoch")
-    g.add_argument("--num_eval_batches", type=_int_at_least(0), default=20,
+    g.add_argument("--num_eval_batches", type=_int_at_least(0),
+                   default=_SYNTHETIC_ONLY["num_eval_batches"],
                    help="synthetic eval batches (0: no evaluation data)")
-    g.add_argument("--num_embeddings", type=_int_at_least(1), default=10_000,
-                   help="rows per table")
-    g.add_argument("--embedding_dim", type=_int_at_least(1), default=16,
-                   help="embedding width")
+    g.add_argument("--num_embeddings", type=_int_at_least(1),
+                   default=_SCHEMA_SIZED["num_embeddings"], help="rows per table")
+    g.add_argument("--embedding_dim", type=_int_at_least(1),
+                   default=_SCHEMA_SIZED["embedding_dim"], help="embedding width")
     g.add_argument("--gauc_feature", default=None, metavar="FEATURE",
                    help="sparse feature whose id groups the eval samples for grouped AUC "
                    "(gauc), e.g. a user id column of --schema data (synthetic and criteo "
@@ -257,6 +265,28 @@ def _data_schema(ns: argparse.Namespace) -> Any:
     return FeatureSchema.from_file(ns.schema)
 
 
+def _warn_unused_flags(ns: argparse.Namespace) -> None:
+    """One warning per flag set away from its default that file data ignores: the
+    synthetic data's batch counts, the table sizes a --schema's tables replace, and
+    --header for Parquet."""
+    why = {"num_train_batches": "the training files set the batches of an epoch "
+                                "(--train_steps sets the updates)",
+           "num_eval_batches": "--eval_path names the evaluation files (--eval_steps limits "
+                               "the batches an evaluation reads)"}
+    flags = dict(_SYNTHETIC_ONLY)
+    if ns.data != "criteo":  # criteo's preset schema takes them
+        flags.update(_SCHEMA_SIZED)
+        why.update(dict.fromkeys(_SCHEMA_SIZED, f"the tables of --schema {ns.schema} size the "
+                                 "model: set num_embeddings / embedding_dim there"))
+    for name, default in flags.items():
+        if getattr(ns, name) != default:
+            log.warning("--%s %s does nothing with --data %s: %s", name, getattr(ns, name),
+                        ns.data, why[name])
+    if ns.header and ns.data == "parquet":
+        log.warning("--header does nothing with --data parquet: Parquet files name their "
+                    "columns (--header is for CSV/TSV files whose first line names them)")
+
+
 def _build_data(
     ns: argparse.Namespace, seed: int, schema: Any = None, workers: Optional[int] = None
 ) -> tuple[Any, Any]:
@@ -273,6 +303,7 @@ def _build_data(
                 f"recframe train --data {ns.data} needs --train_path PATH (the training "
                 "files: a file, glob or directory)"
             )
+        _warn_unused_flags(ns)
         fmt = "tsv" if ns.data == "criteo" else ns.data
         workers = ns.data_workers if workers is None else workers
         common = dict(format=fmt, batch_size=ns.batch_size, header=ns.header,
@@ -349,6 +380,10 @@ def _cmd_train(ns: argparse.Namespace) -> int:
             made, None)
     else:
         schema = _data_schema(ns)
+        if schema is not None and len(schema.labels) > 1 and not _is_import_path(ns.model):
+            raise ValueError(f"--model {ns.model} predicts one label per sample, but --schema "
+                             f"{ns.schema} names {len(schema.labels)}: {schema.labels}; keep "
+                             "one in labels, or train your own model (--model PKG.MODULE:FN)")
         train_data, eval_data = _build_data(ns, args.seed, schema, args.dataloader_num_workers)
     torch.manual_seed(args.seed)
     if _is_import_path(ns.model):
@@ -885,11 +920,12 @@ class _Parser(argparse.ArgumentParser):
     ``unrecognized arguments: --trian_steps (did you mean --train_steps?)``."""
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
-        self._check_order(list(sys.argv[1:] if args is None else args))
+        argv = list(sys.argv[1:] if args is None else args)
+        self._check_order(argv)
         ns, extras = self.parse_known_args(args, namespace)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}"
-                       + _suggestions(self, ns, extras))
+                       + (_expanded_glob_hint(argv, extras) or _suggestions(self, ns, extras)))
         return ns
 
 
@@ -912,6 +948,31 @@ class _Parser(argparse.ArgumentParser):
             ):
                 self.error(f"{flag} is a flag of `recframe {command}`: put it after the "
                            f"subcommand (recframe {command} {flag} ...)")
+
+
+def _expanded_glob_hint(argv: list[str], extras: list[str]) -> str:
+    """`` (quote the glob ...)`` when the unknown arguments are existing files that follow
+    a flag's value: ``--train_path data/*.parquet`` unquoted, which the shell expanded
+    into one value per file (the flag takes the first)."""
+    import os
+
+    if not all(not e.startswith("-") and os.path.exists(e) for e in extras):
+        return ""
+    at = next((i for i in range(1, len(argv)) if argv[i] == extras[0]), None)
+    if at is None:
+        return ""
+    if argv[at - 1].startswith("--") and "=" in argv[at - 1]:  # --train_path=a b c
+        flag, first = argv[at - 1].split("=", 1)
+    elif at >= 2 and argv[at - 2].startswith("--"):
+        flag, first = argv[at - 2], argv[at - 1]
+    else:
+        return ""
+    if not os.path.exists(first):
+        return ""
+    ext = os.path.splitext(first)[1]
+    pattern = os.path.join(os.path.dirname(first) or ".", f"*{ext}")
+    return (f" (the shell expanded a glob after {flag} into {len(extras) + 1} files; quote "
+            f"it, {flag} '{pattern}', or pass the directory)")
 
 
 def _suggestions(parser: argparse.ArgumentParser, ns: argparse.Namespace,

@@ -105,9 +105,14 @@ def build_ebc_from_schema(
         raise ValueError(f"schema must be a FeatureSchema, got {type(schema).__name__}")
     for t in schema.tables:
         if not t.name.isidentifier() or hasattr(nn.ModuleDict, t.name):
+            ok = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in t.name)
+            ok = ok if ok.isidentifier() and not hasattr(nn.ModuleDict, ok) else f"t_{ok}"
+            users = [c.name for c in schema.sparse if c.table == t.name]
             raise ValueError(f"schema: table name {t.name!r} cannot name a module (an "
-                             "identifier that is no nn.ModuleDict attribute, e.g. t_"
-                             f"{t.name}); rename it in the schema's tables")
+                             f"identifier that is no nn.ModuleDict attribute): set table: "
+                             f"{ok} on sparse column(s) {users} (a column's table defaults to "
+                             "its name), and rename the table where the schema's tables list "
+                             "it")
     tables = [
         EmbeddingBagConfig(
             name=t.name,

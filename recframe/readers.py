@@ -24,6 +24,7 @@ Errors name the file, the line (or the Parquet row group and row) and the column
 
 from __future__ import annotations
 
+import csv
 import functools
 import logging
 import math
@@ -143,6 +144,56 @@ def is_data_file(name: str, fmt: str) -> bool:
     return lower.endswith(TEXT_EXTENSIONS)
 
 
+def _nothing_found_hint(fs: Any, path: str, fmt: str, pattern: str) -> str:
+    """Why a path named no data file, when the path says (error path only): it does not
+    exist, is an empty directory, holds only subdirectories (Spark's partitioned output,
+    which a directory path does not descend into), files of another format, or files
+    whose names are not data files' (Parquet files without an extension)."""
+    glob = any(c in path for c in "*?[")
+    try:
+        if glob:
+            entries = list(fs.glob(path, detail=True).values())
+        elif not fs.exists(path):
+            return " (it does not exist)"
+        else:
+            entries = fs.ls(path, detail=True) if fs.isdir(path) else []
+    except (OSError, ValueError):  # only a hint
+        return ""
+    files = [e["name"] for e in entries if e.get("type") != "directory"
+             and not _basename(e["name"]).startswith((".", "_"))]  # _SUCCESS: never data
+    dirs = [_basename(e["name"]) for e in entries if e.get("type") == "directory"]
+    where = "it matches" if glob else "the directory holds"
+    names = ("names: Parquet needs .parquet/.parq/.pq" if fmt == "parquet" else
+             "names: CSV/TSV needs .csv/.tsv/.txt/.data, compressed or not, or none")
+    unnamed = (f" ({where} {len(files)} file(s) that are not {fmt} data by their {names}, "
+               f"e.g. {_basename(files[0])!r}; name such files one by one)" if files else "")
+    other = next((f for f in ("parquet", "csv") if f != fmt and f != {"tsv": "csv"}.get(fmt)
+                  and any(is_data_file(n, f) for n in files)), None)
+    if other == "csv" and fmt == "parquet":  # no extension: Parquet by its magic bytes?
+        example = next(n for n in files if is_data_file(n, "csv"))
+        try:
+            with fs.open(example, "rb") as f:
+                if f.read(4) == b"PAR1":
+                    return unnamed
+        except (OSError, ValueError):  # only a hint
+            pass
+    if other:
+        how = ("format='parquet' (--data parquet, data convert --format parquet)"
+               if other == "parquet" else
+               "format='csv' or 'tsv' (--data, data convert --format: csv or tsv)")
+        return f" ({where} {other} files: read them with {how})"
+    if glob:
+        return unnamed
+    if dirs and not files:
+        ext = "*.parquet" if fmt == "parquet" else "*"
+        return (f" (the directory holds only subdirectories {sorted(dirs)[:3]}, and a "
+                f"directory path is not searched below its own files: pass a glob such as "
+                f"{pattern.rstrip('/') + '/*/' + ext!r})")
+    if not entries:
+        return " (the directory is empty)"
+    return unnamed
+
+
 def list_files(paths: Union[str, Sequence[str]], fmt: str) -> list[str]:
     """Full fsspec URLs of the files named by ``paths`` (files, globs, directories);
     globs and directories keep only data files of ``fmt`` (see `is_data_file`)."""
@@ -166,7 +217,8 @@ def list_files(paths: Union[str, Sequence[str]], fmt: str) -> list[str]:
         else:
             found = []
         if not found:
-            raise FileNotFoundError(f"no {fmt} data file matches {pattern!r}")
+            raise FileNotFoundError(f"no {fmt} data file matches {pattern!r}"
+                                    f"{_nothing_found_hint(fs, path, fmt, str(pattern))}")
         for name in found:
             url = fs.unstrip_protocol(name)
             if url not in urls:
@@ -290,12 +342,59 @@ def _int64(value: Any) -> int:
     return out
 
 
-def _id_problem(value: Any, needs: str) -> str:
-    """Why ``value`` is no integer id (error path only)."""
+_UNLABELLED_FIX = ("reading it needs labelled=False (data convert --unlabelled); training "
+                   "and evaluation need the labels: leave it out of the paths")
+
+
+def _separator_hint(line: str, delimiter: str) -> str:
+    """For a header that split into one name: the separator it holds instead, and how to
+    read it ('' when it holds none of the usual ones; error path only)."""
+    sep = next((d for d in (",", "\t", ";", "|") if d != delimiter and d in line), None)
+    if sep is None:
+        return ""
+    how = {"\t": "format='tsv' (--data tsv, data convert --format tsv)",
+           ",": "format='csv' (--data csv, data convert --format csv)"}.get(
+               sep, f"delimiter={sep!r}")
+    return f" (one column: are the file's columns separated by {sep!r}? pass {how})"
+
+
+def _close_names_hint(missing: Sequence[str], names: Sequence[str]) -> str:
+    """A hint for schema column names that look like a typo of one in the file, with the
+    fix; '' when none does (error path only)."""
+    import difflib
+
+    guesses = {m: difflib.get_close_matches(m, [str(n) for n in names], n=1, cutoff=0.6)
+               for m in missing}
+    pairs = [f"{g[0]!r} for the schema's {m!r}" for m, g in guesses.items() if g]
+    if not pairs:
+        return ""
+    return f" (a typo? the file has {', '.join(pairs)}: fix the names in the schema)"
+
+
+_FLOAT_IDS_FIX = ("write the ids as integers: pandas stores an int column with missing "
+                  "values as floats; df[col].astype('Int64') keeps integers, missing ones null")
+
+
+def _not_int_fix(value: Any, other: str) -> str:
+    """The fix for an id that is no integer: a float (pandas' ints with missing values),
+    a list written as text, or a string id, which mapping ``other`` takes (error path)."""
+    try:
+        float(value)
+        return _FLOAT_IDS_FIX
+    except (TypeError, ValueError):
+        pass
+    if str(value).startswith("["):
+        return ("a list written as text? join its items with a delimiter (1|2) and set the "
+                "column's delimiter: '|' in the schema, or write a Parquet list column")
+    return f"ids that are not integers need {other}"
+
+
+def _id_problem(value: Any, needs: str, other: str) -> str:
+    """Why ``value`` is no integer id, and the fix (error path only)."""
     try:
         int(value)
     except (TypeError, ValueError):
-        return f"id {value!r} is not an integer ({needs})"
+        return f"id {value!r} is not an integer ({needs}); {_not_int_fix(value, other)}"
     return (f"id {value!r} does not fit in 64 bits ({needs}); use mapping hash for ids "
             "this long")
 
@@ -334,8 +433,10 @@ def _float_column(arr: pa.Array, name: str, fill: Optional[float]) -> np.ndarray
     finite = np.isfinite(out)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
-        raise _RowError(row, name, f"{float(out[row])} is not a finite number (leave the value "
-                        "empty to take the column's fill)")
+        fix = ("leave the value empty (a null in Parquet) to take the column's fill; pyarrow "
+               "writes NaN as null with pa.array(values, from_pandas=True)" if fill is not None
+               else "a label or weight needs a finite value in every row")
+        raise _RowError(row, name, f"{float(out[row])} is not a finite number ({fix})")
     return out
 
 
@@ -406,11 +507,12 @@ def _ids(column: SparseColumn, num: int, flat: pa.Array, parents: np.ndarray) ->
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 i, v = _first_bad(flat.to_pylist(), _int64)
                 raise _RowError(int(parents[i]), column.name,
-                                _id_problem(v, what)) from None
+                                _id_problem(v, what, other)) from None
         elif not pa.types.is_integer(flat.type):
+            fix = (_FLOAT_IDS_FIX if pa.types.is_floating(flat.type)
+                   else f"use {other} for strings")
             raise _RowError(0, column.name, f"has type {flat.type}; {what} "
-                            f"need{'s' if kind == 'modulo' else ''} integer ids (use {other} "
-                            "for strings)")
+                            f"need{'s' if kind == 'modulo' else ''} integer ids ({fix})")
         return _map_int_ids(column, num, _int_array(flat))
     salt = dynamic.salt if dynamic is not None else column.mapping.salt
     if not is_str:  # hash: integers hash by their decimal text
@@ -1256,6 +1358,22 @@ def _check_nice(value: Any) -> Union[int, str]:
 # --------------------------------------------------------------------------- the dataset
 
 
+def _files_changed(state: Mapping[str, Any], names: list[str]) -> str:
+    """A position over other files than a dataset's: what changed (the next day's files
+    added to a run's directory, say), and the fix (error path only)."""
+    old = [str(n) for n in state["files"]]
+    added = [n for n in names if n not in old]
+    gone = [n for n in old if n not in names]
+    what = ", ".join(f"{len(x)} {how} {x[:3]}{'...' if len(x) > 3 else ''}"
+                     for x, how in ((added, "added"), (gone, "gone")) if x)
+    return (f"load_state_dict: the position was taken over {len(old)} file(s), this dataset "
+            f"reads {len(names)}: {what or 'the same files in another order'}. A position "
+            "holds only over its own files: resume over those; to train the checkpoint's "
+            "model on other files, start a new output_dir warm-started from this one "
+            "(model_bank, --model_bank '[\"OLD_OUTPUT_DIR\"]': its weights, a fresh "
+            "optimizer and data position)")
+
+
 class TabularDataset(IterableDataset):
     """Batches of ``batch_size`` rows from Parquet or CSV/TSV files under ``schema``.
 
@@ -1394,12 +1512,8 @@ class TabularDataset(IterableDataset):
                     source.close()
             missing = [c for c in self._needed if c not in names]
             if missing:
-                unlabelled = self.labelled and set(missing) <= (
-                    set(self.schema.labels) | {self.schema.weight})
-                hint = (" (an unlabelled file, such as one converted with --unlabelled, "
-                        "needs labelled=False)" if unlabelled else "")
                 raise DataError(f"{url}: missing column(s) {missing}; the file has "
-                                f"{sorted(names)}{hint}")
+                                f"{sorted(names)}{self._missing_hint(missing, listed)}")
             if twice:  # which of them would be the column? (pyarrow: a KeyError)
                 raise DataError(f"{url}: column(s) {twice} appear more than once in the file; "
                                 "rewrite it with each column once")
@@ -1414,6 +1528,15 @@ class TabularDataset(IterableDataset):
             self._rg_starts.append(np.concatenate(([0], np.cumsum(counts))).astype(np.int64))
             self._rg_bytes.append(sizes)
 
+    def _missing_hint(self, missing: list[str], names: Sequence[str]) -> str:
+        """Why a file lacks columns of the schema: no labels (an unlabelled file), or a
+        typo in the schema's names (error path only)."""
+        labels = set(self.schema.labels)
+        if self.labelled and labels & set(missing) and set(missing) <= labels | {
+                self.schema.weight}:
+            return f" (an unlabelled file? {_UNLABELLED_FIX})"
+        return _close_names_hint(missing, names)
+
     def _init_text(self) -> None:
         import fsspec
 
@@ -1421,7 +1544,8 @@ class TabularDataset(IterableDataset):
         expected = self.schema.columns
         if not self.header and expected is None:
             raise ValueError("CSV/TSV files without a header need schema.columns (every "
-                             "column's name, in file order); or pass header=True")
+                             "column's name, in file order); or pass header=True (--header "
+                             "on the command line) for files whose first line names them")
         if expected is not None and not self.labelled:
             drop = set(self.schema.labels) | {self.schema.weight}
             expected = [c for c in expected if c not in drop]
@@ -1439,11 +1563,19 @@ class TabularDataset(IterableDataset):
                     raise DataError(f"{url}:1: no header line (the file is empty, or starts "
                                     "with a blank line); header=True reads column names from "
                                     "each file's first line")
-                names = first.split(self.delimiter)
+                # quote-aware, as the rows are parsed: R's write.csv, Excel and csv's
+                # QUOTE_ALL write "name"
+                names = next(csv.reader([first], delimiter=self.delimiter))
                 missing = [c for c in self._needed if c not in names]
                 if missing:
+                    hint = (_separator_hint(first, self.delimiter) if len(names) == 1
+                            else "") or self._missing_hint(missing, names)
                     raise DataError(f"{url}:1: header has no column(s) {missing}; it names "
-                                    f"{names}")
+                                    f"{names}{hint}")
+                twice = [c for c in self._needed if names.count(c) > 1]
+                if twice:  # which one is the column? (as Parquet refuses)
+                    raise DataError(f"{url}:1: header names column(s) {twice} more than once; "
+                                    "rename the copies so that each name is one column")
                 self._columns.append(names)
             else:
                 self._columns.append(list(expected))  # type: ignore[arg-type]
@@ -1730,13 +1862,16 @@ class TabularDataset(IterableDataset):
         url = self.files[f]
         for i in np.flatnonzero(rows):
             line = block[starts[i]:ends[i]].decode("utf-8", "replace").rstrip("\r\n")
-            fields = line.split(self.delimiter)
+            try:  # quote-aware, as pyarrow parses: "Smith, J" is one field
+                fields = next(csv.reader([line], delimiter=self.delimiter, strict=True), [""])
+            except csv.Error:  # an unbalanced quote: named below, from pyarrow's message
+                fields = line.split(self.delimiter)
             where = f"{url}:{self._line_number(f, base + int(starts[i]))}"
             if len(fields) != len(names):
                 labels = len(self.schema.labels) + (1 if self.schema.weight else 0)
                 hint = ""
                 if self.labelled and len(fields) == len(names) - len(self.schema.labels):
-                    hint = " (an unlabelled file, such as Criteo's test.txt, needs labelled=False)"
+                    hint = f" (an unlabelled file, such as Criteo's test.txt? {_UNLABELLED_FIX})"
                 elif not self.labelled and len(fields) == len(names) + labels:
                     hint = " (a labelled file? leave out labelled=False / --unlabelled)"
                 elif base + int(starts[i]) == 0:
@@ -1755,6 +1890,18 @@ class TabularDataset(IterableDataset):
                     header = base + int(starts[i]) == 0 and not self.header
                     hint = (" (a header line? pass header=True, --header on the command "
                             "line)" if header and value.isidentifier() else "")
+                    if not hint and value.upper() in ("NA", "N/A", "NULL", "NONE"):
+                        hint = (" (a missing value? write it empty, e.g. R's write.csv(..., "
+                                "na = \"\"): an empty dense value takes its fill, an empty "
+                                "id is no id)")
+                    elif not hint and kind != pa.float64():  # an int64 id column
+                        col = next(c for c in self.schema.sparse if c.name == name)
+                        other = ("mapping hash" if col.mapping.kind == "modulo"
+                                 else "dynamic ids hash")
+                        hint = f" ({_not_int_fix(value, other)})"
+                    elif not hint and value.lower() in ("true", "false"):
+                        hint = (" (write booleans as numbers, 1/0: pandas writes a bool "
+                                "column as True/False; df[col].astype(int))")
                     raise DataError(f"{where}: column {name!r}: {value!r} is not {what}{hint}"
                                     ) from None
                 except OverflowError:
@@ -2022,8 +2169,7 @@ class TabularDataset(IterableDataset):
             raise ValueError(f"load_state_dict: expected a mapping, got {type(state).__name__}")
         names = self._names
         if state.get("files") is not None and list(state["files"]) != names:
-            raise ValueError(f"load_state_dict: state was taken over files {state['files']!r} "
-                             f"but this dataset reads {names!r}")
+            raise ValueError(_files_changed(state, names))
         if state.get("format", self.format) != self.format:
             raise ValueError(f"load_state_dict: state is of format {state.get('format')!r}")
 

@@ -445,15 +445,18 @@ def _hex_rows(column: SparseColumn, num: int, data: np.ndarray, starts: np.ndarr
     return _mod(value, num)
 
 
-def _mod(ids: np.ndarray, num: int) -> np.ndarray:
-    """``ids mod num`` as int64 rows: uint64 ids as unsigned, int64 ids by Python's modulo
-    (``-3 mod 50 = 47``). As ``x - (x // m) * m``: numpy divides by a scalar with a
-    precomputed reciprocal (libdivide), 3-5x faster than ``np.remainder``."""
+def _mod(ids: np.ndarray, num: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``ids mod num`` as signed rows of the ids' width (int64; int32 for uint32 ids):
+    unsigned ids as unsigned, signed ids by Python's modulo (``-3 mod 50 = 47``); into
+    ``out`` (``ids`` itself may be it) when given. As ``x - (x // m) * m``: numpy divides
+    by a scalar with a precomputed reciprocal (libdivide), 3-5x faster than
+    ``np.remainder``."""
     m = ids.dtype.type(num)
     q = np.floor_divide(ids, m)
     np.multiply(q, m, out=q)
-    np.subtract(ids, q, out=q)
-    return q.view(np.int64)
+    np.subtract(ids, q, out=q if out is None else out)
+    r = q if out is None else out
+    return r.view(np.dtype(f"i{r.dtype.itemsize}"))
 
 
 def _int_array(arr: pa.Array) -> np.ndarray:
@@ -638,7 +641,7 @@ def _check_labels(labels: np.ndarray, names: Sequence[str]) -> None:
                         "probability)")
 
 
-_I32, _I64, _U64 = pa.int32(), pa.int64(), pa.uint64()
+_I32, _I64, _U32, _U64 = pa.int32(), pa.int64(), pa.uint32(), pa.uint64()
 _NUMERIC = {pa.float64(): np.float64, pa.float32(): np.float32, pa.int64(): np.int64,
             pa.int32(): np.int32, pa.int16(): np.int16, pa.int8(): np.int8,
             pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32}
@@ -783,7 +786,7 @@ def decode_table(
                 hex_keys.append(k)
                 hex_arrays.append(arr)
             continue  # other strings (ids to parse): column by column
-        if arr.type != _I64 and arr.type != _U64:
+        if arr.type != _U64 and arr.type not in _NUMERIC:
             arr = pc.cast(arr, _I64)
         if arr.buffers()[1] is not None:
             picked.append(j)
@@ -791,20 +794,27 @@ def decode_table(
     table_rows = {t.name: t.num_embeddings for t in schema.tables}
     pieces: dict[int, np.ndarray] = {}
     if arrays:
-        ids = np.empty((len(arrays), n), dtype=np.int64)
+        sel = np.array(picked, dtype=np.int64)
+        raw = plan.raw[sel]
+        # uint32 ids (converted hex ids: Criteo's 8 digits) into tables below 2**31 rows:
+        # loaded, mapped and kept in 32 bits (half the bytes of every pass over them)
+        narrow = (not raw.any() and all(a.type == _U32 for a in arrays)
+                  and int(plan.nums[sel].max()) < 1 << 31)
+        ids = np.empty((len(arrays), n), dtype=np.uint32 if narrow else np.int64)
         ids_valid: Optional[np.ndarray] = None
         for j, arr in enumerate(arrays):
-            ids[j] = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=n,
-                                   offset=arr.offset * 8)
+            dtype = np.int64 if arr.type == _U64 else _NUMERIC[arr.type]  # uint64: its bits
+            ids[j] = np.frombuffer(arr.buffers()[1], dtype=dtype, count=n,
+                                   offset=arr.offset * np.dtype(dtype).itemsize)
             if arr.null_count:
                 if ids_valid is None:
                     ids_valid = np.ones(ids.shape, dtype=np.uint8)
                 _valid_bits(arr, ids_valid[j])
-        sel = np.array(picked, dtype=np.int64)
         # uint64 columns: ids beyond int64 stay positive (as `_map_int_ids`)
         unsigned = ~plan.signed[sel] | np.array([a.type == _U64 for a in arrays])
-        raw = plan.raw[sel]
         _map_id_rows(ids, plan.nums[sel], unsigned & ~raw, ~unsigned & ~raw)
+        if narrow:
+            ids = ids.view(np.int32)  # table rows < 2**31
         keys = [plan.int_ids[j] for j in picked]
         if ids_valid is None:
             lengths[keys] = 1
@@ -893,7 +903,9 @@ def _hex_block(arrays: list[pa.Array], nums: list[int]) -> Optional[
         raw = pad
     ids = raw.view(">u4" if padded == 4 else ">u8").reshape(total)
     ids = ids.astype(np.uint32 if padded == 4 else np.uint64)
-    out = np.empty(total, dtype=np.int64)
+    # rows of tables below 2**31 rows fit int32: half the bytes to keep and cut
+    out = np.empty(total, dtype=np.int32 if padded == 4 and max(nums) < 1 << 31
+                   else np.int64)
     bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
     if len(set(nums)) == 1:
         spans = [(0, total, nums[0])]
@@ -918,12 +930,15 @@ def _map_id_rows(ids: np.ndarray, nums: np.ndarray, unsigned: np.ndarray,
     """Map ``[features, rows]`` int64 ids to table rows in place: ``unsigned`` features
     (hex ids' 64 bits, uint64 ids) modulo their table as unsigned 64-bit, ``signed``
     ones by Python's modulo (``-3 mod 50 = 47``); the others (dynamic) stay raw: a
-    scalar modulus per feature (`_mod`: numpy's fast division by a scalar)."""
+    scalar modulus per feature (`_mod`: numpy's fast division by a scalar). uint32 ids
+    (never dynamic) are mapped in 32 bits: ids >= 0, where both modulos agree."""
     for j in range(ids.shape[0]):
-        if unsigned[j]:
-            ids[j] = _mod(ids[j].view(np.uint64), int(nums[j, 0]))
+        if ids.dtype == np.uint32:
+            _mod(ids[j], int(nums[j, 0]), out=ids[j])
+        elif unsigned[j]:
+            _mod(ids[j].view(np.uint64), int(nums[j, 0]), out=ids[j].view(np.uint64))
         elif signed[j]:
-            ids[j] = _mod(ids[j], int(nums[j, 0]))
+            _mod(ids[j], int(nums[j, 0]), out=ids[j])
 
 
 # --------------------------------------------------------------------------- prepared files
@@ -2112,8 +2127,10 @@ def criteo_tsv(
 
 
 def _parse_hex_columns(table: pa.Table, schema: FeatureSchema) -> pa.Table:
-    """Single-valued ``hex`` id columns as int64 (the parsed ids' 64 bits): the reader
-    takes an integer ``hex`` column as already parsed, and skips the text parse."""
+    """Single-valued ``hex`` id columns parsed: the reader takes an integer ``hex`` column
+    as already parsed, and skips the text parse. uint32 where every id of the block has
+    at most 8 digits' worth (Criteo's: half the bytes to store and to read), else int64
+    (the ids' 64 bits); `convert_to_parquet` reconciles the blocks of a part."""
     for col in schema.sparse:
         if col.mapping.kind != "hex" or col.delimiter is not None:
             continue
@@ -2125,9 +2142,24 @@ def _parse_hex_columns(table: pa.Table, schema: FeatureSchema) -> pa.Table:
         if valid.any():
             parsed, _ = parse_hex(*_string_bytes(arr.filter(pa.array(valid))))
             value[valid] = parsed
-        ids = pa.array(value.view(np.int64), pa.int64(), mask=~valid)
+        if int(value.max(initial=0)) < 1 << 32:
+            ids = pa.array(value.astype(np.uint32), _U32, mask=~valid)
+        else:
+            ids = pa.array(value.view(np.int64), _I64, mask=~valid)
         table = table.set_column(table.schema.get_field_index(col.name), col.name, ids)
     return table
+
+
+def _reconcile(table: pa.Table, part: pa.Schema) -> Optional[pa.Table]:
+    """``table`` in the schema of the part being written (its uint32 hex ids widened to
+    the part's int64: the same ids), or None where the part's uint32 columns cannot hold
+    the table's ids (a hex id beyond 8 digits): the table starts a new part."""
+    if table.schema.equals(part):
+        return table
+    for f in table.schema:
+        if f.type == _I64 and part.field(f.name).type == _U32:
+            return None
+    return table.cast(part)
 
 
 PARQUET_COMPRESSIONS = ("lz4", "zstd", "snappy", "none")
@@ -2158,7 +2190,8 @@ def convert_to_parquet(
     """Write the CSV/TSV rows of ``source`` (one rank: all of them) to Parquet parts
     ``part-00000.parquet ...`` under ``output_dir`` (any fsspec path), raw (the schema's
     transforms and id mappings apply when the Parquet files are read; ``hex`` ids are
-    stored parsed, as int64, so reading skips the text parse), with the schema
+    stored parsed, as uint32 up to 8 digits (else int64: a part starts over with int64
+    where a longer id comes), so reading skips the text parse), with the schema
     as ``schema.yaml`` beside them (not a data file: readers skip it). Every block is
     decoded on the way, so bad input fails here, naming its line. Parts are written to
     a staging directory ``_convert-*`` (readers skip it) and moved into place at the end,
@@ -2237,7 +2270,16 @@ def convert_to_parquet(
     def write(tables: list[pa.Table]) -> None:
         """One row group (or a part's last, shorter one) to the current part."""
         nonlocal writer, handle, in_file
-        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        # blocks of a row group may differ in a hex column's type: uint32 or int64
+        table = (pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1
+                 else tables[0])
+        if writer is not None:
+            fitted = _reconcile(table, writer.schema)
+            if fitted is None:  # ids wider than this part's: the rest go to a new one
+                close()
+                in_file = 0
+            else:
+                table = fitted
         if writer is None:
             staged.append(f"part-{len(staged):05d}.parquet")
             handle = fs.open(f"{staging}/{staged[-1]}", "wb")

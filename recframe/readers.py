@@ -1275,7 +1275,7 @@ ALLOCATOR_SETTINGS = {"mmap_threshold": 32 << 20, "trim_threshold": 256 << 20}
 come from the heap (not fresh mappings), and up to ``trim_threshold`` of freed heap stays
 mapped."""
 _ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-                  "GLIBC_TUNABLES")
+                  "MALLOC_MMAP_MAX_")
 _allocator_tuned: Optional[bool] = None
 
 
@@ -1302,13 +1302,14 @@ def tune_allocator() -> bool:
     other cores to flush their TLBs. Measured here (2 cores), a Parquet pass with two
     decoding threads took 1.6-1.8x the CPU per row of the same pass with these
     settings (docs/data.md). The cost: up to ``trim_threshold`` (256 MB) of freed
-    memory per malloc arena stays resident. Settings the user gave glibc (the
-    ``MALLOC_*_`` variables, ``GLIBC_TUNABLES``) are left as they are."""
+    memory per malloc arena stays resident. Settings the user gave glibc's malloc (the
+    ``MALLOC_*_`` variables, ``glibc.malloc`` tunables) are left as they are."""
     global _allocator_tuned
     if _allocator_tuned is not None:
         return _allocator_tuned
     _allocator_tuned = False
-    if not sys.platform.startswith("linux") or any(k in os.environ for k in _ALLOCATOR_ENV):
+    if (not sys.platform.startswith("linux") or any(k in os.environ for k in _ALLOCATOR_ENV)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
         return False
     import platform
 

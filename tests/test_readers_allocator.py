@@ -35,7 +35,7 @@ def fake_libc(monkeypatch):
     monkeypatch.setattr(readers, "_mallopt", lambda: libc.mallopt)
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
-    for k in readers._ALLOCATOR_ENV:
+    for k in (*readers._ALLOCATOR_ENV, "GLIBC_TUNABLES"):
         monkeypatch.delenv(k, raising=False)
     return libc
 
@@ -60,6 +60,14 @@ def test_opt_out_and_user_settings_are_left_alone(tmp_path, fake_libc, monkeypat
     assert fake_libc.calls == [] and readers.tune_allocator() is False
 
 
+def test_malloc_tunables_are_left_alone_other_tunables_are_not(fake_libc, monkeypatch) -> None:
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1000000")
+    assert readers.tune_allocator() is False and fake_libc.calls == []
+    monkeypatch.setattr(readers, "_allocator_tuned", None)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX512F")
+    assert readers.tune_allocator() is True and fake_libc.calls == WANT
+
+
 def test_not_glibc_is_left_alone(fake_libc, monkeypatch) -> None:
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
     assert readers.tune_allocator() is False and fake_libc.calls == []
@@ -74,7 +82,8 @@ def test_convert_tunes_too(tmp_path, fake_libc) -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="glibc only")
 def test_real_glibc_accepts_the_settings() -> None:
-    env = {k: v for k, v in os.environ.items() if k not in readers._ALLOCATOR_ENV}
+    env = {k: v for k, v in os.environ.items()
+           if k not in (*readers._ALLOCATOR_ENV, "GLIBC_TUNABLES")}
     out = subprocess.run([sys.executable, "-c", "from recframe.readers import tune_allocator; "
                           "print(tune_allocator(), tune_allocator())"],
                          env=env, capture_output=True, text=True, check=True).stdout

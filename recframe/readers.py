@@ -1354,6 +1354,10 @@ class TabularDataset(IterableDataset):
         tune_allocator: call `tune_allocator` when iteration starts (process-wide: glibc
             malloc keeps freed memory for the next block instead of returning it to the
             kernel); False leaves the allocator as it is.
+        inline_threads: a block the iterating thread decodes itself (``num_workers=0``,
+            or one the threads had not started in time) is parsed on pyarrow's thread
+            pool (its CSV parse, or its Parquet column decoding): the caller is waiting
+            for it, so the cores it would use are idle. False: one thread.
 
     Counters (all passes so far): ``bytes_read``, the data bytes read,
     ``decode_cpu_seconds``, the CPU time the read-and-decode tasks took (to weigh
@@ -1380,6 +1384,7 @@ class TabularDataset(IterableDataset):
         block_size: int = 4 << 20,
         drop_last: Optional[bool] = None,
         tune_allocator: bool = True,
+        inline_threads: bool = True,
     ) -> None:
         super().__init__()
         if format not in FORMATS:
@@ -1398,6 +1403,7 @@ class TabularDataset(IterableDataset):
         self.block_size = _check_int("block_size", block_size, 1024)
         self.drop_last = self.world_size > 1 if drop_last is None else bool(drop_last)
         self.tune_allocator = bool(tune_allocator)
+        self.inline_threads = bool(inline_threads)
         self.feature_names = self.schema.feature_names
         self.dense_names = self.schema.dense_names
         if format != "parquet":
@@ -1582,7 +1588,8 @@ class TabularDataset(IterableDataset):
         g0 = int(self._rg_starts[f][group])
         # one thread per row group: these workers already run several at a time
         try:
-            table = cache[1].read_row_group(group, columns=self._needed, use_threads=False)
+            table = cache[1].read_row_group(group, columns=self._needed,
+                                            use_threads=self._arrow_threads())
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{url}: row group {group} cannot be read ({e}); the file is "
                             "corrupt: rewrite it") from None
@@ -1687,11 +1694,16 @@ class TabularDataset(IterableDataset):
             return None
         names = self._columns[f]
         types = self._column_types()
-        try:
-            table = pacsv.read_csv(
+
+        def parse(threads: bool) -> pa.Table:
+            # in threads, the block is parsed in pieces of at least 1 MiB (pyarrow
+            # carries a row across pieces)
+            size = max(len(block) // pa.cpu_count(), 1 << 20) if threads else max(
+                len(block), 1 << 20)
+            return pacsv.read_csv(
                 pa.BufferReader(pa.py_buffer(block)),  # no copy
-                read_options=pacsv.ReadOptions(column_names=names, use_threads=False,
-                                               block_size=max(len(block), 1 << 20) + 1),
+                read_options=pacsv.ReadOptions(column_names=names, use_threads=threads,
+                                               block_size=size + 1),
                 parse_options=pacsv.ParseOptions(delimiter=self.delimiter,
                                                  ignore_empty_lines=True),
                 convert_options=pacsv.ConvertOptions(
@@ -1701,6 +1713,15 @@ class TabularDataset(IterableDataset):
                     strings_can_be_null=pa.string() in types.values(),
                     quoted_strings_can_be_null=True),
             )
+
+        try:
+            threads = self._arrow_threads()
+            try:
+                table = parse(threads)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                if not threads:
+                    raise
+                table = parse(False)  # bad input: its error names the block's row
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             self._locate_text_error(f, base, block, starts, ends, rows, names, types, e)
             raise  # pragma: no cover - _locate_text_error always raises
@@ -1710,6 +1731,11 @@ class TabularDataset(IterableDataset):
                             f"near byte {base}: quoted values holding newlines are not "
                             "supported")
         return table, row_ends, (base + starts[rows]).astype(np.int64)
+
+    def _arrow_threads(self) -> bool:
+        """Parse this block with pyarrow's thread pool: the iterating thread decodes it
+        itself (``inline_threads``), so the caller waits on it and its cores are idle."""
+        return bool(getattr(self._local, "inline", False)) and pa.cpu_count() > 1
 
     def _text_raw(self, part_index: int, base: int, block: bytes) -> Optional[pa.Table]:
         """The block's raw table, checked by decoding it (errors name line and column)."""
@@ -1805,7 +1831,10 @@ class TabularDataset(IterableDataset):
         for i in np.flatnonzero(rows):
             line = block[starts[i]:ends[i]].decode("utf-8", "replace").rstrip("\r\n")
             fields = line.split(self.delimiter)
-            where = f"{url}:{self._line_number(f, base + int(starts[i]))}"
+
+            def where(i: int = i) -> str:  # only for the line named: each counts lines
+                return f"{url}:{self._line_number(f, base + int(starts[i]))}"
+
             if len(fields) != len(names):
                 labels = len(self.schema.labels) + (1 if self.schema.weight else 0)
                 hint = ""
@@ -1816,7 +1845,7 @@ class TabularDataset(IterableDataset):
                 elif base + int(starts[i]) == 0:
                     hint = (f" (not a data file? list the data files, e.g. with a glob, or "
                             f"check the delimiter {self.delimiter!r})")
-                raise DataError(f"{where}: expected {len(names)} columns {names[:4]}..., got "
+                raise DataError(f"{where()}: expected {len(names)} columns {names[:4]}..., got "
                                 f"{len(fields)}{hint}")
             for name, value in zip(names, fields):
                 kind = types.get(name)
@@ -1829,10 +1858,10 @@ class TabularDataset(IterableDataset):
                     header = base + int(starts[i]) == 0 and not self.header
                     hint = (" (a header line? pass header=True, --header on the command "
                             "line)" if header and value.isidentifier() else "")
-                    raise DataError(f"{where}: column {name!r}: {value!r} is not {what}{hint}"
+                    raise DataError(f"{where()}: column {name!r}: {value!r} is not {what}{hint}"
                                     ) from None
                 except OverflowError:
-                    raise DataError(f"{where}: column {name!r}: id {value!r} does not fit in "
+                    raise DataError(f"{where()}: column {name!r}: id {value!r} does not fit in "
                                     "64 bits; use mapping hash for ids this long") from None
         # what Python's parse accepts and pyarrow's does not ('+3', bytes that are not
         # UTF-8, an unbalanced quote): pyarrow names the block's row and the column
@@ -1859,7 +1888,8 @@ class TabularDataset(IterableDataset):
                 offset = self._offset if i == self._part else self._plan[i].start
                 yield from self._tasks(i, offset)
 
-        def timed(task: Callable[[], Any], token: Optional[list[Any]] = None) -> Any:
+        def timed(task: Callable[[], Any], token: Optional[list[Any]] = None,
+                  inline: bool = True) -> Any:
             start = time.thread_time()
             if token is not None and token[1] is None:
                 token[1] = time.perf_counter()  # when the (first) copy started
@@ -1868,10 +1898,12 @@ class TabularDataset(IterableDataset):
             wall = time.perf_counter()
             queued = _queued_seconds() if self.num_workers else None
             self._local.token = token  # `_count_read`: the block's bytes count once
+            self._local.inline = inline and self.inline_threads  # `_arrow_threads`
             try:
                 return task()
             finally:
                 self._local.token = None
+                self._local.inline = False
                 spent = busy = time.thread_time() - start
                 after = _queued_seconds() if queued is not None else None
                 if after is not None:
@@ -1924,7 +1956,7 @@ class TabularDataset(IterableDataset):
         try:
             for task in source:
                 token: list[Any] = [False, None]  # [bytes counted, start time]
-                pending.append((pool.submit(timed, task, token), task, token))
+                pending.append((pool.submit(timed, task, token, False), task, token))
                 while len(pending) >= self.prefetch:
                     yield from _nonempty(next_chunk())
             while pending:

@@ -547,15 +547,18 @@ def _hex_rows(column: SparseColumn, num: int, data: np.ndarray, starts: np.ndarr
     return _mod(value, num)
 
 
-def _mod(ids: np.ndarray, num: int) -> np.ndarray:
-    """``ids mod num`` as int64 rows: uint64 ids as unsigned, int64 ids by Python's modulo
-    (``-3 mod 50 = 47``). As ``x - (x // m) * m``: numpy divides by a scalar with a
-    precomputed reciprocal (libdivide), 3-5x faster than ``np.remainder``."""
+def _mod(ids: np.ndarray, num: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``ids mod num`` as signed rows of the ids' width (int64; int32 for uint32 ids):
+    unsigned ids as unsigned, signed ids by Python's modulo (``-3 mod 50 = 47``); into
+    ``out`` (``ids`` itself may be it) when given. As ``x - (x // m) * m``: numpy divides
+    by a scalar with a precomputed reciprocal (libdivide), 3-5x faster than
+    ``np.remainder``."""
     m = ids.dtype.type(num)
     q = np.floor_divide(ids, m)
     np.multiply(q, m, out=q)
-    np.subtract(ids, q, out=q)
-    return q.view(np.int64)
+    np.subtract(ids, q, out=q if out is None else out)
+    r = q if out is None else out
+    return r.view(np.dtype(f"i{r.dtype.itemsize}"))
 
 
 def _int_array(arr: pa.Array) -> np.ndarray:
@@ -740,7 +743,7 @@ def _check_labels(labels: np.ndarray, names: Sequence[str]) -> None:
                         "probability)")
 
 
-_I32, _I64, _U64 = pa.int32(), pa.int64(), pa.uint64()
+_I32, _I64, _U32, _U64 = pa.int32(), pa.int64(), pa.uint32(), pa.uint64()
 _NUMERIC = {pa.float64(): np.float64, pa.float32(): np.float32, pa.int64(): np.int64,
             pa.int32(): np.int32, pa.int16(): np.int16, pa.int8(): np.int8,
             pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32}
@@ -885,7 +888,7 @@ def decode_table(
                 hex_keys.append(k)
                 hex_arrays.append(arr)
             continue  # other strings (ids to parse): column by column
-        if arr.type != _I64 and arr.type != _U64:
+        if arr.type != _U64 and arr.type not in _NUMERIC:
             arr = pc.cast(arr, _I64)
         if arr.buffers()[1] is not None:
             picked.append(j)
@@ -893,20 +896,27 @@ def decode_table(
     table_rows = {t.name: t.num_embeddings for t in schema.tables}
     pieces: dict[int, np.ndarray] = {}
     if arrays:
-        ids = np.empty((len(arrays), n), dtype=np.int64)
+        sel = np.array(picked, dtype=np.int64)
+        raw = plan.raw[sel]
+        # uint32 ids (converted hex ids: Criteo's 8 digits) into tables below 2**31 rows:
+        # loaded, mapped and kept in 32 bits (half the bytes of every pass over them)
+        narrow = (not raw.any() and all(a.type == _U32 for a in arrays)
+                  and int(plan.nums[sel].max()) < 1 << 31)
+        ids = np.empty((len(arrays), n), dtype=np.uint32 if narrow else np.int64)
         ids_valid: Optional[np.ndarray] = None
         for j, arr in enumerate(arrays):
-            ids[j] = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=n,
-                                   offset=arr.offset * 8)
+            dtype = np.int64 if arr.type == _U64 else _NUMERIC[arr.type]  # uint64: its bits
+            ids[j] = np.frombuffer(arr.buffers()[1], dtype=dtype, count=n,
+                                   offset=arr.offset * np.dtype(dtype).itemsize)
             if arr.null_count:
                 if ids_valid is None:
                     ids_valid = np.ones(ids.shape, dtype=np.uint8)
                 _valid_bits(arr, ids_valid[j])
-        sel = np.array(picked, dtype=np.int64)
         # uint64 columns: ids beyond int64 stay positive (as `_map_int_ids`)
         unsigned = ~plan.signed[sel] | np.array([a.type == _U64 for a in arrays])
-        raw = plan.raw[sel]
         _map_id_rows(ids, plan.nums[sel], unsigned & ~raw, ~unsigned & ~raw)
+        if narrow:
+            ids = ids.view(np.int32)  # table rows < 2**31
         keys = [plan.int_ids[j] for j in picked]
         if ids_valid is None:
             lengths[keys] = 1
@@ -995,7 +1005,9 @@ def _hex_block(arrays: list[pa.Array], nums: list[int]) -> Optional[
         raw = pad
     ids = raw.view(">u4" if padded == 4 else ">u8").reshape(total)
     ids = ids.astype(np.uint32 if padded == 4 else np.uint64)
-    out = np.empty(total, dtype=np.int64)
+    # rows of tables below 2**31 rows fit int32: half the bytes to keep and cut
+    out = np.empty(total, dtype=np.int32 if padded == 4 and max(nums) < 1 << 31
+                   else np.int64)
     bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
     if len(set(nums)) == 1:
         spans = [(0, total, nums[0])]
@@ -1020,12 +1032,15 @@ def _map_id_rows(ids: np.ndarray, nums: np.ndarray, unsigned: np.ndarray,
     """Map ``[features, rows]`` int64 ids to table rows in place: ``unsigned`` features
     (hex ids' 64 bits, uint64 ids) modulo their table as unsigned 64-bit, ``signed``
     ones by Python's modulo (``-3 mod 50 = 47``); the others (dynamic) stay raw: a
-    scalar modulus per feature (`_mod`: numpy's fast division by a scalar)."""
+    scalar modulus per feature (`_mod`: numpy's fast division by a scalar). uint32 ids
+    (never dynamic) are mapped in 32 bits: ids >= 0, where both modulos agree."""
     for j in range(ids.shape[0]):
-        if unsigned[j]:
-            ids[j] = _mod(ids[j].view(np.uint64), int(nums[j, 0]))
+        if ids.dtype == np.uint32:
+            _mod(ids[j], int(nums[j, 0]), out=ids[j])
+        elif unsigned[j]:
+            _mod(ids[j].view(np.uint64), int(nums[j, 0]), out=ids[j].view(np.uint64))
         elif signed[j]:
-            ids[j] = _mod(ids[j], int(nums[j, 0]))
+            _mod(ids[j], int(nums[j, 0]), out=ids[j])
 
 
 # --------------------------------------------------------------------------- prepared files
@@ -1355,6 +1370,60 @@ def _check_nice(value: Any) -> Union[int, str]:
     return value
 
 
+# glibc's mallopt parameters and what `tune_allocator` sets them to
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+ALLOCATOR_SETTINGS = {"mmap_threshold": 32 << 20, "trim_threshold": 256 << 20}
+"""`tune_allocator`'s glibc malloc settings, in bytes: blocks below ``mmap_threshold``
+come from the heap (not fresh mappings), and up to ``trim_threshold`` of freed heap stays
+mapped."""
+_ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                  "MALLOC_MMAP_MAX_")
+_allocator_tuned: Optional[bool] = None
+
+
+def _mallopt() -> Optional[Callable[[int, int], int]]:
+    """glibc's ``mallopt`` of this process, or None."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):  # pragma: no cover - glibc always has it
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
+def tune_allocator() -> bool:
+    """Have glibc malloc keep freed memory for reuse instead of handing it back to the
+    kernel after every block; once per process, True where it applies (Linux, glibc).
+
+    A decoded block's arrays are a few MB each: by default glibc maps each such array
+    fresh and unmaps it when freed (its threshold for that adapts up to 32 MB only
+    after such frees) and returns freed heap tops beyond 128 KB, so every block
+    faults its pages in again, and with decoding threads each unmap also stops the
+    other cores to flush their TLBs. Measured here (2 cores), a Parquet pass with two
+    decoding threads took 1.6-1.8x the CPU per row of the same pass with these
+    settings (docs/data.md). The cost: up to ``trim_threshold`` (256 MB) of freed
+    memory per malloc arena stays resident. Settings the user gave glibc's malloc (the
+    ``MALLOC_*_`` variables, ``glibc.malloc`` tunables) are left as they are."""
+    global _allocator_tuned
+    if _allocator_tuned is not None:
+        return _allocator_tuned
+    _allocator_tuned = False
+    if (not sys.platform.startswith("linux") or any(k in os.environ for k in _ALLOCATOR_ENV)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
+        return False
+    import platform
+
+    mallopt = _mallopt() if platform.libc_ver()[0] == "glibc" else None
+    if mallopt is None:
+        return False
+    _allocator_tuned = (
+        mallopt(_M_MMAP_THRESHOLD, ALLOCATOR_SETTINGS["mmap_threshold"]) == 1
+        and mallopt(_M_TRIM_THRESHOLD, ALLOCATOR_SETTINGS["trim_threshold"]) == 1)
+    return _allocator_tuned
+
+
 # --------------------------------------------------------------------------- the dataset
 
 
@@ -1400,6 +1469,13 @@ class TabularDataset(IterableDataset):
             ``block_size``, the bytes of CSV per block).
         drop_last: drop the epoch's final partial batch; default: only with several
             ranks (torchrec's sharded lookups need the same batch size on every rank).
+        tune_allocator: call `tune_allocator` when iteration starts (process-wide: glibc
+            malloc keeps freed memory for the next block instead of returning it to the
+            kernel); False leaves the allocator as it is.
+        inline_threads: a block the iterating thread decodes itself (``num_workers=0``,
+            or one the threads had not started in time) is parsed on pyarrow's thread
+            pool (its CSV parse, or its Parquet column decoding): the caller is waiting
+            for it, so the cores it would use are idle. False: one thread.
 
     Counters (all passes so far): ``bytes_read``, the data bytes read,
     ``decode_cpu_seconds``, the CPU time the read-and-decode tasks took (to weigh
@@ -1425,6 +1501,8 @@ class TabularDataset(IterableDataset):
         prefetch: int = 4,
         block_size: int = 4 << 20,
         drop_last: Optional[bool] = None,
+        tune_allocator: bool = True,
+        inline_threads: bool = True,
     ) -> None:
         super().__init__()
         if format not in FORMATS:
@@ -1442,6 +1520,8 @@ class TabularDataset(IterableDataset):
         self.prefetch = _check_int("prefetch", prefetch, 1)
         self.block_size = _check_int("block_size", block_size, 1024)
         self.drop_last = self.world_size > 1 if drop_last is None else bool(drop_last)
+        self.tune_allocator = bool(tune_allocator)
+        self.inline_threads = bool(inline_threads)
         self.feature_names = self.schema.feature_names
         self.dense_names = self.schema.dense_names
         if format != "parquet":
@@ -1640,7 +1720,8 @@ class TabularDataset(IterableDataset):
         g0 = int(self._rg_starts[f][group])
         # one thread per row group: these workers already run several at a time
         try:
-            table = cache[1].read_row_group(group, columns=self._needed, use_threads=False)
+            table = cache[1].read_row_group(group, columns=self._needed,
+                                            use_threads=self._arrow_threads())
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{url}: row group {group} cannot be read ({e}); the file is "
                             "corrupt: rewrite it") from None
@@ -1745,11 +1826,16 @@ class TabularDataset(IterableDataset):
             return None
         names = self._columns[f]
         types = self._column_types()
-        try:
-            table = pacsv.read_csv(
+
+        def parse(threads: bool) -> pa.Table:
+            # in threads, the block is parsed in pieces of at least 1 MiB (pyarrow
+            # carries a row across pieces)
+            size = max(len(block) // pa.cpu_count(), 1 << 20) if threads else max(
+                len(block), 1 << 20)
+            return pacsv.read_csv(
                 pa.BufferReader(pa.py_buffer(block)),  # no copy
-                read_options=pacsv.ReadOptions(column_names=names, use_threads=False,
-                                               block_size=max(len(block), 1 << 20) + 1),
+                read_options=pacsv.ReadOptions(column_names=names, use_threads=threads,
+                                               block_size=size + 1),
                 parse_options=pacsv.ParseOptions(delimiter=self.delimiter,
                                                  ignore_empty_lines=True),
                 convert_options=pacsv.ConvertOptions(
@@ -1759,6 +1845,15 @@ class TabularDataset(IterableDataset):
                     strings_can_be_null=pa.string() in types.values(),
                     quoted_strings_can_be_null=True),
             )
+
+        try:
+            threads = self._arrow_threads()
+            try:
+                table = parse(threads)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                if not threads:
+                    raise
+                table = parse(False)  # bad input: its error names the block's row
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             self._locate_text_error(f, base, block, starts, ends, rows, names, types, e)
             raise  # pragma: no cover - _locate_text_error always raises
@@ -1768,6 +1863,11 @@ class TabularDataset(IterableDataset):
                             f"near byte {base}: quoted values holding newlines are not "
                             "supported")
         return table, row_ends, (base + starts[rows]).astype(np.int64)
+
+    def _arrow_threads(self) -> bool:
+        """Parse this block with pyarrow's thread pool: the iterating thread decodes it
+        itself (``inline_threads``), so the caller waits on it and its cores are idle."""
+        return bool(getattr(self._local, "inline", False)) and pa.cpu_count() > 1
 
     def _text_raw(self, part_index: int, base: int, block: bytes) -> Optional[pa.Table]:
         """The block's raw table, checked by decoding it (errors name line and column)."""
@@ -1866,7 +1966,10 @@ class TabularDataset(IterableDataset):
                 fields = next(csv.reader([line], delimiter=self.delimiter, strict=True), [""])
             except csv.Error:  # an unbalanced quote: named below, from pyarrow's message
                 fields = line.split(self.delimiter)
-            where = f"{url}:{self._line_number(f, base + int(starts[i]))}"
+
+            def where(i: int = i) -> str:  # only for the line named: each counts lines
+                return f"{url}:{self._line_number(f, base + int(starts[i]))}"
+
             if len(fields) != len(names):
                 labels = len(self.schema.labels) + (1 if self.schema.weight else 0)
                 hint = ""
@@ -1877,7 +1980,7 @@ class TabularDataset(IterableDataset):
                 elif base + int(starts[i]) == 0:
                     hint = (f" (not a data file? list the data files, e.g. with a glob, or "
                             f"check the delimiter {self.delimiter!r})")
-                raise DataError(f"{where}: expected {len(names)} columns {names[:4]}..., got "
+                raise DataError(f"{where()}: expected {len(names)} columns {names[:4]}..., got "
                                 f"{len(fields)}{hint}")
             for name, value in zip(names, fields):
                 kind = types.get(name)
@@ -1902,10 +2005,10 @@ class TabularDataset(IterableDataset):
                     elif not hint and value.lower() in ("true", "false"):
                         hint = (" (write booleans as numbers, 1/0: pandas writes a bool "
                                 "column as True/False; df[col].astype(int))")
-                    raise DataError(f"{where}: column {name!r}: {value!r} is not {what}{hint}"
+                    raise DataError(f"{where()}: column {name!r}: {value!r} is not {what}{hint}"
                                     ) from None
                 except OverflowError:
-                    raise DataError(f"{where}: column {name!r}: id {value!r} does not fit in "
+                    raise DataError(f"{where()}: column {name!r}: id {value!r} does not fit in "
                                     "64 bits; use mapping hash for ids this long") from None
         # what Python's parse accepts and pyarrow's does not ('+3', bytes that are not
         # UTF-8, an unbalanced quote): pyarrow names the block's row and the column
@@ -1913,15 +2016,15 @@ class TabularDataset(IterableDataset):
         lines = np.flatnonzero(rows)
         if found and 0 < int(found[2]) <= len(lines):
             line = lines[int(found[2]) - 1]
-            where = f"{url}:{self._line_number(f, base + int(starts[line]))}"
+            at = f"{url}:{self._line_number(f, base + int(starts[line]))}"
             what = found[3].splitlines()[0]
             if found[1] is not None and int(found[1]) < len(names):
-                where += f": column {names[int(found[1])]!r}"
+                at += f": column {names[int(found[1])]!r}"
             if "UTF8" in what:
                 what += " (re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8)"
             elif b'"' in block[starts[line]:ends[line]]:
                 what += " (an unbalanced double quote? a quoted value must end on its line)"
-            raise DataError(f"{where}: {what}")
+            raise DataError(f"{at}: {what}")
         raise DataError(f"{url} near byte {base}: {error}")
 
     # ---------------------------------------------------------------- chunks in order
@@ -1932,7 +2035,8 @@ class TabularDataset(IterableDataset):
                 offset = self._offset if i == self._part else self._plan[i].start
                 yield from self._tasks(i, offset)
 
-        def timed(task: Callable[[], Any], token: Optional[list[Any]] = None) -> Any:
+        def timed(task: Callable[[], Any], token: Optional[list[Any]] = None,
+                  inline: bool = True) -> Any:
             start = time.thread_time()
             if token is not None and token[1] is None:
                 token[1] = time.perf_counter()  # when the (first) copy started
@@ -1941,10 +2045,12 @@ class TabularDataset(IterableDataset):
             wall = time.perf_counter()
             queued = _queued_seconds() if self.num_workers else None
             self._local.token = token  # `_count_read`: the block's bytes count once
+            self._local.inline = inline and self.inline_threads  # `_arrow_threads`
             try:
                 return task()
             finally:
                 self._local.token = None
+                self._local.inline = False
                 spent = busy = time.thread_time() - start
                 after = _queued_seconds() if queued is not None else None
                 if after is not None:
@@ -1997,7 +2103,7 @@ class TabularDataset(IterableDataset):
         try:
             for task in source:
                 token: list[Any] = [False, None]  # [bytes counted, start time]
-                pending.append((pool.submit(timed, task, token), task, token))
+                pending.append((pool.submit(timed, task, token, False), task, token))
                 while len(pending) >= self.prefetch:
                     yield from _nonempty(next_chunk())
             while pending:
@@ -2097,6 +2203,8 @@ class TabularDataset(IterableDataset):
                 "whole share, and the position lives in the workers): iterate it directly "
                 "or through DataLoader(batch_size=None, num_workers=0); it decodes in its "
                 "own num_workers threads")
+        if self.tune_allocator:
+            tune_allocator()
         self._stop_active()
         gen = self._iterate()
         self._active = weakref.ref(gen)
@@ -2258,8 +2366,10 @@ def criteo_tsv(
 
 
 def _parse_hex_columns(table: pa.Table, schema: FeatureSchema) -> pa.Table:
-    """Single-valued ``hex`` id columns as int64 (the parsed ids' 64 bits): the reader
-    takes an integer ``hex`` column as already parsed, and skips the text parse."""
+    """Single-valued ``hex`` id columns parsed: the reader takes an integer ``hex`` column
+    as already parsed, and skips the text parse. uint32 where every id of the block has
+    at most 8 digits' worth (Criteo's: half the bytes to store and to read), else int64
+    (the ids' 64 bits); `convert_to_parquet` reconciles the blocks of a part."""
     for col in schema.sparse:
         if col.mapping.kind != "hex" or col.delimiter is not None:
             continue
@@ -2271,9 +2381,24 @@ def _parse_hex_columns(table: pa.Table, schema: FeatureSchema) -> pa.Table:
         if valid.any():
             parsed, _ = parse_hex(*_string_bytes(arr.filter(pa.array(valid))))
             value[valid] = parsed
-        ids = pa.array(value.view(np.int64), pa.int64(), mask=~valid)
+        if int(value.max(initial=0)) < 1 << 32:
+            ids = pa.array(value.astype(np.uint32), _U32, mask=~valid)
+        else:
+            ids = pa.array(value.view(np.int64), _I64, mask=~valid)
         table = table.set_column(table.schema.get_field_index(col.name), col.name, ids)
     return table
+
+
+def _reconcile(table: pa.Table, part: pa.Schema) -> Optional[pa.Table]:
+    """``table`` in the schema of the part being written (its uint32 hex ids widened to
+    the part's int64: the same ids), or None where the part's uint32 columns cannot hold
+    the table's ids (a hex id beyond 8 digits): the table starts a new part."""
+    if table.schema.equals(part):
+        return table
+    for f in table.schema:
+        if f.type == _I64 and part.field(f.name).type == _U32:
+            return None
+    return table.cast(part)
 
 
 PARQUET_COMPRESSIONS = ("lz4", "zstd", "snappy", "none")
@@ -2304,7 +2429,8 @@ def convert_to_parquet(
     """Write the CSV/TSV rows of ``source`` (one rank: all of them) to Parquet parts
     ``part-00000.parquet ...`` under ``output_dir`` (any fsspec path), raw (the schema's
     transforms and id mappings apply when the Parquet files are read; ``hex`` ids are
-    stored parsed, as int64, so reading skips the text parse), with the schema
+    stored parsed, as uint32 up to 8 digits (else int64: a part starts over with int64
+    where a longer id comes), so reading skips the text parse), with the schema
     as ``schema.yaml`` beside them (not a data file: readers skip it). Every block is
     decoded on the way, so bad input fails here, naming its line. Parts are written to
     a staging directory ``_convert-*`` (readers skip it) and moved into place at the end,
@@ -2333,6 +2459,8 @@ def convert_to_parquet(
 
     _check_int("rows_per_file", rows_per_file, 1)
     _check_int("row_group_size", row_group_size, 1)
+    if source.tune_allocator:
+        tune_allocator()
     if source.format == "parquet" and not prepare:
         raise ValueError("convert reads CSV/TSV; Parquet input is already columnar: read "
                          "it as it is, or convert it with prepare=True (--prepare)")
@@ -2383,7 +2511,16 @@ def convert_to_parquet(
     def write(tables: list[pa.Table]) -> None:
         """One row group (or a part's last, shorter one) to the current part."""
         nonlocal writer, handle, in_file
-        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        # blocks of a row group may differ in a hex column's type: uint32 or int64
+        table = (pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1
+                 else tables[0])
+        if writer is not None:
+            fitted = _reconcile(table, writer.schema)
+            if fitted is None:  # ids wider than this part's: the rest go to a new one
+                close()
+                in_file = 0
+            else:
+                table = fitted
         if writer is None:
             staged.append(f"part-{len(staged):05d}.parquet")
             handle = fs.open(f"{staging}/{staged[-1]}", "wb")

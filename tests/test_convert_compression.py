@@ -90,3 +90,27 @@ def test_readers_read_any_codec(tmp_path, codec, dictionary) -> None:
     got = list(TabularDataset(str(tmp_path / "x.parquet"), FeatureSchema.criteo(),
                               batch_size=16))
     assert rows_of(got) == rows_of(reference)
+
+
+@pytest.mark.parametrize("long_at", [0, 130, 299])
+def test_hex_ids_are_uint32_until_a_longer_one_starts_an_int64_part(tmp_path,
+                                                                    long_at) -> None:
+    """Hex ids of up to 8 digits are stored as uint32 (half the bytes of int64); a
+    12-digit id (first line, mid-file in a row group of many input blocks, last line)
+    needs 64 bits: the part it falls in starts over as int64 (later uint32 blocks are
+    widened into it). Every row reads back as from the TSV."""
+    lines = criteo_lines(300, seed=9)
+    fields = lines[long_at].split("\t")
+    fields[17] = "abcdef012345"  # cat_3
+    lines[long_at] = "\t".join(fields)
+    raw = write(tmp_path / "day_0", lines)
+    parts = convert_to_parquet(criteo_tsv(raw, block_size=1024, num_workers=0),
+                               str(tmp_path / "pq"), rows_per_file=1000,
+                               row_group_size=64, progress=False)
+    types = [pq.read_schema(p.removeprefix("file://")).field("cat_3").type for p in parts]
+    assert types[-1] == pa.int64() and (types[0] == pa.uint32()) == (long_at > 0)
+    assert all(pq.read_schema(p.removeprefix("file://")).field("cat_4").type == pa.uint32()
+               for p in parts)
+    same_batches(list(criteo_tsv(raw, batch_size=50)),
+                 list(TabularDataset(str(tmp_path / "pq"), FeatureSchema.criteo(),
+                                     batch_size=50)))

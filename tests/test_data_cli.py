@@ -32,7 +32,7 @@ def test_convert_criteo_then_train_on_parquet(tmp_path, capsys) -> None:
     parts = sorted(out.glob("*.parquet"))
     assert [pq.ParquetFile(p).metadata.num_rows for p in parts] == [200, 200, 100]
     assert pq.ParquetFile(parts[0]).metadata.num_row_groups == 4
-    assert str(pq.read_schema(parts[0]).field("cat_0").type) == "int64"  # hex ids parsed
+    assert str(pq.read_schema(parts[0]).field("cat_0").type) == "uint32"  # hex ids parsed: 8 digits
     schema = FeatureSchema.from_file(str(out / "schema.yaml"))
     assert schema == FeatureSchema.criteo()
     # the Parquet parts decode to the same batches as the TSV files

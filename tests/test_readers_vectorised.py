@@ -196,3 +196,34 @@ def test_labels_0_and_1_and_probabilities_pass(tmp_path) -> None:
     got = [b.labels.tolist() for b in TabularDataset(str(tmp_path), LABEL_SCHEMA,
                                                       batch_size=4)]
     assert got == [[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.25, np.float32(1e-9).item()]]
+
+
+@pytest.mark.parametrize("rows", [100_003, (1 << 31) - 1, 1 << 31])
+def test_uint32_ids_map_in_32_bits_to_the_same_rows(monkeypatch, rows) -> None:
+    """uint32 id columns (what convert writes for hex ids of up to 8 digits), with nulls
+    and sliced (an Arrow offset): mapped in 32 bits to int32 rows, the same rows as the
+    column-by-column path; a table of 2**31 rows or more keeps int64 rows."""
+    schema = FeatureSchema(labels=["y"], dense=["x"], sparse=[
+        SparseColumn("a", mapping=IdMapping("hex")), SparseColumn("b", table="a"),
+        SparseColumn("c", mapping=IdMapping("modulo"))],
+        tables=[TableSpec("a", rows, 4), TableSpec("c", 7, 4)])
+    rng = np.random.default_rng(1)
+    n = 400
+    ids = rng.integers(0, 1 << 32, size=(3, n), dtype=np.uint64).astype(np.uint32)
+    ids[:, :3] = [0, (1 << 32) - 1, (1 << 31)]  # the edges of 32 bits
+    nulls = rng.random((3, n)) < 0.25
+    table = pa.table({"y": pa.array(rng.integers(0, 2, n).astype(float)),
+                      "x": pa.array(rng.random(n)),
+                      **{k: pa.array(ids[i], pa.uint32(), mask=nulls[i])
+                         for i, k in enumerate("abc")}})
+    ends = np.arange(n, dtype=np.int64)
+    cases = [(table, ends), (table.slice(5, 300), ends[5:305])]
+    expected = [_decode_columns(t, schema, True, 0, e) for t, e in cases]
+    _no_fallback(monkeypatch)
+    for (t, e), want in zip(cases, expected):
+        got = decode_table(t, schema, True, 0, e)
+        assert got.values.dtype == (np.int32 if rows < 1 << 31 else np.int64)
+        assert np.array_equal(got.values, want.values)
+        assert np.array_equal(got.lengths, want.lengths)
+    first = [int(v) % rows for v, m in zip(ids[0], nulls[0]) if not m]
+    assert decode_table(table, schema, True, 0, ends).values[:len(first)].tolist() == first

@@ -30,9 +30,10 @@ round by round (the order rotates) with the CPU other processes used recorded:
   one model, same data, trained 1.02-1.04x apart here (where their tables sit in
   memory), which would be charged to the input.
 
-The first reader to iterate tunes glibc malloc for the whole process
-(`recframe.readers.tune_allocator`, as a reader does in any training process), so every
-variant, the old reader and in-memory training included, runs under the same allocator.
+The first reader to iterate has glibc's malloc keep freed memory for the whole process
+(`recframe.allocator.keep_freed_memory`, which the readers and the `Trainer` both set),
+so every variant, the old reader and in-memory training included, runs under the same
+allocator.
 
 Goals: new_tsv >= 10x old_tsv, parquet >= 20x old_tsv, both >= 2x train_memory, and
 real-data training (train_parquet, train_tsv, train_prepared) >= 0.95 of synthetic-data
@@ -311,12 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         schema = FeatureSchema.criteo(n, cfg.embedding_dim)
         prepared = pq_dir + "_prepared"
         memory = list(TabularDataset(pq_dir, schema, batch_size=b, drop_last=True))
-        # the first reader tuned glibc malloc for the whole process (`tune_allocator`):
-        # every variant below, the old reader and in-memory training too, runs under it
-        from recframe import readers
+        # the first reader set glibc's malloc to keep freed memory, process-wide: every
+        # variant below, the old reader and in-memory training too, runs under it
+        from recframe.allocator import keep_freed_memory
 
-        tuned = readers.tune_allocator()
-        print(f"allocator tuned (glibc malloc keeps freed memory): {tuned}", flush=True)
+        tuned = keep_freed_memory()
+        print(f"glibc malloc keeps freed memory: {tuned}", flush=True)
         init_default_group()  # a gloo group of one (what shard_model uses)
         model = shared_model(cfg)
         loops = {
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         "input_wait_share": wait_share,
         "ratios": ratios,
         "bytes_per_rank_of_2": shares,
-        "allocator_tuned": tuned,
+        "keeps_freed_memory": tuned,
         "rounds": [x.to_dict() for x in results],
     }
     path = common.write_json(cfg.json, payload)

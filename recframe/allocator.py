@@ -14,6 +14,11 @@ below, for the same work.
 from the heap and the heap is never trimmed. The process keeps its peak footprint (a
 training job does anyway: every update reaches the same peak); blocks of 1 GiB and
 more (whole tables) are still mapped and unmapped on their own.
+
+The readers (`recframe.readers.TabularDataset`) call it too when they start iterating or
+converting: a decoded block's arrays are freed once its batches are cut, and the next
+block's would otherwise be mapped and faulted in afresh (a process that only reads, such
+as ``recframe data convert``, has no Trainer to set it).
 """
 
 from __future__ import annotations
@@ -72,7 +77,13 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
+        # an allocator preloaded over glibc's (any name): glibc's mallopt does not reach it
+        used = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
+        own = ctypes.cast(libc.malloc, ctypes.c_void_p).value
     except (OSError, AttributeError):
+        return False
+    if used != own:
+        logger.debug("allocator left as is: malloc is not glibc's (preloaded)")
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
@@ -83,4 +94,13 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
-__all__ = ["keep_freed_memory"]
+def leave_allocator_alone() -> None:
+    """Keep glibc's defaults in this process (``keep_freed_memory=False``): a later
+    `keep_freed_memory` call, such as a reader's when it starts iterating, does nothing.
+    Settings already applied stay."""
+    global _applied
+    if _applied is None:
+        _applied = False
+
+
+__all__ = ["keep_freed_memory", "leave_allocator_alone"]

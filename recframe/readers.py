@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import IterableDataset
 
+from recframe import allocator
 from recframe.data import _check_int, _check_rank, _make_batch
 from recframe.schema import (
     FeatureSchema,
@@ -287,7 +288,7 @@ class _Chunk:
     labels: np.ndarray
     weights: Optional[np.ndarray]
     dense: np.ndarray
-    values: np.ndarray  # int64 (int32 from a prepared file), key-major
+    values: np.ndarray  # int64, or int32 (tables < 2**31 rows: prepared, uint32, hex ids)
     lengths: np.ndarray  # int32 [features, rows]
     starts: np.ndarray = field(init=False)  # where each feature's ids start in values
     _cursor: tuple[int, np.ndarray] = field(init=False)  # (row, its offsets)
@@ -1370,60 +1371,6 @@ def _check_nice(value: Any) -> Union[int, str]:
     return value
 
 
-# glibc's mallopt parameters and what `tune_allocator` sets them to
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-ALLOCATOR_SETTINGS = {"mmap_threshold": 32 << 20, "trim_threshold": 256 << 20}
-"""`tune_allocator`'s glibc malloc settings, in bytes: blocks below ``mmap_threshold``
-come from the heap (not fresh mappings), and up to ``trim_threshold`` of freed heap stays
-mapped."""
-_ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-                  "MALLOC_MMAP_MAX_")
-_allocator_tuned: Optional[bool] = None
-
-
-def _mallopt() -> Optional[Callable[[int, int], int]]:
-    """glibc's ``mallopt`` of this process, or None."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
-    except (OSError, AttributeError):  # pragma: no cover - glibc always has it
-        return None
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt
-
-
-def tune_allocator() -> bool:
-    """Have glibc malloc keep freed memory for reuse instead of handing it back to the
-    kernel after every block; once per process, True where it applies (Linux, glibc).
-
-    A decoded block's arrays are a few MB each: by default glibc maps each such array
-    fresh and unmaps it when freed (its threshold for that adapts up to 32 MB only
-    after such frees) and returns freed heap tops beyond 128 KB, so every block
-    faults its pages in again, and with decoding threads each unmap also stops the
-    other cores to flush their TLBs. Measured here (2 cores), a Parquet pass with two
-    decoding threads took 1.6-1.8x the CPU per row of the same pass with these
-    settings (docs/data.md). The cost: up to ``trim_threshold`` (256 MB) of freed
-    memory per malloc arena stays resident. Settings the user gave glibc's malloc (the
-    ``MALLOC_*_`` variables, ``glibc.malloc`` tunables) are left as they are."""
-    global _allocator_tuned
-    if _allocator_tuned is not None:
-        return _allocator_tuned
-    _allocator_tuned = False
-    if (not sys.platform.startswith("linux") or any(k in os.environ for k in _ALLOCATOR_ENV)
-            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
-        return False
-    import platform
-
-    mallopt = _mallopt() if platform.libc_ver()[0] == "glibc" else None
-    if mallopt is None:
-        return False
-    _allocator_tuned = (
-        mallopt(_M_MMAP_THRESHOLD, ALLOCATOR_SETTINGS["mmap_threshold"]) == 1
-        and mallopt(_M_TRIM_THRESHOLD, ALLOCATOR_SETTINGS["trim_threshold"]) == 1)
-    return _allocator_tuned
-
-
 # --------------------------------------------------------------------------- the dataset
 
 
@@ -1469,13 +1416,16 @@ class TabularDataset(IterableDataset):
             ``block_size``, the bytes of CSV per block).
         drop_last: drop the epoch's final partial batch; default: only with several
             ranks (torchrec's sharded lookups need the same batch size on every rank).
-        tune_allocator: call `tune_allocator` when iteration starts (process-wide: glibc
-            malloc keeps freed memory for the next block instead of returning it to the
-            kernel); False leaves the allocator as it is.
-        inline_threads: a block the iterating thread decodes itself (``num_workers=0``,
-            or one the threads had not started in time) is parsed on pyarrow's thread
+        keep_freed_memory: when iteration starts, have glibc's malloc keep freed memory
+            for the next block (`recframe.allocator.keep_freed_memory`, process-wide, as
+            the `Trainer` does by default): a decoded block's arrays would otherwise be
+            mapped fresh and fault their pages in again. False leaves the allocator as
+            it is (so does a `Trainer` with ``keep_freed_memory=False`` built first).
+        inline_threads: with ``num_workers=0``, each block is parsed on pyarrow's thread
             pool (its CSV parse, or its Parquet column decoding): the caller is waiting
-            for it, so the cores it would use are idle. False: one thread.
+            for it, so the cores it would use are idle. False: one thread. (With
+            decoding threads every block is parsed on one thread: pyarrow's threads
+            beside them oversubscribe the cores.)
 
     Counters (all passes so far): ``bytes_read``, the data bytes read,
     ``decode_cpu_seconds``, the CPU time the read-and-decode tasks took (to weigh
@@ -1501,7 +1451,7 @@ class TabularDataset(IterableDataset):
         prefetch: int = 4,
         block_size: int = 4 << 20,
         drop_last: Optional[bool] = None,
-        tune_allocator: bool = True,
+        keep_freed_memory: bool = True,
         inline_threads: bool = True,
     ) -> None:
         super().__init__()
@@ -1520,7 +1470,7 @@ class TabularDataset(IterableDataset):
         self.prefetch = _check_int("prefetch", prefetch, 1)
         self.block_size = _check_int("block_size", block_size, 1024)
         self.drop_last = self.world_size > 1 if drop_last is None else bool(drop_last)
-        self.tune_allocator = bool(tune_allocator)
+        self.keep_freed_memory = bool(keep_freed_memory)
         self.inline_threads = bool(inline_threads)
         self.feature_names = self.schema.feature_names
         self.dense_names = self.schema.dense_names
@@ -1865,8 +1815,9 @@ class TabularDataset(IterableDataset):
         return table, row_ends, (base + starts[rows]).astype(np.int64)
 
     def _arrow_threads(self) -> bool:
-        """Parse this block with pyarrow's thread pool: the iterating thread decodes it
-        itself (``inline_threads``), so the caller waits on it and its cores are idle."""
+        """Parse this block with pyarrow's thread pool: with ``num_workers=0`` the
+        iterating thread decodes every block itself (``inline_threads``) while the
+        caller waits, so its cores are idle."""
         return bool(getattr(self._local, "inline", False)) and pa.cpu_count() > 1
 
     def _text_raw(self, part_index: int, base: int, block: bytes) -> Optional[pa.Table]:
@@ -2036,7 +1987,7 @@ class TabularDataset(IterableDataset):
                 yield from self._tasks(i, offset)
 
         def timed(task: Callable[[], Any], token: Optional[list[Any]] = None,
-                  inline: bool = True) -> Any:
+                  inline: bool = False) -> Any:
             start = time.thread_time()
             if token is not None and token[1] is None:
                 token[1] = time.perf_counter()  # when the (first) copy started
@@ -2064,7 +2015,7 @@ class TabularDataset(IterableDataset):
         if self.num_workers == 0:
             for task in source:
                 start = time.perf_counter()
-                done = timed(task)
+                done = timed(task, inline=True)
                 self.input_wait_seconds += time.perf_counter() - start
                 yield from _nonempty(done)
             return
@@ -2103,7 +2054,7 @@ class TabularDataset(IterableDataset):
         try:
             for task in source:
                 token: list[Any] = [False, None]  # [bytes counted, start time]
-                pending.append((pool.submit(timed, task, token, False), task, token))
+                pending.append((pool.submit(timed, task, token), task, token))
                 while len(pending) >= self.prefetch:
                     yield from _nonempty(next_chunk())
             while pending:
@@ -2203,8 +2154,8 @@ class TabularDataset(IterableDataset):
                 "whole share, and the position lives in the workers): iterate it directly "
                 "or through DataLoader(batch_size=None, num_workers=0); it decodes in its "
                 "own num_workers threads")
-        if self.tune_allocator:
-            tune_allocator()
+        if self.keep_freed_memory:
+            allocator.keep_freed_memory()
         self._stop_active()
         gen = self._iterate()
         self._active = weakref.ref(gen)
@@ -2459,8 +2410,8 @@ def convert_to_parquet(
 
     _check_int("rows_per_file", rows_per_file, 1)
     _check_int("row_group_size", row_group_size, 1)
-    if source.tune_allocator:
-        tune_allocator()
+    if source.keep_freed_memory:
+        allocator.keep_freed_memory()
     if source.format == "parquet" and not prepare:
         raise ValueError("convert reads CSV/TSV; Parquet input is already columnar: read "
                          "it as it is, or convert it with prepare=True (--prepare)")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from recframe import distributed
-from recframe.allocator import keep_freed_memory
+from recframe.allocator import keep_freed_memory, leave_allocator_alone
 from recframe.arguments import TrainingArguments
 from recframe.checkpoint import CheckpointError, CheckpointManager, Saver
 from recframe.console import default_logging
@@ -125,6 +125,8 @@ class Trainer:
         default_logging()  # recframe's progress at INFO unless the user set up logging
         if args.keep_freed_memory:
             keep_freed_memory()  # every update reuses warm pages (recframe/allocator.py)
+        else:
+            leave_allocator_alone()  # nor may a reader set it later
         set_seed(args.seed)
         self.device: Device = resolve_device(args.device)
         self.model = self.device.prepare_model(model)

@@ -1818,7 +1818,7 @@ class TabularDataset(IterableDataset):
         """Parse this block with pyarrow's thread pool: with ``num_workers=0`` the
         iterating thread decodes every block itself (``inline_threads``) while the
         caller waits, so its cores are idle."""
-        return bool(getattr(self._local, "inline", False)) and pa.cpu_count() > 1
+        return self.inline_threads and self.num_workers == 0 and pa.cpu_count() > 1
 
     def _text_raw(self, part_index: int, base: int, block: bytes) -> Optional[pa.Table]:
         """The block's raw table, checked by decoding it (errors name line and column)."""
@@ -1986,8 +1986,7 @@ class TabularDataset(IterableDataset):
                 offset = self._offset if i == self._part else self._plan[i].start
                 yield from self._tasks(i, offset)
 
-        def timed(task: Callable[[], Any], token: Optional[list[Any]] = None,
-                  inline: bool = False) -> Any:
+        def timed(task: Callable[[], Any], token: Optional[list[Any]] = None) -> Any:
             start = time.thread_time()
             if token is not None and token[1] is None:
                 token[1] = time.perf_counter()  # when the (first) copy started
@@ -1996,12 +1995,10 @@ class TabularDataset(IterableDataset):
             wall = time.perf_counter()
             queued = _queued_seconds() if self.num_workers else None
             self._local.token = token  # `_count_read`: the block's bytes count once
-            self._local.inline = inline and self.inline_threads  # `_arrow_threads`
             try:
                 return task()
             finally:
                 self._local.token = None
-                self._local.inline = False
                 spent = busy = time.thread_time() - start
                 after = _queued_seconds() if queued is not None else None
                 if after is not None:
@@ -2015,7 +2012,7 @@ class TabularDataset(IterableDataset):
         if self.num_workers == 0:
             for task in source:
                 start = time.perf_counter()
-                done = timed(task, inline=True)
+                done = timed(task)
                 self.input_wait_seconds += time.perf_counter() - start
                 yield from _nonempty(done)
             return
